@@ -1,0 +1,7 @@
+//! The wire types of the APIs Ferry speaks. This is the one crate that knows the JSON
+//! shapes; serde only, no behaviour beyond small accessors.
+
+pub mod error;
+pub mod openai;
+
+pub use error::{ErrorBody, ErrorDetail};

@@ -1,0 +1,148 @@
+//! `ferry serve` settings from three places, highest first: command-line flags, `FERRY_*`
+//! environment variables (clap reads both), and a TOML file (`--config`). Parsing and
+//! checking happen here; loading models happens in `serve`, with the checked config.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+
+/// The default model: fetched by scripts/fetch-models.py into the models directory.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML file with the same settings (flags and FERRY_* variables override it)
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on
+    #[arg(long, env = "FERRY_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on (0 picks a free one and prints it)
+    #[arg(long, env = "FERRY_PORT")]
+    pub port: Option<u16>,
+    /// A GGUF file, or a Hugging Face file as `hf:OWNER/REPO/FILE.gguf`; repeat to serve several
+    #[arg(long = "model", short = 'm', env = "FERRY_MODEL", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Where the default model and downloads live
+    #[arg(long, env = "FERRY_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// CPU threads for the forward pass
+    #[arg(long, short = 't', env = "FERRY_THREADS")]
+    pub threads: Option<usize>,
+    /// Context length of each sequence (prompt and completion)
+    #[arg(long, short = 'c', env = "FERRY_CTX_SIZE")]
+    pub ctx_size: Option<usize>,
+    /// Sequences decoded together (concurrent requests per model)
+    #[arg(long, short = 'p', env = "FERRY_PARALLEL")]
+    pub parallel: Option<usize>,
+    /// Most tokens per forward pass
+    #[arg(long, env = "FERRY_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// Most prompt tokens prefilled per step (chunked prefill)
+    #[arg(long, env = "FERRY_PREFILL_CHUNK")]
+    pub prefill_chunk: Option<usize>,
+    /// Most requests waiting for a sequence; past it the answer is 429
+    #[arg(long, env = "FERRY_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Largest request body in bytes; past it the answer is 413
+    #[arg(long, env = "FERRY_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+}
+
+/// The TOML file: the same keys as the flags, with underscores.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    models: Option<Vec<String>>,
+    models_dir: Option<PathBuf>,
+    threads: Option<usize>,
+    ctx_size: Option<usize>,
+    parallel: Option<usize>,
+    batch_size: Option<usize>,
+    prefill_chunk: Option<usize>,
+    max_queue: Option<usize>,
+    max_body_bytes: Option<usize>,
+}
+
+/// Checked settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    pub models: Vec<String>,
+    pub models_dir: PathBuf,
+    pub threads: usize,
+    pub ctx_size: usize,
+    pub parallel: usize,
+    pub batch_size: usize,
+    pub prefill_chunk: usize,
+    pub max_queue: usize,
+    pub max_body_bytes: usize,
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> anyhow::Result<ServeConfig> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("in the config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let threads_default = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let config = ServeConfig {
+            host: self.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into()),
+            port: self.port.or(file.port).unwrap_or(8080),
+            models: if self.models.is_empty() { file.models.unwrap_or_default() } else { self.models },
+            models_dir: self.models_dir.or(file.models_dir).unwrap_or_else(|| PathBuf::from("models")),
+            threads: self.threads.or(file.threads).unwrap_or(threads_default),
+            ctx_size: self.ctx_size.or(file.ctx_size).unwrap_or(4096),
+            parallel: self.parallel.or(file.parallel).unwrap_or(8),
+            batch_size: self.batch_size.or(file.batch_size).unwrap_or(512),
+            prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(256),
+            max_queue: self.max_queue.or(file.max_queue).unwrap_or(256),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024),
+        };
+        for (name, value) in [
+            ("threads", config.threads),
+            ("ctx-size", config.ctx_size),
+            ("parallel", config.parallel),
+            ("batch-size", config.batch_size),
+            ("prefill-chunk", config.prefill_chunk),
+            ("max-body-bytes", config.max_body_bytes),
+        ] {
+            if value == 0 {
+                bail!("--{name} must be at least 1");
+            }
+        }
+        if config.batch_size < config.parallel {
+            bail!("--batch-size ({}) must be at least --parallel ({})", config.batch_size, config.parallel);
+        }
+        Ok(config)
+    }
+}
+
+impl ServeConfig {
+    /// The model files to serve: the given ones, or the default model in the models directory.
+    pub fn model_specs(&self) -> Vec<String> {
+        if self.models.is_empty() {
+            vec![self.models_dir.join(DEFAULT_MODEL_FILE).display().to_string()]
+        } else {
+            self.models.clone()
+        }
+    }
+}
+
+/// Where the default model should be, and how to get it, for the error a user sees.
+pub fn missing_default_model(path: &Path) -> String {
+    format!(
+        "the default model {} is missing; fetch it with:\n    python3 scripts/fetch-models.py smollm2\nor serve another GGUF file with --model PATH",
+        path.display()
+    )
+}

@@ -1,0 +1,80 @@
+//! `ferry models`: what is on disk, with the facts a user checks before serving a file.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use ferry_engine::llama::LlamaCppModel;
+use ferry_engine::model_info::sha256_file;
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// Directory to scan (recursively) for GGUF files
+    #[arg(long, env = "FERRY_MODELS_DIR", default_value = "models")]
+    dir: PathBuf,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
+    /// Skip computing the sha256 of each file
+    #[arg(long)]
+    no_hash: bool,
+}
+
+pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    find_gguf(&args.dir, &mut files);
+    files.sort();
+    let mut rows = Vec::new();
+    for path in files {
+        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let info = match LlamaCppModel::load(&id, &path, |_| {}) {
+            Ok(model) => ferry_engine::Backend::info(&model).clone(),
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                continue;
+            }
+        };
+        let sha256 = if args.no_hash { None } else { Some(sha256_file(&path)?) };
+        rows.push((info, sha256));
+    }
+    if args.json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(info, sha)| {
+                let mut v = serde_json::to_value(info).unwrap_or_default();
+                v["sha256"] = serde_json::json!(sha);
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("No GGUF models in {}. Fetch the test models with: python3 scripts/fetch-models.py", args.dir.display());
+        return Ok(());
+    }
+    println!("{:<40} {:<8} {:>8} {:<9} {:>9}  {}", "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE", "SHA256");
+    for (info, sha) in rows {
+        println!(
+            "{:<40} {:<8} {:>8} {:<9} {:>9}  {}",
+            info.id,
+            info.architecture,
+            format!("{:.0}M", info.n_params as f64 / 1e6),
+            info.quantization,
+            format!("{:.0} MB", info.file_size as f64 / 1e6),
+            sha.unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(())
+}
+
+fn find_gguf(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            find_gguf(&path, out);
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            out.push(path);
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The seam between Ferry's engine and a compute backend (llama.cpp today; a CUDA build or
+//! another library later). A backend knows a vocabulary and can run a batched forward pass
+//! over a KV cache holding several sequences; it knows nothing of requests or sampling.
+
+use crate::model_info::ModelInfo;
+use crate::{EngineError, TokenId};
+
+/// A loaded model: shared by the API threads (tokenizing) and the scheduler (decoding).
+pub trait Backend: Send + Sync + 'static {
+    fn info(&self) -> &ModelInfo;
+    /// `add_special` adds the BOS/EOS tokens the model's vocabulary asks for; special-token
+    /// text is always parsed to its token.
+    fn tokenize(&self, text: &str, add_special: bool) -> Vec<TokenId>;
+    /// The bytes a token stands for (possibly part of a UTF-8 character).
+    fn token_bytes(&self, token: TokenId) -> &[u8];
+    fn is_end_of_generation(&self, token: TokenId) -> bool;
+    /// A decoding session with its own KV cache; it lives on the scheduler's thread.
+    fn new_session(&self, config: &SessionConfig) -> Result<Box<dyn Session + '_>, EngineError>;
+}
+
+/// The shape of a session's KV cache and batches.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// How many sequences the KV cache holds at once.
+    pub n_sequences: usize,
+    /// Context length of each sequence, prompt and completion together.
+    pub ctx_per_sequence: usize,
+    /// Most tokens in one forward pass (chunked prefill uses what decoding leaves).
+    pub batch_tokens: usize,
+    pub threads: usize,
+}
+
+/// One token of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub token: TokenId,
+    pub pos: usize,
+    pub seq: usize,
+    /// Whether the logits after this token are wanted.
+    pub logits: bool,
+}
+
+pub trait Session {
+    /// Runs one forward pass over `entries`, appending them to their sequences' KV cache.
+    fn decode(&mut self, entries: &[BatchEntry]) -> Result<(), EngineError>;
+    /// Logits of the `row`-th entry (counting only entries that asked for logits) of the last decode.
+    fn logits(&self, row: usize) -> &[f32];
+    /// Frees a sequence's KV cache.
+    fn clear_sequence(&mut self, seq: usize);
+}

@@ -1,0 +1,89 @@
+//! Ferry's inference engine: model loading, tokenizing, chat templates, sampling and the
+//! continuous-batching scheduler. No HTTP and no database here; the only IO is reading
+//! model files.
+//!
+//! The entry point is [`LocalModel::load`], which gives a handle the API layer shares
+//! between requests.
+
+pub mod backend;
+pub mod llama;
+pub mod model_info;
+pub mod sampler;
+pub mod scheduler;
+pub mod template;
+pub mod text;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use backend::{Backend, SessionConfig};
+pub use model_info::ModelInfo;
+pub use sampler::SamplingParams;
+pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, TokenInfo};
+pub use template::{ChatMessage, ChatTemplate, TemplateError};
+
+/// A token id in the model's vocabulary.
+pub type TokenId = u32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("loading the model failed: {0}")]
+    Load(String),
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+}
+
+/// A model served locally: its weights, its chat template and its scheduler.
+pub struct LocalModel {
+    pub backend: Arc<dyn Backend>,
+    pub template: Option<ChatTemplate>,
+    pub scheduler: Scheduler,
+}
+
+impl LocalModel {
+    /// Loads a GGUF file with llama.cpp and starts its scheduler.
+    pub fn load(
+        id: &str,
+        path: &Path,
+        config: SchedulerConfig,
+        progress: impl FnMut(f32) + 'static,
+    ) -> Result<Self, EngineError> {
+        let backend: Arc<dyn Backend> = Arc::new(llama::LlamaCppModel::load(id, path, progress)?);
+        Self::from_backend(backend, config)
+    }
+
+    pub fn from_backend(backend: Arc<dyn Backend>, config: SchedulerConfig) -> Result<Self, EngineError> {
+        let info = backend.info();
+        let template = match &info.chat_template {
+            Some(source) => Some(ChatTemplate::new(source, &info.bos_token, &info.eos_token)?),
+            None => None,
+        };
+        let scheduler = Scheduler::start(backend.clone(), config)?;
+        Ok(LocalModel { backend, template, scheduler })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        self.backend.info()
+    }
+
+    /// Renders a conversation with the model's chat template and tokenizes it.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EngineError> {
+        let template = self.template.as_ref().ok_or(TemplateError::Missing)?;
+        let text = template.render(messages, true)?;
+        // The template writes BOS itself where the model wants one.
+        Ok(self.backend.tokenize(&text, false))
+    }
+
+    /// The text of a token for logprobs (lossy where it holds part of a character).
+    pub fn token_text(&self, token: TokenId) -> String {
+        String::from_utf8_lossy(self.backend.token_bytes(token)).into_owned()
+    }
+}

@@ -1,0 +1,180 @@
+//! The llama.cpp backend, through the `llama-cpp-2` crate: GGUF loading, the vocabulary,
+//! and batched decoding over a multi-sequence KV cache. Everything above the forward pass
+//! (sampling, stop sequences, scheduling) is Ferry's own and lives elsewhere.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::backend::{Backend, BatchEntry, Session, SessionConfig};
+use crate::model_info::{ModelInfo, quantization_name};
+use crate::{EngineError, TokenId};
+
+/// llama.cpp's process-wide state; initialised once, on first use.
+fn llama_backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Load(format!("llama.cpp backend: {e}")))
+}
+
+/// A GGUF model loaded by llama.cpp.
+pub struct LlamaCppModel {
+    model: LlamaModel,
+    info: ModelInfo,
+    /// The bytes of every token, looked up once (detokenizing is on the hot path).
+    pieces: Vec<Vec<u8>>,
+    eog: Vec<bool>,
+}
+
+impl LlamaCppModel {
+    /// Loads `path`; `progress` is called with the fraction loaded.
+    pub fn load(
+        id: &str,
+        path: &Path,
+        mut progress: impl FnMut(f32) + 'static,
+    ) -> Result<Self, EngineError> {
+        if !path.is_file() {
+            return Err(EngineError::Load(format!("model file {} does not exist", path.display())));
+        }
+        let backend = llama_backend()?;
+        let params = LlamaModelParams::default().with_progress_callback(move |p| {
+            progress(p);
+            true
+        });
+        let model = LlamaModel::load_from_file(backend, path, &params)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+
+        let meta = |key: &str| model.meta_val_str(key).ok().filter(|v| !v.is_empty());
+        let vocab = model.vocab();
+        let token_text = |t: LlamaToken| {
+            vocab.text(t).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+        };
+        let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
+        let mut pieces = Vec::with_capacity(n_vocab);
+        let mut eog = Vec::with_capacity(n_vocab);
+        for t in 0..n_vocab {
+            let token = LlamaToken(t as i32);
+            pieces.push(vocab.token_to_piece(token, false, None));
+            eog.push(vocab.is_eog(token));
+        }
+        let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let info = ModelInfo {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            architecture: meta("general.architecture").unwrap_or_else(|| "unknown".into()),
+            name: meta("general.name"),
+            n_params: model.n_params(),
+            file_size,
+            quantization: meta("general.file_type")
+                .and_then(|v| v.parse::<u32>().ok())
+                .map(quantization_name)
+                .unwrap_or_else(|| "unknown".into()),
+            n_ctx_train: model.n_ctx_train(),
+            n_vocab,
+            n_layer: model.n_layer(),
+            n_embd: usize::try_from(model.n_embd()).unwrap_or(0),
+            chat_template: model.chat_template(None).ok().and_then(|t| t.to_string().ok()),
+            bos_token: token_text(vocab.bos()),
+            eos_token: token_text(vocab.eos()),
+            license: meta("general.license"),
+            source: meta("general.source.url").or_else(|| meta("general.url")),
+        };
+        drop(vocab);
+        Ok(LlamaCppModel { model, info, pieces, eog })
+    }
+}
+
+impl Backend for LlamaCppModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenize(&self, text: &str, add_special: bool) -> Vec<TokenId> {
+        // `add_special` adds BOS/EOS only where the vocabulary asks for them, as llama-server does;
+        // special-token text (`<|im_start|>`) always parses to its token.
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, true)
+            .into_iter()
+            .map(|t| t.0 as TokenId)
+            .collect()
+    }
+
+    fn token_bytes(&self, token: TokenId) -> &[u8] {
+        self.pieces.get(token as usize).map_or(&[], Vec::as_slice)
+    }
+
+    fn is_end_of_generation(&self, token: TokenId) -> bool {
+        self.eog.get(token as usize).copied().unwrap_or(false)
+    }
+
+    fn new_session(&self, config: &SessionConfig) -> Result<Box<dyn Session + '_>, EngineError> {
+        let backend = llama_backend()?;
+        let n_seq = config.n_sequences.max(1);
+        let n_ctx = config.ctx_per_sequence.saturating_mul(n_seq);
+        let threads = i32::try_from(config.threads.max(1)).unwrap_or(1);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx as u32))
+            .with_n_batch(config.batch_tokens as u32)
+            .with_n_ubatch(config.batch_tokens as u32)
+            .with_n_seq_max(n_seq as u32)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let context = self
+            .model
+            .new_context(backend, params)
+            .map_err(|e| EngineError::Load(format!("creating the llama.cpp context: {e}")))?;
+        Ok(Box::new(LlamaCppSession {
+            context,
+            batch: LlamaBatch::new(config.batch_tokens.max(n_seq), 1),
+            logit_rows: Vec::new(),
+        }))
+    }
+}
+
+struct LlamaCppSession<'m> {
+    context: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    /// Batch indices that asked for logits in the last decode, in order.
+    logit_rows: Vec<i32>,
+}
+
+impl Session for LlamaCppSession<'_> {
+    fn decode(&mut self, entries: &[BatchEntry]) -> Result<(), EngineError> {
+        self.batch.clear();
+        self.logit_rows.clear();
+        for (i, entry) in entries.iter().enumerate() {
+            self.batch
+                .add(LlamaToken(entry.token as i32), entry.pos as i32, &[entry.seq as i32], entry.logits)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            if entry.logits {
+                self.logit_rows.push(i as i32);
+            }
+        }
+        self.context.decode(&mut self.batch).map_err(|e| EngineError::Decode(e.to_string()))
+    }
+
+    fn logits(&self, row: usize) -> &[f32] {
+        match self.logit_rows.get(row) {
+            Some(&i) => self.context.get_logits_ith(i),
+            None => &[],
+        }
+    }
+
+    fn clear_sequence(&mut self, seq: usize) {
+        let _ = self.context.clear_kv_cache_seq(Some(seq as u32), None, None);
+    }
+}

@@ -1,0 +1,83 @@
+//! Shared helpers of the engine tests: the real test models and a way to run a request
+//! to completion.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use ferry_engine::{Event, FinishReason, GenerateRequest, LocalModel, SamplingParams, SchedulerConfig, SessionConfig, TokenId};
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const QWEN: &str = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf";
+
+/// The models directory: FERRY_MODELS_DIR, or models/ at the workspace root.
+pub fn model_path(file: &str) -> PathBuf {
+    let dir = std::env::var_os("FERRY_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let path = dir.join(file);
+    assert!(path.is_file(), "{} is missing: run `python3 scripts/fetch-models.py` first", path.display());
+    path
+}
+
+pub fn load(file: &str, n_sequences: usize) -> LocalModel {
+    let config = SchedulerConfig {
+        session: SessionConfig { n_sequences, ctx_per_sequence: 1024, batch_tokens: 512, threads: 2 },
+        prefill_chunk: 256,
+        max_waiting: 64,
+    };
+    LocalModel::load(file, &model_path(file), config, |_| {}).expect("model loads")
+}
+
+/// What one choice produced.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Output {
+    pub text: String,
+    /// Each delta as it arrived.
+    pub deltas: Vec<String>,
+    pub tokens: Vec<TokenId>,
+    pub finish: Option<FinishReason>,
+    pub completion_tokens: usize,
+}
+
+pub fn request(prompt: Vec<TokenId>, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        max_tokens,
+        n: 1,
+        sampling,
+        stop: Vec::new(),
+        logprobs: Some(0),
+        prompt_logprobs: false,
+        ignore_eos: false,
+    }
+}
+
+/// Submits and waits for every choice.
+pub fn run(model: &LocalModel, request: GenerateRequest) -> Vec<Output> {
+    let receiver = model.scheduler.submit(request.clone()).expect("submitted");
+    collect(receiver, request.n)
+}
+
+pub fn collect(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Vec<Output> {
+    let mut outputs = vec![Output::default(); n];
+    let mut open = n;
+    while open > 0 {
+        match receiver.blocking_recv().expect("the engine answers") {
+            Event::Delta { choice, text, tokens } => {
+                let o = &mut outputs[choice];
+                o.text.push_str(&text);
+                o.deltas.push(text);
+                o.tokens.extend(tokens.iter().map(|t| t.token));
+            }
+            Event::Finished { choice, reason, completion_tokens } => {
+                outputs[choice].finish = Some(reason);
+                outputs[choice].completion_tokens = completion_tokens;
+                open -= 1;
+            }
+            Event::Error(e) => panic!("engine error: {e}"),
+            Event::PromptLogprobs { .. } => {}
+        }
+    }
+    outputs
+}

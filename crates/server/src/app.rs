@@ -1,0 +1,166 @@
+//! The router: routes, shared state, body limits, the fallback for unknown routes and the
+//! request log.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ferry_api::openai::{Model, ModelList};
+use ferry_engine::LocalModel;
+use serde_json::json;
+
+use crate::error::{ApiError, LoggedError};
+use crate::{chat, completions};
+
+/// Limits of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { max_body_bytes: 4 * 1024 * 1024 }
+    }
+}
+
+/// What every handler shares: the served models and the HTTP limits.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    models: Vec<Arc<LocalModel>>,
+    http: HttpConfig,
+    created: u64,
+}
+
+impl AppState {
+    pub fn new(models: Vec<Arc<LocalModel>>, http: HttpConfig) -> Self {
+        AppState { inner: Arc::new(Inner { models, http, created: crate::generation::unix_now() }) }
+    }
+
+    pub fn model(&self, id: &str) -> Result<Arc<LocalModel>, ApiError> {
+        self.inner
+            .models
+            .iter()
+            .find(|m| m.info().id == id)
+            .cloned()
+            .ok_or_else(|| ApiError::ModelNotFound(id.to_string()))
+    }
+
+    pub fn models(&self) -> &[Arc<LocalModel>] {
+        &self.inner.models
+    }
+
+    /// Identifies the build serving the answer (OpenAI's `system_fingerprint`).
+    pub fn fingerprint(&self) -> String {
+        format!("ferry-{}", env!("CARGO_PKG_VERSION"))
+    }
+}
+
+/// Turns the body extractor's rejection (too large, unreadable) into an OpenAI error.
+pub fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge { limit: state.inner.http.max_body_bytes }
+        } else {
+            ApiError::InvalidJson(rejection.body_text())
+        }
+    })
+}
+
+pub fn app(state: AppState) -> Router {
+    let limit = state.inner.http.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(log_requests))
+        .with_state(state)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    if state.models().is_empty() {
+        return Err(ApiError::NotReady("no model is loaded".into()));
+    }
+    Ok(axum::Json(json!({"status": "ready", "models": state.models().len()})))
+}
+
+fn model_card(state: &AppState, model: &LocalModel) -> Model {
+    let info = model.info();
+    let config = model.scheduler.config();
+    let details = json!({
+        "architecture": info.architecture,
+        "parameters": info.n_params,
+        "quantization": info.quantization,
+        "file_size": info.file_size,
+        "context_length": config.session.ctx_per_sequence,
+        "parallel_sequences": config.session.n_sequences,
+        "has_chat_template": model.template.is_some(),
+        "license": info.license,
+        "source": info.source,
+        "state": "loaded",
+    });
+    Model {
+        id: info.id.clone(),
+        object: "model".into(),
+        created: state.inner.created,
+        owned_by: "ferry".into(),
+        details: serde_json::from_value(details).unwrap_or_default(),
+    }
+}
+
+async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
+    let data = state.models().iter().map(|m| model_card(&state, m)).collect();
+    axum::Json(ModelList { object: "list".into(), data })
+}
+
+async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let model = state.model(&id)?;
+    Ok(axum::Json(model_card(&state, &model)))
+}
+
+async fn fallback(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_string() }
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
+}
+
+/// One log line per request; server errors at `error`, client mistakes at `info`.
+async fn log_requests(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let error = response.extensions().get::<LoggedError>().map(|e| e.0.as_str());
+    if status.is_server_error() {
+        tracing::error!(%method, %path, status = status.as_u16(), elapsed_ms, error, "request");
+    } else {
+        tracing::info!(%method, %path, status = status.as_u16(), elapsed_ms, error, "request");
+    }
+    response
+}

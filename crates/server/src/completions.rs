@@ -1,0 +1,261 @@
+//! `POST /v1/completions`: the legacy text completions API, with several prompts per
+//! request, `echo` and prompt logprobs.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use ferry_api::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest};
+use ferry_engine::{Event, LocalModel, TokenId, TokenInfo};
+use futures::StreamExt;
+
+use crate::app::{AppState, read_body};
+use crate::error::ApiError;
+use crate::generation::{self, SharedModel, Submitted, request_id, unix_now, usage};
+use crate::validate;
+
+const MAX_LOGPROBS: i64 = 20;
+
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, &state)?;
+    let request: CompletionRequest = validate::parse_json(&body)?;
+    let model = state.model(&request.model)?;
+    let sampling = validate::sampling(&request.sampling_fields(), &model)?;
+    let logprobs = match request.logprobs {
+        None => None,
+        Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::invalid("logprobs", format!("Invalid 'logprobs': {k} is not between 0 and {MAX_LOGPROBS}")));
+        }
+    };
+    if let Some(best_of) = request.best_of
+        && best_of != sampling.n as i64
+    {
+        return Err(ApiError::invalid("best_of", "'best_of' other than 'n' is not supported"));
+    }
+    if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "'suffix' (fill-in-the-middle) is not supported by this model"));
+    }
+    let prompts = {
+        let model = model.clone();
+        let request = request.clone();
+        tokio::task::spawn_blocking(move || validate::completion_prompts(&request, &model))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??
+    };
+    // OpenAI's default for this endpoint is 16 tokens.
+    let requested = Some(request.max_tokens.unwrap_or(16));
+    let mut engine_requests = Vec::with_capacity(prompts.len());
+    let mut prompt_texts = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let max_tokens = validate::max_tokens(requested, "max_tokens", prompt.len(), &model)?;
+        prompt_texts.push(request.echo.then(|| detokenize(&model, &prompt)));
+        let prompt_logprobs = request.echo && logprobs.is_some();
+        engine_requests.push(validate::generate_request(prompt, max_tokens, &sampling, logprobs, prompt_logprobs));
+    }
+    let submitted = generation::submit(&model, engine_requests)?;
+    let n = submitted.n;
+    let id = request_id("cmpl");
+    let model_id = request.model.clone();
+    let created = unix_now();
+
+    if request.stream {
+        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let echo_logprobs = request.echo && logprobs.is_some();
+        let chunk = move |index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish_reason: Option<&str>, usage: Option<ferry_api::openai::Usage>| {
+            let choices = match finish_reason.is_none() && usage.is_some() {
+                true => vec![],
+                false => vec![CompletionChoice {
+                    index: index as u32,
+                    text,
+                    logprobs,
+                    finish_reason: finish_reason.map(str::to_string),
+                }],
+            };
+            let body = Completion {
+                id: id.clone(),
+                object: "text_completion".into(),
+                created,
+                model: model_id.clone(),
+                choices,
+                usage,
+                system_fingerprint: None,
+            };
+            SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))
+        };
+        let mut stream = StreamState {
+            model: model.clone(),
+            n,
+            open: n * submitted.n_prompts,
+            offsets: vec![0; n * submitted.n_prompts],
+            prompt_tokens: submitted.prompt_tokens,
+            completion_tokens: 0,
+            submitted,
+            done: false,
+        };
+        // Echo without logprobs: the prompt text opens each choice right away. With logprobs
+        // it goes out when the prompt's logprobs arrive, before the first generated token.
+        let mut opening = Vec::new();
+        if request.echo && !echo_logprobs {
+            for (index, offset) in stream.offsets.iter_mut().enumerate() {
+                let text = prompt_texts[index / n].clone().unwrap_or_default();
+                *offset = text.len();
+                opening.push(chunk(index, text, None, None, None));
+            }
+        }
+        let events = futures::stream::unfold(stream, move |mut st| {
+            let chunk = chunk.clone();
+            let prompt_texts = prompt_texts.clone();
+            async move {
+                if st.done {
+                    return None;
+                }
+                loop {
+                    if st.open == 0 {
+                        st.done = true;
+                        let tail: Vec<SseEvent> = include_usage
+                            .then(|| chunk(0, String::new(), None, None, Some(usage(st.prompt_tokens, st.completion_tokens))))
+                            .into_iter()
+                            .chain([SseEvent::default().data("[DONE]")])
+                            .collect();
+                        return Some((tail, st));
+                    }
+                    let (prompt_idx, event) = st.submitted.events.next().await?;
+                    let n = st.n;
+                    let out = match event {
+                        Event::PromptLogprobs { first_token, rest } => (0..n)
+                            .map(|c| {
+                                let index = prompt_idx * n + c;
+                                let infos = prompt_infos(first_token, &rest);
+                                let lp = legacy_logprobs(&st.model, &infos, &mut st.offsets[index]);
+                                chunk(index, prompt_texts[prompt_idx].clone().unwrap_or_default(), Some(lp), None, None)
+                            })
+                            .collect(),
+                        Event::Delta { choice, text, tokens } => {
+                            let index = prompt_idx * n + choice;
+                            let lp = (!tokens.is_empty()).then(|| {
+                                let infos: Vec<Option<TokenInfo>> = tokens.into_iter().map(Some).collect();
+                                legacy_logprobs(&st.model, &infos, &mut st.offsets[index])
+                            });
+                            vec![chunk(index, text, lp, None, None)]
+                        }
+                        Event::Finished { choice, reason, completion_tokens } => {
+                            st.completion_tokens += completion_tokens;
+                            st.open -= 1;
+                            vec![chunk(prompt_idx * n + choice, String::new(), None, Some(reason.as_str()), None)]
+                        }
+                        Event::Error(message) => {
+                            st.done = true;
+                            let body = ApiError::Internal(message).body();
+                            vec![SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))]
+                        }
+                    };
+                    return Some((out, st));
+                }
+            }
+        });
+        let stream = futures::stream::iter(opening)
+            .chain(events.flat_map(futures::stream::iter))
+            .map(Ok::<_, Infallible>);
+        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+    }
+
+    let collected = generation::collect(submitted).await?;
+    let choices = collected
+        .choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let prompt_text = prompt_texts[index / n].clone();
+            let mut offset = 0;
+            let mut logprobs_out = None;
+            if logprobs.is_some() {
+                let mut infos: Vec<Option<TokenInfo>> = match &c.prompt_logprobs {
+                    Some((first, rest)) => prompt_infos(*first, rest),
+                    None => Vec::new(),
+                };
+                infos.extend(c.tokens.iter().cloned().map(Some));
+                logprobs_out = Some(legacy_logprobs(&model, &infos, &mut offset));
+            }
+            CompletionChoice {
+                index: index as u32,
+                text: prompt_text.unwrap_or_default() + &c.text,
+                logprobs: logprobs_out,
+                finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
+            }
+        })
+        .collect();
+    Ok(axum::Json(Completion {
+        id,
+        object: "text_completion".into(),
+        created,
+        model: model_id,
+        choices,
+        usage: Some(collected.usage),
+        system_fingerprint: Some(state.fingerprint()),
+    })
+    .into_response())
+}
+
+struct StreamState {
+    model: SharedModel,
+    submitted: Submitted,
+    n: usize,
+    open: usize,
+    /// Running text offset of each choice, for `text_offset`.
+    offsets: Vec<usize>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    done: bool,
+}
+
+/// The prompt's tokens for legacy logprobs: the first without a logprob, as OpenAI's echo does.
+fn prompt_infos(first_token: TokenId, rest: &[TokenInfo]) -> Vec<Option<TokenInfo>> {
+    std::iter::once(Some(TokenInfo { token: first_token, logprob: f32::NAN, top: Vec::new() }))
+        .chain(rest.iter().cloned().map(Some))
+        .collect()
+}
+
+fn detokenize(model: &LocalModel, tokens: &[TokenId]) -> String {
+    let bytes: Vec<u8> = tokens.iter().flat_map(|&t| model.backend.token_bytes(t).iter().copied()).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Logprobs in the completions format; `offset` is the running text offset of the choice.
+/// The first prompt token has no logprob (`None`), as in OpenAI's echo.
+fn legacy_logprobs(model: &LocalModel, infos: &[Option<TokenInfo>], offset: &mut usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for info in infos {
+        match info {
+            Some(info) => {
+                let text = model.token_text(info.token);
+                out.text_offset.push(*offset);
+                *offset += text.len();
+                out.tokens.push(text);
+                if info.logprob.is_nan() {
+                    out.token_logprobs.push(None);
+                    out.top_logprobs.push(None);
+                } else {
+                    out.token_logprobs.push(Some(info.logprob));
+                    let top: BTreeMap<String, f32> =
+                        info.top.iter().map(|t| (model.token_text(t.token), t.logprob)).collect();
+                    out.top_logprobs.push(Some(top));
+                }
+            }
+            None => {
+                out.tokens.push(String::new());
+                out.text_offset.push(*offset);
+                out.token_logprobs.push(None);
+                out.top_logprobs.push(None);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,120 @@
+//! Every error the HTTP edge can answer, and the one table that maps each to a status,
+//! OpenAI's error `type` and a stable `code`. Turning an error into a response has no
+//! side effects; the request log (see `app`) records it.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ferry_api::{ErrorBody, ErrorDetail};
+use ferry_engine::EngineError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("We could not parse the JSON body of your request: {0}")]
+    InvalidJson(String),
+    #[error("{message}")]
+    InvalidParameter { param: String, message: String },
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error(
+        "This model's maximum context length is {limit} tokens. However, you requested {requested} tokens ({prompt} in the prompt, {completion} for the completion). Please reduce the length of the prompt or of max_tokens."
+    )]
+    ContextLengthExceeded { limit: usize, requested: usize, prompt: usize, completion: usize },
+    #[error("The request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("The server is busy: its request queue is full. Retry after {retry_after} seconds.")]
+    QueueFull { retry_after: u64 },
+    #[error("Unknown route: {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    #[error("Method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
+    #[error("The server is not ready: {0}")]
+    NotReady(String),
+    #[error("The server had an error while processing your request: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidParameter { param: param.into(), message: message.into() }
+    }
+
+    /// Status, OpenAI error type, code and param of each error.
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>, Option<String>) {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_json"), None),
+            InvalidParameter { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("invalid_value"),
+                Some(param.clone()),
+            ),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                Some("model".into()),
+            ),
+            ContextLengthExceeded { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+                Some("messages".into()),
+            ),
+            BodyTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large"), None)
+            }
+            QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("queue_full"), None),
+            RouteNotFound { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url"), None),
+            MethodNotAllowed(_) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), None)
+            }
+            NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), None),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("internal_error"), None),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let (_, kind, code, param) = self.parts();
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: kind.to_string(),
+                param,
+                code: code.map(str::to_string),
+            },
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull => ApiError::QueueFull { retry_after: 1 },
+            EngineError::InvalidRequest(message) => ApiError::invalid("n", message),
+            EngineError::Template(t) => ApiError::invalid("messages", t.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if let ApiError::QueueFull { retry_after } = self
+            && let Ok(value) = HeaderValue::from_str(&retry_after.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response.extensions_mut().insert(LoggedError(self.to_string()));
+        response
+    }
+}
+
+/// Carried on error responses so the request log can say what went wrong.
+#[derive(Clone, Debug)]
+pub struct LoggedError(pub String);

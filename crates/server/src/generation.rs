@@ -1,0 +1,126 @@
+//! What chat completions and completions share once a request is valid: submitting its
+//! prompts to the scheduler, merging their event streams, and collecting a whole answer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ferry_api::openai::{ChatTokenLogprob, ChatTopLogprob, Usage};
+use ferry_engine::{Event, FinishReason, GenerateRequest, LocalModel, TokenId, TokenInfo};
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::error::ApiError;
+
+/// An event tagged with the index of the prompt it belongs to.
+pub type TaggedEvent = (usize, Event);
+
+/// Requests in the scheduler; dropping this cancels all of them.
+pub struct Submitted {
+    pub events: Pin<Box<dyn Stream<Item = TaggedEvent> + Send>>,
+    pub prompt_tokens: usize,
+    pub n: usize,
+    pub n_prompts: usize,
+}
+
+pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Submitted, ApiError> {
+    let prompt_tokens = requests.iter().map(|r| r.prompt.len()).sum();
+    let n = requests.first().map_or(1, |r| r.n);
+    let n_prompts = requests.len();
+    let mut streams = Vec::with_capacity(requests.len());
+    for (prompt_idx, request) in requests.into_iter().enumerate() {
+        // A failure drops the receivers already made, which cancels those requests.
+        let receiver = model.scheduler.submit(request)?;
+        streams.push(UnboundedReceiverStream::new(receiver).map(move |e| (prompt_idx, e)));
+    }
+    Ok(Submitted { events: Box::pin(futures::stream::select_all(streams)), prompt_tokens, n, n_prompts })
+}
+
+/// One finished choice.
+#[derive(Default)]
+pub struct CollectedChoice {
+    pub text: String,
+    pub tokens: Vec<TokenInfo>,
+    /// The first prompt token and the logprobs of the others (completions' echo).
+    pub prompt_logprobs: Option<(TokenId, Vec<TokenInfo>)>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+pub struct Collected {
+    /// Indexed by `prompt_idx * n + choice`.
+    pub choices: Vec<CollectedChoice>,
+    pub usage: Usage,
+}
+
+/// Waits for every choice of every prompt to finish.
+pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
+    let n = submitted.n;
+    let mut choices: Vec<CollectedChoice> =
+        (0..n * submitted.n_prompts).map(|_| CollectedChoice::default()).collect();
+    let mut completion_tokens = 0;
+    let mut open = choices.len();
+    while open > 0 {
+        let Some((prompt_idx, event)) = submitted.events.next().await else {
+            return Err(ApiError::Internal("the engine stopped before the answer was complete".into()));
+        };
+        match event {
+            Event::PromptLogprobs { first_token, rest } => {
+                for choice in &mut choices[prompt_idx * n..(prompt_idx + 1) * n] {
+                    choice.prompt_logprobs = Some((first_token, rest.clone()));
+                }
+            }
+            Event::Delta { choice, text, tokens } => {
+                let c = &mut choices[prompt_idx * n + choice];
+                c.text.push_str(&text);
+                c.tokens.extend(tokens);
+            }
+            Event::Finished { choice, reason, completion_tokens: used } => {
+                choices[prompt_idx * n + choice].finish_reason = Some(reason);
+                completion_tokens += used;
+                open -= 1;
+            }
+            Event::Error(message) => return Err(ApiError::Internal(message)),
+        }
+    }
+    Ok(Collected { choices, usage: usage(submitted.prompt_tokens, completion_tokens) })
+}
+
+pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+    Usage {
+        prompt_tokens: prompt_tokens as u64,
+        completion_tokens: completion_tokens as u64,
+        total_tokens: (prompt_tokens + completion_tokens) as u64,
+    }
+}
+
+/// A token's logprob in chat completions' format.
+pub fn chat_logprob(model: &LocalModel, info: &TokenInfo) -> ChatTokenLogprob {
+    let bytes = model.backend.token_bytes(info.token).to_vec();
+    ChatTokenLogprob {
+        token: String::from_utf8_lossy(&bytes).into_owned(),
+        logprob: info.logprob,
+        bytes,
+        top_logprobs: info
+            .top
+            .iter()
+            .map(|t| {
+                let bytes = model.backend.token_bytes(t.token).to_vec();
+                ChatTopLogprob { token: String::from_utf8_lossy(&bytes).into_owned(), logprob: t.logprob, bytes }
+            })
+            .collect(),
+    }
+}
+
+/// Seconds since the Unix epoch, for `created`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Keeps the model alive as long as a response stream that uses it.
+pub type SharedModel = Arc<LocalModel>;

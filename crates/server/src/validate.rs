@@ -1,0 +1,255 @@
+//! Validation: from a parsed wire request to the engine's `GenerateRequest`, checking every
+//! number and naming the parameter that is wrong. Only valid requests reach the engine.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use ferry_api::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields};
+use ferry_engine::{ChatMessage, GenerateRequest, LocalModel, SamplingParams, TokenId};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// Most choices one request may ask for (OpenAI allows 128; a local model is bounded
+/// further by its parallel sequences, checked against the model).
+const MAX_N: i64 = 128;
+const MAX_STOP: usize = 16;
+const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// Parses a JSON body, naming the field whose type is wrong.
+pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        // serde reports a missing field at its parent's path; name the field itself.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|field| if path == "." { field.to_string() } else { format!("{path}.{field}") });
+        match (inner.is_data(), missing) {
+            (true, Some(param)) => ApiError::invalid(param.clone(), format!("Missing required parameter: '{param}'")),
+            (true, None) if path != "." => ApiError::invalid(path.clone(), format!("Invalid value for '{path}': {message}")),
+            _ => ApiError::InvalidJson(message),
+        }
+    })
+}
+
+/// The sampling part of a request, checked.
+pub struct ValidSampling {
+    pub params: SamplingParams,
+    pub n: usize,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+fn check_range(param: &str, value: Option<f64>, min: f64, max: f64) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) || v.is_nan() => Err(ApiError::invalid(
+            param,
+            format!("Invalid '{param}': {v} is not between {min} and {max}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSampling, ApiError> {
+    check_range("temperature", fields.temperature, 0.0, 2.0)?;
+    check_range("top_p", fields.top_p, 0.0, 1.0)?;
+    check_range("min_p", fields.min_p, 0.0, 1.0)?;
+    check_range("presence_penalty", fields.presence_penalty, -2.0, 2.0)?;
+    check_range("frequency_penalty", fields.frequency_penalty, -2.0, 2.0)?;
+    check_range("repetition_penalty", fields.repetition_penalty, 0.01, 10.0)?;
+    let top_k = match fields.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => return Err(ApiError::invalid("top_k", format!("Invalid 'top_k': {k}; use -1 or 0 for no limit, or a positive number"))),
+    };
+    let n = fields.n.unwrap_or(1);
+    let parallel = model.scheduler.config().session.n_sequences;
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid("n", format!("Invalid 'n': {n} is not between 1 and {MAX_N}")));
+    }
+    if n as usize > parallel {
+        return Err(ApiError::invalid(
+            "n",
+            format!("Invalid 'n': {n} is more than this model's {parallel} parallel sequences"),
+        ));
+    }
+    let n_vocab = model.info().n_vocab;
+    let mut logit_bias = HashMap::new();
+    for (key, &bias) in fields.logit_bias.iter().flatten() {
+        let token: TokenId = key
+            .parse()
+            .ok()
+            .filter(|&t: &TokenId| (t as usize) < n_vocab)
+            .ok_or_else(|| {
+                ApiError::invalid("logit_bias", format!("Invalid 'logit_bias': '{key}' is not a token id of this model (0..{n_vocab})"))
+            })?;
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(ApiError::invalid("logit_bias", format!("Invalid 'logit_bias': {bias} for token {key} is not between -100 and 100")));
+        }
+        logit_bias.insert(token, bias as f32);
+    }
+    let stop = fields.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid("stop", format!("Invalid 'stop': at most {MAX_STOP} sequences")));
+    }
+    let defaults = SamplingParams::default();
+    Ok(ValidSampling {
+        params: SamplingParams {
+            temperature: fields.temperature.map_or(defaults.temperature, |t| t as f32),
+            top_p: fields.top_p.map_or(defaults.top_p, |p| p as f32),
+            top_k,
+            min_p: fields.min_p.map_or(defaults.min_p, |p| p as f32),
+            presence_penalty: fields.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: fields.frequency_penalty.unwrap_or(0.0) as f32,
+            repetition_penalty: fields.repetition_penalty.unwrap_or(1.0) as f32,
+            logit_bias,
+            seed: fields.seed.map(|s| s as u64),
+        },
+        n: n as usize,
+        stop,
+        ignore_eos: fields.ignore_eos.unwrap_or(false),
+    })
+}
+
+/// Checks `max_tokens` against the context and gives the completion budget.
+pub fn max_tokens(
+    requested: Option<i64>,
+    param: &str,
+    prompt_len: usize,
+    model: &LocalModel,
+) -> Result<usize, ApiError> {
+    let ctx = model.scheduler.config().session.ctx_per_sequence;
+    if let Some(m) = requested
+        && m < 1
+    {
+        return Err(ApiError::invalid(param, format!("Invalid '{param}': {m}; it must be at least 1")));
+    }
+    let completion = requested.map(|m| m as usize);
+    let needed = prompt_len + completion.unwrap_or(1);
+    if prompt_len == 0 {
+        return Err(ApiError::invalid("prompt", "The prompt is empty"));
+    }
+    if needed > ctx {
+        return Err(ApiError::ContextLengthExceeded {
+            limit: ctx,
+            requested: needed,
+            prompt: prompt_len,
+            completion: completion.unwrap_or(1),
+        });
+    }
+    Ok(completion.unwrap_or(ctx - prompt_len))
+}
+
+/// The conversation of a chat request in the template's terms.
+pub fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "'messages' must contain at least one message"));
+    }
+    request
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                "tool" => "tool",
+                other => {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].role"),
+                        format!("Invalid role '{other}' in messages[{i}]; expected one of system, developer, user, assistant, tool"),
+                    ));
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, part) in parts.iter().enumerate() {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    format!("messages[{i}].content[{j}]"),
+                                    format!("Content part of type '{kind}' is not supported by this model; only text parts are"),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage { role: role.to_string(), content })
+        })
+        .collect()
+}
+
+/// Logprob settings of a chat request: `Some(top)` when logprobs are on.
+pub fn chat_logprobs(request: &ChatCompletionRequest) -> Result<Option<usize>, ApiError> {
+    let top = request.top_logprobs.unwrap_or(0);
+    if !(0..=MAX_TOP_LOGPROBS).contains(&top) {
+        return Err(ApiError::invalid("top_logprobs", format!("Invalid 'top_logprobs': {top} is not between 0 and {MAX_TOP_LOGPROBS}")));
+    }
+    match (request.logprobs.unwrap_or(false), request.top_logprobs) {
+        (true, _) => Ok(Some(top as usize)),
+        (false, Some(t)) if t > 0 => Err(ApiError::invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true")),
+        (false, _) => Ok(None),
+    }
+}
+
+/// The prompts of a completions request, tokenized (a list of strings or of token lists
+/// is several prompts).
+pub fn completion_prompts(request: &CompletionRequest, model: &LocalModel) -> Result<Vec<Vec<TokenId>>, ApiError> {
+    let n_vocab = model.info().n_vocab as i64;
+    let check_tokens = |tokens: &[i64]| -> Result<Vec<TokenId>, ApiError> {
+        tokens
+            .iter()
+            .map(|&t| {
+                if (0..n_vocab).contains(&t) {
+                    Ok(t as TokenId)
+                } else {
+                    Err(ApiError::invalid("prompt", format!("Invalid token id {t} in 'prompt' (the vocabulary has {n_vocab})")))
+                }
+            })
+            .collect()
+    };
+    let prompts = match &request.prompt {
+        Prompt::Text(t) => vec![model.backend.tokenize(t, true)],
+        Prompt::Texts(ts) => ts.iter().map(|t| model.backend.tokenize(t, true)).collect(),
+        Prompt::Tokens(ids) => vec![check_tokens(ids)?],
+        Prompt::TokenLists(lists) => lists.iter().map(|l| check_tokens(l)).collect::<Result<_, _>>()?,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "'prompt' must not be an empty list"));
+    }
+    if prompts.len() > 16 {
+        return Err(ApiError::invalid("prompt", "At most 16 prompts per request"));
+    }
+    Ok(prompts)
+}
+
+/// Assembles the engine request once every part is checked.
+pub fn generate_request(
+    prompt: Vec<TokenId>,
+    max_tokens: usize,
+    sampling: &ValidSampling,
+    logprobs: Option<usize>,
+    prompt_logprobs: bool,
+) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        max_tokens,
+        n: sampling.n,
+        sampling: sampling.params.clone(),
+        stop: sampling.stop.clone(),
+        logprobs,
+        prompt_logprobs,
+        ignore_eos: sampling.ignore_eos,
+    }
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs Ferry's whole test suite: the Rust tests (engine on a real model, server, CLI) in
+# release mode, then the black-box API tests with the official SDKs against the release
+# binary. Needs the test models (python3 scripts/fetch-models.py) and the Python test
+# packages (pip install -r tests/requirements.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# AVX2/FMA kernels for llama.cpp (x86-64-v3), as the release build uses.
+if [[ "$(uname -m)" == "x86_64" ]]; then
+  export RUSTFLAGS="${RUSTFLAGS:--C target-cpu=x86-64-v3}"
+fi
+cargo build --release --locked --bin ferry
+cargo test --release --locked --workspace
+python3 -m pytest -q tests/api "$@"

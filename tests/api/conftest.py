@@ -1,0 +1,76 @@
+"""Black-box fixtures: the release `ferry` binary started on port 0 with the real test model."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BINARY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "ferry"))
+MODELS_DIR = os.environ.get("FERRY_MODELS_DIR", os.path.join(ROOT, "models"))
+MODEL_FILE = os.path.join(MODELS_DIR, "SmolLM2-135M-Instruct.Q4_1.gguf")
+MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+
+
+class Server:
+    def __init__(self, *args, env=None):
+        assert os.path.exists(BINARY), f"{BINARY} missing: cargo build --release first"
+        assert os.path.exists(MODEL_FILE), "run python3 scripts/fetch-models.py first"
+        self.log = open(os.path.join(ROOT, "target", f"ferry-test-{os.getpid()}-{id(self)}.log"), "w+")
+        self.proc = subprocess.Popen(
+            [BINARY, "serve", "--port", "0", "--model", MODEL_FILE, "--threads", "2", *args],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on (http://\S+)", line)
+        if not match:
+            self.stop()
+            self.log.seek(0)
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log.read()[-4000:]}")
+        self.url = match.group(1)
+
+    def client(self, **kwargs):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", **kwargs)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server("--parallel", "16", "--ctx-size", "1024")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return server.client(max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def small_server():
+    """One sequence and a one-request queue: for cancellation and back-pressure."""
+    s = Server("--parallel", "1", "--max-queue", "1", "--ctx-size", "4096")
+    yield s
+    s.stop()

@@ -1,0 +1,95 @@
+"""Malformed and hostile requests: each gets the right 4xx in OpenAI's error shape, and the
+server keeps serving."""
+import json
+
+import pytest
+
+from conftest import MODEL_ID
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+def chat(**fields):
+    return json.dumps({"model": MODEL_ID, "messages": MSG, **fields}).encode()
+
+
+def nested(depth):
+    return ("[" * depth + "]" * depth).encode()
+
+
+# (name, method, path, raw body, expected status, expected param or None, expected code or None)
+CASES = [
+    ("invalid json", "POST", CHAT, b"{not json", 400, None, "invalid_json"),
+    ("empty body", "POST", CHAT, b"", 400, None, "invalid_json"),
+    ("json array body", "POST", CHAT, b"[1,2,3]", 400, None, None),
+    ("missing model", "POST", CHAT, json.dumps({"messages": MSG}).encode(), 400, "model", None),
+    ("missing messages", "POST", CHAT, json.dumps({"model": MODEL_ID}).encode(), 400, "messages", None),
+    ("missing role", "POST", CHAT, chat(messages=[{"content": "x"}]), 400, "messages[0].role", None),
+    ("model wrong type", "POST", CHAT, json.dumps({"model": 5, "messages": MSG}).encode(), 400, "model", None),
+    ("messages not a list", "POST", CHAT, chat(messages="hi"), 400, "messages", None),
+    ("empty messages", "POST", CHAT, chat(messages=[]), 400, "messages", None),
+    ("unknown role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", None),
+    ("content wrong type", "POST", CHAT, chat(messages=[{"role": "user", "content": 42}]), 400, None, None),
+    ("image part", "POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, "messages[0].content[0]", None),
+    ("temperature 5", "POST", CHAT, chat(temperature=5), 400, "temperature", "invalid_value"),
+    ("temperature string", "POST", CHAT, chat(temperature="hot"), 400, "temperature", None),
+    ("negative max_tokens", "POST", CHAT, chat(max_tokens=-1), 400, "max_tokens", None),
+    ("zero max_completion_tokens", "POST", CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens", None),
+    ("huge max_tokens", "POST", CHAT, chat(max_tokens=10**9), 400, "messages", "context_length_exceeded"),
+    ("huge n", "POST", CHAT, chat(n=1000), 400, "n", None),
+    ("n zero", "POST", CHAT, chat(n=0), 400, "n", None),
+    ("top_p above one", "POST", CHAT, chat(top_p=1.5), 400, "top_p", None),
+    ("presence_penalty out of range", "POST", CHAT, chat(presence_penalty=3), 400, "presence_penalty", None),
+    ("logit_bias bad token", "POST", CHAT, chat(logit_bias={"abc": 1}), 400, "logit_bias", None),
+    ("logit_bias out of range", "POST", CHAT, chat(logit_bias={"5": 500}), 400, "logit_bias", None),
+    ("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=3), 400, "top_logprobs", None),
+    ("top_logprobs too many", "POST", CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs", None),
+    ("too many stops", "POST", CHAT, chat(stop=[str(i) for i in range(40)]), 400, "stop", None),
+    ("stream not bool", "POST", CHAT, chat(stream="yes"), 400, "stream", None),
+    ("unknown model", "POST", CHAT, chat(model="gpt-17"), 404, "model", "model_not_found"),
+    ("prompt longer than context", "POST", CHAT, chat(messages=[{"role": "user", "content": "hello " * 2000}]), 400, "messages", "context_length_exceeded"),
+    ("invalid utf-8", "POST", CHAT, b'{"model": "' + MODEL_ID.encode() + b'", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None, None),
+    ("deeply nested json", "POST", CHAT, nested(100000), 400, None, None),
+    ("10 MB body", "POST", CHAT, b'{"model": "x", "pad": "' + b"a" * (10 * 1024 * 1024) + b'"}', 413, None, "request_too_large"),
+    ("completions token out of vocab", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": [10**9]}).encode(), 400, "prompt", None),
+    ("completions negative token", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": [-5]}).encode(), 400, "prompt", None),
+    ("completions empty prompt list", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": []}).encode(), 400, "prompt", None),
+    ("completions logprobs 100", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": "x", "logprobs": 100}).encode(), 400, "logprobs", None),
+    ("completions prompt wrong type", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": {"a": 1}}).encode(), 400, None, None),
+    ("unknown route", "POST", "/v1/nothing", b"{}", 404, None, "unknown_url"),
+    ("wrong method", "GET", CHAT, None, 405, None, "method_not_allowed"),
+    ("unknown model retrieve", "GET", "/v1/models/nope", None, 404, "model", "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("name,method,path,body,status,param,code", CASES, ids=[c[0] for c in CASES])
+def test_bad_request(http, name, method, path, body, status, param, code):
+    r = http.request(method, path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text[:500]
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] in ("invalid_request_error", "rate_limit_error", "server_error")
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 25
+
+
+def test_unknown_fields_are_ignored(http):
+    r = http.post(CHAT, content=chat(max_tokens=2, some_future_field={"x": [1, 2]}, temperature=0))
+    assert r.status_code == 200, r.text
+
+
+def test_server_still_serves_after_bad_input(http):
+    for _, method, path, body, *_ in CASES[:10]:
+        http.request(method, path, content=body)
+    r = http.post(CHAT, content=chat(max_tokens=3, temperature=0))
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] <= 3

@@ -1,0 +1,64 @@
+"""The `ferry` command line: clear messages when a model is missing, settings from a TOML
+file and environment variables, and `ferry models`."""
+import os
+import subprocess
+
+from conftest import BINARY, MODEL_FILE, MODELS_DIR, Server
+
+
+def run(*args, env=None, timeout=60):
+    return subprocess.run([BINARY, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_missing_default_model_says_how_to_fetch_it(tmp_path):
+    r = run("serve", "--models-dir", str(tmp_path), "--port", "0")
+    assert r.returncode != 0
+    assert "python3 scripts/fetch-models.py smollm2" in r.stderr
+    assert str(tmp_path) in r.stderr
+
+
+def test_missing_model_path_is_named(tmp_path):
+    r = run("serve", "--model", str(tmp_path / "nope.gguf"), "--port", "0")
+    assert r.returncode != 0
+    assert "nope.gguf does not exist" in r.stderr
+
+
+def test_hub_download_failure_is_clear(tmp_path):
+    # Port 9 on loopback refuses connections: the same path as a machine without internet.
+    r = run(
+        "serve", "--model", "hf:someone/some-repo/model.Q4_K_M.gguf", "--models-dir", str(tmp_path), "--port", "0",
+        env={"HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
+    assert r.returncode != 0
+    assert "could not download model.Q4_K_M.gguf from the Hugging Face hub" in r.stderr
+    assert "http://127.0.0.1:9/someone/some-repo/resolve/main/model.Q4_K_M.gguf" in r.stderr
+    assert "--model" in r.stderr
+    assert not list(tmp_path.rglob("*.gguf"))
+
+
+def test_config_file_and_environment(tmp_path):
+    config = tmp_path / "ferry.toml"
+    config.write_text(f'models = ["{MODEL_FILE}"]\nparallel = 3\nctx_size = 512\n')
+    s = Server("--config", str(config), env={"FERRY_PARALLEL": "2"})
+    try:
+        model = s.client().models.list().data[0]
+        assert model.model_extra["context_length"] == 512  # from the file
+        assert model.model_extra["parallel_sequences"] == 2  # the environment beats the file
+    finally:
+        s.stop()
+
+
+def test_bad_config_is_rejected(tmp_path):
+    config = tmp_path / "ferry.toml"
+    config.write_text("parallel = 2\nbogus_key = 1\n")
+    r = run("serve", "--config", str(config))
+    assert r.returncode != 0
+    assert "bogus_key" in r.stderr
+
+
+def test_models_lists_files_with_facts():
+    r = run("models", "--dir", MODELS_DIR)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("SmolLM2-135M-Instruct.Q4_1"))
+    assert "llama" in line and "Q4_1" in line and "135M" in line
+    assert "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53" in line

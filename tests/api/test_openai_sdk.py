@@ -1,0 +1,183 @@
+"""The official openai SDK against the running binary."""
+import concurrent.futures
+import math
+
+import httpx
+import openai
+import pytest
+
+from conftest import MODEL_ID
+
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models(client):
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert MODEL_ID in ids
+    model = client.models.retrieve(MODEL_ID)
+    assert model.id == MODEL_ID
+    assert model.owned_by == "ferry"
+    assert model.model_extra["architecture"] == "llama"
+    assert model.model_extra["quantization"] == "Q4_1"
+
+
+def test_chat_plain(client):
+    r = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=32)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens > 5
+
+
+def test_chat_streaming_equals_plain(client):
+    plain = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=32)
+    stream = client.chat.completions.create(
+        model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=32, stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage, roles = "", None, None, []
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.role:
+                roles.append(choice.delta.role)
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert roles == ["assistant"]
+    assert text == plain.choices[0].message.content
+    assert finish == plain.choices[0].finish_reason
+    assert usage.completion_tokens == plain.usage.completion_tokens
+    assert usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_completions(client):
+    r = client.completions.create(model=MODEL_ID, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert r.object == "text_completion"
+    assert len(r.choices[0].text) > 0
+    assert r.usage.completion_tokens <= 8
+    batch = client.completions.create(model=MODEL_ID, prompt=["One, two,", "Red, green,"], max_tokens=4, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert math.isclose(entry.logprob, entry.top_logprobs[0].logprob, abs_tol=1e-5)
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+
+
+def test_completion_logprobs_and_echo(client):
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True)
+    choice = r.choices[0]
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None  # the first prompt token has no logprob
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.tokens) == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert lp.text_offset == sorted(lp.text_offset)
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+
+
+def test_n_choices(client):
+    r = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Tell me a story."}],
+        n=2, max_tokens=16, temperature=1.0, seed=3, logprobs=True,
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content != r.choices[1].message.content
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+
+
+def test_same_seed_same_text(client):
+    kwargs = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Write a haiku."}], max_tokens=24, temperature=1.0, seed=1234)
+    a = client.chat.completions.create(**kwargs).choices[0].message.content
+    b = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert a == b
+
+
+def test_errors_map_to_sdk_exceptions(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=5)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "word " * 3000}])
+    assert e.value.code == "context_length_exceeded"
+    assert "1024" in e.value.message
+
+
+def test_sixteen_concurrent_streams(client):
+    def one(i):
+        stream = client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+            max_tokens=20, temperature=0.7, seed=i, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        deltas, usage, finish = 0, None, None
+        for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+                if c.delta.content:
+                    deltas += 1
+        return usage, finish, deltas
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    for usage, finish, deltas in results:
+        assert finish == "length"
+        assert usage.completion_tokens == 20
+        assert usage.total_tokens == usage.prompt_tokens + 20
+        assert 0 < deltas <= 20
+
+
+def test_disconnect_frees_the_slot(small_server):
+    client = small_server.client(max_retries=0, timeout=60)
+    # A stream that would run for minutes (ignore_eos, thousands of tokens) on the only sequence.
+    stream = client.chat.completions.create(
+        model=MODEL_ID, messages=HELLO, max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    # The next request gets the sequence at once instead of waiting minutes for the first.
+    quick = small_server.client(max_retries=0, timeout=20)
+    r = quick.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens <= 4
+
+
+def test_full_queue_answers_429(small_server):
+    url = small_server.url
+    body = {"model": MODEL_ID, "messages": HELLO, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=url, timeout=60) as a, httpx.Client(base_url=url, timeout=60) as b:
+        with a.stream("POST", "/v1/chat/completions", json=body) as running:
+            assert running.status_code == 200
+            # Past the role chunk, two content chunks: the request holds the only sequence.
+            lines = (l for l in running.iter_lines() if l.startswith("data: "))
+            for _ in range(3):
+                next(lines)
+            with b.stream("POST", "/v1/chat/completions", json=body) as queued:
+                assert queued.status_code == 200  # headers go out; it waits in the queue
+                r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+                assert r.status_code == 429
+                assert r.headers["retry-after"] == "1"
+                assert r.json()["error"]["type"] == "rate_limit_error"
+                client = small_server.client(max_retries=0)
+                with pytest.raises(openai.RateLimitError):
+                    client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=2)
