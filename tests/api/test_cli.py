@@ -62,3 +62,23 @@ def test_models_lists_files_with_facts():
     line = next(l for l in r.stdout.splitlines() if l.startswith("SmolLM2-135M-Instruct.Q4_1"))
     assert "llama" in line and "Q4_1" in line and "135M" in line
     assert "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53" in line
+
+
+def test_chat_against_a_running_server(server):
+    r = subprocess.run(
+        [BINARY, "chat", "--url", server.url, "--temperature", "0", "--max-tokens", "12"],
+        input="What is the capital of France?\n/exit\n", capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Chatting with SmolLM2-135M-Instruct.Q4_1" in r.stderr
+    assert len(r.stdout.strip()) > 0
+
+
+def test_chat_with_a_local_model():
+    r = subprocess.run(
+        [BINARY, "chat", "--model", MODEL_FILE, "--temperature", "0", "--max-tokens", "12"],
+        input="Hello!\n/reset\nName a colour.\n", capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    answers = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(answers) >= 2, r.stdout
