@@ -57,16 +57,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let started = Instant::now();
         let mut events = model.scheduler.submit(request)?;
-        let mut first = None;
         while let Some(event) = events.blocking_recv() {
             match event {
-                Event::Delta { .. } if first.is_none() => first = Some(Instant::now()),
-                Event::Finished { completion_tokens, .. } => {
-                    let end = Instant::now();
-                    let first = first.unwrap_or(end);
+                Event::Finished { completion_tokens, timings, .. } => {
                     if rep > 0 {
-                        prefill.push(args.prompt as f64 / (first - started).as_secs_f64());
-                        decode.push((completion_tokens - 1) as f64 / (end - first).as_secs_f64());
+                        prefill.push(args.prompt as f64 / (timings.first_token - started).as_secs_f64());
+                        let decoding = (timings.finished - timings.first_token).as_secs_f64();
+                        decode.push((completion_tokens - 1) as f64 / decoding);
                     }
                     break;
                 }

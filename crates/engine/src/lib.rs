@@ -19,7 +19,7 @@ use std::sync::Arc;
 pub use backend::{Backend, SessionConfig};
 pub use model_info::ModelInfo;
 pub use sampler::SamplingParams;
-pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, TokenInfo};
+pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, Timings, TokenInfo};
 pub use template::{ChatMessage, ChatTemplate, TemplateError};
 
 /// A token id in the model's vocabulary.

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -49,6 +50,16 @@ pub struct TokenInfo {
     pub top: Vec<TokenLogprob>,
 }
 
+/// When a choice passed each stage, measured on the scheduler thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    /// Taken from the queue into a sequence slot.
+    pub admitted: Instant,
+    /// The first token was sampled (prefill done).
+    pub first_token: Instant,
+    pub finished: Instant,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// End-of-generation token or a stop sequence.
@@ -75,7 +86,7 @@ pub enum Event {
     /// New text of one choice, with the tokens that produced it when logprobs were asked for.
     Delta { choice: usize, text: String, tokens: Vec<TokenInfo> },
     /// A choice ended; `completion_tokens` counts every token it sampled.
-    Finished { choice: usize, reason: FinishReason, completion_tokens: usize },
+    Finished { choice: usize, reason: FinishReason, completion_tokens: usize, timings: Timings },
     /// The request failed inside the engine; no more events follow.
     Error(String),
 }
@@ -179,6 +190,8 @@ struct Sequence {
     slot: usize,
     /// Admission order, so the oldest prompt is prefilled first.
     admitted: u64,
+    admitted_at: Instant,
+    first_token_at: Option<Instant>,
     choice: usize,
     request: Arc<Pending>,
     /// Prompt followed by the generated tokens.
@@ -291,6 +304,8 @@ impl<'m> Worker<'m> {
                 self.slots[slot] = Some(Sequence {
                     slot,
                     admitted: self.admissions,
+                    admitted_at: Instant::now(),
+                    first_token_at: None,
                     choice,
                     request: pending.clone(),
                     tokens: request.prompt.clone(),
@@ -392,6 +407,8 @@ impl<'m> Worker<'m> {
         }
         let request = &seq.request.request;
         let token = seq.sampler.sample(logits);
+        let now = Instant::now();
+        let first_token = *seq.first_token_at.get_or_insert(now);
         seq.sampler.accept(token);
         seq.tokens.push(token);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -437,6 +454,7 @@ impl<'m> Worker<'m> {
                 choice: seq.choice,
                 reason,
                 completion_tokens: seq.generated(),
+                timings: Timings { admitted: seq.admitted_at, first_token, finished: now },
             });
             self.free(slot);
         }

@@ -70,7 +70,7 @@ pub fn collect(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usi
                 o.deltas.push(text);
                 o.tokens.extend(tokens.iter().map(|t| t.token));
             }
-            Event::Finished { choice, reason, completion_tokens } => {
+            Event::Finished { choice, reason, completion_tokens, .. } => {
                 outputs[choice].finish = Some(reason);
                 outputs[choice].completion_tokens = completion_tokens;
                 open -= 1;

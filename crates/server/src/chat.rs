@@ -147,7 +147,7 @@ fn stream(
                             }],
                             None,
                         ),
-                        Event::Finished { choice, reason, completion_tokens: used } => {
+                        Event::Finished { choice, reason, completion_tokens: used, .. } => {
                             completion_tokens += used;
                             open -= 1;
                             chunk(

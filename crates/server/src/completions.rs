@@ -146,7 +146,7 @@ pub async fn completions(
                             });
                             vec![chunk(index, text, lp, None, None)]
                         }
-                        Event::Finished { choice, reason, completion_tokens } => {
+                        Event::Finished { choice, reason, completion_tokens, .. } => {
                             st.completion_tokens += completion_tokens;
                             st.open -= 1;
                             vec![chunk(prompt_idx * n + choice, String::new(), None, Some(reason.as_str()), None)]

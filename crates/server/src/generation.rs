@@ -73,7 +73,7 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
                 c.text.push_str(&text);
                 c.tokens.extend(tokens);
             }
-            Event::Finished { choice, reason, completion_tokens: used } => {
+            Event::Finished { choice, reason, completion_tokens: used, .. } => {
                 choices[prompt_idx * n + choice].finish_reason = Some(reason);
                 completion_tokens += used;
                 open -= 1;
