@@ -34,19 +34,6 @@ pub struct StreamOptions {
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub repetition_penalty: Option<f64>,
-    /// Token id (as a string, as OpenAI sends it) to a bias in [-100, 100].
-    pub logit_bias: Option<BTreeMap<String, f64>>,
-    pub seed: Option<i64>,
-    pub n: Option<i64>,
-    pub stop: Option<Stop>,
-    pub ignore_eos: Option<bool>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
@@ -80,10 +67,10 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-/// The sampling fields chat completions and completions share, gathered for validation.
-/// (They are plain fields on each request, not `#[serde(flatten)]`, so that a type error
-/// names the field.)
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The sampling fields chat completions and completions share. They are read from the
+/// same JSON object as the request, in a second pass (not `#[serde(flatten)]`, which would
+/// lose the field's name in type errors).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct SamplingFields {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
@@ -100,31 +87,6 @@ pub struct SamplingFields {
     pub ignore_eos: Option<bool>,
 }
 
-macro_rules! sampling_fields {
-    ($request:ty) => {
-        impl $request {
-            pub fn sampling_fields(&self) -> SamplingFields {
-                SamplingFields {
-                    temperature: self.temperature,
-                    top_p: self.top_p,
-                    top_k: self.top_k,
-                    min_p: self.min_p,
-                    presence_penalty: self.presence_penalty,
-                    frequency_penalty: self.frequency_penalty,
-                    repetition_penalty: self.repetition_penalty,
-                    logit_bias: self.logit_bias.clone(),
-                    seed: self.seed,
-                    n: self.n,
-                    stop: self.stop.clone(),
-                    ignore_eos: self.ignore_eos,
-                }
-            }
-        }
-    };
-}
-sampling_fields!(ChatCompletionRequest);
-sampling_fields!(CompletionRequest);
-
 /// `prompt`: a string, a list of strings, a list of token ids or a list of such lists.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -139,19 +101,6 @@ pub enum Prompt {
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub repetition_penalty: Option<f64>,
-    /// Token id (as a string, as OpenAI sends it) to a bias in [-100, 100].
-    pub logit_bias: Option<BTreeMap<String, f64>>,
-    pub seed: Option<i64>,
-    pub n: Option<i64>,
-    pub stop: Option<Stop>,
-    pub ignore_eos: Option<bool>,
     pub max_tokens: Option<i64>,
     #[serde(default)]
     pub stream: bool,
@@ -299,15 +248,18 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_ignored_and_unions_parse() {
-        let req: ChatCompletionRequest = serde_json::from_value(serde_json::json!({
+        let body = serde_json::json!({
             "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
             "stop": "x", "something_new": {"a": 1}, "top_k": 3
-        }))
-        .unwrap();
-        assert_eq!(req.sampling_fields().stop, Some(Stop::One("x".into())));
-        assert_eq!(req.top_k, Some(3));
+        });
+        let req: ChatCompletionRequest = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!(req.messages.len(), 1);
+        let sampling: SamplingFields = serde_json::from_value(body).unwrap();
+        assert_eq!(sampling.stop, Some(Stop::One("x".into())));
+        assert_eq!(sampling.top_k, Some(3));
         let req: CompletionRequest =
-            serde_json::from_value(serde_json::json!({"model": "m", "prompt": [[1, 2], [3]]})).unwrap();
+            serde_json::from_value(serde_json::json!({"model": "m", "prompt": [[1, 2], [3]]}))
+                .unwrap();
         assert_eq!(req.prompt, Prompt::TokenLists(vec![vec![1, 2], vec![3]]));
     }
 }

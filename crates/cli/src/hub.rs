@@ -25,15 +25,26 @@ impl HubFile {
         if owner.is_empty() || repo.is_empty() || file.is_empty() {
             return None;
         }
-        Some(HubFile { repo: format!("{owner}/{repo}"), file: file.to_string() })
+        Some(HubFile {
+            repo: format!("{owner}/{repo}"),
+            file: file.to_string(),
+        })
     }
 
     pub fn url(&self, endpoint: &str) -> String {
-        format!("{}/{}/resolve/main/{}", endpoint.trim_end_matches('/'), self.repo, self.file)
+        format!(
+            "{}/{}/resolve/main/{}",
+            endpoint.trim_end_matches('/'),
+            self.repo,
+            self.file
+        )
     }
 
     fn local_path(&self, models_dir: &Path) -> PathBuf {
-        models_dir.join("hub").join(self.repo.replace('/', "--")).join(&self.file)
+        models_dir
+            .join("hub")
+            .join(self.repo.replace('/', "--"))
+            .join(&self.file)
     }
 }
 
@@ -54,7 +65,10 @@ pub async fn resolve(spec: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
     if path.file_name().is_some_and(|n| n == DEFAULT_MODEL_FILE) {
         bail!(missing_default_model(&path));
     }
-    bail!("model file {} does not exist (give a GGUF path, or hf:OWNER/REPO/FILE.gguf to download one)", path.display())
+    bail!(
+        "model file {} does not exist (give a GGUF path, or hf:OWNER/REPO/FILE.gguf to download one)",
+        path.display()
+    )
 }
 
 /// Downloads into `path.partial`, then renames, so an interrupted download never looks complete.
@@ -82,7 +96,9 @@ async fn download(hub: &HubFile, path: &Path) -> anyhow::Result<()> {
     }
     let total = response.content_length().unwrap_or(0);
     if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir).await.with_context(|| format!("creating {}", dir.display()))?;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     let partial = path.with_extension("partial");
     let mut file = tokio::fs::File::create(&partial)
@@ -90,8 +106,10 @@ async fn download(hub: &HubFile, path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", partial.display()))?;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message(hub.file.clone());
     let mut body = response.bytes_stream();
@@ -124,7 +142,9 @@ mod tests {
     #[test]
     fn parses_hub_references() {
         assert_eq!(
-            HubFile::parse("hf:bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_K_M.gguf"),
+            HubFile::parse(
+                "hf:bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_K_M.gguf"
+            ),
             Some(HubFile {
                 repo: "bartowski/SmolLM2-135M-Instruct-GGUF".into(),
                 file: "SmolLM2-135M-Instruct-Q4_K_M.gguf".into()

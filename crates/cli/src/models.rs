@@ -25,7 +25,10 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     files.sort();
     let mut rows = Vec::new();
     for path in files {
-        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let info = match LlamaCppModel::load(&id, &path, |_| {}) {
             Ok(model) => ferry_engine::Backend::info(&model).clone(),
             Err(e) => {
@@ -33,7 +36,11 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let sha256 = if args.no_hash { None } else { Some(sha256_file(&path)?) };
+        let sha256 = if args.no_hash {
+            None
+        } else {
+            Some(sha256_file(&path)?)
+        };
         rows.push((info, sha256));
     }
     if args.json {
@@ -49,10 +56,16 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if rows.is_empty() {
-        println!("No GGUF models in {}. Fetch the test models with: python3 scripts/fetch-models.py", args.dir.display());
+        println!(
+            "No GGUF models in {}. Fetch the test models with: python3 scripts/fetch-models.py",
+            args.dir.display()
+        );
         return Ok(());
     }
-    println!("{:<40} {:<8} {:>8} {:<9} {:>9}  {}", "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE", "SHA256");
+    println!(
+        "{:<40} {:<8} {:>8} {:<9} {:>9}  {}",
+        "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE", "SHA256"
+    );
     for (info, sha) in rows {
         println!(
             "{:<40} {:<8} {:>8} {:<9} {:>9}  {}",
@@ -68,7 +81,9 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
 }
 
 fn find_gguf(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {

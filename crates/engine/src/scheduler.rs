@@ -82,11 +82,23 @@ impl FinishReason {
 pub enum Event {
     /// Logprobs of the prompt tokens after the first (which has none), sent once, before
     /// any delta.
-    PromptLogprobs { first_token: TokenId, rest: Vec<TokenInfo> },
+    PromptLogprobs {
+        first_token: TokenId,
+        rest: Vec<TokenInfo>,
+    },
     /// New text of one choice, with the tokens that produced it when logprobs were asked for.
-    Delta { choice: usize, text: String, tokens: Vec<TokenInfo> },
+    Delta {
+        choice: usize,
+        text: String,
+        tokens: Vec<TokenInfo>,
+    },
     /// A choice ended; `completion_tokens` counts every token it sampled.
-    Finished { choice: usize, reason: FinishReason, completion_tokens: usize, timings: Timings },
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        completion_tokens: usize,
+        timings: Timings,
+    },
     /// The request failed inside the engine; no more events follow.
     Error(String),
 }
@@ -152,11 +164,18 @@ impl Scheduler {
         ready_rx
             .recv()
             .map_err(|_| EngineError::Load("the scheduler thread ended while starting".into()))??;
-        Ok(Scheduler { commands, stats, config: Arc::new(config) })
+        Ok(Scheduler {
+            commands,
+            stats,
+            config: Arc::new(config),
+        })
     }
 
     /// Queues a request. Events arrive on the returned receiver; dropping it cancels the request.
-    pub fn submit(&self, request: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<UnboundedReceiver<Event>, EngineError> {
         if request.n == 0 || request.n > self.config.session.n_sequences {
             return Err(EngineError::InvalidRequest(format!(
                 "n must be between 1 and {} (the parallel sequences of this model)",
@@ -169,10 +188,12 @@ impl Scheduler {
             return Err(EngineError::QueueFull);
         }
         let (events, receiver) = unbounded_channel();
-        self.commands.send(Pending { request, events }).map_err(|_| {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            EngineError::Stopped
-        })?;
+        self.commands
+            .send(Pending { request, events })
+            .map_err(|_| {
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                EngineError::Stopped
+            })?;
         Ok(receiver)
     }
 
@@ -243,7 +264,15 @@ impl<'m> Worker<'m> {
         stats: Arc<SchedulerStats>,
     ) -> Self {
         let slots = (0..config.session.n_sequences).map(|_| None).collect();
-        Worker { backend, session, config, stats, slots, waiting: VecDeque::new(), admissions: 0 }
+        Worker {
+            backend,
+            session,
+            config,
+            stats,
+            slots,
+            waiting: VecDeque::new(),
+            admissions: 0,
+        }
     }
 
     fn run(mut self, inbox: mpsc::Receiver<Pending>) {
@@ -272,7 +301,10 @@ impl<'m> Worker<'m> {
             self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
         }
         for slot in 0..self.slots.len() {
-            if self.slots[slot].as_ref().is_some_and(|s| s.request.events.is_closed()) {
+            if self.slots[slot]
+                .as_ref()
+                .is_some_and(|s| s.request.events.is_closed())
+            {
                 self.free(slot);
             }
         }
@@ -289,12 +321,15 @@ impl<'m> Worker<'m> {
     /// more slots than are free waits, and nothing behind it overtakes it.
     fn admit(&mut self) {
         while let Some(front) = self.waiting.front() {
-            let free: Vec<usize> =
-                (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect();
+            let free: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].is_none())
+                .collect();
             if free.len() < front.request.n {
                 break;
             }
-            let Some(pending) = self.waiting.pop_front() else { break };
+            let Some(pending) = self.waiting.pop_front() else {
+                break;
+            };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             let pending = Arc::new(pending);
             let request = &pending.request;
@@ -328,11 +363,20 @@ impl<'m> Worker<'m> {
         // Every decoding sequence advances by one token.
         for seq in self.slots.iter().flatten().filter(|s| !s.prefilling()) {
             let pos = seq.tokens.len() - 1;
-            entries.push(BatchEntry { token: seq.tokens[pos], pos, seq: seq.slot, logits: true });
+            entries.push(BatchEntry {
+                token: seq.tokens[pos],
+                pos,
+                seq: seq.slot,
+                logits: true,
+            });
             rows.push(RowUse::Sample(seq.slot));
         }
         // Then prompt chunks, oldest sequences first, within the step's budget.
-        let budget = self.config.session.batch_tokens.saturating_sub(entries.len());
+        let budget = self
+            .config
+            .session
+            .batch_tokens
+            .saturating_sub(entries.len());
         let mut prefill_left = self.config.prefill_chunk.min(budget);
         let mut order: Vec<usize> = self
             .slots
@@ -346,12 +390,19 @@ impl<'m> Worker<'m> {
             if prefill_left == 0 {
                 break;
             }
-            let Some(seq) = self.slots[slot].as_mut() else { continue };
+            let Some(seq) = self.slots[slot].as_mut() else {
+                continue;
+            };
             let take = (seq.n_prompt - seq.n_cached).min(prefill_left);
             for pos in seq.n_cached..seq.n_cached + take {
                 let last = pos + 1 == seq.n_prompt;
                 let for_prompt = seq.prompt_logprobs.is_some() && !last;
-                entries.push(BatchEntry { token: seq.tokens[pos], pos, seq: slot, logits: last || for_prompt });
+                entries.push(BatchEntry {
+                    token: seq.tokens[pos],
+                    pos,
+                    seq: slot,
+                    logits: last || for_prompt,
+                });
                 if last {
                     rows.push(RowUse::Sample(slot));
                 } else if for_prompt {
@@ -360,7 +411,9 @@ impl<'m> Worker<'m> {
             }
             seq.n_cached += take;
             prefill_left -= take;
-            self.stats.prompt_tokens.fetch_add(take as u64, Ordering::Relaxed);
+            self.stats
+                .prompt_tokens
+                .fetch_add(take as u64, Ordering::Relaxed);
         }
         if entries.is_empty() {
             return;
@@ -387,12 +440,18 @@ impl<'m> Worker<'m> {
 
     fn record_prompt_logprob(&mut self, slot: usize, pos: usize, row: usize) {
         let logits = self.session.logits(row);
-        let Some(seq) = self.slots[slot].as_mut() else { return };
+        let Some(seq) = self.slots[slot].as_mut() else {
+            return;
+        };
         let top_n = seq.request.request.logprobs.unwrap_or(0);
         let token = seq.tokens[pos + 1];
         let (logprob, top) = logprobs(logits, token, top_n);
         if let Some(collected) = seq.prompt_logprobs.as_mut() {
-            collected.push(TokenInfo { token, logprob, top });
+            collected.push(TokenInfo {
+                token,
+                logprob,
+                top,
+            });
         }
     }
 
@@ -400,10 +459,15 @@ impl<'m> Worker<'m> {
         let logits = self.session.logits(row);
         let backend = self.backend;
         let ctx = self.config.session.ctx_per_sequence;
-        let Some(seq) = self.slots[slot].as_mut() else { return };
+        let Some(seq) = self.slots[slot].as_mut() else {
+            return;
+        };
         let events = &seq.request.events;
         if let Some(rest) = seq.prompt_logprobs.take() {
-            let _ = events.send(Event::PromptLogprobs { first_token: seq.tokens[0], rest });
+            let _ = events.send(Event::PromptLogprobs {
+                first_token: seq.tokens[0],
+                rest,
+            });
         }
         let request = &seq.request.request;
         let token = seq.sampler.sample(logits);
@@ -414,7 +478,11 @@ impl<'m> Worker<'m> {
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if let Some(top_n) = request.logprobs {
             let (logprob, top) = logprobs(logits, token, top_n);
-            seq.unsent.push(TokenInfo { token, logprob, top });
+            seq.unsent.push(TokenInfo {
+                token,
+                logprob,
+                top,
+            });
         }
 
         let mut finish = None;
@@ -447,14 +515,22 @@ impl<'m> Worker<'m> {
         }
         if !text.is_empty() || (finish.is_some() && !seq.unsent.is_empty()) {
             let tokens = std::mem::take(&mut seq.unsent);
-            let _ = events.send(Event::Delta { choice: seq.choice, text, tokens });
+            let _ = events.send(Event::Delta {
+                choice: seq.choice,
+                text,
+                tokens,
+            });
         }
         if let Some(reason) = finish {
             let _ = events.send(Event::Finished {
                 choice: seq.choice,
                 reason,
                 completion_tokens: seq.generated(),
-                timings: Timings { admitted: seq.admitted_at, first_token, finished: now },
+                timings: Timings {
+                    admitted: seq.admitted_at,
+                    first_token,
+                    finished: now,
+                },
             });
             self.free(slot);
         }

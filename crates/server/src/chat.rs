@@ -8,8 +8,8 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ferry_api::openai::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatDelta, ChatLogprobs,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, SamplingFields,
 };
 use ferry_engine::Event;
 use futures::StreamExt;
@@ -24,10 +24,12 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, &state)?;
+    let body = validate::parse_body(&body)?;
     let request: ChatCompletionRequest = validate::parse_json(&body)?;
+    let sampling_fields: SamplingFields = validate::parse_json(&body)?;
     let model = state.model(&request.model)?;
     let messages = validate::chat_messages(&request)?;
-    let sampling = validate::sampling(&request.sampling_fields(), &model)?;
+    let sampling = validate::sampling(&sampling_fields, &model)?;
     let logprobs = validate::chat_logprobs(&request)?;
     let prompt = {
         let model = model.clone();
@@ -42,12 +44,17 @@ pub async fn chat_completions(
     let max_tokens = validate::max_tokens(requested, param, prompt.len(), &model)?;
     let submitted = generation::submit(
         &model,
-        vec![validate::generate_request(prompt, max_tokens, &sampling, logprobs, false)],
+        vec![validate::generate_request(
+            prompt, max_tokens, &sampling, logprobs, false,
+        )],
     )?;
     let id = request_id("chatcmpl");
     let model_id = request.model.clone();
     if request.stream {
-        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let include_usage = request
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
         return Ok(stream(model, submitted, id, model_id, include_usage).into_response());
     }
     let collected = generation::collect(submitted).await?;
@@ -57,7 +64,10 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(index, c)| ChatChoice {
             index: index as u32,
-            message: AssistantMessage { role: "assistant".into(), content: Some(c.text) },
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content: Some(c.text),
+            },
             logprobs: logprobs.map(|_| ChatLogprobs {
                 content: c.tokens.iter().map(|t| chat_logprob(&model, t)).collect(),
             }),
@@ -88,7 +98,8 @@ fn stream(
     let created = unix_now();
     let n = submitted.n;
     let prompt_tokens = submitted.prompt_tokens;
-    let chunk = move |choices: Vec<ChatChunkChoice>, usage_value: Option<Option<ferry_api::openai::Usage>>| {
+    let chunk = move |choices: Vec<ChatChunkChoice>,
+                      usage_value: Option<Option<ferry_api::openai::Usage>>| {
         let chunk = ChatCompletionChunk {
             id: id.clone(),
             object: "chat.completion.chunk".into(),
@@ -98,14 +109,19 @@ fn stream(
             usage: usage_value.or(include_usage.then_some(None)),
             system_fingerprint: None,
         };
-        SseEvent::default().json_data(chunk).unwrap_or_else(|_| SseEvent::default().data("{}"))
+        SseEvent::default()
+            .json_data(chunk)
+            .unwrap_or_else(|_| SseEvent::default().data("{}"))
     };
     let first: Vec<SseEvent> = (0..n)
         .map(|i| {
             chunk(
                 vec![ChatChunkChoice {
                     index: i as u32,
-                    delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
+                    delta: ChatDelta {
+                        role: Some("assistant".into()),
+                        content: Some(String::new()),
+                    },
                     logprobs: None,
                     finish_reason: None,
                 }],
@@ -125,10 +141,13 @@ fn stream(
                 }
                 loop {
                     if open == 0 {
-                        let event = include_usage
-                            .then(|| chunk(vec![], Some(Some(usage(prompt_tokens, completion_tokens)))));
-                        let tail: Vec<SseEvent> =
-                            event.into_iter().chain([SseEvent::default().data("[DONE]")]).collect();
+                        let event = include_usage.then(|| {
+                            chunk(vec![], Some(Some(usage(prompt_tokens, completion_tokens))))
+                        });
+                        let tail: Vec<SseEvent> = event
+                            .into_iter()
+                            .chain([SseEvent::default().data("[DONE]")])
+                            .collect();
                         return Some((tail, (submitted, completion_tokens, open, true)));
                     }
                     let Some((_, event)) = submitted.events.next().await else {
@@ -136,18 +155,33 @@ fn stream(
                     };
                     let out = match event {
                         Event::PromptLogprobs { .. } => continue,
-                        Event::Delta { choice, text, tokens } => chunk(
+                        Event::Delta {
+                            choice,
+                            text,
+                            tokens,
+                        } => chunk(
                             vec![ChatChunkChoice {
                                 index: choice as u32,
-                                delta: ChatDelta { role: None, content: Some(text) },
+                                delta: ChatDelta {
+                                    role: None,
+                                    content: Some(text),
+                                },
                                 logprobs: (!tokens.is_empty()).then(|| ChatLogprobs {
-                                    content: tokens.iter().map(|t| chat_logprob(&model, t)).collect(),
+                                    content: tokens
+                                        .iter()
+                                        .map(|t| chat_logprob(&model, t))
+                                        .collect(),
                                 }),
                                 finish_reason: None,
                             }],
                             None,
                         ),
-                        Event::Finished { choice, reason, completion_tokens: used, .. } => {
+                        Event::Finished {
+                            choice,
+                            reason,
+                            completion_tokens: used,
+                            ..
+                        } => {
                             completion_tokens += used;
                             open -= 1;
                             chunk(

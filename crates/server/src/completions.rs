@@ -9,7 +9,9 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use ferry_api::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest};
+use ferry_api::openai::{
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, SamplingFields,
+};
 use ferry_engine::{Event, LocalModel, TokenId, TokenInfo};
 use futures::StreamExt;
 
@@ -25,23 +27,34 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, &state)?;
+    let body = validate::parse_body(&body)?;
     let request: CompletionRequest = validate::parse_json(&body)?;
+    let sampling_fields: SamplingFields = validate::parse_json(&body)?;
     let model = state.model(&request.model)?;
-    let sampling = validate::sampling(&request.sampling_fields(), &model)?;
+    let sampling = validate::sampling(&sampling_fields, &model)?;
     let logprobs = match request.logprobs {
         None => None,
         Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Some(k as usize),
         Some(k) => {
-            return Err(ApiError::invalid("logprobs", format!("Invalid 'logprobs': {k} is not between 0 and {MAX_LOGPROBS}")));
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("Invalid 'logprobs': {k} is not between 0 and {MAX_LOGPROBS}"),
+            ));
         }
     };
     if let Some(best_of) = request.best_of
         && best_of != sampling.n as i64
     {
-        return Err(ApiError::invalid("best_of", "'best_of' other than 'n' is not supported"));
+        return Err(ApiError::invalid(
+            "best_of",
+            "'best_of' other than 'n' is not supported",
+        ));
     }
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid("suffix", "'suffix' (fill-in-the-middle) is not supported by this model"));
+        return Err(ApiError::invalid(
+            "suffix",
+            "'suffix' (fill-in-the-middle) is not supported by this model",
+        ));
     }
     let prompts = {
         let model = model.clone();
@@ -58,7 +71,13 @@ pub async fn completions(
         let max_tokens = validate::max_tokens(requested, "max_tokens", prompt.len(), &model)?;
         prompt_texts.push(request.echo.then(|| detokenize(&model, &prompt)));
         let prompt_logprobs = request.echo && logprobs.is_some();
-        engine_requests.push(validate::generate_request(prompt, max_tokens, &sampling, logprobs, prompt_logprobs));
+        engine_requests.push(validate::generate_request(
+            prompt,
+            max_tokens,
+            &sampling,
+            logprobs,
+            prompt_logprobs,
+        ));
     }
     let submitted = generation::submit(&model, engine_requests)?;
     let n = submitted.n;
@@ -67,9 +86,16 @@ pub async fn completions(
     let created = unix_now();
 
     if request.stream {
-        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let include_usage = request
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
         let echo_logprobs = request.echo && logprobs.is_some();
-        let chunk = move |index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish_reason: Option<&str>, usage: Option<ferry_api::openai::Usage>| {
+        let chunk = move |index: usize,
+                          text: String,
+                          logprobs: Option<CompletionLogprobs>,
+                          finish_reason: Option<&str>,
+                          usage: Option<ferry_api::openai::Usage>| {
             let choices = match finish_reason.is_none() && usage.is_some() {
                 true => vec![],
                 false => vec![CompletionChoice {
@@ -88,7 +114,9 @@ pub async fn completions(
                 usage,
                 system_fingerprint: None,
             };
-            SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))
+            SseEvent::default()
+                .json_data(body)
+                .unwrap_or_else(|_| SseEvent::default().data("{}"))
         };
         let mut stream = StreamState {
             model: model.clone(),
@@ -121,7 +149,15 @@ pub async fn completions(
                     if st.open == 0 {
                         st.done = true;
                         let tail: Vec<SseEvent> = include_usage
-                            .then(|| chunk(0, String::new(), None, None, Some(usage(st.prompt_tokens, st.completion_tokens))))
+                            .then(|| {
+                                chunk(
+                                    0,
+                                    String::new(),
+                                    None,
+                                    None,
+                                    Some(usage(st.prompt_tokens, st.completion_tokens)),
+                                )
+                            })
                             .into_iter()
                             .chain([SseEvent::default().data("[DONE]")])
                             .collect();
@@ -135,26 +171,52 @@ pub async fn completions(
                                 let index = prompt_idx * n + c;
                                 let infos = prompt_infos(first_token, &rest);
                                 let lp = legacy_logprobs(&st.model, &infos, &mut st.offsets[index]);
-                                chunk(index, prompt_texts[prompt_idx].clone().unwrap_or_default(), Some(lp), None, None)
+                                chunk(
+                                    index,
+                                    prompt_texts[prompt_idx].clone().unwrap_or_default(),
+                                    Some(lp),
+                                    None,
+                                    None,
+                                )
                             })
                             .collect(),
-                        Event::Delta { choice, text, tokens } => {
+                        Event::Delta {
+                            choice,
+                            text,
+                            tokens,
+                        } => {
                             let index = prompt_idx * n + choice;
                             let lp = (!tokens.is_empty()).then(|| {
-                                let infos: Vec<Option<TokenInfo>> = tokens.into_iter().map(Some).collect();
+                                let infos: Vec<Option<TokenInfo>> =
+                                    tokens.into_iter().map(Some).collect();
                                 legacy_logprobs(&st.model, &infos, &mut st.offsets[index])
                             });
                             vec![chunk(index, text, lp, None, None)]
                         }
-                        Event::Finished { choice, reason, completion_tokens, .. } => {
+                        Event::Finished {
+                            choice,
+                            reason,
+                            completion_tokens,
+                            ..
+                        } => {
                             st.completion_tokens += completion_tokens;
                             st.open -= 1;
-                            vec![chunk(prompt_idx * n + choice, String::new(), None, Some(reason.as_str()), None)]
+                            vec![chunk(
+                                prompt_idx * n + choice,
+                                String::new(),
+                                None,
+                                Some(reason.as_str()),
+                                None,
+                            )]
                         }
                         Event::Error(message) => {
                             st.done = true;
                             let body = ApiError::Internal(message).body();
-                            vec![SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))]
+                            vec![
+                                SseEvent::default()
+                                    .json_data(body)
+                                    .unwrap_or_else(|_| SseEvent::default().data("{}")),
+                            ]
                         }
                     };
                     return Some((out, st));
@@ -164,7 +226,9 @@ pub async fn completions(
         let stream = futures::stream::iter(opening)
             .chain(events.flat_map(futures::stream::iter))
             .map(Ok::<_, Infallible>);
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
 
     let collected = generation::collect(submitted).await?;
@@ -218,19 +282,30 @@ struct StreamState {
 
 /// The prompt's tokens for legacy logprobs: the first without a logprob, as OpenAI's echo does.
 fn prompt_infos(first_token: TokenId, rest: &[TokenInfo]) -> Vec<Option<TokenInfo>> {
-    std::iter::once(Some(TokenInfo { token: first_token, logprob: f32::NAN, top: Vec::new() }))
-        .chain(rest.iter().cloned().map(Some))
-        .collect()
+    std::iter::once(Some(TokenInfo {
+        token: first_token,
+        logprob: f32::NAN,
+        top: Vec::new(),
+    }))
+    .chain(rest.iter().cloned().map(Some))
+    .collect()
 }
 
 fn detokenize(model: &LocalModel, tokens: &[TokenId]) -> String {
-    let bytes: Vec<u8> = tokens.iter().flat_map(|&t| model.backend.token_bytes(t).iter().copied()).collect();
+    let bytes: Vec<u8> = tokens
+        .iter()
+        .flat_map(|&t| model.backend.token_bytes(t).iter().copied())
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Logprobs in the completions format; `offset` is the running text offset of the choice.
 /// The first prompt token has no logprob (`None`), as in OpenAI's echo.
-fn legacy_logprobs(model: &LocalModel, infos: &[Option<TokenInfo>], offset: &mut usize) -> CompletionLogprobs {
+fn legacy_logprobs(
+    model: &LocalModel,
+    infos: &[Option<TokenInfo>],
+    offset: &mut usize,
+) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     for info in infos {
         match info {
@@ -244,8 +319,11 @@ fn legacy_logprobs(model: &LocalModel, infos: &[Option<TokenInfo>], offset: &mut
                     out.top_logprobs.push(None);
                 } else {
                     out.token_logprobs.push(Some(info.logprob));
-                    let top: BTreeMap<String, f32> =
-                        info.top.iter().map(|t| (model.token_text(t.token), t.logprob)).collect();
+                    let top: BTreeMap<String, f32> = info
+                        .top
+                        .iter()
+                        .map(|t| (model.token_text(t.token), t.logprob))
+                        .collect();
                     out.top_logprobs.push(Some(top));
                 }
             }

@@ -32,7 +32,12 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
         let receiver = model.scheduler.submit(request)?;
         streams.push(UnboundedReceiverStream::new(receiver).map(move |e| (prompt_idx, e)));
     }
-    Ok(Submitted { events: Box::pin(futures::stream::select_all(streams)), prompt_tokens, n, n_prompts })
+    Ok(Submitted {
+        events: Box::pin(futures::stream::select_all(streams)),
+        prompt_tokens,
+        n,
+        n_prompts,
+    })
 }
 
 /// One finished choice.
@@ -54,13 +59,16 @@ pub struct Collected {
 /// Waits for every choice of every prompt to finish.
 pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
     let n = submitted.n;
-    let mut choices: Vec<CollectedChoice> =
-        (0..n * submitted.n_prompts).map(|_| CollectedChoice::default()).collect();
+    let mut choices: Vec<CollectedChoice> = (0..n * submitted.n_prompts)
+        .map(|_| CollectedChoice::default())
+        .collect();
     let mut completion_tokens = 0;
     let mut open = choices.len();
     while open > 0 {
         let Some((prompt_idx, event)) = submitted.events.next().await else {
-            return Err(ApiError::Internal("the engine stopped before the answer was complete".into()));
+            return Err(ApiError::Internal(
+                "the engine stopped before the answer was complete".into(),
+            ));
         };
         match event {
             Event::PromptLogprobs { first_token, rest } => {
@@ -68,12 +76,21 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
                     choice.prompt_logprobs = Some((first_token, rest.clone()));
                 }
             }
-            Event::Delta { choice, text, tokens } => {
+            Event::Delta {
+                choice,
+                text,
+                tokens,
+            } => {
                 let c = &mut choices[prompt_idx * n + choice];
                 c.text.push_str(&text);
                 c.tokens.extend(tokens);
             }
-            Event::Finished { choice, reason, completion_tokens: used, .. } => {
+            Event::Finished {
+                choice,
+                reason,
+                completion_tokens: used,
+                ..
+            } => {
                 choices[prompt_idx * n + choice].finish_reason = Some(reason);
                 completion_tokens += used;
                 open -= 1;
@@ -81,7 +98,10 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
             Event::Error(message) => return Err(ApiError::Internal(message)),
         }
     }
-    Ok(Collected { choices, usage: usage(submitted.prompt_tokens, completion_tokens) })
+    Ok(Collected {
+        choices,
+        usage: usage(submitted.prompt_tokens, completion_tokens),
+    })
 }
 
 pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
@@ -104,7 +124,11 @@ pub fn chat_logprob(model: &LocalModel, info: &TokenInfo) -> ChatTokenLogprob {
             .iter()
             .map(|t| {
                 let bytes = model.backend.token_bytes(t.token).to_vec();
-                ChatTopLogprob { token: String::from_utf8_lossy(&bytes).into_owned(), logprob: t.logprob, bytes }
+                ChatTopLogprob {
+                    token: String::from_utf8_lossy(&bytes).into_owned(),
+                    logprob: t.logprob,
+                    bytes,
+                }
             })
             .collect(),
     }

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use ferry_api::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields};
+use ferry_api::openai::{
+    ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields,
+};
 use ferry_engine::{ChatMessage, GenerateRequest, LocalModel, SamplingParams, TokenId};
 use serde::de::DeserializeOwned;
 
@@ -16,10 +18,15 @@ const MAX_N: i64 = 128;
 const MAX_STOP: usize = 16;
 const MAX_TOP_LOGPROBS: i64 = 20;
 
-/// Parses a JSON body, naming the field whose type is wrong.
-pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+/// Parses a request body as JSON; its shape is checked by `parse_json`.
+pub fn parse_body(body: &Bytes) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))
+}
+
+/// Reads a typed request (or a part of one) from a parsed body, naming the field whose
+/// type is wrong.
+pub fn parse_json<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
@@ -27,10 +34,22 @@ pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         let missing = message
             .strip_prefix("missing field `")
             .and_then(|rest| rest.split('`').next())
-            .map(|field| if path == "." { field.to_string() } else { format!("{path}.{field}") });
+            .map(|field| {
+                if path == "." {
+                    field.to_string()
+                } else {
+                    format!("{path}.{field}")
+                }
+            });
         match (inner.is_data(), missing) {
-            (true, Some(param)) => ApiError::invalid(param.clone(), format!("Missing required parameter: '{param}'")),
-            (true, None) if path != "." => ApiError::invalid(path.clone(), format!("Invalid value for '{path}': {message}")),
+            (true, Some(param)) => ApiError::invalid(
+                param.clone(),
+                format!("Missing required parameter: '{param}'"),
+            ),
+            (true, None) if path != "." => ApiError::invalid(
+                path.clone(),
+                format!("Invalid value for '{path}': {message}"),
+            ),
             _ => ApiError::InvalidJson(message),
         }
     })
@@ -64,12 +83,20 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
     let top_k = match fields.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
-        Some(k) => return Err(ApiError::invalid("top_k", format!("Invalid 'top_k': {k}; use -1 or 0 for no limit, or a positive number"))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("Invalid 'top_k': {k}; use -1 or 0 for no limit, or a positive number"),
+            ));
+        }
     };
     let n = fields.n.unwrap_or(1);
     let parallel = model.scheduler.config().session.n_sequences;
     if !(1..=MAX_N).contains(&n) {
-        return Err(ApiError::invalid("n", format!("Invalid 'n': {n} is not between 1 and {MAX_N}")));
+        return Err(ApiError::invalid(
+            "n",
+            format!("Invalid 'n': {n} is not between 1 and {MAX_N}"),
+        ));
     }
     if n as usize > parallel {
         return Err(ApiError::invalid(
@@ -88,18 +115,30 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
                 ApiError::invalid("logit_bias", format!("Invalid 'logit_bias': '{key}' is not a token id of this model (0..{n_vocab})"))
             })?;
         if !(-100.0..=100.0).contains(&bias) {
-            return Err(ApiError::invalid("logit_bias", format!("Invalid 'logit_bias': {bias} for token {key} is not between -100 and 100")));
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("Invalid 'logit_bias': {bias} for token {key} is not between -100 and 100"),
+            ));
         }
         logit_bias.insert(token, bias as f32);
     }
-    let stop = fields.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    let stop = fields
+        .stop
+        .clone()
+        .map(|s| s.into_vec())
+        .unwrap_or_default();
     if stop.len() > MAX_STOP {
-        return Err(ApiError::invalid("stop", format!("Invalid 'stop': at most {MAX_STOP} sequences")));
+        return Err(ApiError::invalid(
+            "stop",
+            format!("Invalid 'stop': at most {MAX_STOP} sequences"),
+        ));
     }
     let defaults = SamplingParams::default();
     Ok(ValidSampling {
         params: SamplingParams {
-            temperature: fields.temperature.map_or(defaults.temperature, |t| t as f32),
+            temperature: fields
+                .temperature
+                .map_or(defaults.temperature, |t| t as f32),
             top_p: fields.top_p.map_or(defaults.top_p, |p| p as f32),
             top_k,
             min_p: fields.min_p.map_or(defaults.min_p, |p| p as f32),
@@ -126,7 +165,10 @@ pub fn max_tokens(
     if let Some(m) = requested
         && m < 1
     {
-        return Err(ApiError::invalid(param, format!("Invalid '{param}': {m}; it must be at least 1")));
+        return Err(ApiError::invalid(
+            param,
+            format!("Invalid '{param}': {m}; it must be at least 1"),
+        ));
     }
     let completion = requested.map(|m| m as usize);
     let needed = prompt_len + completion.unwrap_or(1);
@@ -147,7 +189,10 @@ pub fn max_tokens(
 /// The conversation of a chat request in the template's terms.
 pub fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
     if request.messages.is_empty() {
-        return Err(ApiError::invalid("messages", "'messages' must contain at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "'messages' must contain at least one message",
+        ));
     }
     request
         .messages
@@ -194,18 +239,27 @@ pub fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>
 pub fn chat_logprobs(request: &ChatCompletionRequest) -> Result<Option<usize>, ApiError> {
     let top = request.top_logprobs.unwrap_or(0);
     if !(0..=MAX_TOP_LOGPROBS).contains(&top) {
-        return Err(ApiError::invalid("top_logprobs", format!("Invalid 'top_logprobs': {top} is not between 0 and {MAX_TOP_LOGPROBS}")));
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("Invalid 'top_logprobs': {top} is not between 0 and {MAX_TOP_LOGPROBS}"),
+        ));
     }
     match (request.logprobs.unwrap_or(false), request.top_logprobs) {
         (true, _) => Ok(Some(top as usize)),
-        (false, Some(t)) if t > 0 => Err(ApiError::invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true")),
+        (false, Some(t)) if t > 0 => Err(ApiError::invalid(
+            "top_logprobs",
+            "'top_logprobs' requires 'logprobs' to be true",
+        )),
         (false, _) => Ok(None),
     }
 }
 
 /// The prompts of a completions request, tokenized (a list of strings or of token lists
 /// is several prompts).
-pub fn completion_prompts(request: &CompletionRequest, model: &LocalModel) -> Result<Vec<Vec<TokenId>>, ApiError> {
+pub fn completion_prompts(
+    request: &CompletionRequest,
+    model: &LocalModel,
+) -> Result<Vec<Vec<TokenId>>, ApiError> {
     let n_vocab = model.info().n_vocab as i64;
     let check_tokens = |tokens: &[i64]| -> Result<Vec<TokenId>, ApiError> {
         tokens
@@ -214,7 +268,10 @@ pub fn completion_prompts(request: &CompletionRequest, model: &LocalModel) -> Re
                 if (0..n_vocab).contains(&t) {
                     Ok(t as TokenId)
                 } else {
-                    Err(ApiError::invalid("prompt", format!("Invalid token id {t} in 'prompt' (the vocabulary has {n_vocab})")))
+                    Err(ApiError::invalid(
+                        "prompt",
+                        format!("Invalid token id {t} in 'prompt' (the vocabulary has {n_vocab})"),
+                    ))
                 }
             })
             .collect()
@@ -223,13 +280,22 @@ pub fn completion_prompts(request: &CompletionRequest, model: &LocalModel) -> Re
         Prompt::Text(t) => vec![model.backend.tokenize(t, true)],
         Prompt::Texts(ts) => ts.iter().map(|t| model.backend.tokenize(t, true)).collect(),
         Prompt::Tokens(ids) => vec![check_tokens(ids)?],
-        Prompt::TokenLists(lists) => lists.iter().map(|l| check_tokens(l)).collect::<Result<_, _>>()?,
+        Prompt::TokenLists(lists) => lists
+            .iter()
+            .map(|l| check_tokens(l))
+            .collect::<Result<_, _>>()?,
     };
     if prompts.is_empty() {
-        return Err(ApiError::invalid("prompt", "'prompt' must not be an empty list"));
+        return Err(ApiError::invalid(
+            "prompt",
+            "'prompt' must not be an empty list",
+        ));
     }
     if prompts.len() > 16 {
-        return Err(ApiError::invalid("prompt", "At most 16 prompts per request"));
+        return Err(ApiError::invalid(
+            "prompt",
+            "At most 16 prompts per request",
+        ));
     }
     Ok(prompts)
 }
