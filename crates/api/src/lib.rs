@@ -1,6 +1,7 @@
 //! The wire types of the APIs Ferry speaks. This is the one crate that knows the JSON
 //! shapes; serde only, no behaviour beyond small accessors.
 
+pub mod anthropic;
 pub mod error;
 pub mod openai;
 

@@ -258,8 +258,7 @@ mod tests {
         assert_eq!(sampling.stop, Some(Stop::One("x".into())));
         assert_eq!(sampling.top_k, Some(3));
         let req: CompletionRequest =
-            serde_json::from_value(serde_json::json!({"model": "m", "prompt": [[1, 2], [3]]}))
-                .unwrap();
+            serde_json::from_value(serde_json::json!({"model": "m", "prompt": [[1, 2], [3]]})).unwrap();
         assert_eq!(req.prompt, Prompt::TokenLists(vec![vec![1, 2], vec![3]]));
     }
 }

@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use ferry_engine::{
-    Event, GenerateRequest, LocalModel, SamplingParams, SchedulerConfig, SessionConfig,
-};
+use ferry_engine::{Event, GenerateRequest, LocalModel, SamplingParams, SchedulerConfig, SessionConfig};
 use rand::{Rng, SeedableRng};
 
 #[derive(Debug, Args)]
@@ -46,9 +44,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     // One warm-up run, as llama-bench does.
     for rep in 0..=args.reps {
-        let prompt: Vec<u32> = (0..args.prompt)
-            .map(|_| rng.random_range(0..n_vocab))
-            .collect();
+        let prompt: Vec<u32> = (0..args.prompt).map(|_| rng.random_range(0..n_vocab)).collect();
         let request = GenerateRequest {
             prompt,
             max_tokens: args.gen_tokens.max(1),
@@ -63,15 +59,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut events = model.scheduler.submit(request)?;
         while let Some(event) = events.blocking_recv() {
             match event {
-                Event::Finished {
-                    completion_tokens,
-                    timings,
-                    ..
-                } => {
+                Event::Finished { completion_tokens, timings, .. } => {
                     if rep > 0 {
-                        prefill.push(
-                            args.prompt as f64 / (timings.first_token - started).as_secs_f64(),
-                        );
+                        prefill.push(args.prompt as f64 / (timings.first_token - started).as_secs_f64());
                         let decoding = (timings.finished - timings.first_token).as_secs_f64();
                         decode.push((completion_tokens - 1) as f64 / decoding);
                     }

@@ -39,36 +39,24 @@ pub struct ChatArgs {
 
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let mut backend = match &args.url {
-        Some(url) => Backend::Remote {
-            client: reqwest::Client::new(),
-            url: url.trim_end_matches('/').to_string(),
-        },
+        Some(url) => {
+            Backend::Remote { client: reqwest::Client::new(), url: url.trim_end_matches('/').to_string() }
+        }
         None => {
-            let spec = args.model.clone().unwrap_or_else(|| {
-                args.models_dir
-                    .join(DEFAULT_MODEL_FILE)
-                    .display()
-                    .to_string()
-            });
+            let spec = args
+                .model
+                .clone()
+                .unwrap_or_else(|| args.models_dir.join(DEFAULT_MODEL_FILE).display().to_string());
             let path = hub::resolve(&spec, &args.models_dir).await?;
-            let id = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let config = SchedulerConfig {
-                session: SessionConfig {
-                    n_sequences: 1,
-                    ctx_per_sequence: 4096,
-                    batch_tokens: 512,
-                    threads,
-                },
+                session: SessionConfig { n_sequences: 1, ctx_per_sequence: 4096, batch_tokens: 512, threads },
                 prefill_chunk: 512,
                 max_waiting: 1,
             };
             let model =
-                tokio::task::spawn_blocking(move || LocalModel::load(&id, &path, config, |_| {}))
-                    .await??;
+                tokio::task::spawn_blocking(move || LocalModel::load(&id, &path, config, |_| {})).await??;
             Backend::Local(Arc::new(model))
         }
     };
@@ -82,10 +70,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     eprintln!("Chatting with {model_id}. Type /reset to start over, /exit or Ctrl-D to leave.");
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(system) = &args.system {
-        history.push(ChatMessage {
-            role: "system".into(),
-            content: system.clone(),
-        });
+        history.push(ChatMessage { role: "system".into(), content: system.clone() });
     }
     let stdin = std::io::stdin();
     loop {
@@ -105,26 +90,17 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             }
             _ => {}
         }
-        history.push(ChatMessage {
-            role: "user".into(),
-            content: line.to_string(),
-        });
+        history.push(ChatMessage { role: "user".into(), content: line.to_string() });
         let answer = backend.answer(&model_id, &history, &args).await?;
         println!();
-        history.push(ChatMessage {
-            role: "assistant".into(),
-            content: answer,
-        });
+        history.push(ChatMessage { role: "assistant".into(), content: answer });
     }
     Ok(())
 }
 
 enum Backend {
     Local(Arc<LocalModel>),
-    Remote {
-        client: reqwest::Client,
-        url: String,
-    },
+    Remote { client: reqwest::Client, url: String },
 }
 
 impl Backend {
@@ -142,18 +118,13 @@ impl Backend {
                 let prompt = model.chat_prompt(history)?;
                 let ctx = model.scheduler.config().session.ctx_per_sequence;
                 if prompt.len() >= ctx {
-                    bail!(
-                        "the conversation is longer than the context ({ctx} tokens); /reset to start over"
-                    );
+                    bail!("the conversation is longer than the context ({ctx} tokens); /reset to start over");
                 }
                 let request = GenerateRequest {
                     max_tokens: args.max_tokens.min(ctx - prompt.len()),
                     prompt,
                     n: 1,
-                    sampling: SamplingParams {
-                        temperature: args.temperature,
-                        ..SamplingParams::default()
-                    },
+                    sampling: SamplingParams { temperature: args.temperature, ..SamplingParams::default() },
                     stop: Vec::new(),
                     logprobs: None,
                     prompt_logprobs: false,
@@ -182,16 +153,11 @@ impl Backend {
                     "model": model_id, "messages": messages, "stream": true,
                     "temperature": args.temperature, "max_tokens": args.max_tokens,
                 });
-                let mut request = client
-                    .post(format!("{url}/v1/chat/completions"))
-                    .json(&body);
+                let mut request = client.post(format!("{url}/v1/chat/completions")).json(&body);
                 if let Some(key) = &args.api_key {
                     request = request.bearer_auth(key);
                 }
-                let response = request
-                    .send()
-                    .await
-                    .with_context(|| format!("connecting to {url}"))?;
+                let response = request.send().await.with_context(|| format!("connecting to {url}"))?;
                 if !response.status().is_success() {
                     let status = response.status();
                     bail!("{status}: {}", response.text().await.unwrap_or_default());
@@ -234,8 +200,5 @@ async fn first_remote_model(
         request = request.bearer_auth(key);
     }
     let list: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
-    list["data"][0]["id"]
-        .as_str()
-        .map(str::to_string)
-        .context("the server lists no models")
+    list["data"][0]["id"].as_str().map(str::to_string).context("the server lists no models")
 }

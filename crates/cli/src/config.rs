@@ -23,12 +23,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_PORT")]
     pub port: Option<u16>,
     /// A GGUF file, or a Hugging Face file as `hf:OWNER/REPO/FILE.gguf`; repeat to serve several
-    #[arg(
-        long = "model",
-        short = 'm',
-        env = "FERRY_MODEL",
-        value_delimiter = ','
-    )]
+    #[arg(long = "model", short = 'm', env = "FERRY_MODEL", value_delimiter = ',')]
     pub models: Vec<String>,
     /// Where the default model and downloads live
     #[arg(long, env = "FERRY_MODELS_DIR")]
@@ -102,30 +97,17 @@ impl ServeArgs {
         };
         let threads_default = std::thread::available_parallelism().map_or(1, |n| n.get());
         let config = ServeConfig {
-            host: self
-                .host
-                .or(file.host)
-                .unwrap_or_else(|| "127.0.0.1".into()),
+            host: self.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into()),
             port: self.port.or(file.port).unwrap_or(8080),
-            models: if self.models.is_empty() {
-                file.models.unwrap_or_default()
-            } else {
-                self.models
-            },
-            models_dir: self
-                .models_dir
-                .or(file.models_dir)
-                .unwrap_or_else(|| PathBuf::from("models")),
+            models: if self.models.is_empty() { file.models.unwrap_or_default() } else { self.models },
+            models_dir: self.models_dir.or(file.models_dir).unwrap_or_else(|| PathBuf::from("models")),
             threads: self.threads.or(file.threads).unwrap_or(threads_default),
             ctx_size: self.ctx_size.or(file.ctx_size).unwrap_or(4096),
             parallel: self.parallel.or(file.parallel).unwrap_or(8),
             batch_size: self.batch_size.or(file.batch_size).unwrap_or(512),
             prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(256),
             max_queue: self.max_queue.or(file.max_queue).unwrap_or(256),
-            max_body_bytes: self
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(4 * 1024 * 1024),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024),
         };
         for (name, value) in [
             ("threads", config.threads),
@@ -140,11 +122,7 @@ impl ServeArgs {
             }
         }
         if config.batch_size < config.parallel {
-            bail!(
-                "--batch-size ({}) must be at least --parallel ({})",
-                config.batch_size,
-                config.parallel
-            );
+            bail!("--batch-size ({}) must be at least --parallel ({})", config.batch_size, config.parallel);
         }
         Ok(config)
     }
@@ -154,12 +132,7 @@ impl ServeConfig {
     /// The model files to serve: the given ones, or the default model in the models directory.
     pub fn model_specs(&self) -> Vec<String> {
         if self.models.is_empty() {
-            vec![
-                self.models_dir
-                    .join(DEFAULT_MODEL_FILE)
-                    .display()
-                    .to_string(),
-            ]
+            vec![self.models_dir.join(DEFAULT_MODEL_FILE).display().to_string()]
         } else {
             self.models.clone()
         }

@@ -25,26 +25,15 @@ impl HubFile {
         if owner.is_empty() || repo.is_empty() || file.is_empty() {
             return None;
         }
-        Some(HubFile {
-            repo: format!("{owner}/{repo}"),
-            file: file.to_string(),
-        })
+        Some(HubFile { repo: format!("{owner}/{repo}"), file: file.to_string() })
     }
 
     pub fn url(&self, endpoint: &str) -> String {
-        format!(
-            "{}/{}/resolve/main/{}",
-            endpoint.trim_end_matches('/'),
-            self.repo,
-            self.file
-        )
+        format!("{}/{}/resolve/main/{}", endpoint.trim_end_matches('/'), self.repo, self.file)
     }
 
     fn local_path(&self, models_dir: &Path) -> PathBuf {
-        models_dir
-            .join("hub")
-            .join(self.repo.replace('/', "--"))
-            .join(&self.file)
+        models_dir.join("hub").join(self.repo.replace('/', "--")).join(&self.file)
     }
 }
 
@@ -96,14 +85,11 @@ async fn download(hub: &HubFile, path: &Path) -> anyhow::Result<()> {
     }
     let total = response.content_length().unwrap_or(0);
     if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .with_context(|| format!("creating {}", dir.display()))?;
+        tokio::fs::create_dir_all(dir).await.with_context(|| format!("creating {}", dir.display()))?;
     }
     let partial = path.with_extension("partial");
-    let mut file = tokio::fs::File::create(&partial)
-        .await
-        .with_context(|| format!("creating {}", partial.display()))?;
+    let mut file =
+        tokio::fs::File::create(&partial).await.with_context(|| format!("creating {}", partial.display()))?;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -142,9 +128,7 @@ mod tests {
     #[test]
     fn parses_hub_references() {
         assert_eq!(
-            HubFile::parse(
-                "hf:bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_K_M.gguf"
-            ),
+            HubFile::parse("hf:bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_K_M.gguf"),
             Some(HubFile {
                 repo: "bartowski/SmolLM2-135M-Instruct-GGUF".into(),
                 file: "SmolLM2-135M-Instruct-Q4_K_M.gguf".into()

@@ -25,10 +25,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     files.sort();
     let mut rows = Vec::new();
     for path in files {
-        let id = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let info = match LlamaCppModel::load(&id, &path, |_| {}) {
             Ok(model) => ferry_engine::Backend::info(&model).clone(),
             Err(e) => {
@@ -36,11 +33,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let sha256 = if args.no_hash {
-            None
-        } else {
-            Some(sha256_file(&path)?)
-        };
+        let sha256 = if args.no_hash { None } else { Some(sha256_file(&path)?) };
         rows.push((info, sha256));
     }
     if args.json {
@@ -62,10 +55,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!(
-        "{:<40} {:<8} {:>8} {:<9} {:>9}  {}",
-        "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE", "SHA256"
-    );
+    println!("{:<40} {:<8} {:>8} {:<9} {:>9}  {}", "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE", "SHA256");
     for (info, sha) in rows {
         println!(
             "{:<40} {:<8} {:>8} {:<9} {:>9}  {}",

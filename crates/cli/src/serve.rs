@@ -13,10 +13,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let mut models = Vec::new();
     for spec in config.model_specs() {
         let path = hub::resolve(&spec, &config.models_dir).await?;
-        let id = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| spec.clone());
+        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone());
         let scheduler = SchedulerConfig {
             session: SessionConfig {
                 n_sequences: config.parallel,
@@ -48,12 +45,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         models.push(Arc::new(model));
     }
 
-    let state = AppState::new(
-        models,
-        HttpConfig {
-            max_body_bytes: config.max_body_bytes,
-        },
-    );
+    let state = AppState::new(models, HttpConfig { max_body_bytes: config.max_body_bytes });
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
@@ -61,9 +53,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // Tests and scripts read this line to find a port picked with --port 0.
     println!("Ferry listening on http://{addr}");
     tracing::info!(%addr, "listening");
-    axum::serve(listener, ferry_server::app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(listener, ferry_server::app(state)).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }
 
@@ -73,8 +63,7 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             s.recv().await;
         }
     };

@@ -19,9 +19,7 @@ use std::sync::Arc;
 pub use backend::{Backend, SessionConfig};
 pub use model_info::ModelInfo;
 pub use sampler::SamplingParams;
-pub use scheduler::{
-    Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, Timings, TokenInfo,
-};
+pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, Timings, TokenInfo};
 pub use template::{ChatMessage, ChatTemplate, TemplateError};
 
 /// A token id in the model's vocabulary.
@@ -62,21 +60,14 @@ impl LocalModel {
         Self::from_backend(backend, config)
     }
 
-    pub fn from_backend(
-        backend: Arc<dyn Backend>,
-        config: SchedulerConfig,
-    ) -> Result<Self, EngineError> {
+    pub fn from_backend(backend: Arc<dyn Backend>, config: SchedulerConfig) -> Result<Self, EngineError> {
         let info = backend.info();
         let template = match &info.chat_template {
             Some(source) => Some(ChatTemplate::new(source, &info.bos_token, &info.eos_token)?),
             None => None,
         };
         let scheduler = Scheduler::start(backend.clone(), config)?;
-        Ok(LocalModel {
-            backend,
-            template,
-            scheduler,
-        })
+        Ok(LocalModel { backend, template, scheduler })
     }
 
     pub fn info(&self) -> &ModelInfo {

@@ -41,16 +41,9 @@ pub struct LlamaCppModel {
 
 impl LlamaCppModel {
     /// Loads `path`; `progress` is called with the fraction loaded.
-    pub fn load(
-        id: &str,
-        path: &Path,
-        mut progress: impl FnMut(f32) + 'static,
-    ) -> Result<Self, EngineError> {
+    pub fn load(id: &str, path: &Path, mut progress: impl FnMut(f32) + 'static) -> Result<Self, EngineError> {
         if !path.is_file() {
-            return Err(EngineError::Load(format!(
-                "model file {} does not exist",
-                path.display()
-            )));
+            return Err(EngineError::Load(format!("model file {} does not exist", path.display())));
         }
         let backend = llama_backend()?;
         let params = LlamaModelParams::default().with_progress_callback(move |p| {
@@ -62,12 +55,8 @@ impl LlamaCppModel {
 
         let meta = |key: &str| model.meta_val_str(key).ok().filter(|v| !v.is_empty());
         let vocab = model.vocab();
-        let token_text = |t: LlamaToken| {
-            vocab
-                .text(t)
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        };
+        let token_text =
+            |t: LlamaToken| vocab.text(t).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
         let mut pieces = Vec::with_capacity(n_vocab);
         let mut eog = Vec::with_capacity(n_vocab);
@@ -92,22 +81,14 @@ impl LlamaCppModel {
             n_vocab,
             n_layer: model.n_layer(),
             n_embd: usize::try_from(model.n_embd()).unwrap_or(0),
-            chat_template: model
-                .chat_template(None)
-                .ok()
-                .and_then(|t| t.to_string().ok()),
+            chat_template: model.chat_template(None).ok().and_then(|t| t.to_string().ok()),
             bos_token: token_text(vocab.bos()),
             eos_token: token_text(vocab.eos()),
             license: meta("general.license"),
             source: meta("general.source.url").or_else(|| meta("general.url")),
         };
         drop(vocab);
-        Ok(LlamaCppModel {
-            model,
-            info,
-            pieces,
-            eog,
-        })
+        Ok(LlamaCppModel { model, info, pieces, eog })
     }
 }
 
@@ -172,20 +153,13 @@ impl Session for LlamaCppSession<'_> {
         self.logit_rows.clear();
         for (i, entry) in entries.iter().enumerate() {
             self.batch
-                .add(
-                    LlamaToken(entry.token as i32),
-                    entry.pos as i32,
-                    &[entry.seq as i32],
-                    entry.logits,
-                )
+                .add(LlamaToken(entry.token as i32), entry.pos as i32, &[entry.seq as i32], entry.logits)
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
             if entry.logits {
                 self.logit_rows.push(i as i32);
             }
         }
-        self.context
-            .decode(&mut self.batch)
-            .map_err(|e| EngineError::Decode(e.to_string()))
+        self.context.decode(&mut self.batch).map_err(|e| EngineError::Decode(e.to_string()))
     }
 
     fn logits(&self, row: usize) -> &[f32] {
@@ -196,8 +170,6 @@ impl Session for LlamaCppSession<'_> {
     }
 
     fn clear_sequence(&mut self, seq: usize) {
-        let _ = self
-            .context
-            .clear_kv_cache_seq(Some(seq as u32), None, None);
+        let _ = self.context.clear_kv_cache_seq(Some(seq as u32), None, None);
     }
 }

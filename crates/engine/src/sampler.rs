@@ -48,10 +48,7 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        }
+        SamplingParams { temperature: 0.0, ..SamplingParams::default() }
     }
 
     fn is_greedy(&self) -> bool {
@@ -82,12 +79,7 @@ impl Sampler {
         let seed = params.seed.unwrap_or_else(rand::random);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(stream);
-        Sampler {
-            params,
-            rng,
-            counts: HashMap::new(),
-            scratch: Vec::new(),
-        }
+        Sampler { params, rng, counts: HashMap::new(), scratch: Vec::new() }
     }
 
     /// Records a token the sequence produced, for the penalties.
@@ -101,9 +93,7 @@ impl Sampler {
         let mut adjusted: Option<Vec<f32>> = None;
         let needs_adjust = !p.logit_bias.is_empty()
             || (!self.counts.is_empty()
-                && (p.presence_penalty != 0.0
-                    || p.frequency_penalty != 0.0
-                    || p.repetition_penalty != 1.0));
+                && (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0));
         if needs_adjust {
             let mut row = logits.to_vec();
             for (&token, &count) in &self.counts {
@@ -166,10 +156,7 @@ impl Sampler {
         candidates.truncate(keep);
 
         // Temperature, then the draw.
-        let weights: Vec<f32> = candidates
-            .iter()
-            .map(|c| ((c.1 - max) / p.temperature).exp())
-            .collect();
+        let weights: Vec<f32> = candidates.iter().map(|c| ((c.1 - max) / p.temperature).exp()).collect();
         let total: f32 = weights.iter().sum();
         let mut target = self.rng.random::<f32>() * total;
         for (candidate, weight) in candidates.iter().zip(&weights) {
@@ -197,9 +184,7 @@ pub fn argmax(logits: &[f32]) -> TokenId {
 pub fn logprobs(logits: &[f32], token: TokenId, top_n: usize) -> (f32, Vec<TokenLogprob>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_sum = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
-    let chosen = logits
-        .get(token as usize)
-        .map_or(f32::NEG_INFINITY, |&l| l - log_sum);
+    let chosen = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - log_sum);
     let mut top = Vec::new();
     if top_n > 0 {
         let mut indexed: Vec<(usize, f32)> = logits.iter().copied().enumerate().collect();
@@ -209,10 +194,7 @@ pub fn logprobs(logits: &[f32], token: TokenId, top_n: usize) -> (f32, Vec<Token
         indexed.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         top = indexed
             .into_iter()
-            .map(|(i, l)| TokenLogprob {
-                token: i as TokenId,
-                logprob: l - log_sum,
-            })
+            .map(|(i, l)| TokenLogprob { token: i as TokenId, logprob: l - log_sum })
             .collect();
     }
     (chosen, top)
@@ -246,11 +228,7 @@ mod tests {
     #[test]
     fn same_seed_same_draws_and_top_k_bounds_them() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let params = SamplingParams {
-            seed: Some(7),
-            top_k: 5,
-            ..SamplingParams::default()
-        };
+        let params = SamplingParams { seed: Some(7), top_k: 5, ..SamplingParams::default() };
         let draws = |stream| {
             let mut s = Sampler::new(params.clone(), stream);
             (0..50).map(|_| s.sample(&logits)).collect::<Vec<_>>()

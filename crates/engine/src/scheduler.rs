@@ -82,20 +82,15 @@ impl FinishReason {
 pub enum Event {
     /// Logprobs of the prompt tokens after the first (which has none), sent once, before
     /// any delta.
-    PromptLogprobs {
-        first_token: TokenId,
-        rest: Vec<TokenInfo>,
-    },
+    PromptLogprobs { first_token: TokenId, rest: Vec<TokenInfo> },
     /// New text of one choice, with the tokens that produced it when logprobs were asked for.
-    Delta {
-        choice: usize,
-        text: String,
-        tokens: Vec<TokenInfo>,
-    },
+    Delta { choice: usize, text: String, tokens: Vec<TokenInfo> },
     /// A choice ended; `completion_tokens` counts every token it sampled.
+    /// `stop_sequence` is the stop string that ended it, if one did.
     Finished {
         choice: usize,
         reason: FinishReason,
+        stop_sequence: Option<String>,
         completion_tokens: usize,
         timings: Timings,
     },
@@ -164,18 +159,11 @@ impl Scheduler {
         ready_rx
             .recv()
             .map_err(|_| EngineError::Load("the scheduler thread ended while starting".into()))??;
-        Ok(Scheduler {
-            commands,
-            stats,
-            config: Arc::new(config),
-        })
+        Ok(Scheduler { commands, stats, config: Arc::new(config) })
     }
 
     /// Queues a request. Events arrive on the returned receiver; dropping it cancels the request.
-    pub fn submit(
-        &self,
-        request: GenerateRequest,
-    ) -> Result<UnboundedReceiver<Event>, EngineError> {
+    pub fn submit(&self, request: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
         if request.n == 0 || request.n > self.config.session.n_sequences {
             return Err(EngineError::InvalidRequest(format!(
                 "n must be between 1 and {} (the parallel sequences of this model)",
@@ -188,12 +176,10 @@ impl Scheduler {
             return Err(EngineError::QueueFull);
         }
         let (events, receiver) = unbounded_channel();
-        self.commands
-            .send(Pending { request, events })
-            .map_err(|_| {
-                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-                EngineError::Stopped
-            })?;
+        self.commands.send(Pending { request, events }).map_err(|_| {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            EngineError::Stopped
+        })?;
         Ok(receiver)
     }
 
@@ -264,15 +250,7 @@ impl<'m> Worker<'m> {
         stats: Arc<SchedulerStats>,
     ) -> Self {
         let slots = (0..config.session.n_sequences).map(|_| None).collect();
-        Worker {
-            backend,
-            session,
-            config,
-            stats,
-            slots,
-            waiting: VecDeque::new(),
-            admissions: 0,
-        }
+        Worker { backend, session, config, stats, slots, waiting: VecDeque::new(), admissions: 0 }
     }
 
     fn run(mut self, inbox: mpsc::Receiver<Pending>) {
@@ -301,10 +279,7 @@ impl<'m> Worker<'m> {
             self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
         }
         for slot in 0..self.slots.len() {
-            if self.slots[slot]
-                .as_ref()
-                .is_some_and(|s| s.request.events.is_closed())
-            {
+            if self.slots[slot].as_ref().is_some_and(|s| s.request.events.is_closed()) {
                 self.free(slot);
             }
         }
@@ -321,9 +296,7 @@ impl<'m> Worker<'m> {
     /// more slots than are free waits, and nothing behind it overtakes it.
     fn admit(&mut self) {
         while let Some(front) = self.waiting.front() {
-            let free: Vec<usize> = (0..self.slots.len())
-                .filter(|&i| self.slots[i].is_none())
-                .collect();
+            let free: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect();
             if free.len() < front.request.n {
                 break;
             }
@@ -363,28 +336,14 @@ impl<'m> Worker<'m> {
         // Every decoding sequence advances by one token.
         for seq in self.slots.iter().flatten().filter(|s| !s.prefilling()) {
             let pos = seq.tokens.len() - 1;
-            entries.push(BatchEntry {
-                token: seq.tokens[pos],
-                pos,
-                seq: seq.slot,
-                logits: true,
-            });
+            entries.push(BatchEntry { token: seq.tokens[pos], pos, seq: seq.slot, logits: true });
             rows.push(RowUse::Sample(seq.slot));
         }
         // Then prompt chunks, oldest sequences first, within the step's budget.
-        let budget = self
-            .config
-            .session
-            .batch_tokens
-            .saturating_sub(entries.len());
+        let budget = self.config.session.batch_tokens.saturating_sub(entries.len());
         let mut prefill_left = self.config.prefill_chunk.min(budget);
-        let mut order: Vec<usize> = self
-            .slots
-            .iter()
-            .flatten()
-            .filter(|s| s.prefilling())
-            .map(|s| s.slot)
-            .collect();
+        let mut order: Vec<usize> =
+            self.slots.iter().flatten().filter(|s| s.prefilling()).map(|s| s.slot).collect();
         order.sort_by_key(|&slot| self.slots[slot].as_ref().map_or(u64::MAX, |s| s.admitted));
         for slot in order {
             if prefill_left == 0 {
@@ -411,9 +370,7 @@ impl<'m> Worker<'m> {
             }
             seq.n_cached += take;
             prefill_left -= take;
-            self.stats
-                .prompt_tokens
-                .fetch_add(take as u64, Ordering::Relaxed);
+            self.stats.prompt_tokens.fetch_add(take as u64, Ordering::Relaxed);
         }
         if entries.is_empty() {
             return;
@@ -447,11 +404,7 @@ impl<'m> Worker<'m> {
         let token = seq.tokens[pos + 1];
         let (logprob, top) = logprobs(logits, token, top_n);
         if let Some(collected) = seq.prompt_logprobs.as_mut() {
-            collected.push(TokenInfo {
-                token,
-                logprob,
-                top,
-            });
+            collected.push(TokenInfo { token, logprob, top });
         }
     }
 
@@ -464,10 +417,7 @@ impl<'m> Worker<'m> {
         };
         let events = &seq.request.events;
         if let Some(rest) = seq.prompt_logprobs.take() {
-            let _ = events.send(Event::PromptLogprobs {
-                first_token: seq.tokens[0],
-                rest,
-            });
+            let _ = events.send(Event::PromptLogprobs { first_token: seq.tokens[0], rest });
         }
         let request = &seq.request.request;
         let token = seq.sampler.sample(logits);
@@ -478,16 +428,12 @@ impl<'m> Worker<'m> {
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if let Some(top_n) = request.logprobs {
             let (logprob, top) = logprobs(logits, token, top_n);
-            seq.unsent.push(TokenInfo {
-                token,
-                logprob,
-                top,
-            });
+            seq.unsent.push(TokenInfo { token, logprob, top });
         }
 
         let mut finish = None;
         let mut text = String::new();
-        let mut stop_sequence = false;
+        let mut stop_sequence = None;
         if !request.ignore_eos && backend.is_end_of_generation(token) {
             finish = Some(FinishReason::Stop);
         } else {
@@ -495,42 +441,36 @@ impl<'m> Worker<'m> {
             let released = seq.stops.push(&piece);
             text = released.text;
             stop_sequence = released.stopped;
-            if stop_sequence {
+            if stop_sequence.is_some() {
                 finish = Some(FinishReason::Stop);
             }
         }
         if finish.is_none() && (seq.generated() >= request.max_tokens || seq.tokens.len() >= ctx) {
             finish = Some(FinishReason::Length);
         }
-        if finish.is_some() && !stop_sequence {
+        if finish.is_some() && stop_sequence.is_none() {
             // No stop sequence ended it: what was held back is part of the answer.
             let tail = seq.utf8.finish();
             let released = seq.stops.push(&tail);
             text.push_str(&released.text);
-            if released.stopped {
+            if released.stopped.is_some() {
                 finish = Some(FinishReason::Stop);
+                stop_sequence = released.stopped;
             } else {
                 text.push_str(&seq.stops.finish());
             }
         }
         if !text.is_empty() || (finish.is_some() && !seq.unsent.is_empty()) {
             let tokens = std::mem::take(&mut seq.unsent);
-            let _ = events.send(Event::Delta {
-                choice: seq.choice,
-                text,
-                tokens,
-            });
+            let _ = events.send(Event::Delta { choice: seq.choice, text, tokens });
         }
         if let Some(reason) = finish {
             let _ = events.send(Event::Finished {
                 choice: seq.choice,
                 reason,
+                stop_sequence,
                 completion_tokens: seq.generated(),
-                timings: Timings {
-                    admitted: seq.admitted_at,
-                    first_token,
-                    finished: now,
-                },
+                timings: Timings { admitted: seq.admitted_at, first_token, finished: now },
             });
             self.free(slot);
         }

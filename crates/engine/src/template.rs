@@ -46,11 +46,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TemplateError::Compile(describe(&e)))?;
-        Ok(ChatTemplate {
-            env,
-            bos_token: bos_token.to_string(),
-            eos_token: eos_token.to_string(),
-        })
+        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends where the
@@ -60,10 +56,7 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        let template = self
-            .env
-            .get_template("chat")
-            .map_err(|e| TemplateError::Render(describe(&e)))?;
+        let template = self.env.get_template("chat").map_err(|e| TemplateError::Render(describe(&e)))?;
         template
             .render(minijinja::context! {
                 messages => Value::from(minijinja::value::Serde(messages)),
@@ -88,10 +81,8 @@ fn raise_exception(message: String) -> Result<Value, JinjaError> {
 
 fn strftime_now(format: String) -> String {
     // Templates use it for "today's date" in system prompts; a fixed UTC clock is enough.
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     const MONTHS: [&str; 12] = [
         "January",
@@ -140,12 +131,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
     Ok(Value::from_safe_string(out))
 }
 
-fn write_python_json(
-    value: &serde_json::Value,
-    indent: Option<usize>,
-    depth: usize,
-    out: &mut String,
-) {
+fn write_python_json(value: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
     use serde_json::Value as J;
     let newline = |out: &mut String, depth: usize| {
         if let Some(width) = indent {
@@ -190,10 +176,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 
     #[test]
@@ -208,15 +191,10 @@ mod tests {
     #[test]
     fn tojson_matches_python() {
         let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", "", "").unwrap();
-        let x = Value::from(minijinja::value::Serde(
-            serde_json::json!({"a": [1, "<é>"], "b": {}}),
-        ));
+        let x = Value::from(minijinja::value::Serde(serde_json::json!({"a": [1, "<é>"], "b": {}})));
         let out = t
             .env
-            .render_str(
-                "{{ x | tojson }}|{{ x | tojson(indent=2) }}",
-                minijinja::context! { x },
-            )
+            .render_str("{{ x | tojson }}|{{ x | tojson(indent=2) }}", minijinja::context! { x })
             .unwrap();
         assert_eq!(
             out,

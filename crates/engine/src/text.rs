@@ -56,8 +56,8 @@ impl Utf8Stream {
 pub struct Released {
     /// Text that can be sent to the client now.
     pub text: String,
-    /// Whether a stop sequence was found (the text stops just before it).
-    pub stopped: bool,
+    /// The stop sequence found, if any (the text stops just before it).
+    pub stopped: Option<String>,
 }
 
 /// Holds back text that may be the beginning of a stop sequence.
@@ -68,33 +68,20 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
-            held: String::new(),
-        }
+        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
     }
 
     pub fn push(&mut self, text: &str) -> Released {
         self.held.push_str(text);
         if self.stops.is_empty() {
-            return Released {
-                text: std::mem::take(&mut self.held),
-                stopped: false,
-            };
+            return Released { text: std::mem::take(&mut self.held), stopped: None };
         }
         // The earliest stop occurrence wins.
-        let first = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
-        if let Some(at) = first {
+        let first = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s))).min();
+        if let Some((at, stop)) = first {
             let text = self.held[..at].to_string();
             self.held.clear();
-            return Released {
-                text,
-                stopped: true,
-            };
+            return Released { text, stopped: Some(stop.clone()) };
         }
         // Keep the longest suffix that is a proper prefix of a stop sequence.
         let keep = self
@@ -115,10 +102,7 @@ impl StopMatcher {
         let cut = self.held.len() - keep;
         let text = self.held[..cut].to_string();
         self.held.drain(..cut);
-        Released {
-            text,
-            stopped: false,
-        }
+        Released { text, stopped: None }
     }
 
     /// Ends generation without a stop: whatever was held back is released.
@@ -146,60 +130,18 @@ mod tests {
     #[test]
     fn stop_split_across_pieces() {
         let mut m = StopMatcher::new(vec!["END".into()]);
-        assert_eq!(
-            m.push("hello E"),
-            Released {
-                text: "hello ".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("N"),
-            Released {
-                text: "".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("D and more"),
-            Released {
-                text: "".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(m.push("hello E"), Released { text: "hello ".into(), stopped: None });
+        assert_eq!(m.push("N"), Released { text: "".into(), stopped: None });
+        assert_eq!(m.push("D and more"), Released { text: "".into(), stopped: Some("END".into()) });
     }
 
     #[test]
     fn false_start_is_released() {
         let mut m = StopMatcher::new(vec!["END".into(), "\n\n".into()]);
-        assert_eq!(
-            m.push("EN"),
-            Released {
-                text: "".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("Zx\n"),
-            Released {
-                text: "ENZx".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("y"),
-            Released {
-                text: "\ny".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("E"),
-            Released {
-                text: "".into(),
-                stopped: false
-            }
-        );
+        assert_eq!(m.push("EN"), Released { text: "".into(), stopped: None });
+        assert_eq!(m.push("Zx\n"), Released { text: "ENZx".into(), stopped: None });
+        assert_eq!(m.push("y"), Released { text: "\ny".into(), stopped: None });
+        assert_eq!(m.push("E"), Released { text: "".into(), stopped: None });
         assert_eq!(m.finish(), "E");
     }
 }

@@ -6,8 +6,7 @@
 use std::path::PathBuf;
 
 use ferry_engine::{
-    Event, FinishReason, GenerateRequest, LocalModel, SamplingParams, SchedulerConfig,
-    SessionConfig, TokenId,
+    Event, FinishReason, GenerateRequest, LocalModel, SamplingParams, SchedulerConfig, SessionConfig, TokenId,
 };
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -19,22 +18,13 @@ pub fn model_path(file: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
     let path = dir.join(file);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `python3 scripts/fetch-models.py` first",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is missing: run `python3 scripts/fetch-models.py` first", path.display());
     path
 }
 
 pub fn load(file: &str, n_sequences: usize) -> LocalModel {
     let config = SchedulerConfig {
-        session: SessionConfig {
-            n_sequences,
-            ctx_per_sequence: 1024,
-            batch_tokens: 512,
-            threads: 2,
-        },
+        session: SessionConfig { n_sequences, ctx_per_sequence: 1024, batch_tokens: 512, threads: 2 },
         prefill_chunk: 256,
         max_waiting: 64,
     };
@@ -52,11 +42,7 @@ pub struct Output {
     pub completion_tokens: usize,
 }
 
-pub fn request(
-    prompt: Vec<TokenId>,
-    max_tokens: usize,
-    sampling: SamplingParams,
-) -> GenerateRequest {
+pub fn request(prompt: Vec<TokenId>, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
     GenerateRequest {
         prompt,
         max_tokens,
@@ -80,22 +66,13 @@ pub fn collect(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usi
     let mut open = n;
     while open > 0 {
         match receiver.blocking_recv().expect("the engine answers") {
-            Event::Delta {
-                choice,
-                text,
-                tokens,
-            } => {
+            Event::Delta { choice, text, tokens } => {
                 let o = &mut outputs[choice];
                 o.text.push_str(&text);
                 o.deltas.push(text);
                 o.tokens.extend(tokens.iter().map(|t| t.token));
             }
-            Event::Finished {
-                choice,
-                reason,
-                completion_tokens,
-                ..
-            } => {
+            Event::Finished { choice, reason, completion_tokens, .. } => {
                 outputs[choice].finish = Some(reason);
                 outputs[choice].completion_tokens = completion_tokens;
                 open -= 1;

@@ -8,44 +8,31 @@ use ferry_engine::{ChatMessage, FinishReason, SamplingParams};
 use serde_json::Value;
 
 fn user(content: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage {
-        role: "user".into(),
-        content: content.into(),
-    }]
+    vec![ChatMessage { role: "user".into(), content: content.into() }]
 }
 
 /// data/greedy_reference.json holds prompt token ids and the greedy continuation that
 /// llama.cpp's own llama-server produced for them (tests/reference/make_greedy_refs.py).
 #[test]
 fn greedy_matches_llama_cpp_reference() {
-    let cases: Vec<Value> = serde_json::from_str(include_str!("data/greedy_reference.json"))
-        .expect("reference data parses");
+    let cases: Vec<Value> =
+        serde_json::from_str(include_str!("data/greedy_reference.json")).expect("reference data parses");
     assert!(cases.len() >= 4);
     let model = load(SMOLLM2, 1);
     for case in cases.iter().filter(|c| c["model"] == SMOLLM2) {
-        let prompt: Vec<u32> =
-            serde_json::from_value(case["prompt_tokens"].clone()).expect("prompt");
+        let prompt: Vec<u32> = serde_json::from_value(case["prompt_tokens"].clone()).expect("prompt");
         let expected: Vec<u32> = serde_json::from_value(case["tokens"].clone()).expect("tokens");
-        let out = &run(
-            &model,
-            request(prompt, expected.len(), SamplingParams::greedy()),
-        )[0];
+        let out = &run(&model, request(prompt, expected.len(), SamplingParams::greedy()))[0];
         let n = out.tokens.len();
         assert_eq!(out.tokens, expected[..n], "{}", case["name"]);
-        assert!(
-            n == expected.len() || out.finish == Some(FinishReason::Stop),
-            "{}",
-            case["name"]
-        );
+        assert!(n == expected.len() || out.finish == Some(FinishReason::Stop), "{}", case["name"]);
     }
 }
 
 #[test]
 fn same_seed_same_text() {
     let model = load(SMOLLM2, 2);
-    let prompt = model
-        .chat_prompt(&user("Write a short poem about the sea."))
-        .expect("prompt");
+    let prompt = model.chat_prompt(&user("Write a short poem about the sea.")).expect("prompt");
     let sampling = |seed| SamplingParams {
         temperature: 1.0,
         top_p: 0.95,
@@ -57,10 +44,7 @@ fn same_seed_same_text() {
     let c = &run(&model, request(prompt, 40, sampling(7)))[0];
     assert_eq!(a.text, b.text);
     assert_eq!(a.tokens, b.tokens);
-    assert_ne!(
-        a.tokens, c.tokens,
-        "a different seed should give a different sample"
-    );
+    assert_ne!(a.tokens, c.tokens, "a different seed should give a different sample");
 }
 
 #[test]
@@ -76,44 +60,20 @@ fn batched_equals_alone() {
         "What is 2 + 2?",
         "Describe the moon in one sentence.",
     ];
-    let prompts: Vec<_> = questions
-        .iter()
-        .map(|q| model.chat_prompt(&user(q)).expect("prompt"))
-        .collect();
+    let prompts: Vec<_> = questions.iter().map(|q| model.chat_prompt(&user(q)).expect("prompt")).collect();
     let alone: Vec<Output> = prompts
         .iter()
         .map(|p| run(&model, request(p.clone(), 24, SamplingParams::greedy())).remove(0))
         .collect();
-    let steps_before = model
-        .scheduler
-        .stats()
-        .steps
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let steps_before = model.scheduler.stats().steps.load(std::sync::atomic::Ordering::SeqCst);
     let receivers: Vec<_> = prompts
         .iter()
-        .map(|p| {
-            model
-                .scheduler
-                .submit(request(p.clone(), 24, SamplingParams::greedy()))
-                .expect("submitted")
-        })
+        .map(|p| model.scheduler.submit(request(p.clone(), 24, SamplingParams::greedy())).expect("submitted"))
         .collect();
-    let together: Vec<Output> = receivers
-        .into_iter()
-        .map(|r| collect(r, 1).remove(0))
-        .collect();
-    let steps = model
-        .scheduler
-        .stats()
-        .steps
-        .load(std::sync::atomic::Ordering::SeqCst)
-        - steps_before;
+    let together: Vec<Output> = receivers.into_iter().map(|r| collect(r, 1).remove(0)).collect();
+    let steps = model.scheduler.stats().steps.load(std::sync::atomic::Ordering::SeqCst) - steps_before;
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
-        assert_eq!(
-            a.tokens, t.tokens,
-            "prompt {i}: {:?} vs {:?}",
-            a.text, t.text
-        );
+        assert_eq!(a.tokens, t.tokens, "prompt {i}: {:?} vs {:?}", a.text, t.text);
     }
     // Decoded together: far fewer forward passes than 8 × 24.
     assert!(steps < 60, "{steps} steps for 8 sequences of 24 tokens");
@@ -122,35 +82,20 @@ fn batched_equals_alone() {
 #[test]
 fn stop_sequence_split_across_tokens() {
     let model = load(SMOLLM2, 1);
-    let prompt = model
-        .chat_prompt(&user("Tell me about the city of Paris."))
-        .expect("prompt");
-    let free = &run(
-        &model,
-        request(prompt.clone(), 40, SamplingParams::greedy()),
-    )[0];
+    let prompt = model.chat_prompt(&user("Tell me about the city of Paris.")).expect("prompt");
+    let free = &run(&model, request(prompt.clone(), 40, SamplingParams::greedy()))[0];
     // A stop string made of the end of one token's text and the start of the next.
     let pieces: Vec<String> = free.tokens.iter().map(|&t| model.token_text(t)).collect();
     let k = (5..pieces.len() - 1)
         .find(|&k| pieces[k].chars().count() >= 2 && pieces[k + 1].chars().count() >= 2)
         .expect("two multi-character tokens in a row");
-    let tail: String = pieces[k]
-        .chars()
-        .rev()
-        .take(2)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let tail: String = pieces[k].chars().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect();
     let head: String = pieces[k + 1].chars().take(2).collect();
     let stop = format!("{tail}{head}");
     let mut req = request(prompt, 40, SamplingParams::greedy());
     req.stop = vec![stop.clone()];
     let stopped = &run(&model, req)[0];
-    let at = free
-        .text
-        .find(&stop)
-        .expect("the stop string occurs in the free text");
+    let at = free.text.find(&stop).expect("the stop string occurs in the free text");
     assert_eq!(stopped.text, free.text[..at]);
     assert_eq!(stopped.finish, Some(FinishReason::Stop));
     assert!(!stopped.text.contains(&stop));
@@ -163,20 +108,9 @@ fn multibyte_utf8_streams_whole_characters() {
     let model = load(QWEN, 1);
     let prompt = model.backend.tokenize("𝔄𝔅ℭ𝔇𝔈𝔉𝔊ℌℑ𝔍𝔎𝔏", true);
     let out = &run(&model, request(prompt, 12, SamplingParams::greedy()))[0];
-    let split = out
-        .tokens
-        .iter()
-        .any(|&t| std::str::from_utf8(model.backend.token_bytes(t)).is_err());
-    assert!(
-        split,
-        "a character should be split across tokens: {:?}",
-        out.text
-    );
-    let bytes: Vec<u8> = out
-        .tokens
-        .iter()
-        .flat_map(|&t| model.backend.token_bytes(t).to_vec())
-        .collect();
+    let split = out.tokens.iter().any(|&t| std::str::from_utf8(model.backend.token_bytes(t)).is_err());
+    assert!(split, "a character should be split across tokens: {:?}", out.text);
+    let bytes: Vec<u8> = out.tokens.iter().flat_map(|&t| model.backend.token_bytes(t).to_vec()).collect();
     // Twelve tokens, two per letter: the text is exactly the bytes decoded, no U+FFFD.
     let whole = String::from_utf8(bytes).expect("the tokens form whole characters");
     assert_eq!(out.text, whole);
@@ -189,9 +123,7 @@ fn multibyte_utf8_streams_whole_characters() {
 #[test]
 fn max_tokens_gives_length_and_exact_counts() {
     let model = load(SMOLLM2, 2);
-    let prompt = model
-        .chat_prompt(&user("Write a long story about a dragon."))
-        .expect("prompt");
+    let prompt = model.chat_prompt(&user("Write a long story about a dragon.")).expect("prompt");
     let mut req = request(prompt, 7, SamplingParams::greedy());
     req.n = 2;
     let outs = run(&model, req);

@@ -9,16 +9,13 @@ use serde_json::Value;
 
 #[test]
 fn chat_templates_match_hugging_face() {
-    let cases: Vec<Value> = serde_json::from_str(include_str!("data/chat_templates.json"))
-        .expect("reference data parses");
+    let cases: Vec<Value> =
+        serde_json::from_str(include_str!("data/chat_templates.json")).expect("reference data parses");
     assert!(cases.len() >= 16);
     let mut checked = 0;
     for file in [common::SMOLLM2, common::QWEN] {
         let model = common::load(file, 1);
-        let template = model
-            .template
-            .as_ref()
-            .expect("the model has a chat template");
+        let template = model.template.as_ref().expect("the model has a chat template");
         for case in cases.iter().filter(|c| c["model"] == file) {
             let messages: Vec<ChatMessage> = case["messages"]
                 .as_array()
@@ -45,10 +42,7 @@ fn chat_templates_match_hugging_face() {
 #[test]
 fn rendered_prompt_tokenizes_special_tokens() {
     let model = common::load(common::SMOLLM2, 1);
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: "Hi".into(),
-    }];
+    let messages = [ChatMessage { role: "user".into(), content: "Hi".into() }];
     let tokens = model.chat_prompt(&messages).expect("prompt");
     // <|im_start|> is one special token (id 1 in SmolLM2's vocabulary), not text.
     assert_eq!(tokens[0], 1, "{tokens:?}");

@@ -17,7 +17,7 @@ use ferry_engine::LocalModel;
 use serde_json::json;
 
 use crate::error::{ApiError, LoggedError};
-use crate::{chat, completions};
+use crate::{chat, completions, messages};
 
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -28,9 +28,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            max_body_bytes: 4 * 1024 * 1024,
-        }
+        HttpConfig { max_body_bytes: 4 * 1024 * 1024 }
     }
 }
 
@@ -48,13 +46,7 @@ struct Inner {
 
 impl AppState {
     pub fn new(models: Vec<Arc<LocalModel>>, http: HttpConfig) -> Self {
-        AppState {
-            inner: Arc::new(Inner {
-                models,
-                http,
-                created: crate::generation::unix_now(),
-            }),
-        }
+        AppState { inner: Arc::new(Inner { models, http, created: crate::generation::unix_now() }) }
     }
 
     pub fn model(&self, id: &str) -> Result<Arc<LocalModel>, ApiError> {
@@ -80,9 +72,7 @@ impl AppState {
 pub fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BodyTooLarge {
-                limit: state.inner.http.max_body_bytes,
-            }
+            ApiError::BodyTooLarge { limit: state.inner.http.max_body_bytes }
         } else {
             ApiError::InvalidJson(rejection.body_text())
         }
@@ -98,6 +88,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(get_model))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -113,9 +105,7 @@ async fn ready(State(state): State<AppState>) -> Result<impl IntoResponse, ApiEr
     if state.models().is_empty() {
         return Err(ApiError::NotReady("no model is loaded".into()));
     }
-    Ok(axum::Json(
-        json!({"status": "ready", "models": state.models().len()}),
-    ))
+    Ok(axum::Json(json!({"status": "ready", "models": state.models().len()})))
 }
 
 fn model_card(state: &AppState, model: &LocalModel) -> Model {
@@ -143,15 +133,8 @@ fn model_card(state: &AppState, model: &LocalModel) -> Model {
 }
 
 async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
-    let data = state
-        .models()
-        .iter()
-        .map(|m| model_card(&state, m))
-        .collect();
-    axum::Json(ModelList {
-        object: "list".into(),
-        data,
-    })
+    let data = state.models().iter().map(|m| model_card(&state, m)).collect();
+    axum::Json(ModelList { object: "list".into(), data })
 }
 
 async fn get_model(
@@ -163,10 +146,7 @@ async fn get_model(
 }
 
 async fn fallback(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::RouteNotFound {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-    }
+    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_string() }
 }
 
 async fn method_not_allowed(method: Method) -> ApiError {
@@ -181,10 +161,7 @@ async fn log_requests(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let error = response
-        .extensions()
-        .get::<LoggedError>()
-        .map(|e| e.0.as_str());
+    let error = response.extensions().get::<LoggedError>().map(|e| e.0.as_str());
     if status.is_server_error() {
         tracing::error!(%method, %path, status = status.as_u16(), elapsed_ms, error, "request");
     } else {

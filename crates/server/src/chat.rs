@@ -44,17 +44,12 @@ pub async fn chat_completions(
     let max_tokens = validate::max_tokens(requested, param, prompt.len(), &model)?;
     let submitted = generation::submit(
         &model,
-        vec![validate::generate_request(
-            prompt, max_tokens, &sampling, logprobs, false,
-        )],
+        vec![validate::generate_request(prompt, max_tokens, &sampling, logprobs, false)],
     )?;
     let id = request_id("chatcmpl");
     let model_id = request.model.clone();
     if request.stream {
-        let include_usage = request
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
+        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
         return Ok(stream(model, submitted, id, model_id, include_usage).into_response());
     }
     let collected = generation::collect(submitted).await?;
@@ -64,10 +59,7 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(index, c)| ChatChoice {
             index: index as u32,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content: Some(c.text),
-            },
+            message: AssistantMessage { role: "assistant".into(), content: Some(c.text) },
             logprobs: logprobs.map(|_| ChatLogprobs {
                 content: c.tokens.iter().map(|t| chat_logprob(&model, t)).collect(),
             }),
@@ -109,19 +101,14 @@ fn stream(
             usage: usage_value.or(include_usage.then_some(None)),
             system_fingerprint: None,
         };
-        SseEvent::default()
-            .json_data(chunk)
-            .unwrap_or_else(|_| SseEvent::default().data("{}"))
+        SseEvent::default().json_data(chunk).unwrap_or_else(|_| SseEvent::default().data("{}"))
     };
     let first: Vec<SseEvent> = (0..n)
         .map(|i| {
             chunk(
                 vec![ChatChunkChoice {
                     index: i as u32,
-                    delta: ChatDelta {
-                        role: Some("assistant".into()),
-                        content: Some(String::new()),
-                    },
+                    delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
                     logprobs: None,
                     finish_reason: None,
                 }],
@@ -141,13 +128,10 @@ fn stream(
                 }
                 loop {
                     if open == 0 {
-                        let event = include_usage.then(|| {
-                            chunk(vec![], Some(Some(usage(prompt_tokens, completion_tokens))))
-                        });
-                        let tail: Vec<SseEvent> = event
-                            .into_iter()
-                            .chain([SseEvent::default().data("[DONE]")])
-                            .collect();
+                        let event = include_usage
+                            .then(|| chunk(vec![], Some(Some(usage(prompt_tokens, completion_tokens)))));
+                        let tail: Vec<SseEvent> =
+                            event.into_iter().chain([SseEvent::default().data("[DONE]")]).collect();
                         return Some((tail, (submitted, completion_tokens, open, true)));
                     }
                     let Some((_, event)) = submitted.events.next().await else {
@@ -155,33 +139,18 @@ fn stream(
                     };
                     let out = match event {
                         Event::PromptLogprobs { .. } => continue,
-                        Event::Delta {
-                            choice,
-                            text,
-                            tokens,
-                        } => chunk(
+                        Event::Delta { choice, text, tokens } => chunk(
                             vec![ChatChunkChoice {
                                 index: choice as u32,
-                                delta: ChatDelta {
-                                    role: None,
-                                    content: Some(text),
-                                },
+                                delta: ChatDelta { role: None, content: Some(text) },
                                 logprobs: (!tokens.is_empty()).then(|| ChatLogprobs {
-                                    content: tokens
-                                        .iter()
-                                        .map(|t| chat_logprob(&model, t))
-                                        .collect(),
+                                    content: tokens.iter().map(|t| chat_logprob(&model, t)).collect(),
                                 }),
                                 finish_reason: None,
                             }],
                             None,
                         ),
-                        Event::Finished {
-                            choice,
-                            reason,
-                            completion_tokens: used,
-                            ..
-                        } => {
+                        Event::Finished { choice, reason, completion_tokens: used, .. } => {
                             completion_tokens += used;
                             open -= 1;
                             chunk(
@@ -208,8 +177,7 @@ fn stream(
             }
         },
     );
-    let all = futures::stream::iter(first)
-        .chain(events.flat_map(futures::stream::iter))
-        .map(Ok::<_, Infallible>);
+    let all =
+        futures::stream::iter(first).chain(events.flat_map(futures::stream::iter)).map(Ok::<_, Infallible>);
     Sse::new(all).keep_alive(KeepAlive::default())
 }

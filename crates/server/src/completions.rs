@@ -45,10 +45,7 @@ pub async fn completions(
     if let Some(best_of) = request.best_of
         && best_of != sampling.n as i64
     {
-        return Err(ApiError::invalid(
-            "best_of",
-            "'best_of' other than 'n' is not supported",
-        ));
+        return Err(ApiError::invalid("best_of", "'best_of' other than 'n' is not supported"));
     }
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
@@ -86,10 +83,7 @@ pub async fn completions(
     let created = unix_now();
 
     if request.stream {
-        let include_usage = request
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
+        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let echo_logprobs = request.echo && logprobs.is_some();
         let chunk = move |index: usize,
                           text: String,
@@ -114,9 +108,7 @@ pub async fn completions(
                 usage,
                 system_fingerprint: None,
             };
-            SseEvent::default()
-                .json_data(body)
-                .unwrap_or_else(|_| SseEvent::default().data("{}"))
+            SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))
         };
         let mut stream = StreamState {
             model: model.clone(),
@@ -180,25 +172,15 @@ pub async fn completions(
                                 )
                             })
                             .collect(),
-                        Event::Delta {
-                            choice,
-                            text,
-                            tokens,
-                        } => {
+                        Event::Delta { choice, text, tokens } => {
                             let index = prompt_idx * n + choice;
                             let lp = (!tokens.is_empty()).then(|| {
-                                let infos: Vec<Option<TokenInfo>> =
-                                    tokens.into_iter().map(Some).collect();
+                                let infos: Vec<Option<TokenInfo>> = tokens.into_iter().map(Some).collect();
                                 legacy_logprobs(&st.model, &infos, &mut st.offsets[index])
                             });
                             vec![chunk(index, text, lp, None, None)]
                         }
-                        Event::Finished {
-                            choice,
-                            reason,
-                            completion_tokens,
-                            ..
-                        } => {
+                        Event::Finished { choice, reason, completion_tokens, .. } => {
                             st.completion_tokens += completion_tokens;
                             st.open -= 1;
                             vec![chunk(
@@ -226,9 +208,7 @@ pub async fn completions(
         let stream = futures::stream::iter(opening)
             .chain(events.flat_map(futures::stream::iter))
             .map(Ok::<_, Infallible>);
-        return Ok(Sse::new(stream)
-            .keep_alive(KeepAlive::default())
-            .into_response());
+        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
     }
 
     let collected = generation::collect(submitted).await?;
@@ -282,20 +262,13 @@ struct StreamState {
 
 /// The prompt's tokens for legacy logprobs: the first without a logprob, as OpenAI's echo does.
 fn prompt_infos(first_token: TokenId, rest: &[TokenInfo]) -> Vec<Option<TokenInfo>> {
-    std::iter::once(Some(TokenInfo {
-        token: first_token,
-        logprob: f32::NAN,
-        top: Vec::new(),
-    }))
-    .chain(rest.iter().cloned().map(Some))
-    .collect()
+    std::iter::once(Some(TokenInfo { token: first_token, logprob: f32::NAN, top: Vec::new() }))
+        .chain(rest.iter().cloned().map(Some))
+        .collect()
 }
 
 fn detokenize(model: &LocalModel, tokens: &[TokenId]) -> String {
-    let bytes: Vec<u8> = tokens
-        .iter()
-        .flat_map(|&t| model.backend.token_bytes(t).iter().copied())
-        .collect();
+    let bytes: Vec<u8> = tokens.iter().flat_map(|&t| model.backend.token_bytes(t).iter().copied()).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -319,11 +292,8 @@ fn legacy_logprobs(
                     out.top_logprobs.push(None);
                 } else {
                     out.token_logprobs.push(Some(info.logprob));
-                    let top: BTreeMap<String, f32> = info
-                        .top
-                        .iter()
-                        .map(|t| (model.token_text(t.token), t.logprob))
-                        .collect();
+                    let top: BTreeMap<String, f32> =
+                        info.top.iter().map(|t| (model.token_text(t.token), t.logprob)).collect();
                     out.top_logprobs.push(Some(top));
                 }
             }

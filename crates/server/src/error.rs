@@ -18,12 +18,7 @@ pub enum ApiError {
     #[error(
         "This model's maximum context length is {limit} tokens. However, you requested {requested} tokens ({prompt} in the prompt, {completion} for the completion). Please reduce the length of the prompt or of max_tokens."
     )]
-    ContextLengthExceeded {
-        limit: usize,
-        requested: usize,
-        prompt: usize,
-        completion: usize,
-    },
+    ContextLengthExceeded { limit: usize, requested: usize, prompt: usize, completion: usize },
     #[error("The request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("The server is busy: its request queue is full. Retry after {retry_after} seconds.")]
@@ -40,35 +35,17 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::InvalidParameter {
-            param: param.into(),
-            message: message.into(),
-        }
+        ApiError::InvalidParameter { param: param.into(), message: message.into() }
     }
 
     /// Status, OpenAI error type, code and param of each error.
-    fn parts(
-        &self,
-    ) -> (
-        StatusCode,
-        &'static str,
-        Option<&'static str>,
-        Option<String>,
-    ) {
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>, Option<String>) {
         use ApiError::*;
         match self {
-            InvalidJson(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some("invalid_json"),
-                None,
-            ),
-            InvalidParameter { param, .. } => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some("invalid_value"),
-                Some(param.clone()),
-            ),
+            InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_json"), None),
+            InvalidParameter { param, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value"), Some(param.clone()))
+            }
             ModelNotFound(_) => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -81,42 +58,18 @@ impl ApiError {
                 Some("context_length_exceeded"),
                 Some("messages".into()),
             ),
-            BodyTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                Some("request_too_large"),
-                None,
-            ),
-            QueueFull { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                Some("queue_full"),
-                None,
-            ),
-            RouteNotFound { .. } => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("unknown_url"),
-                None,
-            ),
-            MethodNotAllowed(_) => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                Some("method_not_allowed"),
-                None,
-            ),
-            NotReady(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("not_ready"),
-                None,
-            ),
-            Internal(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                Some("internal_error"),
-                None,
-            ),
+            BodyTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large"), None)
+            }
+            QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("queue_full"), None),
+            RouteNotFound { .. } => {
+                (StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url"), None)
+            }
+            MethodNotAllowed(_) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), None)
+            }
+            NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), None),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("internal_error"), None),
         }
     }
 
@@ -156,9 +109,7 @@ impl IntoResponse for ApiError {
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
-        response
-            .extensions_mut()
-            .insert(LoggedError(self.to_string()));
+        response.extensions_mut().insert(LoggedError(self.to_string()));
         response
     }
 }

@@ -32,12 +32,7 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
         let receiver = model.scheduler.submit(request)?;
         streams.push(UnboundedReceiverStream::new(receiver).map(move |e| (prompt_idx, e)));
     }
-    Ok(Submitted {
-        events: Box::pin(futures::stream::select_all(streams)),
-        prompt_tokens,
-        n,
-        n_prompts,
-    })
+    Ok(Submitted { events: Box::pin(futures::stream::select_all(streams)), prompt_tokens, n, n_prompts })
 }
 
 /// One finished choice.
@@ -48,6 +43,8 @@ pub struct CollectedChoice {
     /// The first prompt token and the logprobs of the others (completions' echo).
     pub prompt_logprobs: Option<(TokenId, Vec<TokenInfo>)>,
     pub finish_reason: Option<FinishReason>,
+    /// The stop string that ended the choice, if one did.
+    pub stop_sequence: Option<String>,
 }
 
 pub struct Collected {
@@ -59,16 +56,13 @@ pub struct Collected {
 /// Waits for every choice of every prompt to finish.
 pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
     let n = submitted.n;
-    let mut choices: Vec<CollectedChoice> = (0..n * submitted.n_prompts)
-        .map(|_| CollectedChoice::default())
-        .collect();
+    let mut choices: Vec<CollectedChoice> =
+        (0..n * submitted.n_prompts).map(|_| CollectedChoice::default()).collect();
     let mut completion_tokens = 0;
     let mut open = choices.len();
     while open > 0 {
         let Some((prompt_idx, event)) = submitted.events.next().await else {
-            return Err(ApiError::Internal(
-                "the engine stopped before the answer was complete".into(),
-            ));
+            return Err(ApiError::Internal("the engine stopped before the answer was complete".into()));
         };
         match event {
             Event::PromptLogprobs { first_token, rest } => {
@@ -76,32 +70,22 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
                     choice.prompt_logprobs = Some((first_token, rest.clone()));
                 }
             }
-            Event::Delta {
-                choice,
-                text,
-                tokens,
-            } => {
+            Event::Delta { choice, text, tokens } => {
                 let c = &mut choices[prompt_idx * n + choice];
                 c.text.push_str(&text);
                 c.tokens.extend(tokens);
             }
-            Event::Finished {
-                choice,
-                reason,
-                completion_tokens: used,
-                ..
-            } => {
-                choices[prompt_idx * n + choice].finish_reason = Some(reason);
+            Event::Finished { choice, reason, stop_sequence, completion_tokens: used, .. } => {
+                let c = &mut choices[prompt_idx * n + choice];
+                c.finish_reason = Some(reason);
+                c.stop_sequence = stop_sequence;
                 completion_tokens += used;
                 open -= 1;
             }
             Event::Error(message) => return Err(ApiError::Internal(message)),
         }
     }
-    Ok(Collected {
-        choices,
-        usage: usage(submitted.prompt_tokens, completion_tokens),
-    })
+    Ok(Collected { choices, usage: usage(submitted.prompt_tokens, completion_tokens) })
 }
 
 pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
@@ -136,10 +120,7 @@ pub fn chat_logprob(model: &LocalModel, info: &TokenInfo) -> ChatTokenLogprob {
 
 /// Seconds since the Unix epoch, for `created`.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 pub fn request_id(prefix: &str) -> String {

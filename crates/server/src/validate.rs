@@ -4,9 +4,7 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use ferry_api::openai::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields,
-};
+use ferry_api::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields};
 use ferry_engine::{ChatMessage, GenerateRequest, LocalModel, SamplingParams, TokenId};
 use serde::de::DeserializeOwned;
 
@@ -34,22 +32,14 @@ pub fn parse_json<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, Ap
         let missing = message
             .strip_prefix("missing field `")
             .and_then(|rest| rest.split('`').next())
-            .map(|field| {
-                if path == "." {
-                    field.to_string()
-                } else {
-                    format!("{path}.{field}")
-                }
-            });
+            .map(|field| if path == "." { field.to_string() } else { format!("{path}.{field}") });
         match (inner.is_data(), missing) {
-            (true, Some(param)) => ApiError::invalid(
-                param.clone(),
-                format!("Missing required parameter: '{param}'"),
-            ),
-            (true, None) if path != "." => ApiError::invalid(
-                path.clone(),
-                format!("Invalid value for '{path}': {message}"),
-            ),
+            (true, Some(param)) => {
+                ApiError::invalid(param.clone(), format!("Missing required parameter: '{param}'"))
+            }
+            (true, None) if path != "." => {
+                ApiError::invalid(path.clone(), format!("Invalid value for '{path}': {message}"))
+            }
             _ => ApiError::InvalidJson(message),
         }
     })
@@ -65,10 +55,9 @@ pub struct ValidSampling {
 
 fn check_range(param: &str, value: Option<f64>, min: f64, max: f64) -> Result<(), ApiError> {
     match value {
-        Some(v) if !(min..=max).contains(&v) || v.is_nan() => Err(ApiError::invalid(
-            param,
-            format!("Invalid '{param}': {v} is not between {min} and {max}"),
-        )),
+        Some(v) if !(min..=max).contains(&v) || v.is_nan() => {
+            Err(ApiError::invalid(param, format!("Invalid '{param}': {v} is not between {min} and {max}")))
+        }
         _ => Ok(()),
     }
 }
@@ -93,10 +82,7 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
     let n = fields.n.unwrap_or(1);
     let parallel = model.scheduler.config().session.n_sequences;
     if !(1..=MAX_N).contains(&n) {
-        return Err(ApiError::invalid(
-            "n",
-            format!("Invalid 'n': {n} is not between 1 and {MAX_N}"),
-        ));
+        return Err(ApiError::invalid("n", format!("Invalid 'n': {n} is not between 1 and {MAX_N}")));
     }
     if n as usize > parallel {
         return Err(ApiError::invalid(
@@ -107,12 +93,12 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
     let n_vocab = model.info().n_vocab;
     let mut logit_bias = HashMap::new();
     for (key, &bias) in fields.logit_bias.iter().flatten() {
-        let token: TokenId = key
-            .parse()
-            .ok()
-            .filter(|&t: &TokenId| (t as usize) < n_vocab)
-            .ok_or_else(|| {
-                ApiError::invalid("logit_bias", format!("Invalid 'logit_bias': '{key}' is not a token id of this model (0..{n_vocab})"))
+        let token: TokenId =
+            key.parse().ok().filter(|&t: &TokenId| (t as usize) < n_vocab).ok_or_else(|| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("Invalid 'logit_bias': '{key}' is not a token id of this model (0..{n_vocab})"),
+                )
             })?;
         if !(-100.0..=100.0).contains(&bias) {
             return Err(ApiError::invalid(
@@ -122,23 +108,14 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
         }
         logit_bias.insert(token, bias as f32);
     }
-    let stop = fields
-        .stop
-        .clone()
-        .map(|s| s.into_vec())
-        .unwrap_or_default();
+    let stop = fields.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     if stop.len() > MAX_STOP {
-        return Err(ApiError::invalid(
-            "stop",
-            format!("Invalid 'stop': at most {MAX_STOP} sequences"),
-        ));
+        return Err(ApiError::invalid("stop", format!("Invalid 'stop': at most {MAX_STOP} sequences")));
     }
     let defaults = SamplingParams::default();
     Ok(ValidSampling {
         params: SamplingParams {
-            temperature: fields
-                .temperature
-                .map_or(defaults.temperature, |t| t as f32),
+            temperature: fields.temperature.map_or(defaults.temperature, |t| t as f32),
             top_p: fields.top_p.map_or(defaults.top_p, |p| p as f32),
             top_k,
             min_p: fields.min_p.map_or(defaults.min_p, |p| p as f32),
@@ -165,10 +142,7 @@ pub fn max_tokens(
     if let Some(m) = requested
         && m < 1
     {
-        return Err(ApiError::invalid(
-            param,
-            format!("Invalid '{param}': {m}; it must be at least 1"),
-        ));
+        return Err(ApiError::invalid(param, format!("Invalid '{param}': {m}; it must be at least 1")));
     }
     let completion = requested.map(|m| m as usize);
     let needed = prompt_len + completion.unwrap_or(1);
@@ -189,10 +163,7 @@ pub fn max_tokens(
 /// The conversation of a chat request in the template's terms.
 pub fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
     if request.messages.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "'messages' must contain at least one message",
-        ));
+        return Err(ApiError::invalid("messages", "'messages' must contain at least one message"));
     }
     request
         .messages
@@ -246,10 +217,9 @@ pub fn chat_logprobs(request: &ChatCompletionRequest) -> Result<Option<usize>, A
     }
     match (request.logprobs.unwrap_or(false), request.top_logprobs) {
         (true, _) => Ok(Some(top as usize)),
-        (false, Some(t)) if t > 0 => Err(ApiError::invalid(
-            "top_logprobs",
-            "'top_logprobs' requires 'logprobs' to be true",
-        )),
+        (false, Some(t)) if t > 0 => {
+            Err(ApiError::invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true"))
+        }
         (false, _) => Ok(None),
     }
 }
@@ -280,22 +250,13 @@ pub fn completion_prompts(
         Prompt::Text(t) => vec![model.backend.tokenize(t, true)],
         Prompt::Texts(ts) => ts.iter().map(|t| model.backend.tokenize(t, true)).collect(),
         Prompt::Tokens(ids) => vec![check_tokens(ids)?],
-        Prompt::TokenLists(lists) => lists
-            .iter()
-            .map(|l| check_tokens(l))
-            .collect::<Result<_, _>>()?,
+        Prompt::TokenLists(lists) => lists.iter().map(|l| check_tokens(l)).collect::<Result<_, _>>()?,
     };
     if prompts.is_empty() {
-        return Err(ApiError::invalid(
-            "prompt",
-            "'prompt' must not be an empty list",
-        ));
+        return Err(ApiError::invalid("prompt", "'prompt' must not be an empty list"));
     }
     if prompts.len() > 16 {
-        return Err(ApiError::invalid(
-            "prompt",
-            "At most 16 prompts per request",
-        ));
+        return Err(ApiError::invalid("prompt", "At most 16 prompts per request"));
     }
     Ok(prompts)
 }

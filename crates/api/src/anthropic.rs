@@ -1,0 +1,152 @@
+//! Anthropic's Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`), as
+//! documented in Anthropic's API reference: requests, responses, stream events and errors.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct MessagesRequest {
+    pub model: String,
+    pub max_tokens: i64,
+    pub messages: Vec<Message>,
+    pub system: Option<SystemPrompt>,
+    pub stop_sequences: Option<Vec<String>>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `count_tokens` takes the request without `max_tokens`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct CountTokensRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub system: Option<SystemPrompt>,
+    pub tools: Option<Vec<serde_json::Value>>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum SystemPrompt {
+    Text(String),
+    Blocks(Vec<ContentBlock>),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: MessageContent,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Blocks(Vec<ContentBlock>),
+}
+
+/// A content block of a request. Only `text` carries text a local model can read; the
+/// others are kept so that an unsupported one can be named in the error.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ContentBlock {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseBlock {
+    Text { text: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MessagesResponse {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub role: String,
+    pub model: String,
+    pub content: Vec<ResponseBlock>,
+    pub stop_reason: Option<String>,
+    pub stop_sequence: Option<String>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CountTokensResponse {
+    pub input_tokens: u64,
+}
+
+/// The delta of a `message_delta` event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MessageDelta {
+    pub stop_reason: Option<String>,
+    pub stop_sequence: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BlockDelta {
+    TextDelta { text: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputUsage {
+    pub output_tokens: u64,
+}
+
+/// The events of a streamed message, in the order Anthropic sends them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    MessageStart { message: MessagesResponse },
+    ContentBlockStart { index: u32, content_block: ResponseBlock },
+    Ping,
+    ContentBlockDelta { index: u32, delta: BlockDelta },
+    ContentBlockStop { index: u32 },
+    MessageDelta { delta: MessageDelta, usage: OutputUsage },
+    MessageStop,
+    Error { error: ErrorDetail },
+}
+
+impl StreamEvent {
+    /// The SSE `event:` name, which Anthropic sets to the `type`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StreamEvent::MessageStart { .. } => "message_start",
+            StreamEvent::ContentBlockStart { .. } => "content_block_start",
+            StreamEvent::Ping => "ping",
+            StreamEvent::ContentBlockDelta { .. } => "content_block_delta",
+            StreamEvent::ContentBlockStop { .. } => "content_block_stop",
+            StreamEvent::MessageDelta { .. } => "message_delta",
+            StreamEvent::MessageStop => "message_stop",
+            StreamEvent::Error { .. } => "error",
+        }
+    }
+}
+
+/// Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorDetail {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+}

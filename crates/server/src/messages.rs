@@ -1,0 +1,271 @@
+//! Anthropic's Messages API over the local engine: `POST /v1/messages` (plain and
+//! streaming) and `POST /v1/messages/count_tokens`. Errors take Anthropic's shape here, so
+//! the official `anthropic` SDK raises its own exception classes.
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use ferry_api::anthropic::{
+    BlockDelta, ContentBlock, CountTokensRequest, CountTokensResponse, ErrorBody, ErrorDetail, Message,
+    MessageContent, MessageDelta, MessagesRequest, MessagesResponse, OutputUsage, ResponseBlock, StreamEvent,
+    SystemPrompt, Usage,
+};
+use ferry_api::openai::{SamplingFields, Stop};
+use ferry_engine::{ChatMessage, Event, FinishReason, TokenId};
+use futures::StreamExt;
+
+use crate::app::{AppState, read_body};
+use crate::error::ApiError;
+use crate::generation::{self, SharedModel, Submitted, request_id};
+use crate::validate;
+
+/// An error answered in Anthropic's shape.
+pub struct AnthropicError(ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> Self {
+        AnthropicError(e)
+    }
+}
+
+fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+fn error_body(e: &ApiError) -> ErrorBody {
+    ErrorBody {
+        kind: "error".into(),
+        error: ErrorDetail { kind: error_type(e.status()).into(), message: e.to_string() },
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let body = error_body(&self.0);
+        // Keep the status, headers (Retry-After) and log extension of the OpenAI-shaped answer.
+        let (mut parts, _) = self.0.into_response().into_parts();
+        parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+        let json = axum::Json(body).into_response();
+        let (json_parts, json_body) = json.into_parts();
+        parts.headers.extend(json_parts.headers);
+        Response::from_parts(parts, json_body)
+    }
+}
+
+/// The conversation in the template's terms: the system prompt first, then the turns.
+fn conversation(system: Option<&SystemPrompt>, messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages: at least one message is required"));
+    }
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    match system {
+        Some(SystemPrompt::Text(text)) => {
+            out.push(ChatMessage { role: "system".into(), content: text.clone() })
+        }
+        Some(SystemPrompt::Blocks(blocks)) => {
+            out.push(ChatMessage { role: "system".into(), content: block_text(blocks, "system")? })
+        }
+        None => {}
+    }
+    for (i, message) in messages.iter().enumerate() {
+        if message.role != "user" && message.role != "assistant" {
+            return Err(ApiError::invalid(
+                format!("messages.{i}.role"),
+                format!("messages.{i}.role: unexpected role '{}'; expected user or assistant", message.role),
+            ));
+        }
+        let content = match &message.content {
+            MessageContent::Text(text) => text.clone(),
+            MessageContent::Blocks(blocks) => block_text(blocks, &format!("messages.{i}.content"))?,
+        };
+        out.push(ChatMessage { role: message.role.clone(), content });
+    }
+    Ok(out)
+}
+
+fn block_text(blocks: &[ContentBlock], path: &str) -> Result<String, ApiError> {
+    let mut text = String::new();
+    for (j, block) in blocks.iter().enumerate() {
+        match (block.kind.as_str(), &block.text) {
+            ("text", Some(t)) => text.push_str(t),
+            (kind, _) => {
+                return Err(ApiError::invalid(
+                    format!("{path}.{j}"),
+                    format!("{path}.{j}: content blocks of type '{kind}' are not supported by this model"),
+                ));
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// Features a local model cannot honour yet are refused by name, never dropped.
+fn refuse_tools(tools: &Option<Vec<serde_json::Value>>) -> Result<(), ApiError> {
+    match tools {
+        Some(tools) if !tools.is_empty() => {
+            Err(ApiError::invalid("tools", "tools: tool use is not supported by local models yet"))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn tokenize(model: SharedModel, messages: Vec<ChatMessage>) -> Result<Vec<TokenId>, ApiError> {
+    tokio::task::spawn_blocking(move || model.chat_prompt(&messages))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+pub async fn messages(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AnthropicError> {
+    let body = read_body(body, &state)?;
+    let body = validate::parse_body(&body)?;
+    let request: MessagesRequest = validate::parse_json(&body)?;
+    let model = state.model(&request.model)?;
+    refuse_tools(&request.tools)?;
+    let messages = conversation(request.system.as_ref(), &request.messages)?;
+    if let Some(t) = request.temperature
+        && !(0.0..=1.0).contains(&t)
+    {
+        return Err(
+            ApiError::invalid("temperature", format!("temperature: {t} is not between 0 and 1")).into()
+        );
+    }
+    let fields = SamplingFields {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        top_k: request.top_k,
+        stop: request.stop_sequences.clone().map(Stop::Many),
+        ..SamplingFields::default()
+    };
+    let sampling = validate::sampling(&fields, &model)?;
+    let prompt = tokenize(model.clone(), messages).await?;
+    let max_tokens = validate::max_tokens(Some(request.max_tokens), "max_tokens", prompt.len(), &model)?;
+    let input_tokens = prompt.len() as u64;
+    let submitted = generation::submit(
+        &model,
+        vec![validate::generate_request(prompt, max_tokens, &sampling, None, false)],
+    )?;
+    let id = request_id("msg");
+    if request.stream {
+        return Ok(stream(submitted, id, request.model, input_tokens).into_response());
+    }
+    let collected = generation::collect(submitted).await?;
+    let choice = collected.choices.into_iter().next().unwrap_or_default();
+    Ok(axum::Json(MessagesResponse {
+        id,
+        kind: "message".into(),
+        role: "assistant".into(),
+        model: request.model,
+        content: vec![ResponseBlock::Text { text: choice.text }],
+        stop_reason: choice.finish_reason.map(|r| stop_reason(r, choice.stop_sequence.as_deref()).into()),
+        stop_sequence: choice.stop_sequence,
+        usage: Usage { input_tokens, output_tokens: collected.usage.completion_tokens },
+    })
+    .into_response())
+}
+
+fn stop_reason(reason: FinishReason, stop_sequence: Option<&str>) -> &'static str {
+    match (reason, stop_sequence) {
+        (FinishReason::Length, _) => "max_tokens",
+        (FinishReason::Stop, Some(_)) => "stop_sequence",
+        (FinishReason::Stop, None) => "end_turn",
+    }
+}
+
+fn sse(event: StreamEvent) -> SseEvent {
+    SseEvent::default()
+        .event(event.name())
+        .json_data(&event)
+        .unwrap_or_else(|_| SseEvent::default().data("{}"))
+}
+
+/// Streams Anthropic's event sequence: message_start, one text block (start, deltas, stop),
+/// message_delta with the stop reason and usage, message_stop.
+fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64) -> impl IntoResponse {
+    let start = StreamEvent::MessageStart {
+        message: MessagesResponse {
+            id,
+            kind: "message".into(),
+            role: "assistant".into(),
+            model: model_id,
+            content: vec![],
+            stop_reason: None,
+            stop_sequence: None,
+            usage: Usage { input_tokens, output_tokens: 0 },
+        },
+    };
+    let opening = [
+        start,
+        StreamEvent::ContentBlockStart {
+            index: 0,
+            content_block: ResponseBlock::Text { text: String::new() },
+        },
+        StreamEvent::Ping,
+    ];
+    let events = futures::stream::unfold(Some(submitted), |state| async move {
+        let mut submitted = state?;
+        loop {
+            let (_, event) = submitted.events.next().await?;
+            let out = match event {
+                Event::PromptLogprobs { .. } => continue,
+                Event::Delta { text, .. } if text.is_empty() => continue,
+                Event::Delta { text, .. } => {
+                    vec![StreamEvent::ContentBlockDelta { index: 0, delta: BlockDelta::TextDelta { text } }]
+                }
+                Event::Finished { reason, stop_sequence, completion_tokens, .. } => {
+                    let delta = MessageDelta {
+                        stop_reason: Some(stop_reason(reason, stop_sequence.as_deref()).into()),
+                        stop_sequence,
+                    };
+                    let usage = OutputUsage { output_tokens: completion_tokens as u64 };
+                    let tail = vec![
+                        StreamEvent::ContentBlockStop { index: 0 },
+                        StreamEvent::MessageDelta { delta, usage },
+                        StreamEvent::MessageStop,
+                    ];
+                    return Some((tail, None));
+                }
+                Event::Error(message) => {
+                    let error = error_body(&ApiError::Internal(message)).error;
+                    return Some((vec![StreamEvent::Error { error }], None));
+                }
+            };
+            return Some((out, Some(submitted)));
+        }
+    });
+    let all = futures::stream::iter(opening)
+        .chain(events.flat_map(futures::stream::iter))
+        .map(|event| Ok::<_, Infallible>(sse(event)));
+    Sse::new(all).keep_alive(KeepAlive::default())
+}
+
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AnthropicError> {
+    let body = read_body(body, &state)?;
+    let body = validate::parse_body(&body)?;
+    let request: CountTokensRequest = validate::parse_json(&body)?;
+    let model: SharedModel = state.model(&request.model)?;
+    refuse_tools(&request.tools)?;
+    let messages = conversation(request.system.as_ref(), &request.messages)?;
+    let prompt = tokenize(model, messages).await?;
+    Ok(axum::Json(CountTokensResponse { input_tokens: prompt.len() as u64 }).into_response())
+}

@@ -1,0 +1,94 @@
+"""The official anthropic SDK against /v1/messages on the local engine.
+
+Recent SDKs no longer take `temperature` as an argument; the API still accepts it, so the
+tests send it through `extra_body` (greedy decoding makes the answers comparable)."""
+import anthropic
+import httpx
+import pytest
+
+from conftest import MODEL_ID
+
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_message_plain(claude, client):
+    m = claude.messages.create(
+        model=MODEL_ID, max_tokens=24, extra_body=GREEDY, system="You are terse.",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert m.type == "message" and m.role == "assistant"
+    assert m.id.startswith("msg-")
+    assert m.content[0].type == "text" and m.content[0].text
+    assert m.stop_reason in ("end_turn", "max_tokens")
+    # The same conversation through the OpenAI dialect gives the same greedy text and counts.
+    o = client.chat.completions.create(
+        model=MODEL_ID, max_tokens=24, temperature=0,
+        messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert m.content[0].text == o.choices[0].message.content
+    assert m.usage.input_tokens == o.usage.prompt_tokens
+    assert m.usage.output_tokens == o.usage.completion_tokens
+
+
+def test_message_streaming(claude):
+    kwargs = dict(model=MODEL_ID, max_tokens=16, extra_body=GREEDY,
+                  messages=[{"role": "user", "content": [{"type": "text", "text": "Name three colours."}]}])
+    plain = claude.messages.create(**kwargs)
+    types = []
+    with claude.messages.stream(**kwargs) as stream:
+        for event in stream:
+            types.append(event.type)
+        final = stream.get_final_message()
+    assert types[0] == "message_start"
+    assert types[-1] == "message_stop"
+    assert "content_block_start" in types and "content_block_stop" in types and "message_delta" in types
+    assert final.content[0].text == plain.content[0].text
+    assert final.usage.output_tokens == plain.usage.output_tokens
+    assert final.stop_reason == plain.stop_reason
+
+
+def test_stop_sequence_and_max_tokens(claude):
+    m = claude.messages.create(model=MODEL_ID, max_tokens=3, extra_body=GREEDY,
+                               messages=[{"role": "user", "content": "Tell me a long story."}])
+    assert m.stop_reason == "max_tokens"
+    assert m.usage.output_tokens == 3
+    free = claude.messages.create(model=MODEL_ID, max_tokens=30, extra_body=GREEDY,
+                                  messages=[{"role": "user", "content": "Tell me a long story."}])
+    words = free.content[0].text.split()
+    stop = words[3]
+    m = claude.messages.create(model=MODEL_ID, max_tokens=30, extra_body=GREEDY, stop_sequences=[stop],
+                               messages=[{"role": "user", "content": "Tell me a long story."}])
+    assert m.stop_reason == "stop_sequence"
+    assert m.stop_sequence == stop
+    assert stop not in m.content[0].text
+
+
+def test_count_tokens(claude):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    counted = claude.messages.count_tokens(model=MODEL_ID, messages=messages, system="You are terse.")
+    m = claude.messages.create(model=MODEL_ID, max_tokens=1, messages=messages, system="You are terse.")
+    assert counted.input_tokens == m.usage.input_tokens
+
+
+def test_errors_are_anthropic_shaped(claude, server):
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="claude-nope", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model=MODEL_ID, max_tokens=5, extra_body={"temperature": 1.5}, messages=[{"role": "user", "content": "hi"}])
+    assert "temperature" in str(e.value)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model=MODEL_ID, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                               tools=[{"name": "f", "description": "d", "input_schema": {"type": "object"}}])
+    assert "tools" in str(e.value)
+    r = httpx.post(server.url + "/v1/messages", content=b"{oops", timeout=30)
+    assert r.status_code == 400
+    body = r.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/messages", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
