@@ -4,5 +4,6 @@
 pub mod anthropic;
 pub mod error;
 pub mod openai;
+pub mod responses;
 
 pub use error::{ErrorBody, ErrorDetail};

@@ -17,7 +17,7 @@ use ferry_engine::LocalModel;
 use serde_json::json;
 
 use crate::error::{ApiError, LoggedError};
-use crate::{chat, completions, messages};
+use crate::{chat, completions, messages, responses};
 
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -88,6 +88,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(get_model))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .fallback(fallback)

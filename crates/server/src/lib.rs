@@ -1,7 +1,7 @@
 //! Ferry's HTTP server: OpenAI-compatible routes over the engine.
 //!
 //! Requests flow one way: parse → validate (`validate`) → submit to the model's scheduler
-//! (`generation`) → stream or collect the answer (`chat`, `completions`, `messages`). `error` is the one
+//! (`generation`) → stream or collect the answer (`chat`, `completions`, `responses`, `messages`). `error` is the one
 //! table from failures to HTTP responses.
 
 pub mod app;
@@ -10,6 +10,7 @@ mod completions;
 pub mod error;
 mod generation;
 mod messages;
+mod responses;
 mod validate;
 
 pub use app::{AppState, HttpConfig, app};

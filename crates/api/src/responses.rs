@@ -1,0 +1,205 @@
+//! OpenAI's Responses API (`POST /v1/responses`), stateless: the request carries the whole
+//! conversation as `input` items; the answer is a `response` object with `output` items, or
+//! its typed stream events.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ResponsesRequest {
+    pub model: String,
+    pub input: Input,
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub text: Option<TextConfig>,
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub previous_response_id: Option<String>,
+    pub store: Option<bool>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Input {
+    Text(String),
+    Items(Vec<InputItem>),
+}
+
+/// An input item. Messages carry `role` and `content`; other item types (function calls,
+/// their outputs, reasoning) carry `type` and are named in errors when unsupported.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct InputItem {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub role: Option<String>,
+    pub content: Option<InputContent>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum InputContent {
+    Text(String),
+    Parts(Vec<InputPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct InputPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TextConfig {
+    pub format: Option<TextFormat>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TextFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputText {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+    pub annotations: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputMessage {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub id: String,
+    pub status: String,
+    pub role: String,
+    pub content: Vec<OutputText>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputTokensDetails {
+    pub cached_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputTokensDetails {
+    pub reasoning_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResponseUsage {
+    pub input_tokens: u64,
+    pub input_tokens_details: InputTokensDetails,
+    pub output_tokens: u64,
+    pub output_tokens_details: OutputTokensDetails,
+    pub total_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IncompleteDetails {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub id: String,
+    pub object: String,
+    pub created_at: u64,
+    /// `in_progress`, `completed` or `incomplete`.
+    pub status: String,
+    pub error: Option<serde_json::Value>,
+    pub incomplete_details: Option<IncompleteDetails>,
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<i64>,
+    pub model: String,
+    pub output: Vec<OutputMessage>,
+    pub parallel_tool_calls: bool,
+    pub previous_response_id: Option<String>,
+    pub store: bool,
+    pub temperature: Option<f64>,
+    pub text: TextConfig,
+    pub tool_choice: String,
+    pub tools: Vec<serde_json::Value>,
+    pub top_p: Option<f64>,
+    pub usage: Option<ResponseUsage>,
+    pub metadata: serde_json::Value,
+}
+
+/// The typed events of a streamed response, each with its `sequence_number`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type")]
+pub enum StreamEvent {
+    #[serde(rename = "response.created")]
+    Created { sequence_number: u64, response: Response },
+    #[serde(rename = "response.in_progress")]
+    InProgress { sequence_number: u64, response: Response },
+    #[serde(rename = "response.output_item.added")]
+    OutputItemAdded { sequence_number: u64, output_index: u32, item: OutputMessage },
+    #[serde(rename = "response.content_part.added")]
+    ContentPartAdded {
+        sequence_number: u64,
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        part: OutputText,
+    },
+    #[serde(rename = "response.output_text.delta")]
+    OutputTextDelta {
+        sequence_number: u64,
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        delta: String,
+        logprobs: Vec<serde_json::Value>,
+    },
+    #[serde(rename = "response.output_text.done")]
+    OutputTextDone {
+        sequence_number: u64,
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        text: String,
+        logprobs: Vec<serde_json::Value>,
+    },
+    #[serde(rename = "response.content_part.done")]
+    ContentPartDone {
+        sequence_number: u64,
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        part: OutputText,
+    },
+    #[serde(rename = "response.output_item.done")]
+    OutputItemDone { sequence_number: u64, output_index: u32, item: OutputMessage },
+    #[serde(rename = "response.completed")]
+    Completed { sequence_number: u64, response: Response },
+    #[serde(rename = "response.incomplete")]
+    Incomplete { sequence_number: u64, response: Response },
+    #[serde(rename = "error")]
+    Error { sequence_number: u64, code: Option<String>, message: String, param: Option<String> },
+}
+
+impl StreamEvent {
+    /// The SSE `event:` name: the event's `type`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StreamEvent::Created { .. } => "response.created",
+            StreamEvent::InProgress { .. } => "response.in_progress",
+            StreamEvent::OutputItemAdded { .. } => "response.output_item.added",
+            StreamEvent::ContentPartAdded { .. } => "response.content_part.added",
+            StreamEvent::OutputTextDelta { .. } => "response.output_text.delta",
+            StreamEvent::OutputTextDone { .. } => "response.output_text.done",
+            StreamEvent::ContentPartDone { .. } => "response.content_part.done",
+            StreamEvent::OutputItemDone { .. } => "response.output_item.done",
+            StreamEvent::Completed { .. } => "response.completed",
+            StreamEvent::Incomplete { .. } => "response.incomplete",
+            StreamEvent::Error { .. } => "error",
+        }
+    }
+}
