@@ -24,53 +24,93 @@ pub struct BenchArgs {
     /// Repetitions (llama-bench's -r)
     #[arg(long, short = 'r', default_value_t = 3)]
     reps: usize,
+    /// Also measure aggregate decode with this many sequences at once (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    concurrent: Vec<usize>,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     let batch = args.prompt.max(1);
+    args.gen_tokens = args.gen_tokens.max(1);
     let config = SchedulerConfig {
         session: SessionConfig {
-            n_sequences: 1,
-            ctx_per_sequence: args.prompt + args.gen_tokens + 8,
+            n_sequences: args.concurrent.iter().copied().max().unwrap_or(1).max(1),
+            ctx_per_sequence: args.prompt.max(args.gen_tokens) + 8,
             batch_tokens: batch,
             threads: args.threads,
         },
         prefill_chunk: batch,
-        max_waiting: 1,
+        max_waiting: args.concurrent.iter().copied().max().unwrap_or(1).max(1),
     };
     let model = LocalModel::load("bench", &args.model, config, |_| {})?;
     let n_vocab = model.info().n_vocab as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    // One warm-up run, as llama-bench does.
-    for rep in 0..=args.reps {
-        let prompt: Vec<u32> = (0..args.prompt).map(|_| rng.random_range(0..n_vocab)).collect();
-        let request = GenerateRequest {
-            prompt,
-            max_tokens: args.gen_tokens.max(1),
-            n: 1,
-            sampling: SamplingParams::greedy(),
-            stop: Vec::new(),
-            logprobs: None,
-            prompt_logprobs: false,
-            ignore_eos: true,
-        };
-        let started = Instant::now();
-        let mut events = model.scheduler.submit(request)?;
-        while let Some(event) = events.blocking_recv() {
-            match event {
-                Event::Finished { completion_tokens, timings, .. } => {
-                    if rep > 0 {
-                        prefill.push(args.prompt as f64 / (timings.first_token - started).as_secs_f64());
-                        let decoding = (timings.finished - timings.first_token).as_secs_f64();
-                        decode.push((completion_tokens - 1) as f64 / decoding);
+    let mut run =
+        |prompt_len: usize, gen_tokens: usize| -> anyhow::Result<(usize, ferry_engine::Timings, Instant)> {
+            let prompt: Vec<u32> = (0..prompt_len).map(|_| rng.random_range(0..n_vocab)).collect();
+            let request = GenerateRequest {
+                prompt,
+                max_tokens: gen_tokens,
+                n: 1,
+                sampling: SamplingParams::greedy(),
+                stop: Vec::new(),
+                logprobs: None,
+                prompt_logprobs: false,
+                ignore_eos: true,
+            };
+            let started = Instant::now();
+            let mut events = model.scheduler.submit(request)?;
+            while let Some(event) = events.blocking_recv() {
+                match event {
+                    Event::Finished { completion_tokens, timings, .. } => {
+                        return Ok((completion_tokens, timings, started));
                     }
+                    Event::Error(e) => anyhow::bail!(e),
+                    _ => {}
+                }
+            }
+            anyhow::bail!("the engine stopped")
+        };
+    // As llama-bench: prompt processing is one batch of random tokens (`pp`), and decoding
+    // generates from an empty context (`tg`), each after one discarded warm-up run.
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for rep in 0..=args.reps {
+        let (_, timings, started) = run(args.prompt, 1)?;
+        let (generated, tg, _) = run(1, args.gen_tokens + 1)?;
+        if rep > 0 {
+            prefill.push(args.prompt as f64 / (timings.first_token - started).as_secs_f64());
+            decode.push((generated - 1) as f64 / (tg.finished - tg.first_token).as_secs_f64());
+        }
+    }
+    // Aggregate decode: N sequences generating together, from submit to the last token.
+    let mut aggregate = serde_json::Map::new();
+    for &n in &args.concurrent {
+        let started = Instant::now();
+        let receivers = (0..n)
+            .map(|i| {
+                let request = GenerateRequest {
+                    prompt: vec![(i as u32 * 7919) % n_vocab],
+                    max_tokens: args.gen_tokens,
+                    n: 1,
+                    sampling: SamplingParams::greedy(),
+                    stop: Vec::new(),
+                    logprobs: None,
+                    prompt_logprobs: false,
+                    ignore_eos: true,
+                };
+                model.scheduler.submit(request)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut tokens = 0;
+        for mut events in receivers {
+            while let Some(event) = events.blocking_recv() {
+                if let Event::Finished { completion_tokens, .. } = event {
+                    tokens += completion_tokens;
                     break;
                 }
-                Event::Error(e) => anyhow::bail!(e),
-                _ => {}
             }
         }
+        aggregate.insert(n.to_string(), serde_json::json!(tokens as f64 / started.elapsed().as_secs_f64()));
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     println!(
@@ -84,6 +124,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "decode_tokens_per_s": mean(&decode),
             "prefill_runs": prefill,
             "decode_runs": decode,
+            "aggregate_decode_tokens_per_s": aggregate,
         })
     );
     Ok(())

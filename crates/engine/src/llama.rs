@@ -126,6 +126,9 @@ impl Backend for LlamaCppModel {
             .with_n_batch(config.batch_tokens as u32)
             .with_n_ubatch(config.batch_tokens as u32)
             .with_n_seq_max(n_seq as u32)
+            // One KV stream per sequence: a token attends only to its own sequence's cells.
+            // (A unified cache measured slower here for 16 concurrent sequences.)
+            .with_kv_unified(false)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let context = self

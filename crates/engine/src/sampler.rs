@@ -122,7 +122,7 @@ impl Sampler {
             return argmax(logits);
         }
 
-        // Candidates sorted by logit, truncated by top-k first (cheap with select_nth).
+        // Candidates, truncated by top-k first (cheap with select_nth, no full sort).
         let candidates = &mut self.scratch;
         candidates.clear();
         candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as TokenId, l)));
@@ -130,30 +130,43 @@ impl Sampler {
             candidates.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             candidates.truncate(p.top_k);
         }
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let max = candidates.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
 
-        // Softmax at temperature 1 for top-p/min-p, as llama.cpp does before temperature.
-        let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|c| (c.1 - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= sum);
-
-        let mut keep = candidates.len();
-        if p.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            for (i, prob) in probs.iter().enumerate() {
-                cumulative += prob;
-                if cumulative >= p.top_p {
-                    keep = i + 1;
+        // Top-p and min-p look at the distribution at temperature 1, as llama.cpp does before
+        // applying temperature. Only the head of the distribution is sorted: enough candidates
+        // to cover `top_p`, found by growing a partial selection.
+        if p.top_p < 1.0 || p.min_p > 0.0 {
+            let total: f32 = candidates.iter().map(|c| (c.1 - max).exp()).sum();
+            let mut head = 64.min(candidates.len());
+            loop {
+                if head < candidates.len() {
+                    candidates.select_nth_unstable_by(head - 1, |a, b| b.1.total_cmp(&a.1));
+                }
+                candidates[..head].sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+                let mut keep = head;
+                let mut cumulative = 0.0;
+                let mut covered = false;
+                for (i, c) in candidates[..head].iter().enumerate() {
+                    let prob = (c.1 - max).exp() / total;
+                    if p.min_p > 0.0 && prob < p.min_p * (1.0 / total) {
+                        keep = i.max(1);
+                        covered = true;
+                        break;
+                    }
+                    cumulative += prob;
+                    if p.top_p < 1.0 && cumulative >= p.top_p {
+                        keep = i + 1;
+                        covered = true;
+                        break;
+                    }
+                }
+                if covered || head == candidates.len() {
+                    candidates.truncate(keep);
                     break;
                 }
+                head = (head * 4).min(candidates.len());
             }
         }
-        if p.min_p > 0.0 {
-            let threshold = probs[0] * p.min_p;
-            keep = keep.min(probs.iter().take_while(|&&x| x >= threshold).count().max(1));
-        }
-        candidates.truncate(keep);
 
         // Temperature, then the draw.
         let weights: Vec<f32> = candidates.iter().map(|c| ((c.1 - max) / p.temperature).exp()).collect();
