@@ -255,6 +255,26 @@ mod tests {
     }
 
     #[test]
+    fn top_p_and_min_p_keep_only_the_head() {
+        // Probabilities about 0.5, 0.3, 0.15, then a long tail of tiny ones.
+        let mut logits = vec![-20.0f32; 5000];
+        logits[10] = 0.5f32.ln();
+        logits[20] = 0.3f32.ln();
+        logits[30] = 0.15f32.ln();
+        let draws = |params: SamplingParams| {
+            let mut s = Sampler::new(params, 0);
+            (0..300).map(|_| s.sample(&logits)).collect::<std::collections::HashSet<_>>()
+        };
+        let nucleus = draws(SamplingParams { top_p: 0.75, seed: Some(1), ..SamplingParams::default() });
+        assert_eq!(nucleus, [10, 20].into_iter().collect());
+        let min_p = draws(SamplingParams { min_p: 0.25, seed: Some(1), ..SamplingParams::default() });
+        assert_eq!(min_p, [10, 20, 30].into_iter().collect());
+        let both =
+            draws(SamplingParams { top_p: 0.6, min_p: 0.25, seed: Some(1), ..SamplingParams::default() });
+        assert_eq!(both, [10, 20].into_iter().collect());
+    }
+
+    #[test]
     fn logprobs_are_normalised() {
         let logits = [1.0, 2.0, 3.0];
         let (lp, top) = logprobs(&logits, 2, 3);
