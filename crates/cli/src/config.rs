@@ -66,6 +66,14 @@ struct FileConfig {
     prefill_chunk: Option<usize>,
     max_queue: Option<usize>,
     max_body_bytes: Option<usize>,
+    /// Upstream providers of the gateway (see ferry_gateway::config).
+    #[serde(default)]
+    providers: std::collections::BTreeMap<String, ferry_gateway::ProviderConfig>,
+    /// Model names clients use for upstream targets.
+    #[serde(default)]
+    aliases: Vec<ferry_gateway::AliasConfig>,
+    circuit_failure_threshold: Option<u32>,
+    circuit_open_ms: Option<u64>,
 }
 
 /// Checked settings.
@@ -82,6 +90,7 @@ pub struct ServeConfig {
     pub prefill_chunk: usize,
     pub max_queue: usize,
     pub max_body_bytes: usize,
+    pub gateway: ferry_gateway::GatewayConfig,
 }
 
 impl ServeArgs {
@@ -108,6 +117,12 @@ impl ServeArgs {
             prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(256),
             max_queue: self.max_queue.or(file.max_queue).unwrap_or(256),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024),
+            gateway: ferry_gateway::GatewayConfig {
+                providers: file.providers,
+                aliases: file.aliases,
+                circuit_failure_threshold: file.circuit_failure_threshold.unwrap_or(5),
+                circuit_open_ms: file.circuit_open_ms.unwrap_or(30_000),
+            },
         };
         for (name, value) in [
             ("threads", config.threads),
@@ -129,8 +144,12 @@ impl ServeArgs {
 }
 
 impl ServeConfig {
-    /// The model files to serve: the given ones, or the default model in the models directory.
+    /// The model files to serve: the given ones, or the default model in the models
+    /// directory (unless the server only routes to upstream providers).
     pub fn model_specs(&self) -> Vec<String> {
+        if self.models.is_empty() && !self.gateway.aliases.is_empty() {
+            return Vec::new();
+        }
         if self.models.is_empty() {
             vec![self.models_dir.join(DEFAULT_MODEL_FILE).display().to_string()]
         } else {

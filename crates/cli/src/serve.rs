@@ -45,7 +45,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         models.push(Arc::new(model));
     }
 
-    let state = AppState::new(models, HttpConfig { max_body_bytes: config.max_body_bytes });
+    let gateway = if config.gateway.aliases.is_empty() {
+        None
+    } else {
+        let gateway = ferry_gateway::Gateway::from_config(&config.gateway)?;
+        tracing::info!(
+            aliases = config.gateway.aliases.len(),
+            providers = config.gateway.providers.len(),
+            "gateway ready"
+        );
+        Some(Arc::new(gateway))
+    };
+    let state = AppState::new(models, gateway, HttpConfig { max_body_bytes: config.max_body_bytes });
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;

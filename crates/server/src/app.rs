@@ -40,13 +40,23 @@ pub struct AppState {
 
 struct Inner {
     models: Vec<Arc<LocalModel>>,
+    gateway: Option<Arc<ferry_gateway::Gateway>>,
     http: HttpConfig,
     created: u64,
 }
 
 impl AppState {
-    pub fn new(models: Vec<Arc<LocalModel>>, http: HttpConfig) -> Self {
-        AppState { inner: Arc::new(Inner { models, http, created: crate::generation::unix_now() }) }
+    pub fn new(
+        models: Vec<Arc<LocalModel>>,
+        gateway: Option<Arc<ferry_gateway::Gateway>>,
+        http: HttpConfig,
+    ) -> Self {
+        AppState { inner: Arc::new(Inner { models, gateway, http, created: crate::generation::unix_now() }) }
+    }
+
+    /// The gateway, when upstream aliases are configured.
+    pub fn gateway(&self) -> Option<&Arc<ferry_gateway::Gateway>> {
+        self.inner.gateway.as_ref()
     }
 
     pub fn model(&self, id: &str) -> Result<Arc<LocalModel>, ApiError> {
@@ -134,7 +144,18 @@ fn model_card(state: &AppState, model: &LocalModel) -> Model {
 }
 
 async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
-    let data = state.models().iter().map(|m| model_card(&state, m)).collect();
+    let mut data: Vec<Model> = state.models().iter().map(|m| model_card(&state, m)).collect();
+    if let Some(gateway) = state.gateway() {
+        let mut aliases: Vec<&str> = gateway.alias_names().collect();
+        aliases.sort_unstable();
+        data.extend(aliases.into_iter().map(|alias| Model {
+            id: alias.to_string(),
+            object: "model".into(),
+            created: state.inner.created,
+            owned_by: "ferry-gateway".into(),
+            details: Default::default(),
+        }));
+    }
     axum::Json(ModelList { object: "list".into(), data })
 }
 

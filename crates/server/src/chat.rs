@@ -1,23 +1,31 @@
-//! `POST /v1/chat/completions`, plain and streaming.
+//! `POST /v1/chat/completions`, plain and streaming, for a local model or a gateway alias.
+//! Both produce neutral `ChatEvent`s when streaming, so one renderer writes OpenAI's chunks.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderValue;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ferry_api::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChatDelta, ChatLogprobs, SamplingFields,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, FunctionCall, FunctionCallDelta, SamplingFields,
+    ToolCall, ToolCallDelta, Usage,
 };
 use ferry_engine::Event;
-use futures::StreamExt;
+use ferry_gateway::Route;
+use ferry_providers::{ChatEvent, ChatResponse, ProviderError};
+use futures::{Stream, StreamExt};
 
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
 use crate::generation::{self, SharedModel, Submitted, chat_logprob, request_id, unix_now, usage};
-use crate::validate;
+use crate::{translate, validate};
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -26,10 +34,35 @@ pub async fn chat_completions(
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
     let request: ChatCompletionRequest = validate::parse_json(&body)?;
-    let sampling_fields: SamplingFields = validate::parse_json(&body)?;
+    let fields: SamplingFields = validate::parse_json(&body)?;
+    if let Some(gateway) = state.gateway()
+        && gateway.has_alias(&request.model)
+    {
+        return upstream(state.clone(), request, fields).await;
+    }
     let model = state.model(&request.model)?;
+    local(state, model, request, fields).await
+}
+
+async fn local(
+    state: AppState,
+    model: SharedModel,
+    request: ChatCompletionRequest,
+    fields: SamplingFields,
+) -> Result<Response, ApiError> {
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::invalid("tools", "Tool calling is not supported by local models yet"));
+    }
+    if let Some(kind) = request.response_format.as_ref().and_then(|f| f["type"].as_str())
+        && kind != "text"
+    {
+        return Err(ApiError::invalid(
+            "response_format",
+            format!("response_format '{kind}' is not supported by local models yet"),
+        ));
+    }
     let messages = validate::chat_messages(&request)?;
-    let sampling = validate::sampling(&sampling_fields, &model)?;
+    let sampling = validate::sampling(&fields, &model)?;
     let logprobs = validate::chat_logprobs(&request)?;
     let prompt = {
         let model = model.clone();
@@ -47,10 +80,11 @@ pub async fn chat_completions(
         vec![validate::generate_request(prompt, max_tokens, &sampling, logprobs, false)],
     )?;
     let id = request_id("chatcmpl");
-    let model_id = request.model.clone();
     if request.stream {
-        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(stream(model, submitted, id, model_id, include_usage).into_response());
+        let n = submitted.n;
+        let events = local_events(model, submitted);
+        let include_usage = include_usage(&request);
+        return Ok(stream(events, n, id, request.model, include_usage).into_response());
     }
     let collected = generation::collect(submitted).await?;
     let choices = collected
@@ -59,7 +93,7 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(index, c)| ChatChoice {
             index: index as u32,
-            message: AssistantMessage { role: "assistant".into(), content: Some(c.text) },
+            message: AssistantMessage { role: "assistant".into(), content: Some(c.text), tool_calls: None },
             logprobs: logprobs.map(|_| ChatLogprobs {
                 content: c.tokens.iter().map(|t| chat_logprob(&model, t)).collect(),
             }),
@@ -70,7 +104,7 @@ pub async fn chat_completions(
         id,
         object: "chat.completion".into(),
         created: unix_now(),
-        model: model_id,
+        model: request.model,
         choices,
         usage: collected.usage,
         system_fingerprint: Some(state.fingerprint()),
@@ -78,106 +112,198 @@ pub async fn chat_completions(
     .into_response())
 }
 
-/// Streams chunks as OpenAI does: a first chunk per choice with the role, content deltas,
-/// a chunk with the finish reason, an optional usage chunk, then `[DONE]`.
+/// The engine's events as neutral chat events; usage comes last.
+fn local_events(model: SharedModel, submitted: Submitted) -> EventStream {
+    let prompt_tokens = submitted.prompt_tokens;
+    let state = (submitted, 0usize, false);
+    futures::stream::unfold(state, move |(mut submitted, mut completion_tokens, done)| {
+        let model = model.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let Some((_, event)) = submitted.events.next().await else {
+                    let usage = ferry_providers::Usage {
+                        prompt_tokens: prompt_tokens as u64,
+                        completion_tokens: completion_tokens as u64,
+                    };
+                    return Some((vec![Ok(ChatEvent::Usage(usage))], (submitted, completion_tokens, true)));
+                };
+                let out = match event {
+                    Event::PromptLogprobs { .. } => continue,
+                    Event::Delta { choice, text, tokens } => {
+                        let logprobs = (!tokens.is_empty()).then(|| {
+                            let content: Vec<_> = tokens.iter().map(|t| chat_logprob(&model, t)).collect();
+                            serde_json::json!({ "content": content })
+                        });
+                        vec![Ok(ChatEvent::Text { choice: choice as u32, text, logprobs })]
+                    }
+                    Event::Finished { choice, reason, completion_tokens: used, .. } => {
+                        completion_tokens += used;
+                        let reason = match reason {
+                            ferry_engine::FinishReason::Stop => ferry_providers::FinishReason::Stop,
+                            ferry_engine::FinishReason::Length => ferry_providers::FinishReason::Length,
+                        };
+                        vec![Ok(ChatEvent::Finish { choice: choice as u32, reason })]
+                    }
+                    Event::Error(message) => {
+                        let error = ProviderError::Status {
+                            status: 500,
+                            message,
+                            code: None,
+                            param: None,
+                            retry_after: None,
+                        };
+                        return Some((vec![Err(error)], (submitted, completion_tokens, true)));
+                    }
+                };
+                return Some((out, (submitted, completion_tokens, false)));
+            }
+        }
+    })
+    .flat_map(futures::stream::iter)
+    .boxed()
+}
+
+fn include_usage(request: &ChatCompletionRequest) -> bool {
+    request.stream_options.as_ref().is_some_and(|o| o.include_usage)
+}
+
+/// A request for a gateway alias: translated to the neutral form, routed, and the answer
+/// translated back.
+async fn upstream(
+    state: AppState,
+    request: ChatCompletionRequest,
+    fields: SamplingFields,
+) -> Result<Response, ApiError> {
+    let Some(gateway) = state.gateway() else { return Err(ApiError::ModelNotFound(request.model)) };
+    let neutral = translate::from_openai_chat(&request, &fields)?;
+    let id = request_id("chatcmpl");
+    if request.stream {
+        let routed = gateway.chat_stream(&request.model, neutral).await?;
+        let n = fields.n.unwrap_or(1).max(1) as usize;
+        let include_usage = include_usage(&request);
+        let mut response = stream(routed.value, n, id, request.model, include_usage).into_response();
+        route_headers(&mut response, &routed.route);
+        return Ok(response);
+    }
+    let routed = gateway.chat(&request.model, neutral).await?;
+    let mut response = axum::Json(completion(routed.value, id, request.model)).into_response();
+    route_headers(&mut response, &routed.route);
+    Ok(response)
+}
+
+/// Says which target answered and after how many calls.
+fn route_headers(response: &mut Response, route: &Route) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&route.target) {
+        headers.insert("x-ferry-target", v);
+    }
+    headers.insert("x-ferry-attempts", HeaderValue::from(route.attempts));
+}
+
+fn completion(answer: ChatResponse, id: String, model: String) -> ChatCompletion {
+    let choices = answer
+        .choices
+        .into_iter()
+        .map(|c| {
+            let tool_calls = (!c.message.tool_calls.is_empty()).then(|| {
+                c.message
+                    .tool_calls
+                    .iter()
+                    .map(|t| ToolCall {
+                        id: t.id.clone(),
+                        kind: "function".into(),
+                        function: FunctionCall { name: t.name.clone(), arguments: t.arguments.clone() },
+                    })
+                    .collect()
+            });
+            let text = c.message.joined_text();
+            ChatChoice {
+                index: c.index,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: (!text.is_empty() || tool_calls.is_none()).then_some(text),
+                    tool_calls,
+                },
+                logprobs: c.logprobs.and_then(|v| serde_json::from_value(v).ok()),
+                finish_reason: c.finish_reason.map(|r| r.openai().to_string()),
+            }
+        })
+        .collect();
+    ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created: unix_now(),
+        model,
+        choices,
+        usage: usage(answer.usage.prompt_tokens as usize, answer.usage.completion_tokens as usize),
+        system_fingerprint: None,
+    }
+}
+
+/// OpenAI's chunk sequence from neutral events: a first chunk per choice with the role,
+/// content and tool-call deltas, a chunk with the finish reason, an optional usage chunk,
+/// then `[DONE]`. An error after the headers went out is reported in the stream.
 fn stream(
-    model: SharedModel,
-    submitted: Submitted,
+    events: EventStream,
+    n: usize,
     id: String,
-    model_id: String,
+    model: String,
     include_usage: bool,
 ) -> impl IntoResponse {
     let created = unix_now();
-    let n = submitted.n;
-    let prompt_tokens = submitted.prompt_tokens;
-    let chunk = move |choices: Vec<ChatChunkChoice>,
-                      usage_value: Option<Option<ferry_api::openai::Usage>>| {
+    let chunk = move |choices: Vec<ChatChunkChoice>, usage_value: Option<Option<Usage>>| {
         let chunk = ChatCompletionChunk {
             id: id.clone(),
             object: "chat.completion.chunk".into(),
             created,
-            model: model_id.clone(),
+            model: model.clone(),
             choices,
             usage: usage_value.or(include_usage.then_some(None)),
             system_fingerprint: None,
         };
         SseEvent::default().json_data(chunk).unwrap_or_else(|_| SseEvent::default().data("{}"))
     };
-    let first: Vec<SseEvent> = (0..n)
-        .map(|i| {
-            chunk(
-                vec![ChatChunkChoice {
-                    index: i as u32,
-                    delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
-                    logprobs: None,
-                    finish_reason: None,
-                }],
-                None,
-            )
-        })
-        .collect();
-
-    let events = futures::stream::unfold(
-        (submitted, 0usize, n, false),
-        move |(mut submitted, mut completion_tokens, mut open, done)| {
-            let chunk = chunk.clone();
-            let model = model.clone();
-            async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    if open == 0 {
-                        let event = include_usage
-                            .then(|| chunk(vec![], Some(Some(usage(prompt_tokens, completion_tokens)))));
-                        let tail: Vec<SseEvent> =
-                            event.into_iter().chain([SseEvent::default().data("[DONE]")]).collect();
-                        return Some((tail, (submitted, completion_tokens, open, true)));
-                    }
-                    let Some((_, event)) = submitted.events.next().await else {
-                        return None;
-                    };
-                    let out = match event {
-                        Event::PromptLogprobs { .. } => continue,
-                        Event::Delta { choice, text, tokens } => chunk(
-                            vec![ChatChunkChoice {
-                                index: choice as u32,
-                                delta: ChatDelta { role: None, content: Some(text) },
-                                logprobs: (!tokens.is_empty()).then(|| ChatLogprobs {
-                                    content: tokens.iter().map(|t| chat_logprob(&model, t)).collect(),
-                                }),
-                                finish_reason: None,
-                            }],
-                            None,
-                        ),
-                        Event::Finished { choice, reason, completion_tokens: used, .. } => {
-                            completion_tokens += used;
-                            open -= 1;
-                            chunk(
-                                vec![ChatChunkChoice {
-                                    index: choice as u32,
-                                    delta: ChatDelta::default(),
-                                    logprobs: None,
-                                    finish_reason: Some(reason.as_str().to_string()),
-                                }],
-                                None,
-                            )
-                        }
-                        Event::Error(message) => {
-                            // Headers are gone already: report in the stream, as OpenAI does.
-                            let body = ApiError::Internal(message).body();
-                            let event = SseEvent::default()
-                                .json_data(body)
-                                .unwrap_or_else(|_| SseEvent::default().data("{}"));
-                            return Some((vec![event], (submitted, completion_tokens, 0, true)));
-                        }
-                    };
-                    return Some((vec![out], (submitted, completion_tokens, open, false)));
-                }
-            }
-        },
-    );
-    let all =
-        futures::stream::iter(first).chain(events.flat_map(futures::stream::iter)).map(Ok::<_, Infallible>);
+    let delta_chunk = {
+        let chunk = chunk.clone();
+        move |index: u32, delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish_reason: Option<String>| {
+            chunk(vec![ChatChunkChoice { index, delta, logprobs, finish_reason }], None)
+        }
+    };
+    let role = ChatDelta { role: Some("assistant".into()), content: Some(String::new()), tool_calls: None };
+    let first: Vec<SseEvent> = (0..n).map(|i| delta_chunk(i as u32, role.clone(), None, None)).collect();
+    let body = events.map(move |event| match event {
+        Ok(ChatEvent::Text { choice, text, logprobs }) => {
+            let delta = ChatDelta { role: None, content: Some(text), tool_calls: None };
+            vec![delta_chunk(choice, delta, logprobs.and_then(|v| serde_json::from_value(v).ok()), None)]
+        }
+        Ok(ChatEvent::ToolCall { choice, index, id, name, arguments }) => {
+            let call = ToolCallDelta {
+                index,
+                kind: id.as_ref().map(|_| "function".to_string()),
+                id,
+                function: FunctionCallDelta { name, arguments },
+            };
+            let delta = ChatDelta { role: None, content: None, tool_calls: Some(vec![call]) };
+            vec![delta_chunk(choice, delta, None, None)]
+        }
+        Ok(ChatEvent::Finish { choice, reason }) => {
+            vec![delta_chunk(choice, ChatDelta::default(), None, Some(reason.openai().to_string()))]
+        }
+        Ok(ChatEvent::Usage(u)) => {
+            let u = usage(u.prompt_tokens as usize, u.completion_tokens as usize);
+            include_usage.then(|| chunk(vec![], Some(Some(u)))).into_iter().collect()
+        }
+        Err(e) => {
+            let body = ApiError::from(e).body();
+            vec![SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))]
+        }
+    });
+    let all = futures::stream::iter(first)
+        .chain(body.flat_map(futures::stream::iter))
+        .chain(futures::stream::once(async { SseEvent::default().data("[DONE]") }))
+        .map(Ok::<_, Infallible>);
     Sse::new(all).keep_alive(KeepAlive::default())
 }

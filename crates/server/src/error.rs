@@ -31,6 +31,13 @@ pub enum ApiError {
     NotReady(String),
     #[error("The server had an error while processing your request: {0}")]
     Internal(String),
+    /// An upstream provider's error, passed on with its status.
+    #[error("{message}")]
+    Upstream { status: u16, message: String, code: Option<String>, param: Option<String> },
+    #[error("The upstream provider could not be reached: {0}")]
+    BadGateway(String),
+    #[error("The upstream provider timed out: {0}")]
+    GatewayTimeout(String),
 }
 
 impl ApiError {
@@ -70,6 +77,28 @@ impl ApiError {
             }
             NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), None),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("internal_error"), None),
+            Upstream { status, code, param, .. } => {
+                let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let kind = match status.as_u16() {
+                    401 => "authentication_error",
+                    403 => "permission_error",
+                    404 | 400 | 409 | 413 | 422 => "invalid_request_error",
+                    429 => "rate_limit_error",
+                    _ => "server_error",
+                };
+                let code: &'static str = match code.as_deref() {
+                    Some("model_not_found") => "model_not_found",
+                    Some("context_length_exceeded") => "context_length_exceeded",
+                    Some("queue_full") => "queue_full",
+                    Some("invalid_value") => "invalid_value",
+                    _ => "upstream_error",
+                };
+                (status, kind, Some(code), param.clone())
+            }
+            BadGateway(_) => (StatusCode::BAD_GATEWAY, "server_error", Some("upstream_unreachable"), None),
+            GatewayTimeout(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, "server_error", Some("upstream_timeout"), None)
+            }
         }
     }
 
@@ -97,6 +126,30 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidRequest(message) => ApiError::invalid("n", message),
             EngineError::Template(t) => ApiError::invalid("messages", t.to_string()),
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ferry_providers::ProviderError> for ApiError {
+    fn from(e: ferry_providers::ProviderError) -> Self {
+        use ferry_providers::ProviderError as P;
+        match e {
+            P::Status { status, message, code, param, .. } => {
+                ApiError::Upstream { status, message, code, param }
+            }
+            P::Connect(m) => ApiError::BadGateway(m),
+            P::Timeout(what) => ApiError::GatewayTimeout(what.to_string()),
+            P::Decode(m) => ApiError::BadGateway(m),
+            P::Unsupported(m) => ApiError::invalid("model", m),
+        }
+    }
+}
+
+impl From<ferry_gateway::GatewayError> for ApiError {
+    fn from(e: ferry_gateway::GatewayError) -> Self {
+        match e {
+            ferry_gateway::GatewayError::Upstream(p) => p.into(),
+            other => ApiError::BadGateway(other.to_string()),
         }
     }
 }

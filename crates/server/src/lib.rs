@@ -11,6 +11,7 @@ pub mod error;
 mod generation;
 mod messages;
 mod responses;
+mod translate;
 mod validate;
 
 pub use app::{AppState, HttpConfig, app};

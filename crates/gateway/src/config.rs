@@ -1,0 +1,123 @@
+//! The gateway's part of the TOML config: upstream providers and the aliases clients use.
+//!
+//! ```toml
+//! [providers.vllm]
+//! kind = "openai"
+//! base_url = "http://10.0.0.5:8000/v1"
+//! api_key_env = "VLLM_API_KEY"        # or api_key_file = "/run/secrets/vllm"
+//!
+//! [[aliases]]
+//! name = "chat"
+//! strategy = "fallback"               # or "weighted", "least_outstanding"
+//! retries = 2
+//! targets = [{ provider = "vllm", model = "Qwen/Qwen2.5-7B-Instruct" }]
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    #[serde(default)]
+    pub aliases: Vec<AliasConfig>,
+    /// Consecutive failures that open a target's circuit.
+    #[serde(default = "default_failure_threshold")]
+    pub circuit_failure_threshold: u32,
+    /// How long an open circuit skips its target before one probe.
+    #[serde(default = "default_open_ms")]
+    pub circuit_open_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// `openai` (any OpenAI-compatible server).
+    pub kind: String,
+    pub base_url: String,
+    /// Environment variable holding the API key.
+    pub api_key_env: Option<String>,
+    /// File holding the API key (a mounted secret).
+    pub api_key_file: Option<String>,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_first_byte_ms")]
+    pub first_byte_timeout_ms: u64,
+    #[serde(default = "default_total_ms")]
+    pub total_timeout_ms: u64,
+}
+
+impl ProviderConfig {
+    /// The key from its variable or file; an error names the source, never the value.
+    pub fn api_key(&self) -> Result<Option<String>, String> {
+        if let Some(var) = &self.api_key_env {
+            return std::env::var(var)
+                .map(Some)
+                .map_err(|_| format!("the environment variable {var} is not set"));
+        }
+        if let Some(path) = &self.api_key_file {
+            return std::fs::read_to_string(path)
+                .map(|k| Some(k.trim().to_string()))
+                .map_err(|e| format!("reading the key file {path}: {e}"));
+        }
+        Ok(None)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Targets in the order listed; the next one only when the previous fails.
+    #[default]
+    Fallback,
+    /// Spread by weight; the others stay as fallbacks.
+    Weighted,
+    /// The target with the fewest requests in flight first.
+    LeastOutstanding,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasConfig {
+    pub name: String,
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Retries on the same target before falling back.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub provider: String,
+    pub model: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_failure_threshold() -> u32 {
+    5
+}
+fn default_open_ms() -> u64 {
+    30_000
+}
+fn default_connect_ms() -> u64 {
+    10_000
+}
+fn default_first_byte_ms() -> u64 {
+    60_000
+}
+fn default_total_ms() -> u64 {
+    600_000
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_weight() -> u32 {
+    1
+}

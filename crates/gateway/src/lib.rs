@@ -1,0 +1,302 @@
+//! Routing a request to an upstream target: aliases with one or more targets, retries with
+//! backoff (honouring `Retry-After`), fallback to the next target, load balancing and a
+//! circuit breaker per target. Streams fall back only before their first event.
+
+pub mod config;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_providers::openai::OpenAiProvider;
+use ferry_providers::{ChatRequest, ChatResponse, EventStream, Provider, ProviderError, Timeouts};
+use futures::future::BoxFuture;
+
+pub use config::{AliasConfig, GatewayConfig, ProviderConfig, Strategy, TargetConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("provider `{0}`: {1}")]
+    Config(String, String),
+    /// Every target failed (or had its circuit open); the last failure.
+    #[error(transparent)]
+    Upstream(#[from] ProviderError),
+    #[error("every target of `{0}` is unavailable (circuit open)")]
+    NoTarget(String),
+}
+
+/// Where a request went: for response headers and traces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    /// `provider/model` of the target that answered.
+    pub target: String,
+    /// Calls made, retries and fallbacks included.
+    pub attempts: u32,
+    /// Targets given up on before the one that answered.
+    pub fallbacks: u32,
+}
+
+#[derive(Debug)]
+pub struct Routed<T> {
+    pub value: T,
+    pub route: Route,
+}
+
+/// A target's circuit: closed (calls flow), open (calls skipped until `until`), then
+/// half-open (one probe decides).
+#[derive(Debug, Default)]
+struct Circuit {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+struct Target {
+    provider: Arc<dyn Provider>,
+    provider_name: String,
+    model: String,
+    weight: u32,
+    circuit: Mutex<Circuit>,
+    outstanding: AtomicU64,
+}
+
+impl Target {
+    fn label(&self) -> String {
+        format!("{}/{}", self.provider_name, self.model)
+    }
+}
+
+struct Alias {
+    targets: Vec<Arc<Target>>,
+    strategy: Strategy,
+    retries: u32,
+}
+
+/// Circuit breaker and retry settings shared by every alias.
+#[derive(Debug, Clone, Copy)]
+pub struct Reliability {
+    pub failure_threshold: u32,
+    pub open_for: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Reliability {
+    fn default() -> Self {
+        Reliability {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct Gateway {
+    aliases: HashMap<String, Alias>,
+    reliability: Reliability,
+    counter: AtomicU64,
+}
+
+impl Gateway {
+    pub fn from_config(config: &GatewayConfig) -> Result<Self, GatewayError> {
+        let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+        for (name, p) in &config.providers {
+            let api_key = p.api_key().map_err(|e| GatewayError::Config(name.clone(), e))?;
+            let timeouts = Timeouts {
+                connect: Duration::from_millis(p.connect_timeout_ms),
+                first_byte: Duration::from_millis(p.first_byte_timeout_ms),
+                total: Duration::from_millis(p.total_timeout_ms),
+            };
+            let provider: Arc<dyn Provider> = match p.kind.as_str() {
+                "openai" => Arc::new(
+                    OpenAiProvider::new(&p.base_url, api_key, timeouts)
+                        .map_err(|e| GatewayError::Config(name.clone(), e.to_string()))?,
+                ),
+                other => {
+                    return Err(GatewayError::Config(
+                        name.clone(),
+                        format!("unknown kind `{other}` (known: openai)"),
+                    ));
+                }
+            };
+            providers.insert(name.clone(), provider);
+        }
+        let mut aliases = HashMap::new();
+        for alias in &config.aliases {
+            let targets = alias
+                .targets
+                .iter()
+                .map(|t| {
+                    let provider = providers.get(&t.provider).cloned().ok_or_else(|| {
+                        GatewayError::Config(
+                            t.provider.clone(),
+                            format!("alias `{}` names an unknown provider", alias.name),
+                        )
+                    })?;
+                    Ok(Arc::new(Target {
+                        provider,
+                        provider_name: t.provider.clone(),
+                        model: t.model.clone(),
+                        weight: t.weight.max(1),
+                        circuit: Mutex::new(Circuit::default()),
+                        outstanding: AtomicU64::new(0),
+                    }))
+                })
+                .collect::<Result<Vec<_>, GatewayError>>()?;
+            aliases.insert(
+                alias.name.clone(),
+                Alias { targets, strategy: alias.strategy, retries: alias.retries },
+            );
+        }
+        let reliability = Reliability {
+            failure_threshold: config.circuit_failure_threshold,
+            open_for: Duration::from_millis(config.circuit_open_ms),
+            ..Reliability::default()
+        };
+        Ok(Gateway { aliases, reliability, counter: AtomicU64::new(0) })
+    }
+
+    pub fn has_alias(&self, name: &str) -> bool {
+        self.aliases.contains_key(name)
+    }
+
+    pub fn alias_names(&self) -> impl Iterator<Item = &str> {
+        self.aliases.keys().map(String::as_str)
+    }
+
+    pub async fn chat(
+        &self,
+        alias: &str,
+        request: ChatRequest,
+    ) -> Result<Routed<ChatResponse>, GatewayError> {
+        self.route(alias, request, |provider, request| provider.chat(request)).await
+    }
+
+    pub async fn chat_stream(
+        &self,
+        alias: &str,
+        request: ChatRequest,
+    ) -> Result<Routed<EventStream>, GatewayError> {
+        self.route(alias, request, |provider, request| provider.chat_stream(request)).await
+    }
+
+    /// Targets in the order to try them.
+    fn order(&self, alias: &Alias) -> Vec<Arc<Target>> {
+        let mut targets = alias.targets.clone();
+        match alias.strategy {
+            Strategy::Fallback => {}
+            Strategy::Weighted => {
+                // A deterministic weighted rotation: request k goes first to the target whose
+                // cumulative weight covers k modulo the total.
+                let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
+                let k = self.counter.fetch_add(1, Ordering::Relaxed) % total.max(1);
+                let mut acc = 0;
+                let first = targets
+                    .iter()
+                    .position(|t| {
+                        acc += u64::from(t.weight);
+                        k < acc
+                    })
+                    .unwrap_or(0);
+                targets.rotate_left(first);
+            }
+            Strategy::LeastOutstanding => {
+                targets.sort_by_key(|t| t.outstanding.load(Ordering::Relaxed));
+            }
+        }
+        targets
+    }
+
+    async fn route<T, F>(
+        &self,
+        alias_name: &str,
+        request: ChatRequest,
+        call: F,
+    ) -> Result<Routed<T>, GatewayError>
+    where
+        F: for<'a> Fn(&'a dyn Provider, ChatRequest) -> BoxFuture<'a, Result<T, ProviderError>>,
+    {
+        let Some(alias) = self.aliases.get(alias_name) else {
+            return Err(GatewayError::NoTarget(alias_name.to_string()));
+        };
+        let mut attempts = 0;
+        let mut fallbacks = 0;
+        let mut last_error = None;
+        for target in self.order(alias) {
+            if !self.admit(&target) {
+                continue;
+            }
+            for retry in 0..=alias.retries {
+                attempts += 1;
+                let mut upstream = request.clone();
+                upstream.model = target.model.clone();
+                target.outstanding.fetch_add(1, Ordering::Relaxed);
+                let result = call(target.provider.as_ref(), upstream).await;
+                target.outstanding.fetch_sub(1, Ordering::Relaxed);
+                match result {
+                    Ok(value) => {
+                        self.record(&target, true);
+                        let route = Route { target: target.label(), attempts, fallbacks };
+                        return Ok(Routed { value, route });
+                    }
+                    Err(e) => {
+                        let retryable = e.is_retryable();
+                        // A client error (400, 404...) means the target itself is healthy.
+                        self.record(&target, !retryable);
+                        tracing::warn!(alias = alias_name, target = %target.label(), attempt = attempts, error = %e, "upstream call failed");
+                        if !retryable {
+                            // The client's mistake: the same request fails everywhere.
+                            return Err(GatewayError::Upstream(e));
+                        }
+                        let wait = e.retry_after().unwrap_or_else(|| self.backoff(retry));
+                        last_error = Some(e);
+                        if retry < alias.retries {
+                            tokio::time::sleep(wait.min(self.reliability.backoff_max)).await;
+                        }
+                    }
+                }
+            }
+            fallbacks += 1;
+        }
+        Err(last_error
+            .map(GatewayError::Upstream)
+            .unwrap_or_else(|| GatewayError::NoTarget(alias_name.to_string())))
+    }
+
+    fn backoff(&self, retry: u32) -> Duration {
+        self.reliability.backoff_base.saturating_mul(1 << retry.min(10)).min(self.reliability.backoff_max)
+    }
+
+    /// Whether the circuit lets a call through; past its open time one probe goes.
+    fn admit(&self, target: &Target) -> bool {
+        let Ok(mut c) = target.circuit.lock() else { return true };
+        match c.open_until {
+            None => true,
+            Some(until) if Instant::now() < until => false,
+            Some(_) if c.probing => false,
+            Some(_) => {
+                c.probing = true;
+                true
+            }
+        }
+    }
+
+    fn record(&self, target: &Target, success: bool) {
+        let Ok(mut c) = target.circuit.lock() else { return };
+        c.probing = false;
+        if success {
+            c.consecutive_failures = 0;
+            c.open_until = None;
+            return;
+        }
+        c.consecutive_failures += 1;
+        if c.consecutive_failures >= self.reliability.failure_threshold {
+            if c.open_until.is_none() {
+                tracing::warn!(target = %target.label(), "circuit opened");
+            }
+            c.open_until = Some(Instant::now() + self.reliability.open_for);
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Any OpenAI-compatible server: vLLM, Ollama, llama-server, DeepSeek, Qwen's compatible
+//! mode, OpenAI itself, another Ferry. Chat completions, plain and streamed.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use serde_json::{Value, json};
+
+use crate::sse::messages;
+use crate::{
+    ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, Message, Part, Provider,
+    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Usage, redact,
+};
+
+pub struct OpenAiProvider {
+    base_url: String,
+    api_key: Option<String>,
+    client: reqwest::Client,
+    timeouts: Timeouts,
+}
+
+impl OpenAiProvider {
+    /// `base_url` ends before `/chat/completions` (e.g. `http://host:8000/v1`).
+    pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .build()
+            .map_err(|e| ProviderError::Connect(e.to_string()))?;
+        Ok(OpenAiProvider { base_url: base_url.trim_end_matches('/').to_string(), api_key, client, timeouts })
+    }
+
+    async fn send(&self, body: Value) -> Result<reqwest::Response, ProviderError> {
+        let mut request = self
+            .client
+            .post(format!("{}/chat/completions", self.base_url))
+            .timeout(self.timeouts.total)
+            .json(&body);
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = tokio::time::timeout(self.timeouts.first_byte, request.send())
+            .await
+            .map_err(|_| ProviderError::Timeout("first byte"))?
+            .map_err(|e| self.transport_error(e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(self.status_error(response).await)
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> ProviderError {
+        if e.is_timeout() {
+            ProviderError::Timeout("total")
+        } else if e.is_connect() {
+            ProviderError::Connect(redact(&error_chain(&e), self.api_key.as_deref()))
+        } else {
+            ProviderError::Decode(redact(&error_chain(&e), self.api_key.as_deref()))
+        }
+    }
+
+    async fn status_error(&self, response: reqwest::Response) -> ProviderError {
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        let text = response.text().await.unwrap_or_default();
+        let parsed: Option<Value> = serde_json::from_str(&text).ok();
+        let error = parsed.as_ref().map(|v| &v["error"]);
+        let message = error
+            .and_then(|e| e["message"].as_str().or_else(|| e.as_str()))
+            .map(str::to_string)
+            .unwrap_or_else(|| text.chars().take(500).collect());
+        let code = error.and_then(|e| e["code"].as_str()).map(str::to_string);
+        let param = error.and_then(|e| e["param"].as_str()).map(str::to_string);
+        ProviderError::Status {
+            status,
+            message: redact(&message, self.api_key.as_deref()),
+            code,
+            param,
+            retry_after,
+        }
+    }
+}
+
+impl Provider for OpenAiProvider {
+    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>> {
+        async move {
+            let body = request_body(&request, false)?;
+            let response = self.send(body).await?;
+            let value: Value = response.json().await.map_err(|e| self.transport_error(e))?;
+            parse_response(&value)
+        }
+        .boxed()
+    }
+
+    fn chat_stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+        async move {
+            let body = request_body(&request, true)?;
+            let response = self.send(body).await?;
+            let mut events = messages(response.bytes_stream())
+                .take_while(|m| futures::future::ready(!matches!(m, Ok(m) if m.data == "[DONE]")))
+                .flat_map(|m| futures::stream::iter(parse_chunk(m)))
+                .boxed();
+            // Wait for the first event, so a failure before it can still fall back.
+            let first = tokio::time::timeout(self.timeouts.first_byte, events.next())
+                .await
+                .map_err(|_| ProviderError::Timeout("first byte"))?;
+            let head = match first {
+                Some(Err(e)) => return Err(e),
+                other => other,
+            };
+            Ok(futures::stream::iter(head).chain(events).boxed())
+        }
+        .boxed()
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// `Retry-After` in seconds (or `retry-after-ms`, which OpenAI also sends).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    get("retry-after-ms").map(|ms| ms / 1000.0).or_else(|| get("retry-after")).map(Duration::from_secs_f64)
+}
+
+fn role(role: Role) -> &'static str {
+    match role {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
+    }
+}
+
+fn message_json(message: &Message) -> Value {
+    let only_text = message.content.iter().all(|p| matches!(p, Part::Text(_)));
+    let content = if only_text {
+        json!(message.joined_text())
+    } else {
+        Value::Array(
+            message
+                .content
+                .iter()
+                .map(|p| match p {
+                    Part::Text(t) => json!({"type": "text", "text": t}),
+                    Part::Image { url } => json!({"type": "image_url", "image_url": {"url": url}}),
+                })
+                .collect(),
+        )
+    };
+    let mut out = json!({"role": role(message.role), "content": content});
+    if !message.tool_calls.is_empty() {
+        out["tool_calls"] = message
+            .tool_calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect();
+        if message.content.is_empty() {
+            out["content"] = Value::Null;
+        }
+    }
+    if let Some(id) = &message.tool_call_id {
+        out["tool_call_id"] = json!(id);
+    }
+    out
+}
+
+/// The OpenAI request body of a neutral request.
+pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, ProviderError> {
+    let p = &request.params;
+    let mut body = json!({
+        "model": request.model,
+        "messages": request.messages.iter().map(message_json).collect::<Vec<_>>(),
+    });
+    let mut set = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            body[key] = v;
+        }
+    };
+    set("temperature", p.temperature.map(|v| json!(v)));
+    set("top_p", p.top_p.map(|v| json!(v)));
+    set("max_tokens", p.max_tokens.map(|v| json!(v)));
+    set("stop", (!p.stop.is_empty()).then(|| json!(p.stop)));
+    set("seed", p.seed.map(|v| json!(v)));
+    set("n", p.n.map(|v| json!(v)));
+    set("presence_penalty", p.presence_penalty.map(|v| json!(v)));
+    set("frequency_penalty", p.frequency_penalty.map(|v| json!(v)));
+    set("logprobs", p.logprobs.map(|v| json!(v)));
+    set("top_logprobs", p.top_logprobs.map(|v| json!(v)));
+    set("response_format", request.response_format.clone());
+    if !request.tools.is_empty() {
+        set(
+            "tools",
+            Some(
+                request
+                    .tools
+                    .iter()
+                    .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+                    .collect(),
+            ),
+        );
+    }
+    set(
+        "tool_choice",
+        request.tool_choice.as_ref().map(|c| match c {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+        }),
+    );
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    Ok(body)
+}
+
+fn finish_reason(value: &Value) -> Option<FinishReason> {
+    match value.as_str()? {
+        "stop" | "end_turn" => Some(FinishReason::Stop),
+        "length" => Some(FinishReason::Length),
+        "tool_calls" | "function_call" => Some(FinishReason::ToolCalls),
+        "content_filter" => Some(FinishReason::ContentFilter),
+        _ => Some(FinishReason::Stop),
+    }
+}
+
+fn usage(value: &Value) -> Usage {
+    Usage {
+        prompt_tokens: value["prompt_tokens"].as_u64().unwrap_or(0),
+        completion_tokens: value["completion_tokens"].as_u64().unwrap_or(0),
+    }
+}
+
+/// A neutral answer from an OpenAI chat completion.
+pub fn parse_response(value: &Value) -> Result<ChatResponse, ProviderError> {
+    let choices = value["choices"]
+        .as_array()
+        .ok_or_else(|| ProviderError::Decode("the answer has no 'choices'".into()))?
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let m = &c["message"];
+            let tool_calls = m["tool_calls"]
+                .as_array()
+                .map(|calls| {
+                    calls
+                        .iter()
+                        .map(|t| ToolCall {
+                            id: t["id"].as_str().unwrap_or_default().to_string(),
+                            name: t["function"]["name"].as_str().unwrap_or_default().to_string(),
+                            arguments: t["function"]["arguments"].as_str().unwrap_or_default().to_string(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Choice {
+                index: c["index"].as_u64().unwrap_or(i as u64) as u32,
+                message: Message {
+                    role: Role::Assistant,
+                    content: m["content"]
+                        .as_str()
+                        .map(|t| vec![Part::Text(t.to_string())])
+                        .unwrap_or_default(),
+                    tool_calls,
+                    tool_call_id: None,
+                },
+                finish_reason: finish_reason(&c["finish_reason"]),
+                logprobs: Some(c["logprobs"].clone()).filter(|v| !v.is_null()),
+            }
+        })
+        .collect();
+    Ok(ChatResponse {
+        id: value["id"].as_str().unwrap_or_default().to_string(),
+        model: value["model"].as_str().unwrap_or_default().to_string(),
+        choices,
+        usage: usage(&value["usage"]),
+    })
+}
+
+/// The neutral events of one streamed chunk.
+fn parse_chunk(
+    message: Result<crate::sse::SseMessage, ProviderError>,
+) -> Vec<Result<ChatEvent, ProviderError>> {
+    let message = match message {
+        Ok(m) => m,
+        Err(e) => return vec![Err(e)],
+    };
+    let value: Value = match serde_json::from_str(&message.data) {
+        Ok(v) => v,
+        Err(e) => return vec![Err(ProviderError::Decode(format!("a stream chunk is not JSON: {e}")))],
+    };
+    if let Some(error) = value.get("error") {
+        let message = error["message"].as_str().unwrap_or("upstream error in stream").to_string();
+        return vec![Err(ProviderError::Status {
+            status: 500,
+            message,
+            code: None,
+            param: None,
+            retry_after: None,
+        })];
+    }
+    let mut events = Vec::new();
+    for c in value["choices"].as_array().into_iter().flatten() {
+        let choice = c["index"].as_u64().unwrap_or(0) as u32;
+        let delta = &c["delta"];
+        if let Some(text) = delta["content"].as_str()
+            && !text.is_empty()
+        {
+            let logprobs = Some(c["logprobs"].clone()).filter(|v| !v.is_null());
+            events.push(Ok(ChatEvent::Text { choice, text: text.to_string(), logprobs }));
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            events.push(Ok(ChatEvent::ToolCall {
+                choice,
+                index: call["index"].as_u64().unwrap_or(0) as u32,
+                id: call["id"].as_str().map(str::to_string),
+                name: call["function"]["name"].as_str().map(str::to_string),
+                arguments: call["function"]["arguments"].as_str().unwrap_or_default().to_string(),
+            }));
+        }
+        if let Some(reason) = finish_reason(&c["finish_reason"]) {
+            events.push(Ok(ChatEvent::Finish { choice, reason }));
+        }
+    }
+    if value["usage"].is_object() {
+        events.push(Ok(ChatEvent::Usage(usage(&value["usage"]))));
+    }
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Params;
+
+    #[test]
+    fn request_translation() {
+        let request = ChatRequest {
+            model: "m".into(),
+            messages: vec![
+                Message::text(Role::System, "be brief"),
+                Message {
+                    role: Role::User,
+                    content: vec![
+                        Part::Text("what is this?".into()),
+                        Part::Image { url: "data:image/png;base64,AA==".into() },
+                    ],
+                    tool_calls: vec![],
+                    tool_call_id: None,
+                },
+                Message {
+                    role: Role::Assistant,
+                    content: vec![],
+                    tool_calls: vec![ToolCall {
+                        id: "c1".into(),
+                        name: "look".into(),
+                        arguments: "{}".into(),
+                    }],
+                    tool_call_id: None,
+                },
+                Message { tool_call_id: Some("c1".into()), ..Message::text(Role::Tool, "a cat") },
+            ],
+            params: Params {
+                temperature: Some(0.5),
+                max_tokens: Some(9),
+                stop: vec!["x".into()],
+                ..Params::default()
+            },
+            tools: vec![],
+            tool_choice: Some(ToolChoice::Function("look".into())),
+            response_format: None,
+        };
+        let body = request_body(&request, true).unwrap();
+        assert_eq!(body["messages"][0], json!({"role": "system", "content": "be brief"}));
+        assert_eq!(body["messages"][1]["content"][1]["image_url"]["url"], "data:image/png;base64,AA==");
+        assert_eq!(body["messages"][2]["content"], Value::Null);
+        assert_eq!(body["messages"][2]["tool_calls"][0]["function"]["name"], "look");
+        assert_eq!(body["messages"][3]["tool_call_id"], "c1");
+        assert_eq!(body["tool_choice"]["function"]["name"], "look");
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["max_tokens"], 9);
+    }
+}

@@ -1,0 +1,104 @@
+"""A mock OpenAI-compatible upstream on 127.0.0.1, port 0, speaking OpenAI's real wire
+format (chat completions, plain and SSE, with tool calls and usage). Tests script its
+answers and read back the requests it received. Only the network edge Ferry doesn't own
+is mocked here."""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class MockUpstream:
+    def __init__(self):
+        self.requests = []  # (headers, body) as received
+        self.script = []  # per request: ("error", status, body, headers) or ("ok", text or tool call)
+        self.default = ("ok", "Hello from the mock.")
+        mock = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length))
+                mock.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                step = mock.script.pop(0) if mock.script else mock.default
+                if step[0] == "error":
+                    _, status, payload, headers = step
+                    data = json.dumps(payload).encode()
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                if step[0] == "sleep":
+                    time.sleep(step[1])
+                    step = ("ok", "slow")
+                if body.get("stream"):
+                    self.stream(body, step)
+                else:
+                    self.plain(body, step)
+
+            def plain(self, body, step):
+                message = {"role": "assistant", "content": None}
+                finish = "stop"
+                if step[0] == "tool":
+                    message["tool_calls"] = [{"id": "call_1", "type": "function",
+                                              "function": {"name": step[1], "arguments": json.dumps(step[2])}}]
+                    finish = "tool_calls"
+                else:
+                    message["content"] = step[1]
+                data = json.dumps({
+                    "id": "chatcmpl-mock", "object": "chat.completion", "created": 1700000000, "model": body["model"],
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+                }).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def stream(self, body, step):
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+
+                def send(obj):
+                    self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+                    self.wfile.flush()
+
+                def chunk(delta, finish=None):
+                    return {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000,
+                            "model": body["model"], "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                                 "finish_reason": finish}]}
+
+                send(chunk({"role": "assistant", "content": ""}))
+                if step[0] == "tool":
+                    args = json.dumps(step[2])
+                    send(chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                "function": {"name": step[1], "arguments": ""}}]}))
+                    for i in range(0, len(args), 5):
+                        send(chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i:i + 5]}}]}))
+                    send(chunk({}, "tool_calls"))
+                else:
+                    for word in step[1].split(" "):
+                        send(chunk({"content": word + " "}))
+                    send(chunk({}, "stop"))
+                send({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000,
+                      "model": body["model"], "choices": [],
+                      "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})
+                self.wfile.write(b"data: [DONE]\n\n")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()

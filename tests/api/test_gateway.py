@@ -1,0 +1,174 @@
+"""The gateway: aliases routed to OpenAI-compatible upstreams (a mock speaking OpenAI's
+wire format, and a real Ferry), with retries, fallback, the circuit breaker, and errors
+passed through intact."""
+import socket
+
+import httpx
+import openai
+import pytest
+
+from conftest import MODEL_ID, Server
+from mock_upstream import MockUpstream
+
+HELLO = [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "What is the capital of France?"}]
+
+
+def dead_url():
+    """A loopback port nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def gateway(tmp_path, providers, aliases, extra=""):
+    lines = [extra]
+    for name, url in providers.items():
+        lines += [f"[providers.{name}]", 'kind = "openai"', f'base_url = "{url}"', "api_key_env = \"MOCK_KEY\"",
+                  "first_byte_timeout_ms = 3000", ""]
+    for alias in aliases:
+        targets = ", ".join(f'{{ provider = "{p}", model = "{m}" }}' for p, m in alias["targets"])
+        lines += ["[[aliases]]", f'name = "{alias["name"]}"', f'retries = {alias.get("retries", 1)}',
+                  f'strategy = "{alias.get("strategy", "fallback")}"', f"targets = [{targets}]", ""]
+    config = tmp_path / "gateway.toml"
+    config.write_text("\n".join(lines))
+    return Server("--config", str(config), env={"MOCK_KEY": "sk-secret-mock-key-123"})
+
+
+@pytest.fixture
+def mock():
+    m = MockUpstream()
+    yield m
+    m.stop()
+
+
+def test_ferry_chained_behind_ferry(server, client, tmp_path):
+    b = gateway(tmp_path, {"a": server.url + "/v1"}, [{"name": "chained", "targets": [("a", MODEL_ID)]}])
+    try:
+        via = b.client(max_retries=0)
+        assert "chained" in [m.id for m in via.models.list().data]
+        direct = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=16)
+        chained = via.chat.completions.create(model="chained", messages=HELLO, temperature=0, max_tokens=16)
+        assert chained.choices[0].message.content == direct.choices[0].message.content
+        assert chained.usage.completion_tokens == direct.usage.completion_tokens
+        assert chained.model == "chained"
+        text = "".join(c.choices[0].delta.content or "" for c in via.chat.completions.create(
+            model="chained", messages=HELLO, temperature=0, max_tokens=16, stream=True) if c.choices)
+        assert text == direct.choices[0].message.content
+        # An upstream client error passes through with its status, code and param.
+        with pytest.raises(openai.BadRequestError) as e:
+            via.chat.completions.create(model="chained", messages=HELLO, temperature=5)
+        assert e.value.param == "temperature"
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "chained", "messages": HELLO, "max_tokens": 10**9})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        b.stop()
+
+
+def test_translation_tools_images_and_key(mock, tmp_path):
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "tools", "targets": [("m", "upstream-model")]}])
+    try:
+        client = b.client(max_retries=0)
+        mock.script = [("tool", "get_weather", {"city": "Paris"})]
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+        r = client.chat.completions.create(
+            model="tools", tools=tools, tool_choice="auto",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Weather here?"},
+                                                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}],
+        )
+        assert r.choices[0].finish_reason == "tool_calls"
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Paris"}'
+        headers, body = mock.requests[-1]
+        assert headers["authorization"] == "Bearer sk-secret-mock-key-123"
+        assert body["model"] == "upstream-model"
+        assert body["tools"][0]["function"]["name"] == "get_weather"
+        assert body["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png")
+        # The tool result round trip, then the final answer.
+        mock.script = [("ok", "It is sunny in Paris.")]
+        final = client.chat.completions.create(model="tools", tools=tools, messages=[
+            {"role": "user", "content": "Weather here?"},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+        ])
+        assert final.choices[0].message.content == "It is sunny in Paris."
+        sent = mock.requests[-1][1]["messages"]
+        assert sent[1]["tool_calls"][0]["id"] == "call_1" and sent[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+        # Streaming a tool call: id and name first, then argument pieces.
+        mock.script = [("tool", "get_weather", {"city": "Oslo"})]
+        chunks = list(client.chat.completions.create(model="tools", tools=tools, stream=True,
+                                                     messages=[{"role": "user", "content": "Oslo?"}]))
+        deltas = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert deltas[0].id == "call_1" and deltas[0].function.name == "get_weather"
+        assert "".join(d.function.arguments for d in deltas) == '{"city": "Oslo"}'
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    finally:
+        b.stop()
+
+
+def test_retries_honour_retry_after_then_succeed(mock, tmp_path):
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "flaky", "retries": 2, "targets": [("m", "x")]}])
+    try:
+        busy = ("error", 429, {"error": {"message": "slow down", "type": "rate_limit_error", "code": None}}, {"Retry-After": "0"})
+        mock.script = [busy, busy]
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "flaky", "messages": HELLO}, timeout=30)
+        assert r.status_code == 200
+        assert r.headers["x-ferry-attempts"] == "3"
+        assert r.json()["choices"][0]["message"]["content"] == "Hello from the mock."
+        # Out of retries: the client sees the upstream's 429 in OpenAI's shape.
+        mock.script = [busy, busy, busy]
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "flaky", "messages": HELLO}, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        # A client error is not retried.
+        mock.script = [("error", 400, {"error": {"message": "bad thing", "param": "messages", "code": None}}, {})]
+        before = len(mock.requests)
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "flaky", "messages": HELLO}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert len(mock.requests) == before + 1
+    finally:
+        b.stop()
+
+
+def test_fallback_and_circuit_breaker(mock, tmp_path):
+    b = gateway(tmp_path, {"dead": dead_url(), "m": mock.url},
+                [{"name": "fb", "retries": 0, "targets": [("dead", "x"), ("m", "y")]}],
+                extra="circuit_failure_threshold = 2\ncircuit_open_ms = 60000\n")
+    try:
+        client = b.client(max_retries=0)
+        for expected_attempts in ("2", "2", "1", "1"):
+            raw = client.chat.completions.with_raw_response.create(model="fb", messages=HELLO)
+            assert raw.headers["x-ferry-target"] == "m/y"
+            # After two refused connections the dead target's circuit opens and is skipped.
+            assert raw.headers["x-ferry-attempts"] == expected_attempts
+        # Streams fall back too, before their first byte.
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="fb", messages=HELLO, stream=True) if c.choices)
+        assert text.strip() == "Hello from the mock."
+    finally:
+        b.stop()
+
+
+def test_first_byte_timeout_falls_back(mock, tmp_path):
+    slow, fast = mock, MockUpstream()
+    b = gateway(tmp_path, {"slow": slow.url, "fast": fast.url},
+                [{"name": "t", "retries": 0, "targets": [("slow", "a"), ("fast", "b")]}])
+    try:
+        slow.script = [("sleep", 5)]
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "t", "messages": HELLO}, timeout=30)
+        assert r.status_code == 200
+        assert r.headers["x-ferry-target"] == "fast/b"
+    finally:
+        b.stop()
+        fast.stop()
+
+
+def test_missing_key_variable_is_named_not_leaked(mock, tmp_path):
+    config = tmp_path / "g.toml"
+    config.write_text(f'[providers.m]\nkind = "openai"\nbase_url = "{mock.url}"\napi_key_env = "NOT_SET_ANYWHERE"\n'
+                      '[[aliases]]\nname = "a"\ntargets = [{ provider = "m", model = "x" }]\n')
+    import subprocess
+    from conftest import BINARY
+    r = subprocess.run([BINARY, "serve", "--config", str(config), "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "NOT_SET_ANYWHERE" in r.stderr
