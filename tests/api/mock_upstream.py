@@ -9,7 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class MockUpstream:
-    def __init__(self):
+    """dialect: "openai" (POST .../v1/chat/completions) or "anthropic" (POST /v1/messages)."""
+
+    def __init__(self, dialect="openai"):
         self.requests = []  # (headers, body) as received
         self.script = []  # per request: ("error", status, body, headers) or ("ok", text or tool call)
         self.default = ("ok", "Hello from the mock.")
@@ -38,10 +40,65 @@ class MockUpstream:
                 if step[0] == "sleep":
                     time.sleep(step[1])
                     step = ("ok", "slow")
-                if body.get("stream"):
+                if dialect == "anthropic":
+                    (self.anthropic_stream if body.get("stream") else self.anthropic_plain)(body, step)
+                elif body.get("stream"):
                     self.stream(body, step)
                 else:
                     self.plain(body, step)
+
+            def send_json(self, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def anthropic_plain(self, body, step):
+                if step[0] == "tool":
+                    content = [{"type": "tool_use", "id": "toolu_1", "name": step[1], "input": step[2]}]
+                    stop = "tool_use"
+                else:
+                    content = [{"type": "text", "text": step[1]}]
+                    stop = "end_turn"
+                self.send_json({"id": "msg_mock", "type": "message", "role": "assistant", "model": body["model"],
+                                "content": content, "stop_reason": stop, "stop_sequence": None,
+                                "usage": {"input_tokens": 13, "output_tokens": 5}})
+
+            def anthropic_stream(self, body, step):
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+
+                def send(name, obj):
+                    obj = {"type": name, **obj}
+                    self.wfile.write(f"event: {name}\ndata: {json.dumps(obj)}\n\n".encode())
+                    self.wfile.flush()
+
+                send("message_start", {"message": {"id": "msg_mock", "type": "message", "role": "assistant",
+                                                   "model": body["model"], "content": [], "stop_reason": None,
+                                                   "stop_sequence": None, "usage": {"input_tokens": 13, "output_tokens": 1}}})
+                if step[0] == "tool":
+                    send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                    send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Let me check."}})
+                    send("content_block_stop", {"index": 0})
+                    send("content_block_start", {"index": 1, "content_block": {"type": "tool_use", "id": "toolu_1",
+                                                                               "name": step[1], "input": {}}})
+                    args = json.dumps(step[2])
+                    for i in range(0, len(args), 4):
+                        send("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": args[i:i + 4]}})
+                    send("content_block_stop", {"index": 1})
+                    stop = "tool_use"
+                else:
+                    send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                    send("ping", {})
+                    for word in step[1].split(" "):
+                        send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word + " "}})
+                    send("content_block_stop", {"index": 0})
+                    stop = "end_turn"
+                send("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 5}})
+                send("message_stop", {})
 
             def plain(self, body, step):
                 message = {"role": "assistant", "content": None}
@@ -95,7 +152,8 @@ class MockUpstream:
                 self.wfile.write(b"data: [DONE]\n\n")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = base if dialect == "anthropic" else base + "/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -1,6 +1,7 @@
 """The gateway: aliases routed to OpenAI-compatible upstreams (a mock speaking OpenAI's
 wire format, and a real Ferry), with retries, fallback, the circuit breaker, and errors
 passed through intact."""
+import json
 import socket
 
 import httpx
@@ -22,9 +23,11 @@ def dead_url():
 
 
 def gateway(tmp_path, providers, aliases, extra=""):
+    """A Ferry whose config routes aliases to `providers`: name -> url, or name -> (kind, url)."""
     lines = [extra]
     for name, url in providers.items():
-        lines += [f"[providers.{name}]", 'kind = "openai"', f'base_url = "{url}"', "api_key_env = \"MOCK_KEY\"",
+        kind, url = url if isinstance(url, tuple) else ("openai", url)
+        lines += [f"[providers.{name}]", f'kind = "{kind}"', f'base_url = "{url}"', "api_key_env = \"MOCK_KEY\"",
                   "first_byte_timeout_ms = 3000", ""]
     for alias in aliases:
         targets = ", ".join(f'{{ provider = "{p}", model = "{m}" }}' for p, m in alias["targets"])
@@ -172,3 +175,55 @@ def test_missing_key_variable_is_named_not_leaked(mock, tmp_path):
     r = subprocess.run([BINARY, "serve", "--config", str(config), "--port", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "NOT_SET_ANYWHERE" in r.stderr
+
+
+def test_openai_sdk_through_an_anthropic_upstream(tmp_path):
+    upstream = MockUpstream("anthropic")
+    b = gateway(tmp_path, {"claude": ("anthropic", upstream.url)},
+                [{"name": "claude-alias", "targets": [("claude", "claude-sonnet-4-5")]}])
+    try:
+        client = b.client(max_retries=0)
+        upstream.default = ("ok", "Bonjour from Anthropic.")
+        r = client.chat.completions.create(model="claude-alias", max_tokens=50, temperature=0.2, stop=["END"],
+                                           messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        assert r.choices[0].message.content == "Bonjour from Anthropic."
+        assert r.choices[0].finish_reason == "stop"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (13, 5)
+        headers, body = upstream.requests[-1]
+        assert headers["x-api-key"] == "sk-secret-mock-key-123" and headers["anthropic-version"] == "2023-06-01"
+        assert body["system"] == "Be brief." and body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+        assert body["max_tokens"] == 50 and body["stop_sequences"] == ["END"] and body["model"] == "claude-sonnet-4-5"
+        chunks = list(client.chat.completions.create(model="claude-alias", messages=[{"role": "user", "content": "Hi"}],
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == "Bonjour from Anthropic."
+        assert chunks[-1].usage.prompt_tokens == 13 and chunks[-1].usage.completion_tokens == 5
+        # Tool use, plain and streamed, comes back as OpenAI tool_calls.
+        tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+        upstream.script = [("tool", "lookup", {"q": "paris"})]
+        r = client.chat.completions.create(model="claude-alias", tools=tools, tool_choice="required",
+                                           messages=[{"role": "user", "content": "find paris"}])
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"q": "paris"}
+        assert upstream.requests[-1][1]["tool_choice"] == {"type": "any"}
+        assert upstream.requests[-1][1]["tools"][0]["input_schema"] == {"type": "object"}
+        upstream.script = [("tool", "lookup", {"q": "oslo"})]
+        chunks = list(client.chat.completions.create(model="claude-alias", tools=tools, stream=True,
+                                                     messages=[{"role": "user", "content": "find oslo"}]))
+        calls = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert calls[0].id == "toolu_1" and calls[0].function.name == "lookup"
+        assert "".join(c.function.arguments for c in calls) == '{"q": "oslo"}'
+        # What Anthropic cannot express is refused by name; its errors map to OpenAI's shape.
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="claude-alias", n=2, messages=[{"role": "user", "content": "Hi"}])
+        assert e.value.param == "n"
+        upstream.script = [("error", 400, {"type": "error", "error": {"type": "invalid_request_error", "message": "messages: bad"}}, {})]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="claude-alias", messages=[{"role": "user", "content": "Hi"}])
+        assert "messages: bad" in e.value.message
+        overloaded = ("error", 529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, {})
+        upstream.script = [overloaded]
+        r = client.chat.completions.with_raw_response.create(model="claude-alias", messages=[{"role": "user", "content": "Hi"}])
+        assert r.headers["x-ferry-attempts"] == "2"
+    finally:
+        b.stop()
+        upstream.stop()

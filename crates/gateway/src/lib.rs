@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_providers::anthropic::AnthropicProvider;
 use ferry_providers::openai::OpenAiProvider;
 use ferry_providers::{ChatRequest, ChatResponse, EventStream, Provider, ProviderError, Timeouts};
 use futures::future::BoxFuture;
@@ -114,10 +115,14 @@ impl Gateway {
                     OpenAiProvider::new(&p.base_url, api_key, timeouts)
                         .map_err(|e| GatewayError::Config(name.clone(), e.to_string()))?,
                 ),
+                "anthropic" => Arc::new(
+                    AnthropicProvider::new(&p.base_url, api_key, timeouts)
+                        .map_err(|e| GatewayError::Config(name.clone(), e.to_string()))?,
+                ),
                 other => {
                     return Err(GatewayError::Config(
                         name.clone(),
-                        format!("unknown kind `{other}` (known: openai)"),
+                        format!("unknown kind `{other}` (known: openai, anthropic)"),
                     ));
                 }
             };

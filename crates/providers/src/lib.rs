@@ -2,6 +2,7 @@
 //! [`ChatRequest`] into its own wire format and its answers (plain and streamed) back.
 //! One module per provider; credentials never appear in errors or logs.
 
+pub mod anthropic;
 pub mod openai;
 mod sse;
 pub mod types;
@@ -9,8 +10,8 @@ pub mod types;
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures::Stream;
 use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
 
 pub use types::*;
 
@@ -34,9 +35,9 @@ pub enum ProviderError {
     Timeout(&'static str),
     #[error("the upstream's answer could not be read: {0}")]
     Decode(String),
-    /// A request feature this provider cannot express.
-    #[error("{0}")]
-    Unsupported(String),
+    /// A request parameter this provider cannot express.
+    #[error("'{param}' is not supported by {provider} upstreams")]
+    Unsupported { param: String, provider: &'static str },
 }
 
 impl ProviderError {
@@ -46,7 +47,7 @@ impl ProviderError {
         match self {
             ProviderError::Status { status, .. } => *status == 429 || *status >= 500,
             ProviderError::Connect(_) | ProviderError::Timeout(_) => true,
-            ProviderError::Decode(_) | ProviderError::Unsupported(_) => false,
+            ProviderError::Decode(_) | ProviderError::Unsupported { .. } => false,
         }
     }
 
@@ -91,4 +92,47 @@ pub fn redact(text: &str, secret: Option<&str>) -> String {
         Some(s) if s.len() >= 4 => text.replace(s, "[REDACTED]"),
         _ => text.to_string(),
     }
+}
+
+/// Resolves once the stream yields its first event (or fails before it), so the gateway can
+/// still fall back to another target while nothing has reached the client.
+pub(crate) async fn after_first_event(
+    mut events: EventStream,
+    first_byte: Duration,
+) -> Result<EventStream, ProviderError> {
+    let first = tokio::time::timeout(first_byte, events.next())
+        .await
+        .map_err(|_| ProviderError::Timeout("first byte"))?;
+    let head = match first {
+        Some(Err(e)) => return Err(e),
+        other => other,
+    };
+    Ok(futures::stream::iter(head).chain(events).boxed())
+}
+
+/// A transport failure, classified for retries, with any key scrubbed from the text.
+pub(crate) fn transport_error(e: reqwest::Error, secret: Option<&str>) -> ProviderError {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let text = redact(&text, secret);
+    if e.is_timeout() {
+        ProviderError::Timeout("total")
+    } else if e.is_connect() {
+        ProviderError::Connect(text)
+    } else {
+        ProviderError::Decode(text)
+    }
+}
+
+/// `Retry-After` in seconds (or `retry-after-ms`, which OpenAI also sends).
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    get("retry-after-ms").map(|ms| ms / 1000.0).or_else(|| get("retry-after")).map(Duration::from_secs_f64)
 }

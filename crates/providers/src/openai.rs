@@ -1,8 +1,6 @@
 //! Any OpenAI-compatible server: vLLM, Ollama, llama-server, DeepSeek, Qwen's compatible
 //! mode, OpenAI itself, another Ferry. Chat completions, plain and streamed.
 
-use std::time::Duration;
-
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
@@ -42,26 +40,16 @@ impl OpenAiProvider {
         let response = tokio::time::timeout(self.timeouts.first_byte, request.send())
             .await
             .map_err(|_| ProviderError::Timeout("first byte"))?
-            .map_err(|e| self.transport_error(e))?;
+            .map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
         if response.status().is_success() {
             return Ok(response);
         }
         Err(self.status_error(response).await)
     }
 
-    fn transport_error(&self, e: reqwest::Error) -> ProviderError {
-        if e.is_timeout() {
-            ProviderError::Timeout("total")
-        } else if e.is_connect() {
-            ProviderError::Connect(redact(&error_chain(&e), self.api_key.as_deref()))
-        } else {
-            ProviderError::Decode(redact(&error_chain(&e), self.api_key.as_deref()))
-        }
-    }
-
     async fn status_error(&self, response: reqwest::Response) -> ProviderError {
         let status = response.status().as_u16();
-        let retry_after = retry_after(response.headers());
+        let retry_after = crate::retry_after(response.headers());
         let text = response.text().await.unwrap_or_default();
         let parsed: Option<Value> = serde_json::from_str(&text).ok();
         let error = parsed.as_ref().map(|v| &v["error"]);
@@ -86,7 +74,8 @@ impl Provider for OpenAiProvider {
         async move {
             let body = request_body(&request, false)?;
             let response = self.send(body).await?;
-            let value: Value = response.json().await.map_err(|e| self.transport_error(e))?;
+            let value: Value =
+                response.json().await.map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
             parse_response(&value)
         }
         .boxed()
@@ -96,41 +85,14 @@ impl Provider for OpenAiProvider {
         async move {
             let body = request_body(&request, true)?;
             let response = self.send(body).await?;
-            let mut events = messages(response.bytes_stream())
+            let events = messages(response.bytes_stream())
                 .take_while(|m| futures::future::ready(!matches!(m, Ok(m) if m.data == "[DONE]")))
                 .flat_map(|m| futures::stream::iter(parse_chunk(m)))
                 .boxed();
-            // Wait for the first event, so a failure before it can still fall back.
-            let first = tokio::time::timeout(self.timeouts.first_byte, events.next())
-                .await
-                .map_err(|_| ProviderError::Timeout("first byte"))?;
-            let head = match first {
-                Some(Err(e)) => return Err(e),
-                other => other,
-            };
-            Ok(futures::stream::iter(head).chain(events).boxed())
+            crate::after_first_event(events, self.timeouts.first_byte).await
         }
         .boxed()
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// `Retry-After` in seconds (or `retry-after-ms`, which OpenAI also sends).
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let get = |name: &str| {
-        headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
-    };
-    get("retry-after-ms").map(|ms| ms / 1000.0).or_else(|| get("retry-after")).map(Duration::from_secs_f64)
 }
 
 fn role(role: Role) -> &'static str {

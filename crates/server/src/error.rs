@@ -133,6 +133,7 @@ impl From<EngineError> for ApiError {
 impl From<ferry_providers::ProviderError> for ApiError {
     fn from(e: ferry_providers::ProviderError) -> Self {
         use ferry_providers::ProviderError as P;
+        let message = e.to_string();
         match e {
             P::Status { status, message, code, param, .. } => {
                 ApiError::Upstream { status, message, code, param }
@@ -140,7 +141,7 @@ impl From<ferry_providers::ProviderError> for ApiError {
             P::Connect(m) => ApiError::BadGateway(m),
             P::Timeout(what) => ApiError::GatewayTimeout(what.to_string()),
             P::Decode(m) => ApiError::BadGateway(m),
-            P::Unsupported(m) => ApiError::invalid("model", m),
+            P::Unsupported { param, .. } => ApiError::invalid(param, message),
         }
     }
 }

@@ -1,0 +1,378 @@
+//! Anthropic's Messages API as an upstream: `POST {base}/v1/messages`, plain and streamed.
+//! System messages become `system`; tool calls become `tool_use` blocks and tool results
+//! `tool_result` blocks in a user turn; images become `image` blocks.
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use serde_json::{Value, json};
+
+use crate::sse::{SseMessage, messages};
+use crate::{
+    ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, Message, Part, Provider,
+    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Usage, redact,
+};
+
+const VERSION: &str = "2023-06-01";
+/// Anthropic requires `max_tokens`; used when the client set none.
+const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+pub struct AnthropicProvider {
+    base_url: String,
+    api_key: Option<String>,
+    client: reqwest::Client,
+    timeouts: Timeouts,
+}
+
+impl AnthropicProvider {
+    /// `base_url` without `/v1` (e.g. `https://api.anthropic.com`).
+    pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .build()
+            .map_err(|e| ProviderError::Connect(e.to_string()))?;
+        Ok(AnthropicProvider {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key,
+            client,
+            timeouts,
+        })
+    }
+
+    async fn send(&self, body: Value) -> Result<reqwest::Response, ProviderError> {
+        let mut request = self
+            .client
+            .post(format!("{}/v1/messages", self.base_url))
+            .timeout(self.timeouts.total)
+            .header("anthropic-version", VERSION)
+            .json(&body);
+        if let Some(key) = &self.api_key {
+            request = request.header("x-api-key", key);
+        }
+        let response = tokio::time::timeout(self.timeouts.first_byte, request.send())
+            .await
+            .map_err(|_| ProviderError::Timeout("first byte"))?
+            .map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let retry_after = crate::retry_after(response.headers());
+        let text = response.text().await.unwrap_or_default();
+        let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let message = parsed["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| text.chars().take(500).collect());
+        let code = parsed["error"]["type"].as_str().map(str::to_string);
+        Err(ProviderError::Status {
+            status,
+            message: redact(&message, self.api_key.as_deref()),
+            code,
+            param: None,
+            retry_after,
+        })
+    }
+}
+
+impl Provider for AnthropicProvider {
+    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>> {
+        async move {
+            let body = request_body(&request, false)?;
+            let response = self.send(body).await?;
+            let value: Value =
+                response.json().await.map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
+            Ok(parse_response(&value))
+        }
+        .boxed()
+    }
+
+    fn chat_stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+        async move {
+            let body = request_body(&request, true)?;
+            let response = self.send(body).await?;
+            let mut state = StreamState::default();
+            let events = messages(response.bytes_stream())
+                .flat_map(move |m| futures::stream::iter(state.events(m)))
+                .boxed();
+            crate::after_first_event(events, self.timeouts.first_byte).await
+        }
+        .boxed()
+    }
+}
+
+/// An image part as an Anthropic `source`: inline base64 for `data:` URIs, else a URL.
+fn image_source(url: &str) -> Value {
+    if let Some(rest) = url.strip_prefix("data:")
+        && let Some((media_type, data)) = rest.split_once(";base64,")
+    {
+        return json!({"type": "base64", "media_type": media_type, "data": data});
+    }
+    json!({"type": "url", "url": url})
+}
+
+fn blocks(message: &Message) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    if message.role == Role::Tool {
+        let text = message.joined_text();
+        out.push(json!({"type": "tool_result", "tool_use_id": message.tool_call_id, "content": text}));
+        return out;
+    }
+    for part in &message.content {
+        match part {
+            Part::Text(t) if !t.is_empty() => out.push(json!({"type": "text", "text": t})),
+            Part::Text(_) => {}
+            Part::Image { url } => out.push(json!({"type": "image", "source": image_source(url)})),
+        }
+    }
+    for call in &message.tool_calls {
+        let input: Value = serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+        out.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": input}));
+    }
+    out
+}
+
+/// The Messages API body of a neutral request; what Anthropic cannot express is refused.
+pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, ProviderError> {
+    let p = &request.params;
+    let refuse = |param: &str| Err(ProviderError::Unsupported { param: param.into(), provider: "Anthropic" });
+    if p.n.is_some_and(|n| n > 1) {
+        return refuse("n");
+    }
+    if p.presence_penalty.is_some_and(|v| v != 0.0) {
+        return refuse("presence_penalty");
+    }
+    if p.frequency_penalty.is_some_and(|v| v != 0.0) {
+        return refuse("frequency_penalty");
+    }
+    if p.logprobs == Some(true) {
+        return refuse("logprobs");
+    }
+    if request.response_format.as_ref().is_some_and(|f| f["type"] != "text") {
+        return refuse("response_format");
+    }
+    let system: Vec<String> =
+        request.messages.iter().filter(|m| m.role == Role::System).map(Message::joined_text).collect();
+    // Anthropic wants alternating turns: tool results join the user turn, consecutive
+    // messages of one role merge.
+    let mut turns: Vec<(String, Vec<Value>)> = Vec::new();
+    for message in request.messages.iter().filter(|m| m.role != Role::System) {
+        let role = if message.role == Role::Assistant { "assistant" } else { "user" };
+        let content = blocks(message);
+        match turns.last_mut() {
+            Some((last, existing)) if last == role => existing.extend(content),
+            _ => turns.push((role.to_string(), content)),
+        }
+    }
+    let mut body = json!({
+        "model": request.model,
+        "max_tokens": p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        "messages": turns.into_iter().map(|(role, content)| json!({"role": role, "content": content})).collect::<Vec<_>>(),
+    });
+    if !system.is_empty() {
+        body["system"] = json!(system.join("\n\n"));
+    }
+    if let Some(t) = p.temperature {
+        body["temperature"] = json!(t.min(1.0));
+    }
+    if let Some(t) = p.top_p {
+        body["top_p"] = json!(t);
+    }
+    if !p.stop.is_empty() {
+        body["stop_sequences"] = json!(p.stop);
+    }
+    if !request.tools.is_empty() {
+        body["tools"] = request
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+            .collect();
+    }
+    if let Some(choice) = &request.tool_choice {
+        body["tool_choice"] = match choice {
+            ToolChoice::Auto => json!({"type": "auto"}),
+            ToolChoice::None => json!({"type": "none"}),
+            ToolChoice::Required => json!({"type": "any"}),
+            ToolChoice::Function(name) => json!({"type": "tool", "name": name}),
+        };
+    }
+    if stream {
+        body["stream"] = json!(true);
+    }
+    Ok(body)
+}
+
+fn finish_reason(value: &Value) -> Option<FinishReason> {
+    Some(match value.as_str()? {
+        "max_tokens" => FinishReason::Length,
+        "tool_use" => FinishReason::ToolCalls,
+        "refusal" => FinishReason::ContentFilter,
+        _ => FinishReason::Stop,
+    })
+}
+
+pub fn parse_response(value: &Value) -> ChatResponse {
+    let mut content = Vec::new();
+    let mut tool_calls = Vec::new();
+    for block in value["content"].as_array().into_iter().flatten() {
+        match block["type"].as_str() {
+            Some("text") => content.push(Part::Text(block["text"].as_str().unwrap_or_default().to_string())),
+            Some("tool_use") => tool_calls.push(ToolCall {
+                id: block["id"].as_str().unwrap_or_default().to_string(),
+                name: block["name"].as_str().unwrap_or_default().to_string(),
+                arguments: block["input"].to_string(),
+            }),
+            _ => {}
+        }
+    }
+    ChatResponse {
+        id: value["id"].as_str().unwrap_or_default().to_string(),
+        model: value["model"].as_str().unwrap_or_default().to_string(),
+        choices: vec![Choice {
+            index: 0,
+            message: Message { role: Role::Assistant, content, tool_calls, tool_call_id: None },
+            finish_reason: finish_reason(&value["stop_reason"]),
+            logprobs: None,
+        }],
+        usage: Usage {
+            prompt_tokens: value["usage"]["input_tokens"].as_u64().unwrap_or(0),
+            completion_tokens: value["usage"]["output_tokens"].as_u64().unwrap_or(0),
+        },
+    }
+}
+
+/// Anthropic numbers content blocks; OpenAI numbers tool calls. This maps one to the other
+/// and remembers the prompt tokens from `message_start` for the final usage.
+#[derive(Default)]
+struct StreamState {
+    input_tokens: u64,
+    tool_index_of_block: std::collections::HashMap<u64, u32>,
+    tools_seen: u32,
+}
+
+impl StreamState {
+    fn events(
+        &mut self,
+        message: Result<SseMessage, ProviderError>,
+    ) -> Vec<Result<ChatEvent, ProviderError>> {
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => return vec![Err(e)],
+        };
+        let Ok(value) = serde_json::from_str::<Value>(&message.data) else {
+            return vec![Err(ProviderError::Decode("a stream event is not JSON".into()))];
+        };
+        match value["type"].as_str().unwrap_or_default() {
+            "message_start" => {
+                self.input_tokens = value["message"]["usage"]["input_tokens"].as_u64().unwrap_or(0);
+                vec![]
+            }
+            "content_block_start" if value["content_block"]["type"] == "tool_use" => {
+                let index = self.tools_seen;
+                self.tools_seen += 1;
+                self.tool_index_of_block.insert(value["index"].as_u64().unwrap_or(0), index);
+                let block = &value["content_block"];
+                vec![Ok(ChatEvent::ToolCall {
+                    choice: 0,
+                    index,
+                    id: block["id"].as_str().map(str::to_string),
+                    name: block["name"].as_str().map(str::to_string),
+                    arguments: String::new(),
+                })]
+            }
+            "content_block_delta" => {
+                let delta = &value["delta"];
+                match delta["type"].as_str() {
+                    Some("text_delta") => vec![Ok(ChatEvent::Text {
+                        choice: 0,
+                        text: delta["text"].as_str().unwrap_or_default().to_string(),
+                        logprobs: None,
+                    })],
+                    Some("input_json_delta") => {
+                        let block = value["index"].as_u64().unwrap_or(0);
+                        let index = self.tool_index_of_block.get(&block).copied().unwrap_or(0);
+                        vec![Ok(ChatEvent::ToolCall {
+                            choice: 0,
+                            index,
+                            id: None,
+                            name: None,
+                            arguments: delta["partial_json"].as_str().unwrap_or_default().to_string(),
+                        })]
+                    }
+                    _ => vec![],
+                }
+            }
+            "message_delta" => {
+                let mut out = Vec::new();
+                if let Some(reason) = finish_reason(&value["delta"]["stop_reason"]) {
+                    out.push(Ok(ChatEvent::Finish { choice: 0, reason }));
+                }
+                out.push(Ok(ChatEvent::Usage(Usage {
+                    prompt_tokens: self.input_tokens,
+                    completion_tokens: value["usage"]["output_tokens"].as_u64().unwrap_or(0),
+                })));
+                out
+            }
+            "error" => vec![Err(ProviderError::Status {
+                status: if value["error"]["type"] == "overloaded_error" { 529 } else { 500 },
+                message: value["error"]["message"].as_str().unwrap_or("upstream error").to_string(),
+                code: value["error"]["type"].as_str().map(str::to_string),
+                param: None,
+                retry_after: None,
+            })],
+            _ => vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Params;
+
+    #[test]
+    fn translates_system_tools_images_and_results() {
+        let request = ChatRequest {
+            model: "claude".into(),
+            messages: vec![
+                Message::text(Role::System, "be brief"),
+                Message {
+                    role: Role::User,
+                    content: vec![
+                        Part::Text("what?".into()),
+                        Part::Image { url: "data:image/png;base64,AAAA".into() },
+                    ],
+                    tool_calls: vec![],
+                    tool_call_id: None,
+                },
+                Message {
+                    role: Role::Assistant,
+                    content: vec![],
+                    tool_calls: vec![ToolCall {
+                        id: "t1".into(),
+                        name: "f".into(),
+                        arguments: "{\"a\":1}".into(),
+                    }],
+                    tool_call_id: None,
+                },
+                Message { tool_call_id: Some("t1".into()), ..Message::text(Role::Tool, "ok") },
+            ],
+            params: Params { temperature: Some(1.5), ..Params::default() },
+            tools: vec![],
+            tool_choice: Some(ToolChoice::Required),
+            response_format: None,
+        };
+        let body = request_body(&request, false).unwrap();
+        assert_eq!(body["system"], "be brief");
+        assert_eq!(body["max_tokens"], DEFAULT_MAX_TOKENS);
+        assert_eq!(body["temperature"], 1.0);
+        assert_eq!(body["messages"][0]["content"][1]["source"]["media_type"], "image/png");
+        assert_eq!(body["messages"][1]["content"][0]["input"]["a"], 1);
+        assert_eq!(body["messages"][2]["content"][0]["tool_use_id"], "t1");
+        assert_eq!(body["tool_choice"]["type"], "any");
+        let mut seeded = request.clone();
+        seeded.params.n = Some(2);
+        assert!(
+            matches!(request_body(&seeded, false), Err(ProviderError::Unsupported { param, .. }) if param == "n")
+        );
+    }
+}
