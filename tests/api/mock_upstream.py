@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class MockUpstream:
-    """dialect: "openai" (POST .../v1/chat/completions) or "anthropic" (POST /v1/messages)."""
+    """dialect: "openai" (POST .../v1/chat/completions), "anthropic" (POST /v1/messages) or
+    "gemini" (POST /v1beta/models/M:generateContent and :streamGenerateContent?alt=sse)."""
 
     def __init__(self, dialect="openai"):
         self.requests = []  # (headers, body) as received
@@ -40,7 +41,11 @@ class MockUpstream:
                 if step[0] == "sleep":
                     time.sleep(step[1])
                     step = ("ok", "slow")
-                if dialect == "anthropic":
+                if dialect == "gemini":
+                    body["_path"] = self.path
+                    streaming = ":streamGenerateContent" in self.path
+                    (self.gemini_stream if streaming else self.gemini_plain)(body, step)
+                elif dialect == "anthropic":
                     (self.anthropic_stream if body.get("stream") else self.anthropic_plain)(body, step)
                 elif body.get("stream"):
                     self.stream(body, step)
@@ -54,6 +59,43 @@ class MockUpstream:
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def gemini_candidate(self, step, finish=True):
+                if step[0] == "tool":
+                    parts = [{"functionCall": {"name": step[1], "args": step[2]}}]
+                else:
+                    parts = [{"text": step[1]}]
+                candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
+                if finish:
+                    candidate["finishReason"] = "STOP"
+                return candidate
+
+            def gemini_plain(self, body, step):
+                self.send_json({"candidates": [self.gemini_candidate(step)],
+                                "usageMetadata": {"promptTokenCount": 17, "candidatesTokenCount": 6, "totalTokenCount": 23},
+                                "modelVersion": "gemini-mock-001", "responseId": "resp-mock"})
+
+            def gemini_stream(self, body, step):
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+
+                def send(obj):
+                    self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\r\n\r\n")
+                    self.wfile.flush()
+
+                usage = {"promptTokenCount": 17, "candidatesTokenCount": 6, "totalTokenCount": 23}
+                if step[0] == "tool":
+                    send({"candidates": [self.gemini_candidate(step)], "usageMetadata": usage, "modelVersion": "gemini-mock-001"})
+                    return
+                words = step[1].split(" ")
+                for i, word in enumerate(words):
+                    last = i == len(words) - 1
+                    chunk = {"candidates": [self.gemini_candidate(("ok", word + ("" if last else " ")), finish=last)],
+                             "modelVersion": "gemini-mock-001"}
+                    if last:
+                        chunk["usageMetadata"] = usage
+                    send(chunk)
 
             def anthropic_plain(self, body, step):
                 if step[0] == "tool":
@@ -153,7 +195,7 @@ class MockUpstream:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.url = base if dialect == "anthropic" else base + "/v1"
+        self.url = base if dialect in ("anthropic", "gemini") else base + "/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -227,3 +227,52 @@ def test_openai_sdk_through_an_anthropic_upstream(tmp_path):
     finally:
         b.stop()
         upstream.stop()
+
+
+def test_openai_sdk_through_a_gemini_upstream(tmp_path):
+    upstream = MockUpstream("gemini")
+    b = gateway(tmp_path, {"google": ("gemini", upstream.url)},
+                [{"name": "gem", "targets": [("google", "gemini-2.5-flash")]}])
+    try:
+        client = b.client(max_retries=0)
+        upstream.default = ("ok", "Hello from Gemini.")
+        r = client.chat.completions.create(model="gem", max_tokens=40, temperature=0.3, seed=7,
+                                           messages=[{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": [
+                                                         {"type": "text", "text": "What is this?"},
+                                                         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}}]}])
+        assert r.choices[0].message.content == "Hello from Gemini."
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (17, 6)
+        headers, body = upstream.requests[-1]
+        assert headers["x-goog-api-key"] == "sk-secret-mock-key-123"
+        assert body["_path"] == "/v1beta/models/gemini-2.5-flash:generateContent"
+        assert body["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
+        assert body["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/4AAQ"}}
+        assert body["generationConfig"] == {"temperature": 0.3, "maxOutputTokens": 40, "seed": 7}
+        chunks = list(client.chat.completions.create(model="gem", messages=[{"role": "user", "content": "Hi"}],
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert upstream.requests[-1][1]["_path"].endswith(":streamGenerateContent?alt=sse")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from Gemini."
+        assert chunks[-1].usage.completion_tokens == 6
+        # A function call and its result, through the tool-calling round trip.
+        tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+        upstream.script = [("tool", "weather", {"city": "Oslo"})]
+        r = client.chat.completions.create(model="gem", tools=tools, messages=[{"role": "user", "content": "Oslo?"}])
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "weather"
+        assert json.loads(call.function.arguments) == {"city": "Oslo"}
+        upstream.script = [("ok", "Cold.")]
+        client.chat.completions.create(model="gem", tools=tools, messages=[
+            {"role": "user", "content": "Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp": -3}'},
+        ])
+        sent = upstream.requests[-1][1]["contents"]
+        assert sent[1] == {"role": "model", "parts": [{"functionCall": {"name": "weather", "args": {"city": "Oslo"}}}]}
+        assert sent[2] == {"role": "user", "parts": [{"functionResponse": {"name": "weather", "response": {"temp": -3}}}]}
+        upstream.script = [("error", 404, {"error": {"code": 404, "message": "models/x is not found", "status": "NOT_FOUND"}}, {})]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gem", messages=[{"role": "user", "content": "Hi"}])
+    finally:
+        b.stop()
+        upstream.stop()

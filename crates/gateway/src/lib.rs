@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_providers::anthropic::AnthropicProvider;
+use ferry_providers::gemini::GeminiProvider;
 use ferry_providers::openai::OpenAiProvider;
 use ferry_providers::{ChatRequest, ChatResponse, EventStream, Provider, ProviderError, Timeouts};
 use futures::future::BoxFuture;
@@ -119,10 +120,14 @@ impl Gateway {
                     AnthropicProvider::new(&p.base_url, api_key, timeouts)
                         .map_err(|e| GatewayError::Config(name.clone(), e.to_string()))?,
                 ),
+                "gemini" => Arc::new(
+                    GeminiProvider::new(&p.base_url, api_key, timeouts)
+                        .map_err(|e| GatewayError::Config(name.clone(), e.to_string()))?,
+                ),
                 other => {
                     return Err(GatewayError::Config(
                         name.clone(),
-                        format!("unknown kind `{other}` (known: openai, anthropic)"),
+                        format!("unknown kind `{other}` (known: openai, anthropic, gemini)"),
                     ));
                 }
             };

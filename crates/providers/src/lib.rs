@@ -3,6 +3,7 @@
 //! One module per provider; credentials never appear in errors or logs.
 
 pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 mod sse;
 pub mod types;
