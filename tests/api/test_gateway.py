@@ -276,3 +276,54 @@ def test_openai_sdk_through_a_gemini_upstream(tmp_path):
     finally:
         b.stop()
         upstream.stop()
+
+
+def test_anthropic_sdk_through_aliases(server, tmp_path):
+    """The Messages dialect in front of upstreams: another Ferry (OpenAI wire format) and an
+    Anthropic-format mock with tool use."""
+    import anthropic
+
+    upstream = MockUpstream("anthropic")
+    b = gateway(tmp_path, {"a": server.url + "/v1", "claude": ("anthropic", upstream.url)},
+                [{"name": "chained", "targets": [("a", MODEL_ID)]},
+                 {"name": "claude-alias", "targets": [("claude", "claude-sonnet-4-5")]}])
+    try:
+        claude = anthropic.Anthropic(base_url=b.url, api_key="unused", max_retries=0)
+        direct = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+        kwargs = dict(max_tokens=16, system="You are a helpful assistant.", extra_body={"temperature": 0},
+                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+        want = direct.messages.create(model=MODEL_ID, **kwargs)
+        got = claude.messages.create(model="chained", **kwargs)
+        assert got.content[0].text == want.content[0].text
+        assert got.stop_reason == want.stop_reason
+        assert (got.usage.input_tokens, got.usage.output_tokens) == (want.usage.input_tokens, want.usage.output_tokens)
+        with claude.messages.stream(model="chained", **kwargs) as stream:
+            final = stream.get_final_message()
+        assert final.content[0].text == want.content[0].text
+        assert final.usage.output_tokens == want.usage.output_tokens
+        # Tool use through an Anthropic upstream, plain and streamed, and the tool result back.
+        tools = [{"name": "lookup", "description": "Look up", "input_schema": {"type": "object"}}]
+        upstream.script = [("tool", "lookup", {"q": "paris"})]
+        m = claude.messages.create(model="claude-alias", max_tokens=30, tools=tools,
+                                   messages=[{"role": "user", "content": "find paris"}])
+        assert m.stop_reason == "tool_use"
+        use = next(b for b in m.content if b.type == "tool_use")
+        assert use.name == "lookup" and use.input == {"q": "paris"}
+        upstream.script = [("tool", "lookup", {"q": "oslo"})]
+        with claude.messages.stream(model="claude-alias", max_tokens=30, tools=tools,
+                                    messages=[{"role": "user", "content": "find oslo"}]) as stream:
+            final = stream.get_final_message()
+        assert [b.type for b in final.content] == ["text", "tool_use"]
+        assert final.content[1].input == {"q": "oslo"} and final.stop_reason == "tool_use"
+        upstream.script = [("ok", "Found it.")]
+        claude.messages.create(model="claude-alias", max_tokens=30, tools=tools, messages=[
+            {"role": "user", "content": "find paris"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": "lookup", "input": {"q": "paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Paris, France"}]},
+        ])
+        sent = upstream.requests[-1][1]["messages"]
+        assert sent[1]["content"][0]["type"] == "tool_use"
+        assert sent[2]["content"][0] == {"type": "tool_result", "tool_use_id": use.id, "content": "Paris, France"}
+    finally:
+        b.stop()
+        upstream.stop()

@@ -49,13 +49,21 @@ pub enum MessageContent {
     Blocks(Vec<ContentBlock>),
 }
 
-/// A content block of a request. Only `text` carries text a local model can read; the
-/// others are kept so that an unsupported one can be named in the error.
+/// A content block of a request: `text`, `image` (`source`), `tool_use` (`id`, `name`,
+/// `input`) or `tool_result` (`tool_use_id`, `content`). Kept as one struct so that an
+/// unsupported type can be named in the error.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct ContentBlock {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    pub source: Option<serde_json::Value>,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub input: Option<serde_json::Value>,
+    pub tool_use_id: Option<String>,
+    /// A tool result: a string or a list of text blocks.
+    pub content: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -68,6 +76,7 @@ pub struct Usage {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ResponseBlock {
     Text { text: String },
+    ToolUse { id: String, name: String, input: serde_json::Value },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -99,10 +108,14 @@ pub struct MessageDelta {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BlockDelta {
     TextDelta { text: String },
+    InputJsonDelta { partial_json: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OutputUsage {
+    /// Sent when the prompt size was not known at `message_start` (an upstream stream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
     pub output_tokens: u64,
 }
 

@@ -17,12 +17,16 @@ use ferry_api::anthropic::{
 };
 use ferry_api::openai::{SamplingFields, Stop};
 use ferry_engine::{ChatMessage, Event, FinishReason, TokenId};
+use std::sync::Arc;
+
+use ferry_gateway::Gateway;
+use ferry_providers::ChatEvent;
 use futures::StreamExt;
 
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
 use crate::generation::{self, SharedModel, Submitted, request_id};
-use crate::validate;
+use crate::{translate, validate};
 
 /// An error answered in Anthropic's shape.
 pub struct AnthropicError(ApiError);
@@ -137,6 +141,11 @@ pub async fn messages(
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
     let request: MessagesRequest = validate::parse_json(&body)?;
+    if let Some(gateway) = state.gateway()
+        && gateway.has_alias(&request.model)
+    {
+        return upstream(gateway.clone(), request).await;
+    }
     let model = state.model(&request.model)?;
     refuse_tools(&request.tools)?;
     let messages = conversation(request.system.as_ref(), &request.messages)?;
@@ -179,6 +188,147 @@ pub async fn messages(
         usage: Usage { input_tokens, output_tokens: collected.usage.completion_tokens },
     })
     .into_response())
+}
+
+/// A Messages request for a gateway alias: translated, routed, and answered in Anthropic's
+/// format (tool calls as `tool_use` blocks).
+async fn upstream(gateway: Arc<Gateway>, request: MessagesRequest) -> Result<Response, AnthropicError> {
+    let neutral = translate::from_anthropic(&request)?;
+    let id = request_id("msg");
+    if request.stream {
+        let routed = gateway.chat_stream(&request.model, neutral).await.map_err(ApiError::from)?;
+        return Ok(upstream_stream(routed.value, id, request.model).into_response());
+    }
+    let routed = gateway.chat(&request.model, neutral).await.map_err(ApiError::from)?;
+    let answer = routed.value;
+    let choice = answer.choices.into_iter().next();
+    let mut content = Vec::new();
+    let mut reason = "end_turn";
+    if let Some(choice) = choice {
+        let text = choice.message.joined_text();
+        if !text.is_empty() {
+            content.push(ResponseBlock::Text { text });
+        }
+        for call in choice.message.tool_calls {
+            let input = serde_json::from_str(&call.arguments).unwrap_or_else(|_| serde_json::json!({}));
+            content.push(ResponseBlock::ToolUse { id: call.id, name: call.name, input });
+        }
+        reason = choice.finish_reason.map_or("end_turn", upstream_stop_reason);
+    }
+    Ok(axum::Json(MessagesResponse {
+        id,
+        kind: "message".into(),
+        role: "assistant".into(),
+        model: request.model,
+        content,
+        stop_reason: Some(reason.into()),
+        stop_sequence: None,
+        usage: Usage {
+            input_tokens: answer.usage.prompt_tokens,
+            output_tokens: answer.usage.completion_tokens,
+        },
+    })
+    .into_response())
+}
+
+fn upstream_stop_reason(reason: ferry_providers::FinishReason) -> &'static str {
+    match reason {
+        ferry_providers::FinishReason::Length => "max_tokens",
+        ferry_providers::FinishReason::ToolCalls => "tool_use",
+        ferry_providers::FinishReason::ContentFilter => "refusal",
+        ferry_providers::FinishReason::Stop => "end_turn",
+    }
+}
+
+/// Anthropic's event sequence from neutral events: a text block opens on the first text, a
+/// tool_use block on each tool call (closing the block before it), then message_delta with
+/// the stop reason and usage, and message_stop.
+fn upstream_stream(events: ferry_providers::EventStream, id: String, model: String) -> impl IntoResponse {
+    #[derive(Default)]
+    struct Blocks {
+        /// Index and kind of the open block: `Some((index, tool_index))`, `None` for text.
+        open: Option<(u32, Option<u32>)>,
+        next: u32,
+        reason: Option<&'static str>,
+        usage: ferry_providers::Usage,
+    }
+    impl Blocks {
+        fn close(&mut self, out: &mut Vec<StreamEvent>) {
+            if let Some((index, _)) = self.open.take() {
+                out.push(StreamEvent::ContentBlockStop { index });
+            }
+        }
+        fn open(&mut self, tool: Option<u32>, block: ResponseBlock, out: &mut Vec<StreamEvent>) -> u32 {
+            if let Some((index, open_tool)) = self.open
+                && open_tool == tool
+            {
+                return index;
+            }
+            self.close(out);
+            let index = self.next;
+            self.next += 1;
+            self.open = Some((index, tool));
+            out.push(StreamEvent::ContentBlockStart { index, content_block: block });
+            index
+        }
+    }
+    let start = StreamEvent::MessageStart {
+        message: MessagesResponse {
+            id,
+            kind: "message".into(),
+            role: "assistant".into(),
+            model,
+            content: vec![],
+            stop_reason: None,
+            stop_sequence: None,
+            usage: Usage { input_tokens: 0, output_tokens: 0 },
+        },
+    };
+    let mut blocks = Blocks::default();
+    let body = events.map(Some).chain(futures::stream::once(async { None })).map(move |event| {
+        let mut out = Vec::new();
+        match event {
+            Some(Ok(ChatEvent::Text { text, .. })) => {
+                let index = blocks.open(None, ResponseBlock::Text { text: String::new() }, &mut out);
+                out.push(StreamEvent::ContentBlockDelta { index, delta: BlockDelta::TextDelta { text } });
+            }
+            Some(Ok(ChatEvent::ToolCall { index: tool, id, name, arguments, .. })) => {
+                let block = ResponseBlock::ToolUse {
+                    id: id.unwrap_or_default(),
+                    name: name.unwrap_or_default(),
+                    input: serde_json::json!({}),
+                };
+                let index = blocks.open(Some(tool), block, &mut out);
+                if !arguments.is_empty() {
+                    let delta = BlockDelta::InputJsonDelta { partial_json: arguments };
+                    out.push(StreamEvent::ContentBlockDelta { index, delta });
+                }
+            }
+            Some(Ok(ChatEvent::Finish { reason, .. })) => blocks.reason = Some(upstream_stop_reason(reason)),
+            Some(Ok(ChatEvent::Usage(u))) => blocks.usage = u,
+            Some(Err(e)) => {
+                out.push(StreamEvent::Error { error: error_body(&ApiError::from(e)).error });
+            }
+            None => {
+                blocks.close(&mut out);
+                let delta = MessageDelta {
+                    stop_reason: Some(blocks.reason.unwrap_or("end_turn").into()),
+                    stop_sequence: None,
+                };
+                let usage = OutputUsage {
+                    input_tokens: Some(blocks.usage.prompt_tokens),
+                    output_tokens: blocks.usage.completion_tokens,
+                };
+                out.push(StreamEvent::MessageDelta { delta, usage });
+                out.push(StreamEvent::MessageStop);
+            }
+        }
+        out
+    });
+    let all = futures::stream::iter([start])
+        .chain(body.flat_map(futures::stream::iter))
+        .map(|event| Ok::<_, Infallible>(sse(event)));
+    Sse::new(all).keep_alive(KeepAlive::default())
 }
 
 fn stop_reason(reason: FinishReason, stop_sequence: Option<&str>) -> &'static str {
@@ -234,7 +384,7 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
                         stop_reason: Some(stop_reason(reason, stop_sequence.as_deref()).into()),
                         stop_sequence,
                     };
-                    let usage = OutputUsage { output_tokens: completion_tokens as u64 };
+                    let usage = OutputUsage { input_tokens: None, output_tokens: completion_tokens as u64 };
                     let tail = vec![
                         StreamEvent::ContentBlockStop { index: 0 },
                         StreamEvent::MessageDelta { delta, usage },
