@@ -32,7 +32,10 @@ def gateway(tmp_path, providers, aliases, extra=""):
     for alias in aliases:
         targets = ", ".join(f'{{ provider = "{p}", model = "{m}" }}' for p, m in alias["targets"])
         lines += ["[[aliases]]", f'name = "{alias["name"]}"', f'retries = {alias.get("retries", 1)}',
-                  f'strategy = "{alias.get("strategy", "fallback")}"', f"targets = [{targets}]", ""]
+                  f'strategy = "{alias.get("strategy", "fallback")}"', f"targets = [{targets}]"]
+        if "cache_ttl_s" in alias:
+            lines.append(f'cache_ttl_s = {alias["cache_ttl_s"]}')
+        lines.append("")
     config = tmp_path / "gateway.toml"
     config.write_text("\n".join(lines))
     return Server("--config", str(config), env={"MOCK_KEY": "sk-secret-mock-key-123"})
@@ -327,3 +330,34 @@ def test_anthropic_sdk_through_aliases(server, tmp_path):
     finally:
         b.stop()
         upstream.stop()
+
+
+def test_exact_response_cache(mock, tmp_path):
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "cached", "cache_ttl_s": 60, "targets": [("m", "x")]},
+                                            {"name": "plain", "targets": [("m", "x")]}])
+    try:
+        body = {"model": "cached", "messages": HELLO, "temperature": 0}
+        first = httpx.post(b.url + "/v1/chat/completions", json=body, timeout=30)
+        calls = len(mock.requests)
+        again = httpx.post(b.url + "/v1/chat/completions", json=dict(reversed(list(body.items()))), timeout=30)
+        assert again.status_code == 200 and again.headers["x-ferry-cache"] == "hit"
+        assert again.json()["choices"] == first.json()["choices"]
+        assert len(mock.requests) == calls, "a hit costs no upstream call"
+        # A different request misses; a request can opt out.
+        httpx.post(b.url + "/v1/chat/completions", json={**body, "temperature": 0.5}, timeout=30)
+        assert len(mock.requests) == calls + 1
+        r = httpx.post(b.url + "/v1/chat/completions", json=body, headers={"x-ferry-cache": "off"}, timeout=30)
+        assert "x-ferry-cache" not in r.headers and len(mock.requests) == calls + 2
+        # Per request on an alias without a cache; the Anthropic dialect shares it.
+        plain = {"model": "plain", "messages": HELLO}
+        httpx.post(b.url + "/v1/chat/completions", json=plain, headers={"x-ferry-cache": "on"}, timeout=30)
+        r = httpx.post(b.url + "/v1/chat/completions", json=plain, headers={"x-ferry-cache": "on"}, timeout=30)
+        assert r.headers["x-ferry-cache"] == "hit"
+        r = httpx.post(b.url + "/v1/chat/completions", json=plain, timeout=30)
+        assert "x-ferry-cache" not in r.headers
+        anthropic_body = {"model": "cached", "max_tokens": 20, "messages": [{"role": "user", "content": "Hi"}]}
+        httpx.post(b.url + "/v1/messages", json=anthropic_body, timeout=30)
+        r = httpx.post(b.url + "/v1/messages", json=anthropic_body, timeout=30)
+        assert r.headers["x-ferry-cache"] == "hit" and r.json()["content"][0]["text"] == "Hello from the mock."
+    finally:
+        b.stop()

@@ -74,6 +74,8 @@ struct FileConfig {
     aliases: Vec<ferry_gateway::AliasConfig>,
     circuit_failure_threshold: Option<u32>,
     circuit_open_ms: Option<u64>,
+    cache_max_bytes: Option<usize>,
+    cache_ttl_s: Option<u64>,
 }
 
 /// Checked settings.
@@ -122,6 +124,8 @@ impl ServeArgs {
                 aliases: file.aliases,
                 circuit_failure_threshold: file.circuit_failure_threshold.unwrap_or(5),
                 circuit_open_ms: file.circuit_open_ms.unwrap_or(30_000),
+                cache_max_bytes: file.cache_max_bytes.unwrap_or(64 * 1024 * 1024),
+                cache_ttl_s: file.cache_ttl_s.unwrap_or(300),
             },
         };
         for (name, value) in [

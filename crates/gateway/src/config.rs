@@ -30,6 +30,12 @@ pub struct GatewayConfig {
     /// How long an open circuit skips its target before one probe.
     #[serde(default = "default_open_ms")]
     pub circuit_open_ms: u64,
+    /// Memory bound of the exact response cache.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_max_bytes: usize,
+    /// TTL of answers cached because a request asked (`x-ferry-cache: on`).
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +95,8 @@ pub struct AliasConfig {
     #[serde(default = "default_retries")]
     pub retries: u32,
     pub targets: Vec<TargetConfig>,
+    /// Cache this alias's plain answers for so many seconds (off when absent).
+    pub cache_ttl_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +122,12 @@ fn default_first_byte_ms() -> u64 {
 }
 fn default_total_ms() -> u64 {
     600_000
+}
+fn default_cache_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_cache_ttl() -> u64 {
+    300
 }
 fn default_retries() -> u32 {
     1

@@ -2,6 +2,7 @@
 //! backoff (honouring `Retry-After`), fallback to the next target, load balancing and a
 //! circuit breaker per target. Streams fall back only before their first event.
 
+pub mod cache;
 pub mod config;
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ pub struct Route {
     pub attempts: u32,
     /// Targets given up on before the one that answered.
     pub fallbacks: u32,
+    /// Answered from the response cache, with no upstream call.
+    pub cache_hit: bool,
 }
 
 #[derive(Debug)]
@@ -73,6 +76,8 @@ struct Alias {
     targets: Vec<Arc<Target>>,
     strategy: Strategy,
     retries: u32,
+    /// Cache answers for this long unless a request says otherwise; `None`: only on request.
+    cache_ttl: Option<Duration>,
 }
 
 /// Circuit breaker and retry settings shared by every alias.
@@ -99,6 +104,9 @@ pub struct Gateway {
     aliases: HashMap<String, Alias>,
     reliability: Reliability,
     counter: AtomicU64,
+    cache: cache::ResponseCache,
+    /// TTL of entries cached because a request asked for it.
+    request_cache_ttl: Duration,
 }
 
 impl Gateway {
@@ -155,17 +163,22 @@ impl Gateway {
                     }))
                 })
                 .collect::<Result<Vec<_>, GatewayError>>()?;
-            aliases.insert(
-                alias.name.clone(),
-                Alias { targets, strategy: alias.strategy, retries: alias.retries },
-            );
+            let cache_ttl = alias.cache_ttl_s.filter(|&s| s > 0).map(Duration::from_secs);
+            let entry = Alias { targets, strategy: alias.strategy, retries: alias.retries, cache_ttl };
+            aliases.insert(alias.name.clone(), entry);
         }
         let reliability = Reliability {
             failure_threshold: config.circuit_failure_threshold,
             open_for: Duration::from_millis(config.circuit_open_ms),
             ..Reliability::default()
         };
-        Ok(Gateway { aliases, reliability, counter: AtomicU64::new(0) })
+        Ok(Gateway {
+            aliases,
+            reliability,
+            counter: AtomicU64::new(0),
+            cache: cache::ResponseCache::new(config.cache_max_bytes),
+            request_cache_ttl: Duration::from_secs(config.cache_ttl_s),
+        })
     }
 
     pub fn has_alias(&self, name: &str) -> bool {
@@ -176,12 +189,29 @@ impl Gateway {
         self.aliases.keys().map(String::as_str)
     }
 
+    /// A plain answer. `use_cache` is the request's own choice (`None`: the alias decides).
     pub async fn chat(
         &self,
         alias: &str,
         request: ChatRequest,
+        use_cache: Option<bool>,
     ) -> Result<Routed<ChatResponse>, GatewayError> {
-        self.route(alias, request, |provider, request| provider.chat(request)).await
+        let alias_ttl = self.aliases.get(alias).and_then(|a| a.cache_ttl);
+        let ttl = match use_cache {
+            Some(false) => None,
+            Some(true) => Some(alias_ttl.unwrap_or(self.request_cache_ttl)),
+            None => alias_ttl,
+        };
+        let Some(ttl) = ttl else {
+            return self.route(alias, request, |provider, request| provider.chat(request)).await;
+        };
+        let key = cache::ResponseCache::key(alias, &request);
+        if let Some(value) = self.cache.get(&key) {
+            return Ok(Routed { value, route: Route { cache_hit: true, ..Route::default() } });
+        }
+        let routed = self.route(alias, request, |provider, request| provider.chat(request)).await?;
+        self.cache.put(key, &routed.value, ttl);
+        Ok(routed)
     }
 
     pub async fn chat_stream(
@@ -248,7 +278,7 @@ impl Gateway {
                 match result {
                     Ok(value) => {
                         self.record(&target, true);
-                        let route = Route { target: target.label(), attempts, fallbacks };
+                        let route = Route { target: target.label(), attempts, fallbacks, cache_hit: false };
                         return Ok(Routed { value, route });
                     }
                     Err(e) => {

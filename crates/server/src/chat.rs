@@ -7,7 +7,7 @@ use std::pin::Pin;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::HeaderValue;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ferry_api::openai::{
@@ -29,6 +29,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> +
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, &state)?;
@@ -38,7 +39,7 @@ pub async fn chat_completions(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(state.clone(), request, fields).await;
+        return upstream(state.clone(), request, fields, cache_choice(&headers)).await;
     }
     let model = state.model(&request.model)?;
     local(state, model, request, fields).await
@@ -176,6 +177,7 @@ async fn upstream(
     state: AppState,
     request: ChatCompletionRequest,
     fields: SamplingFields,
+    use_cache: Option<bool>,
 ) -> Result<Response, ApiError> {
     let Some(gateway) = state.gateway() else { return Err(ApiError::ModelNotFound(request.model)) };
     let neutral = translate::from_openai_chat(&request, &fields)?;
@@ -188,15 +190,28 @@ async fn upstream(
         route_headers(&mut response, &routed.route);
         return Ok(response);
     }
-    let routed = gateway.chat(&request.model, neutral).await?;
+    let routed = gateway.chat(&request.model, neutral, use_cache).await?;
     let mut response = axum::Json(completion(routed.value, id, request.model)).into_response();
     route_headers(&mut response, &routed.route);
     Ok(response)
 }
 
-/// Says which target answered and after how many calls.
-fn route_headers(response: &mut Response, route: &Route) {
+/// The request's own say on the response cache: `x-ferry-cache: on` or `off`.
+pub fn cache_choice(headers: &HeaderMap) -> Option<bool> {
+    match headers.get("x-ferry-cache")?.to_str().ok()?.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" => Some(true),
+        "off" | "false" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Says which target answered and after how many calls, or that the cache did.
+pub fn route_headers(response: &mut Response, route: &Route) {
     let headers = response.headers_mut();
+    if route.cache_hit {
+        headers.insert("x-ferry-cache", HeaderValue::from_static("hit"));
+        return;
+    }
     if let Ok(v) = HeaderValue::from_str(&route.target) {
         headers.insert("x-ferry-target", v);
     }

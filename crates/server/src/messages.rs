@@ -136,6 +136,7 @@ async fn tokenize(model: SharedModel, messages: Vec<ChatMessage>) -> Result<Vec<
 
 pub async fn messages(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AnthropicError> {
     let body = read_body(body, &state)?;
@@ -144,7 +145,7 @@ pub async fn messages(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(gateway.clone(), request).await;
+        return upstream(gateway.clone(), request, crate::chat::cache_choice(&headers)).await;
     }
     let model = state.model(&request.model)?;
     refuse_tools(&request.tools)?;
@@ -192,14 +193,19 @@ pub async fn messages(
 
 /// A Messages request for a gateway alias: translated, routed, and answered in Anthropic's
 /// format (tool calls as `tool_use` blocks).
-async fn upstream(gateway: Arc<Gateway>, request: MessagesRequest) -> Result<Response, AnthropicError> {
+async fn upstream(
+    gateway: Arc<Gateway>,
+    request: MessagesRequest,
+    use_cache: Option<bool>,
+) -> Result<Response, AnthropicError> {
     let neutral = translate::from_anthropic(&request)?;
     let id = request_id("msg");
     if request.stream {
         let routed = gateway.chat_stream(&request.model, neutral).await.map_err(ApiError::from)?;
         return Ok(upstream_stream(routed.value, id, request.model).into_response());
     }
-    let routed = gateway.chat(&request.model, neutral).await.map_err(ApiError::from)?;
+    let routed = gateway.chat(&request.model, neutral, use_cache).await.map_err(ApiError::from)?;
+    let route = routed.route;
     let answer = routed.value;
     let choice = answer.choices.into_iter().next();
     let mut content = Vec::new();
@@ -215,7 +221,7 @@ async fn upstream(gateway: Arc<Gateway>, request: MessagesRequest) -> Result<Res
         }
         reason = choice.finish_reason.map_or("end_turn", upstream_stop_reason);
     }
-    Ok(axum::Json(MessagesResponse {
+    let mut response = axum::Json(MessagesResponse {
         id,
         kind: "message".into(),
         role: "assistant".into(),
@@ -228,7 +234,9 @@ async fn upstream(gateway: Arc<Gateway>, request: MessagesRequest) -> Result<Res
             output_tokens: answer.usage.completion_tokens,
         },
     })
-    .into_response())
+    .into_response();
+    crate::chat::route_headers(&mut response, &route);
+    Ok(response)
 }
 
 fn upstream_stop_reason(reason: ferry_providers::FinishReason) -> &'static str {

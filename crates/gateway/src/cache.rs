@@ -1,0 +1,124 @@
+//! The exact response cache: answers keyed on the normalised request (alias plus the whole
+//! neutral request), kept for a TTL within a memory bound, oldest evicted first. A hit costs
+//! no upstream call.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferry_providers::{ChatRequest, ChatResponse};
+use sha2::{Digest, Sha256};
+
+struct Entry {
+    response: ChatResponse,
+    expires: Instant,
+    bytes: usize,
+}
+
+pub struct ResponseCache {
+    max_bytes: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<[u8; 32], Entry>,
+    /// Insertion order, for eviction.
+    order: VecDeque<[u8; 32]>,
+    bytes: usize,
+}
+
+impl ResponseCache {
+    pub fn new(max_bytes: usize) -> Self {
+        ResponseCache { max_bytes, inner: Mutex::new(Inner::default()) }
+    }
+
+    /// The key of a request to an alias. The neutral request serialises its fields in a fixed
+    /// order, so equal requests give equal keys whatever the client's JSON looked like.
+    pub fn key(alias: &str, request: &ChatRequest) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(alias.as_bytes());
+        hasher.update([0]);
+        hasher.update(serde_json::to_vec(request).unwrap_or_default());
+        hasher.finalize().into()
+    }
+
+    pub fn get(&self, key: &[u8; 32]) -> Option<ChatResponse> {
+        let mut inner = self.inner.lock().ok()?;
+        match inner.entries.get(key) {
+            Some(entry) if entry.expires > Instant::now() => Some(entry.response.clone()),
+            Some(_) => {
+                if let Some(old) = inner.entries.remove(key) {
+                    inner.bytes -= old.bytes;
+                }
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn put(&self, key: [u8; 32], response: &ChatResponse, ttl: Duration) {
+        let bytes = serde_json::to_vec(response).map(|v| v.len()).unwrap_or(0) + 64;
+        if bytes > self.max_bytes {
+            return;
+        }
+        let Ok(mut inner) = self.inner.lock() else { return };
+        if let Some(old) = inner.entries.remove(&key) {
+            inner.bytes -= old.bytes;
+        }
+        while inner.bytes + bytes > self.max_bytes {
+            let Some(oldest) = inner.order.pop_front() else { break };
+            if let Some(old) = inner.entries.remove(&oldest) {
+                inner.bytes -= old.bytes;
+            }
+        }
+        inner.order.push_back(key);
+        inner.bytes += bytes;
+        inner.entries.insert(key, Entry { response: response.clone(), expires: Instant::now() + ttl, bytes });
+        // Keys whose entries were replaced or expired linger in `order`; drop them lazily.
+        if inner.order.len() > inner.entries.len() * 2 + 16 {
+            let Inner { entries, order, .. } = &mut *inner;
+            order.retain(|k| entries.contains_key(k));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_providers::{Message, Params, Role, Usage};
+
+    fn request(text: &str) -> ChatRequest {
+        ChatRequest {
+            model: "m".into(),
+            messages: vec![Message::text(Role::User, text)],
+            params: Params::default(),
+            tools: vec![],
+            tool_choice: None,
+            response_format: None,
+        }
+    }
+
+    fn response(text: &str) -> ChatResponse {
+        ChatResponse { id: text.into(), model: "m".into(), choices: vec![], usage: Usage::default() }
+    }
+
+    #[test]
+    fn hits_expire_and_the_bound_evicts_the_oldest() {
+        let cache = ResponseCache::new(400);
+        let (a, b) = (ResponseCache::key("x", &request("a")), ResponseCache::key("x", &request("b")));
+        assert_ne!(a, ResponseCache::key("y", &request("a")));
+        cache.put(a, &response("A"), Duration::from_secs(60));
+        assert_eq!(cache.get(&a).map(|r| r.id), Some("A".into()));
+        cache.put(b, &response("B"), Duration::from_millis(0));
+        assert!(cache.get(&b).is_none(), "expired");
+        for i in 0..20 {
+            cache.put(
+                ResponseCache::key("x", &request(&i.to_string())),
+                &response("filler"),
+                Duration::from_secs(60),
+            );
+        }
+        assert!(cache.get(&a).is_none(), "the oldest entry was evicted");
+    }
+}
