@@ -22,7 +22,7 @@ def dead_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
-def gateway(tmp_path, providers, aliases, extra=""):
+def gateway(tmp_path, providers, aliases, extra="", env=None):
     """A Ferry whose config routes aliases to `providers`: name -> url, or name -> (kind, url)."""
     lines = [extra]
     for name, url in providers.items():
@@ -38,7 +38,7 @@ def gateway(tmp_path, providers, aliases, extra=""):
         lines.append("")
     config = tmp_path / "gateway.toml"
     config.write_text("\n".join(lines))
-    return Server("--config", str(config), env={"MOCK_KEY": "sk-secret-mock-key-123"})
+    return Server("--config", str(config), env={"MOCK_KEY": "sk-secret-mock-key-123", **(env or {})})
 
 
 @pytest.fixture
@@ -359,5 +359,60 @@ def test_exact_response_cache(mock, tmp_path):
         httpx.post(b.url + "/v1/messages", json=anthropic_body, timeout=30)
         r = httpx.post(b.url + "/v1/messages", json=anthropic_body, timeout=30)
         assert r.headers["x-ferry-cache"] == "hit" and r.json()["content"][0]["text"] == "Hello from the mock."
+    finally:
+        b.stop()
+
+
+def test_config_reload_keeps_requests_in_flight(mock, tmp_path):
+    import concurrent.futures
+    import signal
+    import time
+
+    other = MockUpstream()
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "first", "targets": [("m", "x")]}])
+    config = tmp_path / "gateway.toml"
+    try:
+        url = b.url + "/v1/chat/completions"
+        assert httpx.post(url, json={"model": "first", "messages": HELLO}, timeout=30).status_code == 200
+        # A slow request is in flight while the config changes under it.
+        mock.script = [("sleep", 1.5)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, url, json={"model": "first", "messages": HELLO}, timeout=30)
+            time.sleep(0.3)
+            config.write_text(config.read_text().replace('name = "first"', 'name = "second"').replace(mock.url, other.url))
+            b.proc.send_signal(signal.SIGHUP)
+            for _ in range(50):
+                ids = [m["id"] for m in httpx.get(b.url + "/v1/models").json()["data"]]
+                if "second" in ids:
+                    break
+                time.sleep(0.1)
+            assert "second" in ids and "first" not in ids
+            assert slow.result().status_code == 200
+            assert slow.result().json()["choices"][0]["message"]["content"] == "slow"
+        r = httpx.post(url, json={"model": "second", "messages": HELLO}, timeout=30)
+        assert r.status_code == 200 and len(other.requests) == 1
+        assert httpx.post(url, json={"model": "first", "messages": HELLO}, timeout=30).status_code == 404
+        # The admin route reloads too; a broken file is refused and the running config kept.
+        config.write_text(config.read_text().replace('name = "second"', 'name = "third"'))
+        r = httpx.post(b.url + "/admin/v1/reload", timeout=30)
+        assert r.status_code == 200 and r.json() == {"reloaded": True, "aliases": 1}
+        config.write_text(config.read_text() + "\nnot valid toml [[[\n")
+        r = httpx.post(b.url + "/admin/v1/reload", timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "config"
+        assert httpx.post(url, json={"model": "third", "messages": HELLO}, timeout=30).status_code == 200
+    finally:
+        b.stop()
+        other.stop()
+
+
+def test_reload_route_needs_the_admin_key_when_one_is_set(mock, tmp_path):
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "a", "targets": [("m", "x")]}], env={"FERRY_ADMIN_KEY": "adm-123456"})
+    try:
+        r = httpx.post(b.url + "/admin/v1/reload", timeout=30)
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        r = httpx.post(b.url + "/admin/v1/reload", headers={"authorization": "Bearer wrong"}, timeout=30)
+        assert r.status_code == 403
+        r = httpx.post(b.url + "/admin/v1/reload", headers={"authorization": "Bearer adm-123456"}, timeout=30)
+        assert r.status_code == 200
     finally:
         b.stop()

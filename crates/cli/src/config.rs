@@ -93,10 +93,13 @@ pub struct ServeConfig {
     pub max_queue: usize,
     pub max_body_bytes: usize,
     pub gateway: ferry_gateway::GatewayConfig,
+    /// The TOML file the settings came from, for reloads.
+    pub config_path: Option<PathBuf>,
 }
 
 impl ServeArgs {
     pub fn resolve(self) -> anyhow::Result<ServeConfig> {
+        let config_path = self.config.clone();
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -127,6 +130,7 @@ impl ServeArgs {
                 cache_max_bytes: file.cache_max_bytes.unwrap_or(64 * 1024 * 1024),
                 cache_ttl_s: file.cache_ttl_s.unwrap_or(300),
             },
+            config_path,
         };
         for (name, value) in [
             ("threads", config.threads),

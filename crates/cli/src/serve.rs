@@ -56,7 +56,21 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         );
         Some(Arc::new(gateway))
     };
-    let state = AppState::new(models, gateway, HttpConfig { max_body_bytes: config.max_body_bytes });
+    // Reloading re-reads the config file (flags and variables are fixed for the process)
+    // and rebuilds the gateway; local models stay as they are.
+    let loader: Option<ferry_server::GatewayLoader> = config.config_path.clone().map(|path| {
+        let loader: ferry_server::GatewayLoader = Arc::new(move || {
+            let args = crate::config::ServeArgs { config: Some(path.clone()), ..Default::default() };
+            let fresh = args.resolve().map_err(|e| format!("{e:#}"))?;
+            if fresh.gateway.aliases.is_empty() {
+                return Ok(None);
+            }
+            ferry_gateway::Gateway::from_config(&fresh.gateway).map(Some).map_err(|e| e.to_string())
+        });
+        loader
+    });
+    let state = AppState::new(models, gateway, loader, HttpConfig { max_body_bytes: config.max_body_bytes });
+    spawn_reload_on_sighup(state.clone());
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
@@ -64,8 +78,26 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // Tests and scripts read this line to find a port picked with --port 0.
     println!("Ferry listening on http://{addr}");
     tracing::info!(%addr, "listening");
-    axum::serve(listener, ferry_server::app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    let app = ferry_server::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
+}
+
+/// SIGHUP reloads the gateway config without dropping requests in flight.
+fn spawn_reload_on_sighup(state: AppState) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            if let Err(e) = state.reload() {
+                tracing::error!(error = %e, "config reload failed; keeping the previous config");
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = state;
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,7 @@
 //! The router: routes, shared state, body limits, the fallback for unknown routes and the
 //! request log.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use axum::Router;
@@ -38,25 +38,46 @@ pub struct AppState {
     inner: Arc<Inner>,
 }
 
+/// Builds a fresh gateway from the config file, for a reload.
+pub type GatewayLoader = Arc<dyn Fn() -> Result<Option<ferry_gateway::Gateway>, String> + Send + Sync>;
+
 struct Inner {
     models: Vec<Arc<LocalModel>>,
-    gateway: Option<Arc<ferry_gateway::Gateway>>,
+    /// Swapped whole on reload; requests in flight keep the `Arc` they started with.
+    gateway: RwLock<Option<Arc<ferry_gateway::Gateway>>>,
+    loader: Option<GatewayLoader>,
     http: HttpConfig,
     created: u64,
 }
 
 impl AppState {
+    /// `loader` rebuilds the gateway from the config file on reload (SIGHUP,
+    /// `POST /admin/v1/reload`); without one, reloading is refused.
     pub fn new(
         models: Vec<Arc<LocalModel>>,
         gateway: Option<Arc<ferry_gateway::Gateway>>,
+        loader: Option<GatewayLoader>,
         http: HttpConfig,
     ) -> Self {
-        AppState { inner: Arc::new(Inner { models, gateway, http, created: crate::generation::unix_now() }) }
+        let gateway = RwLock::new(gateway);
+        let created = crate::generation::unix_now();
+        AppState { inner: Arc::new(Inner { models, gateway, loader, http, created }) }
     }
 
     /// The gateway, when upstream aliases are configured.
-    pub fn gateway(&self) -> Option<&Arc<ferry_gateway::Gateway>> {
-        self.inner.gateway.as_ref()
+    pub fn gateway(&self) -> Option<Arc<ferry_gateway::Gateway>> {
+        self.inner.gateway.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Re-reads the config and swaps in a new gateway; requests in flight finish on the old one.
+    pub fn reload(&self) -> Result<usize, String> {
+        let loader = self.inner.loader.as_ref().ok_or("this server was started without a config file")?;
+        let gateway = loader()?.map(Arc::new);
+        let aliases = gateway.as_ref().map_or(0, |g| g.alias_names().count());
+        let mut slot = self.inner.gateway.write().map_err(|_| "the gateway lock is poisoned".to_string())?;
+        *slot = gateway;
+        tracing::info!(aliases, "gateway config reloaded");
+        Ok(aliases)
     }
 
     pub fn model(&self, id: &str) -> Result<Arc<LocalModel>, ApiError> {
@@ -101,11 +122,36 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/responses", post(responses::responses))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/admin/v1/reload", post(reload))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(log_requests))
         .with_state(state)
+}
+
+/// `POST /admin/v1/reload`. With `FERRY_ADMIN_KEY` set it needs that key as a bearer token;
+/// without, only loopback clients may call it.
+async fn reload(
+    State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let bearer =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let allowed = match std::env::var("FERRY_ADMIN_KEY") {
+        Ok(key) if !key.is_empty() => bearer.is_some_and(|b| constant_time_eq(b.as_bytes(), key.as_bytes())),
+        _ => peer.ip().is_loopback(),
+    };
+    if !allowed {
+        return Err(ApiError::Forbidden("reloading the config needs the admin key".into()));
+    }
+    let aliases = state.reload().map_err(|e| ApiError::invalid("config", e))?;
+    Ok(axum::Json(json!({"reloaded": true, "aliases": aliases})))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn health() -> impl IntoResponse {
@@ -145,7 +191,7 @@ fn model_card(state: &AppState, model: &LocalModel) -> Model {
 
 async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
     let mut data: Vec<Model> = state.models().iter().map(|m| model_card(&state, m)).collect();
-    if let Some(gateway) = state.gateway() {
+    if let Some(gateway) = state.gateway().as_deref() {
         let mut aliases: Vec<&str> = gateway.alias_names().collect();
         aliases.sort_unstable();
         data.extend(aliases.into_iter().map(|alias| Model {

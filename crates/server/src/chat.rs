@@ -39,7 +39,7 @@ pub async fn chat_completions(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(state.clone(), request, fields, cache_choice(&headers)).await;
+        return upstream(gateway, request, fields, cache_choice(&headers)).await;
     }
     let model = state.model(&request.model)?;
     local(state, model, request, fields).await
@@ -174,12 +174,11 @@ fn include_usage(request: &ChatCompletionRequest) -> bool {
 /// A request for a gateway alias: translated to the neutral form, routed, and the answer
 /// translated back.
 async fn upstream(
-    state: AppState,
+    gateway: std::sync::Arc<ferry_gateway::Gateway>,
     request: ChatCompletionRequest,
     fields: SamplingFields,
     use_cache: Option<bool>,
 ) -> Result<Response, ApiError> {
-    let Some(gateway) = state.gateway() else { return Err(ApiError::ModelNotFound(request.model)) };
     let neutral = translate::from_openai_chat(&request, &fields)?;
     let id = request_id("chatcmpl");
     if request.stream {

@@ -29,6 +29,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("The server is not ready: {0}")]
     NotReady(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("The server had an error while processing your request: {0}")]
     Internal(String),
     /// An upstream provider's error, passed on with its status.
@@ -76,6 +78,7 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), None)
             }
             NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), None),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", Some("forbidden"), None),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("internal_error"), None),
             Upstream { status, code, param, .. } => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -14,4 +14,4 @@ mod responses;
 mod translate;
 mod validate;
 
-pub use app::{AppState, HttpConfig, app};
+pub use app::{AppState, GatewayLoader, HttpConfig, app};

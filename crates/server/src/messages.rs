@@ -145,7 +145,7 @@ pub async fn messages(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(gateway.clone(), request, crate::chat::cache_choice(&headers)).await;
+        return upstream(gateway, request, crate::chat::cache_choice(&headers)).await;
     }
     let model = state.model(&request.model)?;
     refuse_tools(&request.tools)?;
