@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Gateway overhead: Ferry against LiteLLM's proxy, both in front of the same fast mock
+upstream on 127.0.0.1, loaded by wrk with a small chat body. Prints requests/s and
+p50/p99 latency at each concurrency, the mock alone alongside, and each server's CPU time
+per request (utime + stime from /proc).
+
+    RUSTFLAGS="-C target-cpu=x86-64-v3" cargo build --release --bin ferry --bin ferry-mock-upstream
+    apt-get install wrk
+    python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
+    python3 bench/gateway_bench.py [--litellm /tmp/litellm-venv/bin/litellm] [--duration 10]
+"""
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+FERRY = os.path.join(ROOT, "target", "release", "ferry")
+MOCK = os.path.join(ROOT, "target", "release", "ferry-mock-upstream")
+BODY = '{"model": "bench", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}'
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process and its children that were waited for."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / TICKS
+
+
+def wait_ready(url, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(url, data=BODY.encode(), headers={"content-type": "application/json",
+                                                                           "authorization": "Bearer sk-bench"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def wrk(url, connections, duration):
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write(f'wrk.method = "POST"\nwrk.body = {BODY!r}\nwrk.headers["Content-Type"] = "application/json"\n'
+                 'wrk.headers["Authorization"] = "Bearer sk-bench"\n')
+    script.close()
+    out = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{duration}s",
+                          "--latency", "-s", script.name, url], capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+
+    def latency(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": latency(50),
+            "p99": latency(99), "requests": requests, "errors": int(errors.group(1)) if errors else 0}
+
+
+def measure(name, url, pid, concurrencies, duration):
+    rows = []
+    for c in concurrencies:
+        before = cpu_seconds(pid) if pid else None
+        r = wrk(url, c, duration)
+        r["cpu_ms_per_request"] = (cpu_seconds(pid) - before) * 1000 / max(r["requests"], 1) if pid else None
+        rows.append((name, c, r))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--litellm", default="/tmp/litellm-venv/bin/litellm")
+    p.add_argument("--duration", type=int, default=10)
+    p.add_argument("--concurrency", default="1,16,64")
+    args = p.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    procs = []
+    try:
+        mock_port = free_port()
+        mock = subprocess.Popen([MOCK, str(mock_port)], stdout=subprocess.DEVNULL)
+        procs.append(mock)
+        mock_url = f"http://127.0.0.1:{mock_port}"
+        wait_ready(mock_url + "/v1/chat/completions")
+
+        config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+        config.write(f'[providers.mock]\nkind = "openai"\nbase_url = "{mock_url}/v1"\n\n'
+                     '[[aliases]]\nname = "bench"\ntargets = [{ provider = "mock", model = "mock" }]\n')
+        config.close()
+        ferry = subprocess.Popen([FERRY, "serve", "--config", config.name, "--port", "0"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True, env={**os.environ, "FERRY_LOG": "warn"})
+        procs.append(ferry)
+        ferry_url = re.search(r"(http://\S+)", ferry.stdout.readline()).group(1)
+        wait_ready(ferry_url + "/v1/chat/completions")
+
+        rows = measure("mock alone", mock_url + "/v1/chat/completions", mock.pid, concurrencies, args.duration)
+        rows += measure("ferry", ferry_url + "/v1/chat/completions", ferry.pid, concurrencies, args.duration)
+
+        if os.path.exists(args.litellm):
+            lport = free_port()
+            lconfig = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+            lconfig.write(f"model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/mock\n"
+                          f"      api_base: {mock_url}/v1\n      api_key: sk-bench\n")
+            lconfig.close()
+            litellm = subprocess.Popen([args.litellm, "--config", lconfig.name, "--port", str(lport), "--num_workers", "1"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+                                            "LITELLM_MASTER_KEY": "sk-bench"})
+            procs.append(litellm)
+            wait_ready(f"http://127.0.0.1:{lport}/v1/chat/completions", timeout=180)
+            rows += measure("litellm", f"http://127.0.0.1:{lport}/v1/chat/completions", litellm.pid, concurrencies,
+                            args.duration)
+        else:
+            print(f"(LiteLLM not found at {args.litellm}: its rows are skipped)", file=sys.stderr)
+
+        print(f"{'server':<12}{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>12}{'non-2xx':>9}")
+        for name, c, r in rows:
+            cpu = f"{r['cpu_ms_per_request']:.3f}" if r["cpu_ms_per_request"] is not None else "-"
+            print(f"{name:<12}{c:>6}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{cpu:>12}{r['errors']:>9}")
+        by = {(name, c): r for name, c, r in rows}
+        print()
+        for c in concurrencies:
+            f, m, l = by[("ferry", c)], by[("mock alone", c)], by.get(("litellm", c))
+            line = f"c={c}: ferry adds {f['p99'] - m['p99']:.2f} ms at p99 over the mock alone"
+            if l:
+                line += f"; ferry/litellm requests/s = {f['rps'] / l['rps']:.1f}x"
+            print(line)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
