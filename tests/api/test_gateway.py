@@ -416,3 +416,46 @@ def test_reload_route_needs_the_admin_key_when_one_is_set(mock, tmp_path):
         assert r.status_code == 200
     finally:
         b.stop()
+
+
+def test_presets(server, tmp_path):
+    """Every example preset loads; a preset adds its system prompt, fills defaults, enforces
+    locked parameters, and answers under its own name."""
+    import glob
+    import os
+
+    from conftest import ROOT
+
+    examples = sorted(glob.glob(os.path.join(ROOT, "examples", "presets", "*.toml")))
+    assert len(examples) == 8
+    config = tmp_path / "presets.toml"
+    config.write_text("\n".join(open(p).read() for p in examples))
+    s = Server("--config", str(config))
+    try:
+        client = s.client(max_retries=0)
+        listed = {m.id: m for m in client.models.list().data}
+        assert {"healthcare-triage", "smart-home-control", "energy-operations"} <= set(listed)
+        assert listed["healthcare-triage"].model_extra["guardrail_policy"] == "health-phi"
+        ask = [{"role": "user", "content": "dim the living room to forty percent"}]
+        r = client.chat.completions.create(model="smart-home-control", messages=ask)
+        assert r.model == "smart-home-control"
+        assert "\n" not in r.choices[0].message.content  # the locked stop sequence
+        assert r.usage.completion_tokens <= 24  # the default max_tokens
+        # The same as the base model with the preset's system prompt and locked parameters.
+        system = open(os.path.join(ROOT, "examples", "presets", "smart-home-control.toml")).read()
+        prompt = system.split('system_prompt = """')[1].split('"""')[0]
+        base = client.chat.completions.create(model=MODEL_ID, temperature=0, max_tokens=24, stop=["\n"],
+                                              messages=[{"role": "system", "content": prompt}, *ask])
+        assert r.choices[0].message.content == base.choices[0].message.content
+        assert r.usage.prompt_tokens == base.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="smart-home-control", messages=ask, temperature=0.9)
+        assert e.value.param == "temperature" and "locked" in e.value.message
+        # A client's value beats a default; its own system prompt joins the preset's.
+        alone = client.chat.completions.create(model="agriculture-advice", max_tokens=4, messages=ask)
+        joined = client.chat.completions.create(model="agriculture-advice", max_tokens=4,
+                                                messages=[{"role": "system", "content": "Answer in French."}, *ask])
+        assert alone.usage.completion_tokens <= 4
+        assert joined.usage.prompt_tokens > alone.usage.prompt_tokens
+    finally:
+        s.stop()

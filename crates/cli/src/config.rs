@@ -72,6 +72,9 @@ struct FileConfig {
     /// Model names clients use for upstream targets.
     #[serde(default)]
     aliases: Vec<ferry_gateway::AliasConfig>,
+    /// Virtual models over a local model or an alias.
+    #[serde(default)]
+    presets: Vec<ferry_gateway::PresetConfig>,
     circuit_failure_threshold: Option<u32>,
     circuit_open_ms: Option<u64>,
     cache_max_bytes: Option<usize>,
@@ -125,6 +128,7 @@ impl ServeArgs {
             gateway: ferry_gateway::GatewayConfig {
                 providers: file.providers,
                 aliases: file.aliases,
+                presets: file.presets,
                 circuit_failure_threshold: file.circuit_failure_threshold.unwrap_or(5),
                 circuit_open_ms: file.circuit_open_ms.unwrap_or(30_000),
                 cache_max_bytes: file.cache_max_bytes.unwrap_or(64 * 1024 * 1024),
@@ -155,7 +159,7 @@ impl ServeConfig {
     /// The model files to serve: the given ones, or the default model in the models
     /// directory (unless the server only routes to upstream providers).
     pub fn model_specs(&self) -> Vec<String> {
-        if self.models.is_empty() && !self.gateway.aliases.is_empty() {
+        if self.models.is_empty() && !self.gateway.aliases.is_empty() && self.gateway.presets.is_empty() {
             return Vec::new();
         }
         if self.models.is_empty() {

@@ -45,7 +45,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         models.push(Arc::new(model));
     }
 
-    let gateway = if config.gateway.aliases.is_empty() {
+    let gateway = if config.gateway.aliases.is_empty() && config.gateway.presets.is_empty() {
         None
     } else {
         let gateway = ferry_gateway::Gateway::from_config(&config.gateway)?;
@@ -62,7 +62,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let loader: ferry_server::GatewayLoader = Arc::new(move || {
             let args = crate::config::ServeArgs { config: Some(path.clone()), ..Default::default() };
             let fresh = args.resolve().map_err(|e| format!("{e:#}"))?;
-            if fresh.gateway.aliases.is_empty() {
+            if fresh.gateway.aliases.is_empty() && fresh.gateway.presets.is_empty() {
                 return Ok(None);
             }
             ferry_gateway::Gateway::from_config(&fresh.gateway).map(Some).map_err(|e| e.to_string())

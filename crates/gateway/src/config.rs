@@ -24,6 +24,9 @@ pub struct GatewayConfig {
     pub providers: BTreeMap<String, ProviderConfig>,
     #[serde(default)]
     pub aliases: Vec<AliasConfig>,
+    /// Virtual models: a base model or alias with a system prompt and parameters.
+    #[serde(default)]
+    pub presets: Vec<PresetConfig>,
     /// Consecutive failures that open a target's circuit.
     #[serde(default = "default_failure_threshold")]
     pub circuit_failure_threshold: u32,
@@ -134,4 +137,34 @@ fn default_retries() -> u32 {
 }
 fn default_weight() -> u32 {
     1
+}
+
+/// A preset: what clients name as `model`, standing for `base` (a local model or an alias)
+/// with a system prompt, default parameters (used when the client sets none) and locked
+/// parameters (a client may not change them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresetConfig {
+    pub name: String,
+    pub base: String,
+    pub description: Option<String>,
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub defaults: PresetParams,
+    #[serde(default)]
+    pub locked: PresetParams,
+    /// The privacy guardrail policy this preset asks for (enforced once policies exist).
+    pub guardrail_policy: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PresetParams {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_tokens: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<Vec<String>>,
 }

@@ -16,7 +16,9 @@ use ferry_providers::openai::OpenAiProvider;
 use ferry_providers::{ChatRequest, ChatResponse, EventStream, Provider, ProviderError, Timeouts};
 use futures::future::BoxFuture;
 
-pub use config::{AliasConfig, GatewayConfig, ProviderConfig, Strategy, TargetConfig};
+pub use config::{
+    AliasConfig, GatewayConfig, PresetConfig, PresetParams, ProviderConfig, Strategy, TargetConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -102,6 +104,7 @@ impl Default for Reliability {
 
 pub struct Gateway {
     aliases: HashMap<String, Alias>,
+    presets: HashMap<String, PresetConfig>,
     reliability: Reliability,
     counter: AtomicU64,
     cache: cache::ResponseCache,
@@ -172,8 +175,10 @@ impl Gateway {
             open_for: Duration::from_millis(config.circuit_open_ms),
             ..Reliability::default()
         };
+        let presets = config.presets.iter().map(|p| (p.name.clone(), p.clone())).collect();
         Ok(Gateway {
             aliases,
+            presets,
             reliability,
             counter: AtomicU64::new(0),
             cache: cache::ResponseCache::new(config.cache_max_bytes),
@@ -187,6 +192,14 @@ impl Gateway {
 
     pub fn alias_names(&self) -> impl Iterator<Item = &str> {
         self.aliases.keys().map(String::as_str)
+    }
+
+    pub fn preset(&self, name: &str) -> Option<&PresetConfig> {
+        self.presets.get(name)
+    }
+
+    pub fn presets(&self) -> impl Iterator<Item = &PresetConfig> {
+        self.presets.values()
     }
 
     /// A plain answer. `use_cache` is the request's own choice (`None`: the alias decides).

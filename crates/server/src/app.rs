@@ -201,6 +201,22 @@ async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
             owned_by: "ferry-gateway".into(),
             details: Default::default(),
         }));
+        let mut presets: Vec<_> = gateway.presets().collect();
+        presets.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        data.extend(presets.into_iter().map(|p| {
+            Model {
+                id: p.name.clone(),
+                object: "model".into(),
+                created: state.inner.created,
+                owned_by: "ferry-preset".into(),
+                details: serde_json::from_value(json!({
+                    "base": p.base,
+                    "description": p.description,
+                    "guardrail_policy": p.guardrail_policy,
+                }))
+                .unwrap_or_default(),
+            }
+        }));
     }
     axum::Json(ModelList { object: "list".into(), data })
 }

@@ -34,15 +34,22 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
-    let request: ChatCompletionRequest = validate::parse_json(&body)?;
-    let fields: SamplingFields = validate::parse_json(&body)?;
+    let mut request: ChatCompletionRequest = validate::parse_json(&body)?;
+    let mut fields: SamplingFields = validate::parse_json(&body)?;
+    let client_model = request.model.clone();
+    if let Some(gateway) = state.gateway()
+        && let Some(preset) = gateway.preset(&request.model)
+    {
+        crate::presets::apply(preset, &mut request, &mut fields)?;
+    }
+    // A preset answers under its own name, as the client asked for it.
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(gateway, request, fields, cache_choice(&headers)).await;
+        return upstream(gateway, request, fields, cache_choice(&headers), client_model).await;
     }
     let model = state.model(&request.model)?;
-    local(state, model, request, fields).await
+    local(state, model, request, fields, client_model).await
 }
 
 async fn local(
@@ -50,6 +57,7 @@ async fn local(
     model: SharedModel,
     request: ChatCompletionRequest,
     fields: SamplingFields,
+    display_model: String,
 ) -> Result<Response, ApiError> {
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid("tools", "Tool calling is not supported by local models yet"));
@@ -85,7 +93,7 @@ async fn local(
         let n = submitted.n;
         let events = local_events(model, submitted);
         let include_usage = include_usage(&request);
-        return Ok(stream(events, n, id, request.model, include_usage).into_response());
+        return Ok(stream(events, n, id, display_model, include_usage).into_response());
     }
     let collected = generation::collect(submitted).await?;
     let choices = collected
@@ -105,7 +113,7 @@ async fn local(
         id,
         object: "chat.completion".into(),
         created: unix_now(),
-        model: request.model,
+        model: display_model,
         choices,
         usage: collected.usage,
         system_fingerprint: Some(state.fingerprint()),
@@ -178,6 +186,7 @@ async fn upstream(
     request: ChatCompletionRequest,
     fields: SamplingFields,
     use_cache: Option<bool>,
+    display_model: String,
 ) -> Result<Response, ApiError> {
     let neutral = translate::from_openai_chat(&request, &fields)?;
     let id = request_id("chatcmpl");
@@ -185,12 +194,12 @@ async fn upstream(
         let routed = gateway.chat_stream(&request.model, neutral).await?;
         let n = fields.n.unwrap_or(1).max(1) as usize;
         let include_usage = include_usage(&request);
-        let mut response = stream(routed.value, n, id, request.model, include_usage).into_response();
+        let mut response = stream(routed.value, n, id, display_model, include_usage).into_response();
         route_headers(&mut response, &routed.route);
         return Ok(response);
     }
     let routed = gateway.chat(&request.model, neutral, use_cache).await?;
-    let mut response = axum::Json(completion(routed.value, id, request.model)).into_response();
+    let mut response = axum::Json(completion(routed.value, id, display_model)).into_response();
     route_headers(&mut response, &routed.route);
     Ok(response)
 }

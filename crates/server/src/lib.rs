@@ -10,6 +10,7 @@ mod completions;
 pub mod error;
 mod generation;
 mod messages;
+mod presets;
 mod responses;
 mod translate;
 mod validate;
