@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::sse::{SseMessage, messages};
 use crate::{
     ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, Message, Part, Provider,
-    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Usage, redact,
+    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
 };
 
 const VERSION: &str = "2023-06-01";
@@ -17,60 +17,21 @@ const VERSION: &str = "2023-06-01";
 const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 pub struct AnthropicProvider {
-    base_url: String,
-    api_key: Option<String>,
-    client: reqwest::Client,
-    timeouts: Timeouts,
+    http: Upstream,
 }
 
 impl AnthropicProvider {
     /// `base_url` without `/v1` (e.g. `https://api.anthropic.com`).
     pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .build()
-            .map_err(|e| ProviderError::Connect(e.to_string()))?;
-        Ok(AnthropicProvider {
-            base_url: base_url.trim_end_matches('/').to_string(),
-            api_key,
-            client,
-            timeouts,
-        })
+        Ok(AnthropicProvider { http: Upstream::new(base_url, api_key, timeouts)? })
     }
 
     async fn send(&self, body: Value) -> Result<reqwest::Response, ProviderError> {
-        let mut request = self
-            .client
-            .post(format!("{}/v1/messages", self.base_url))
-            .timeout(self.timeouts.total)
-            .header("anthropic-version", VERSION)
-            .json(&body);
-        if let Some(key) = &self.api_key {
+        let mut request = self.http.post("/v1/messages").header("anthropic-version", VERSION).json(&body);
+        if let Some(key) = &self.http.api_key {
             request = request.header("x-api-key", key);
         }
-        let response = tokio::time::timeout(self.timeouts.first_byte, request.send())
-            .await
-            .map_err(|_| ProviderError::Timeout("first byte"))?
-            .map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status().as_u16();
-        let retry_after = crate::retry_after(response.headers());
-        let text = response.text().await.unwrap_or_default();
-        let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let message = parsed["error"]["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| text.chars().take(500).collect());
-        let code = parsed["error"]["type"].as_str().map(str::to_string);
-        Err(ProviderError::Status {
-            status,
-            message: redact(&message, self.api_key.as_deref()),
-            code,
-            param: None,
-            retry_after,
-        })
+        self.http.send(request).await
     }
 }
 
@@ -79,9 +40,7 @@ impl Provider for AnthropicProvider {
         async move {
             let body = request_body(&request, false)?;
             let response = self.send(body).await?;
-            let value: Value =
-                response.json().await.map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
-            Ok(parse_response(&value))
+            Ok(parse_response(&self.http.json(response).await?))
         }
         .boxed()
     }
@@ -94,7 +53,7 @@ impl Provider for AnthropicProvider {
             let events = messages(response.bytes_stream())
                 .flat_map(move |m| futures::stream::iter(state.events(m)))
                 .boxed();
-            crate::after_first_event(events, self.timeouts.first_byte).await
+            crate::after_first_event(events, self.http.timeouts.first_byte).await
         }
         .boxed()
     }

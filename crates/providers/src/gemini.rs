@@ -10,55 +10,26 @@ use serde_json::{Value, json};
 use crate::sse::{SseMessage, messages};
 use crate::{
     ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, Message, Part, Provider,
-    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Usage, redact,
+    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
 };
 
 pub struct GeminiProvider {
-    base_url: String,
-    api_key: Option<String>,
-    client: reqwest::Client,
-    timeouts: Timeouts,
+    http: Upstream,
 }
 
 impl GeminiProvider {
     /// `base_url` before `/v1beta` (e.g. `https://generativelanguage.googleapis.com`).
     pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .build()
-            .map_err(|e| ProviderError::Connect(e.to_string()))?;
-        Ok(GeminiProvider { base_url: base_url.trim_end_matches('/').to_string(), api_key, client, timeouts })
+        Ok(GeminiProvider { http: Upstream::new(base_url, api_key, timeouts)? })
     }
 
     async fn send(&self, model: &str, stream: bool, body: Value) -> Result<reqwest::Response, ProviderError> {
         let method = if stream { "streamGenerateContent?alt=sse" } else { "generateContent" };
-        let url = format!("{}/v1beta/models/{model}:{method}", self.base_url);
-        let mut request = self.client.post(url).timeout(self.timeouts.total).json(&body);
-        if let Some(key) = &self.api_key {
+        let mut request = self.http.post(&format!("/v1beta/models/{model}:{method}")).json(&body);
+        if let Some(key) = &self.http.api_key {
             request = request.header("x-goog-api-key", key);
         }
-        let response = tokio::time::timeout(self.timeouts.first_byte, request.send())
-            .await
-            .map_err(|_| ProviderError::Timeout("first byte"))?
-            .map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status().as_u16();
-        let retry_after = crate::retry_after(response.headers());
-        let text = response.text().await.unwrap_or_default();
-        let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let message = parsed["error"]["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| text.chars().take(500).collect());
-        Err(ProviderError::Status {
-            status,
-            message: redact(&message, self.api_key.as_deref()),
-            code: parsed["error"]["status"].as_str().map(str::to_string),
-            param: None,
-            retry_after,
-        })
+        self.http.send(request).await
     }
 }
 
@@ -67,9 +38,7 @@ impl Provider for GeminiProvider {
         async move {
             let body = request_body(&request)?;
             let response = self.send(&request.model, false, body).await?;
-            let value: Value =
-                response.json().await.map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
-            Ok(parse_response(&value, &request.model))
+            Ok(parse_response(&self.http.json(response).await?, &request.model))
         }
         .boxed()
     }
@@ -82,7 +51,7 @@ impl Provider for GeminiProvider {
             let events = messages(response.bytes_stream())
                 .flat_map(move |m| futures::stream::iter(chunk_events(m, &mut calls_seen)))
                 .boxed();
-            crate::after_first_event(events, self.timeouts.first_byte).await
+            crate::after_first_event(events, self.http.timeouts.first_byte).await
         }
         .boxed()
     }

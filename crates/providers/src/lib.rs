@@ -137,3 +137,62 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
     };
     get("retry-after-ms").map(|ms| ms / 1000.0).or_else(|| get("retry-after")).map(Duration::from_secs_f64)
 }
+
+/// What every HTTP upstream shares: its address, key, client and timeouts, and how a call
+/// is sent and its failures classified.
+pub(crate) struct Upstream {
+    pub base_url: String,
+    pub api_key: Option<String>,
+    client: reqwest::Client,
+    pub timeouts: Timeouts,
+}
+
+impl Upstream {
+    pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .build()
+            .map_err(|e| ProviderError::Connect(e.to_string()))?;
+        Ok(Upstream { base_url: base_url.trim_end_matches('/').to_string(), api_key, client, timeouts })
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(format!("{}{path}", self.base_url)).timeout(self.timeouts.total)
+    }
+
+    /// Sends within the first-byte timeout. A non-2xx answer becomes `ProviderError::Status`
+    /// from the error body all three dialects share: `error.message`, and `error.code`,
+    /// `error.type` or `error.status` as the code.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ProviderError> {
+        let response = tokio::time::timeout(self.timeouts.first_byte, request.send())
+            .await
+            .map_err(|_| ProviderError::Timeout("first byte"))?
+            .map_err(|e| transport_error(e, self.api_key.as_deref()))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        let text = response.text().await.unwrap_or_default();
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let error = &parsed["error"];
+        let message = error["message"]
+            .as_str()
+            .or_else(|| error.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| text.chars().take(500).collect());
+        let code = ["code", "type", "status"].iter().find_map(|k| error[*k].as_str()).map(str::to_string);
+        let param = error["param"].as_str().map(str::to_string);
+        Err(ProviderError::Status {
+            status,
+            message: redact(&message, self.api_key.as_deref()),
+            code,
+            param,
+            retry_after,
+        })
+    }
+
+    pub async fn json(&self, response: reqwest::Response) -> Result<serde_json::Value, ProviderError> {
+        response.json().await.map_err(|e| transport_error(e, self.api_key.as_deref()))
+    }
+}

@@ -8,64 +8,25 @@ use serde_json::{Value, json};
 use crate::sse::messages;
 use crate::{
     ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, Message, Part, Provider,
-    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Usage, redact,
+    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
 };
 
 pub struct OpenAiProvider {
-    base_url: String,
-    api_key: Option<String>,
-    client: reqwest::Client,
-    timeouts: Timeouts,
+    http: Upstream,
 }
 
 impl OpenAiProvider {
     /// `base_url` ends before `/chat/completions` (e.g. `http://host:8000/v1`).
     pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .build()
-            .map_err(|e| ProviderError::Connect(e.to_string()))?;
-        Ok(OpenAiProvider { base_url: base_url.trim_end_matches('/').to_string(), api_key, client, timeouts })
+        Ok(OpenAiProvider { http: Upstream::new(base_url, api_key, timeouts)? })
     }
 
     async fn send(&self, body: Value) -> Result<reqwest::Response, ProviderError> {
-        let mut request = self
-            .client
-            .post(format!("{}/chat/completions", self.base_url))
-            .timeout(self.timeouts.total)
-            .json(&body);
-        if let Some(key) = &self.api_key {
+        let mut request = self.http.post("/chat/completions").json(&body);
+        if let Some(key) = &self.http.api_key {
             request = request.bearer_auth(key);
         }
-        let response = tokio::time::timeout(self.timeouts.first_byte, request.send())
-            .await
-            .map_err(|_| ProviderError::Timeout("first byte"))?
-            .map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        Err(self.status_error(response).await)
-    }
-
-    async fn status_error(&self, response: reqwest::Response) -> ProviderError {
-        let status = response.status().as_u16();
-        let retry_after = crate::retry_after(response.headers());
-        let text = response.text().await.unwrap_or_default();
-        let parsed: Option<Value> = serde_json::from_str(&text).ok();
-        let error = parsed.as_ref().map(|v| &v["error"]);
-        let message = error
-            .and_then(|e| e["message"].as_str().or_else(|| e.as_str()))
-            .map(str::to_string)
-            .unwrap_or_else(|| text.chars().take(500).collect());
-        let code = error.and_then(|e| e["code"].as_str()).map(str::to_string);
-        let param = error.and_then(|e| e["param"].as_str()).map(str::to_string);
-        ProviderError::Status {
-            status,
-            message: redact(&message, self.api_key.as_deref()),
-            code,
-            param,
-            retry_after,
-        }
+        self.http.send(request).await
     }
 }
 
@@ -74,9 +35,7 @@ impl Provider for OpenAiProvider {
         async move {
             let body = request_body(&request, false)?;
             let response = self.send(body).await?;
-            let value: Value =
-                response.json().await.map_err(|e| crate::transport_error(e, self.api_key.as_deref()))?;
-            parse_response(&value)
+            parse_response(&self.http.json(response).await?)
         }
         .boxed()
     }
@@ -89,7 +48,7 @@ impl Provider for OpenAiProvider {
                 .take_while(|m| futures::future::ready(!matches!(m, Ok(m) if m.data == "[DONE]")))
                 .flat_map(|m| futures::stream::iter(parse_chunk(m)))
                 .boxed();
-            crate::after_first_event(events, self.timeouts.first_byte).await
+            crate::after_first_event(events, self.http.timeouts.first_byte).await
         }
         .boxed()
     }
