@@ -48,16 +48,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     let mut run =
         |prompt_len: usize, gen_tokens: usize| -> anyhow::Result<(usize, ferry_engine::Timings, Instant)> {
             let prompt: Vec<u32> = (0..prompt_len).map(|_| rng.random_range(0..n_vocab)).collect();
-            let request = GenerateRequest {
-                prompt,
-                max_tokens: gen_tokens,
-                n: 1,
-                sampling: SamplingParams::greedy(),
-                stop: Vec::new(),
-                logprobs: None,
-                prompt_logprobs: false,
-                ignore_eos: true,
-            };
+            let request = greedy_ignoring_eos(prompt, gen_tokens);
             let started = Instant::now();
             let mut events = model.scheduler.submit(request)?;
             while let Some(event) = events.blocking_recv() {
@@ -88,17 +79,8 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let receivers = (0..n)
             .map(|i| {
-                let request = GenerateRequest {
-                    prompt: vec![(i as u32 * 7919) % n_vocab],
-                    max_tokens: args.gen_tokens,
-                    n: 1,
-                    sampling: SamplingParams::greedy(),
-                    stop: Vec::new(),
-                    logprobs: None,
-                    prompt_logprobs: false,
-                    ignore_eos: true,
-                };
-                model.scheduler.submit(request)
+                let prompt = vec![(i as u32 * 7919) % n_vocab];
+                model.scheduler.submit(greedy_ignoring_eos(prompt, args.gen_tokens))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut tokens = 0;
@@ -128,4 +110,18 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// What llama-bench generates: greedy tokens, past any end-of-generation token.
+fn greedy_ignoring_eos(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        max_tokens,
+        n: 1,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        logprobs: None,
+        prompt_logprobs: false,
+        ignore_eos: true,
+    }
 }
