@@ -7,7 +7,7 @@ prints ratios (the machines are shared and noisy: absolute numbers mean little, 
 side by side mean more).
 
     bench/build-peers.sh                       # llama-bench + llama-server from the same llama.cpp
-    cargo build --release                      # with RUSTFLAGS="-C target-cpu=x86-64-v3"
+    cargo build --release
     python3 bench/engine_bench.py [--model models/X.gguf] [--threads 2] [--concurrency 1,4,16]
 """
 import argparse

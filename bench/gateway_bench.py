@@ -4,7 +4,7 @@ upstream on 127.0.0.1, loaded by wrk with a small chat body. Prints requests/s a
 p50/p99 latency at each concurrency, the mock alone alongside, and each server's CPU time
 per request (utime + stime from /proc).
 
-    RUSTFLAGS="-C target-cpu=x86-64-v3" cargo build --release --bin ferry --bin ferry-mock-upstream
+    cargo build --release -p ferry-cli -p ferry-mock-upstream
     apt-get install wrk
     python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
     python3 bench/gateway_bench.py [--litellm /tmp/litellm-venv/bin/litellm] [--duration 10]

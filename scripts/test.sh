@@ -5,10 +5,7 @@
 # packages (pip install -r tests/requirements.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# AVX2/FMA kernels for llama.cpp (x86-64-v3), as the release build uses.
-if [[ "$(uname -m)" == "x86_64" ]]; then
-  export RUSTFLAGS="${RUSTFLAGS:--C target-cpu=x86-64-v3}"
-fi
+# (.cargo/config.toml sets x86-64-v3, so llama.cpp gets its AVX2/FMA kernels.)
 cargo build --release --locked --bin ferry
 cargo test --release --locked --workspace
 python3 -m pytest -q tests/api "$@"
