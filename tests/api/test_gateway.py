@@ -459,3 +459,22 @@ def test_presets(server, tmp_path):
         assert joined.usage.prompt_tokens > alone.usage.prompt_tokens
     finally:
         s.stop()
+
+
+def test_responses_api_through_an_alias(server, client, tmp_path):
+    b = gateway(tmp_path, {"a": server.url + "/v1"}, [{"name": "chained", "targets": [("a", MODEL_ID)]}])
+    try:
+        via = b.client(max_retries=0)
+        kwargs = dict(instructions="You are a helpful assistant.", input="What is the capital of France?",
+                      temperature=0, max_output_tokens=16)
+        want = client.responses.create(model=MODEL_ID, **kwargs)
+        got = via.responses.create(model="chained", **kwargs)
+        assert got.output_text == want.output_text and got.status == want.status
+        assert (got.usage.input_tokens, got.usage.output_tokens) == (want.usage.input_tokens, want.usage.output_tokens)
+        events = list(via.responses.create(model="chained", stream=True, **kwargs))
+        assert events[-1].type in ("response.completed", "response.incomplete")
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want.output_text
+        assert events[-1].response.usage.output_tokens == want.usage.output_tokens
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+    finally:
+        b.stop()

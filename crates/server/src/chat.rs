@@ -122,7 +122,7 @@ async fn local(
 }
 
 /// The engine's events as neutral chat events; usage comes last.
-fn local_events(model: SharedModel, submitted: Submitted) -> EventStream {
+pub(crate) fn local_events(model: SharedModel, submitted: Submitted) -> EventStream {
     let prompt_tokens = submitted.prompt_tokens;
     let state = (submitted, 0usize, false);
     futures::stream::unfold(state, move |(mut submitted, mut completion_tokens, done)| {

@@ -13,12 +13,15 @@ use ferry_api::responses::{
     IncompleteDetails, Input, InputContent, InputTokensDetails, OutputMessage, OutputText,
     OutputTokensDetails, Response, ResponseUsage, ResponsesRequest, StreamEvent, TextConfig, TextFormat,
 };
-use ferry_engine::{ChatMessage, Event, FinishReason};
+use ferry_engine::{ChatMessage, FinishReason};
+use ferry_providers::{
+    ChatEvent, ChatRequest, EventStream, FinishReason as NeutralFinish, Message, Params, Role,
+};
 use futures::StreamExt;
 
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
-use crate::generation::{self, Submitted, request_id, unix_now};
+use crate::generation::{self, request_id, unix_now};
 use crate::validate;
 
 /// The conversation of `instructions` and `input`.
@@ -181,9 +184,24 @@ pub async fn responses(
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
     let request: ResponsesRequest = validate::parse_json(&body)?;
-    let model = state.model(&request.model)?;
     refuse_unsupported(&request)?;
     let messages = conversation(&request)?;
+    let envelope = Envelope {
+        id: request_id("resp"),
+        created_at: unix_now(),
+        model: request.model.clone(),
+        instructions: request.instructions.clone(),
+        max_output_tokens: request.max_output_tokens,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        metadata: request.metadata.clone().unwrap_or_else(|| serde_json::json!({})),
+    };
+    if let Some(gateway) = state.gateway()
+        && gateway.has_alias(&request.model)
+    {
+        return upstream(gateway, &request, messages, envelope).await;
+    }
+    let model = state.model(&request.model)?;
     let fields = SamplingFields {
         temperature: request.temperature,
         top_p: request.top_p,
@@ -202,18 +220,9 @@ pub async fn responses(
         &model,
         vec![validate::generate_request(prompt, max_tokens, &sampling, None, false)],
     )?;
-    let envelope = Envelope {
-        id: request_id("resp"),
-        created_at: unix_now(),
-        model: request.model.clone(),
-        instructions: request.instructions.clone(),
-        max_output_tokens: request.max_output_tokens,
-        temperature: request.temperature,
-        top_p: request.top_p,
-        metadata: request.metadata.clone().unwrap_or_else(|| serde_json::json!({})),
-    };
     if request.stream {
-        return Ok(stream(submitted, envelope).into_response());
+        let events = crate::chat::local_events(model, submitted);
+        return Ok(stream(events, envelope).into_response());
     }
     let collected = generation::collect(submitted).await?;
     let choice = collected.choices.into_iter().next().unwrap_or_default();
@@ -223,20 +232,56 @@ pub async fn responses(
     Ok(axum::Json(envelope.response(status, vec![item], Some(usage))).into_response())
 }
 
-struct StreamState {
-    submitted: Submitted,
+/// A Responses request for a gateway alias: text in, text out (tools are refused above).
+async fn upstream(
+    gateway: std::sync::Arc<ferry_gateway::Gateway>,
+    request: &ResponsesRequest,
+    messages: Vec<ChatMessage>,
     envelope: Envelope,
-    item_id: String,
-    text: String,
-    sequence: u64,
-    done: bool,
-}
-
-impl StreamState {
-    fn next_sequence(&mut self) -> u64 {
-        self.sequence += 1;
-        self.sequence - 1
+) -> Result<HttpResponse, ApiError> {
+    if let Some(m) = request.max_output_tokens
+        && m < 1
+    {
+        return Err(ApiError::invalid("max_output_tokens", format!("Invalid 'max_output_tokens': {m}")));
     }
+    let neutral = ChatRequest {
+        model: request.model.clone(),
+        messages: messages
+            .into_iter()
+            .map(|m| {
+                let role = match m.role.as_str() {
+                    "system" => Role::System,
+                    "assistant" => Role::Assistant,
+                    _ => Role::User,
+                };
+                Message::text(role, m.content)
+            })
+            .collect(),
+        params: Params {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            max_tokens: request.max_output_tokens.map(|m| m as u64),
+            ..Params::default()
+        },
+        tools: vec![],
+        tool_choice: None,
+        response_format: None,
+    };
+    if request.stream {
+        let routed = gateway.chat_stream(&request.model, neutral).await?;
+        return Ok(stream(routed.value, envelope).into_response());
+    }
+    let routed = gateway.chat(&request.model, neutral, None).await?;
+    let answer = routed.value;
+    let choice = answer.choices.into_iter().next();
+    let finish = choice.as_ref().and_then(|c| c.finish_reason);
+    let status = if finish == Some(NeutralFinish::Length) { "incomplete" } else { "completed" };
+    let text = choice.map(|c| c.message.joined_text()).unwrap_or_default();
+    let item = message(&request_id("msg"), status, Some(text));
+    let usage = usage(answer.usage.prompt_tokens as usize, answer.usage.completion_tokens as usize);
+    let mut response = axum::Json(envelope.response(status, vec![item], Some(usage))).into_response();
+    crate::chat::route_headers(&mut response, &routed.route);
+    Ok(response)
 }
 
 fn sse(event: StreamEvent) -> SseEvent {
@@ -248,118 +293,112 @@ fn sse(event: StreamEvent) -> SseEvent {
 
 /// The event sequence OpenAI sends for one text message: created, in_progress, item added,
 /// part added, text deltas, text done, part done, item done, completed (or incomplete).
-fn stream(submitted: Submitted, envelope: Envelope) -> impl IntoResponse {
-    let prompt_tokens = submitted.prompt_tokens;
-    let mut st = StreamState {
-        submitted,
+fn stream(events: EventStream, envelope: Envelope) -> impl IntoResponse {
+    struct State {
+        envelope: Envelope,
+        item_id: String,
+        text: String,
+        sequence: u64,
+        finish: Option<NeutralFinish>,
+        usage: ferry_providers::Usage,
+    }
+    impl State {
+        fn next(&mut self) -> u64 {
+            self.sequence += 1;
+            self.sequence - 1
+        }
+    }
+    let mut st = State {
         envelope,
         item_id: request_id("msg"),
         text: String::new(),
         sequence: 0,
-        done: false,
+        finish: None,
+        usage: Default::default(),
     };
+    let in_progress = st.envelope.response("in_progress", vec![], None);
     let opening = vec![
-        StreamEvent::Created {
-            sequence_number: st.next_sequence(),
-            response: st.envelope.response("in_progress", vec![], None),
-        },
-        StreamEvent::InProgress {
-            sequence_number: st.next_sequence(),
-            response: st.envelope.response("in_progress", vec![], None),
-        },
+        StreamEvent::Created { sequence_number: st.next(), response: in_progress.clone() },
+        StreamEvent::InProgress { sequence_number: st.next(), response: in_progress },
         StreamEvent::OutputItemAdded {
-            sequence_number: st.next_sequence(),
+            sequence_number: st.next(),
             output_index: 0,
             item: message(&st.item_id, "in_progress", None),
         },
         StreamEvent::ContentPartAdded {
-            sequence_number: st.next_sequence(),
+            sequence_number: st.next(),
             item_id: st.item_id.clone(),
             output_index: 0,
             content_index: 0,
             part: output_text(String::new()),
         },
     ];
-    let events = futures::stream::unfold(st, move |mut st| async move {
-        if st.done {
-            return None;
+    let body = events.map(Some).chain(futures::stream::once(async { None })).map(move |event| match event {
+        Some(Ok(ChatEvent::Text { text, .. })) if !text.is_empty() => {
+            st.text.push_str(&text);
+            vec![StreamEvent::OutputTextDelta {
+                sequence_number: st.next(),
+                item_id: st.item_id.clone(),
+                output_index: 0,
+                content_index: 0,
+                delta: text,
+                logprobs: vec![],
+            }]
         }
-        loop {
-            let (_, event) = st.submitted.events.next().await?;
-            match event {
-                Event::PromptLogprobs { .. } => continue,
-                Event::Delta { text, .. } if text.is_empty() => continue,
-                Event::Delta { text, .. } => {
-                    st.text.push_str(&text);
-                    let event = StreamEvent::OutputTextDelta {
-                        sequence_number: st.next_sequence(),
-                        item_id: st.item_id.clone(),
-                        output_index: 0,
-                        content_index: 0,
-                        delta: text,
-                        logprobs: vec![],
-                    };
-                    return Some((vec![event], st));
-                }
-                Event::Finished { reason, completion_tokens, .. } => {
-                    st.done = true;
-                    let status = status(Some(reason));
-                    let text = st.text.clone();
-                    let item = message(&st.item_id, status, Some(text.clone()));
-                    let final_response = st.envelope.response(
-                        status,
-                        vec![item.clone()],
-                        Some(usage(prompt_tokens, completion_tokens)),
-                    );
-                    let item_id = st.item_id.clone();
-                    let mut tail = vec![
-                        StreamEvent::OutputTextDone {
-                            sequence_number: st.next_sequence(),
-                            item_id: item_id.clone(),
-                            output_index: 0,
-                            content_index: 0,
-                            text: text.clone(),
-                            logprobs: vec![],
-                        },
-                        StreamEvent::ContentPartDone {
-                            sequence_number: st.next_sequence(),
-                            item_id,
-                            output_index: 0,
-                            content_index: 0,
-                            part: output_text(text),
-                        },
-                        StreamEvent::OutputItemDone {
-                            sequence_number: st.next_sequence(),
-                            output_index: 0,
-                            item,
-                        },
-                    ];
-                    let sequence_number = st.next_sequence();
-                    tail.push(match reason {
-                        FinishReason::Length => {
-                            StreamEvent::Incomplete { sequence_number, response: final_response }
-                        }
-                        FinishReason::Stop => {
-                            StreamEvent::Completed { sequence_number, response: final_response }
-                        }
-                    });
-                    return Some((tail, st));
-                }
-                Event::Error(message) => {
-                    st.done = true;
-                    let event = StreamEvent::Error {
-                        sequence_number: st.next_sequence(),
-                        code: Some("internal_error".into()),
-                        message,
-                        param: None,
-                    };
-                    return Some((vec![event], st));
-                }
-            }
+        Some(Ok(ChatEvent::Finish { reason, .. })) => {
+            st.finish = Some(reason);
+            vec![]
+        }
+        Some(Ok(ChatEvent::Usage(u))) => {
+            st.usage = u;
+            vec![]
+        }
+        Some(Ok(_)) => vec![],
+        Some(Err(e)) => {
+            let error = ApiError::from(e);
+            let body = error.body().error;
+            vec![StreamEvent::Error {
+                sequence_number: st.next(),
+                code: body.code,
+                message: body.message,
+                param: body.param,
+            }]
+        }
+        None => {
+            let status = if st.finish == Some(NeutralFinish::Length) { "incomplete" } else { "completed" };
+            let text = st.text.clone();
+            let item = message(&st.item_id, status, Some(text.clone()));
+            let usage = usage(st.usage.prompt_tokens as usize, st.usage.completion_tokens as usize);
+            let done = st.envelope.response(status, vec![item.clone()], Some(usage));
+            let item_id = st.item_id.clone();
+            let mut tail = vec![
+                StreamEvent::OutputTextDone {
+                    sequence_number: st.next(),
+                    item_id: item_id.clone(),
+                    output_index: 0,
+                    content_index: 0,
+                    text: text.clone(),
+                    logprobs: vec![],
+                },
+                StreamEvent::ContentPartDone {
+                    sequence_number: st.next(),
+                    item_id,
+                    output_index: 0,
+                    content_index: 0,
+                    part: output_text(text),
+                },
+                StreamEvent::OutputItemDone { sequence_number: st.next(), output_index: 0, item },
+            ];
+            let sequence_number = st.next();
+            tail.push(match status {
+                "incomplete" => StreamEvent::Incomplete { sequence_number, response: done },
+                _ => StreamEvent::Completed { sequence_number, response: done },
+            });
+            tail
         }
     });
     let all = futures::stream::iter(opening)
-        .chain(events.flat_map(futures::stream::iter))
+        .chain(body.flat_map(futures::stream::iter))
         .map(|event| Ok::<_, Infallible>(sse(event)));
     Sse::new(all).keep_alive(KeepAlive::default())
 }
