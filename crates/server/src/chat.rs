@@ -73,12 +73,7 @@ async fn local(
     let messages = validate::chat_messages(&request)?;
     let sampling = validate::sampling(&fields, &model)?;
     let logprobs = validate::chat_logprobs(&request)?;
-    let prompt = {
-        let model = model.clone();
-        tokio::task::spawn_blocking(move || model.chat_prompt(&messages))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??
-    };
+    let prompt = generation::chat_prompt(&model, messages).await?;
     let (param, requested) = match request.max_completion_tokens {
         Some(m) => ("max_completion_tokens", Some(m)),
         None => ("max_tokens", request.max_tokens),

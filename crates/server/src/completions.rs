@@ -161,8 +161,12 @@ pub async fn completions(
                         Event::PromptLogprobs { first_token, rest } => (0..n)
                             .map(|c| {
                                 let index = prompt_idx * n + c;
-                                let infos = prompt_infos(first_token, &rest);
-                                let lp = legacy_logprobs(&st.model, &infos, &mut st.offsets[index]);
+                                let lp = legacy_logprobs(
+                                    &st.model,
+                                    Some(first_token),
+                                    &rest,
+                                    &mut st.offsets[index],
+                                );
                                 chunk(
                                     index,
                                     prompt_texts[prompt_idx].clone().unwrap_or_default(),
@@ -174,10 +178,8 @@ pub async fn completions(
                             .collect(),
                         Event::Delta { choice, text, tokens } => {
                             let index = prompt_idx * n + choice;
-                            let lp = (!tokens.is_empty()).then(|| {
-                                let infos: Vec<Option<TokenInfo>> = tokens.into_iter().map(Some).collect();
-                                legacy_logprobs(&st.model, &infos, &mut st.offsets[index])
-                            });
+                            let lp = (!tokens.is_empty())
+                                .then(|| legacy_logprobs(&st.model, None, &tokens, &mut st.offsets[index]));
                             vec![chunk(index, text, lp, None, None)]
                         }
                         Event::Finished { choice, reason, completion_tokens, .. } => {
@@ -221,12 +223,12 @@ pub async fn completions(
             let mut offset = 0;
             let mut logprobs_out = None;
             if logprobs.is_some() {
-                let mut infos: Vec<Option<TokenInfo>> = match &c.prompt_logprobs {
-                    Some((first, rest)) => prompt_infos(*first, rest),
-                    None => Vec::new(),
+                let (first, mut tokens) = match &c.prompt_logprobs {
+                    Some((first, rest)) => (Some(*first), rest.clone()),
+                    None => (None, Vec::new()),
                 };
-                infos.extend(c.tokens.iter().cloned().map(Some));
-                logprobs_out = Some(legacy_logprobs(&model, &infos, &mut offset));
+                tokens.extend(c.tokens.iter().cloned());
+                logprobs_out = Some(legacy_logprobs(&model, first, &tokens, &mut offset));
             }
             CompletionChoice {
                 index: index as u32,
@@ -260,50 +262,37 @@ struct StreamState {
     done: bool,
 }
 
-/// The prompt's tokens for legacy logprobs: the first without a logprob, as OpenAI's echo does.
-fn prompt_infos(first_token: TokenId, rest: &[TokenInfo]) -> Vec<Option<TokenInfo>> {
-    std::iter::once(Some(TokenInfo { token: first_token, logprob: f32::NAN, top: Vec::new() }))
-        .chain(rest.iter().cloned().map(Some))
-        .collect()
-}
-
 fn detokenize(model: &LocalModel, tokens: &[TokenId]) -> String {
     let bytes: Vec<u8> = tokens.iter().flat_map(|&t| model.backend.token_bytes(t).iter().copied()).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Logprobs in the completions format; `offset` is the running text offset of the choice.
-/// The first prompt token has no logprob (`None`), as in OpenAI's echo.
+/// `first_prompt_token` (echo) is listed without a logprob, as in OpenAI's echo.
 fn legacy_logprobs(
     model: &LocalModel,
-    infos: &[Option<TokenInfo>],
+    first_prompt_token: Option<TokenId>,
+    tokens: &[TokenInfo],
     offset: &mut usize,
 ) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
-    for info in infos {
-        match info {
-            Some(info) => {
-                let text = model.token_text(info.token);
-                out.text_offset.push(*offset);
-                *offset += text.len();
-                out.tokens.push(text);
-                if info.logprob.is_nan() {
-                    out.token_logprobs.push(None);
-                    out.top_logprobs.push(None);
-                } else {
-                    out.token_logprobs.push(Some(info.logprob));
-                    let top: BTreeMap<String, f32> =
-                        info.top.iter().map(|t| (model.token_text(t.token), t.logprob)).collect();
-                    out.top_logprobs.push(Some(top));
-                }
-            }
-            None => {
-                out.tokens.push(String::new());
-                out.text_offset.push(*offset);
-                out.token_logprobs.push(None);
-                out.top_logprobs.push(None);
-            }
-        }
+    let mut push_text = |out: &mut CompletionLogprobs, token: TokenId| {
+        let text = model.token_text(token);
+        out.text_offset.push(*offset);
+        *offset += text.len();
+        out.tokens.push(text);
+    };
+    if let Some(token) = first_prompt_token {
+        push_text(&mut out, token);
+        out.token_logprobs.push(None);
+        out.top_logprobs.push(None);
+    }
+    for info in tokens {
+        push_text(&mut out, info.token);
+        out.token_logprobs.push(Some(info.logprob));
+        let top: BTreeMap<String, f32> =
+            info.top.iter().map(|t| (model.token_text(t.token), t.logprob)).collect();
+        out.top_logprobs.push(Some(top));
     }
     out
 }

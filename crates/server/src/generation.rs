@@ -129,3 +129,15 @@ pub fn request_id(prefix: &str) -> String {
 
 /// Keeps the model alive as long as a response stream that uses it.
 pub type SharedModel = Arc<LocalModel>;
+
+/// Renders and tokenizes a conversation with the model's chat template, off the async runtime.
+pub async fn chat_prompt(
+    model: &SharedModel,
+    messages: Vec<ferry_engine::ChatMessage>,
+) -> Result<Vec<TokenId>, ApiError> {
+    let model = model.clone();
+    tokio::task::spawn_blocking(move || model.chat_prompt(&messages))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
+}

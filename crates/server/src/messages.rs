@@ -16,7 +16,7 @@ use ferry_api::anthropic::{
     SystemPrompt, Usage,
 };
 use ferry_api::openai::{SamplingFields, Stop};
-use ferry_engine::{ChatMessage, Event, FinishReason, TokenId};
+use ferry_engine::{ChatMessage, Event, FinishReason};
 use std::sync::Arc;
 
 use ferry_gateway::Gateway;
@@ -127,13 +127,6 @@ fn refuse_tools(tools: &Option<Vec<serde_json::Value>>) -> Result<(), ApiError> 
     }
 }
 
-async fn tokenize(model: SharedModel, messages: Vec<ChatMessage>) -> Result<Vec<TokenId>, ApiError> {
-    tokio::task::spawn_blocking(move || model.chat_prompt(&messages))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::from)
-}
-
 pub async fn messages(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -165,7 +158,7 @@ pub async fn messages(
         ..SamplingFields::default()
     };
     let sampling = validate::sampling(&fields, &model)?;
-    let prompt = tokenize(model.clone(), messages).await?;
+    let prompt = generation::chat_prompt(&model, messages).await?;
     let max_tokens = validate::max_tokens(Some(request.max_tokens), "max_tokens", prompt.len(), &model)?;
     let input_tokens = prompt.len() as u64;
     let submitted = generation::submit(
@@ -424,6 +417,6 @@ pub async fn count_tokens(
     let model: SharedModel = state.model(&request.model)?;
     refuse_tools(&request.tools)?;
     let messages = conversation(request.system.as_ref(), &request.messages)?;
-    let prompt = tokenize(model, messages).await?;
+    let prompt = generation::chat_prompt(&model, messages).await?;
     Ok(axum::Json(CountTokensResponse { input_tokens: prompt.len() as u64 }).into_response())
 }

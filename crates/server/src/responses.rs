@@ -208,12 +208,7 @@ pub async fn responses(
         ..SamplingFields::default()
     };
     let sampling = validate::sampling(&fields, &model)?;
-    let prompt = {
-        let model = model.clone();
-        tokio::task::spawn_blocking(move || model.chat_prompt(&messages))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??
-    };
+    let prompt = generation::chat_prompt(&model, messages).await?;
     let max_tokens =
         validate::max_tokens(request.max_output_tokens, "max_output_tokens", prompt.len(), &model)?;
     let submitted = generation::submit(
