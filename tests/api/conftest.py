@@ -3,6 +3,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 
 import httpx
@@ -17,23 +18,31 @@ MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 
 
 class Server:
-    def __init__(self, *args, env=None):
+    """`ferry serve` on port 0 with its own data directory (a fresh one unless given)."""
+
+    def __init__(self, *args, env=None, data_dir=None, model=True):
         assert os.path.exists(BINARY), f"{BINARY} missing: cargo build --release first"
         assert os.path.exists(MODEL_FILE), "run python3 scripts/fetch-models.py first"
         self.log = open(os.path.join(ROOT, "target", f"ferry-test-{os.getpid()}-{id(self)}.log"), "w+")
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="ferry-data-")
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_ADMIN_KEY")}
+        model_args = ["--model", MODEL_FILE] if model else []
         self.proc = subprocess.Popen(
-            [BINARY, "serve", "--port", "0", "--model", MODEL_FILE, "--threads", "2", *args],
+            [BINARY, "serve", "--port", "0", *model_args, "--threads", "2", "--data-dir", self.data_dir, *args],
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={**base_env, **(env or {})},
         )
         line = self.proc.stdout.readline()
         match = re.search(r"listening on (http://\S+)", line)
         if not match:
-            self.stop()
+            self.proc.kill()
+            self.proc.wait()
             self.log.seek(0)
-            raise RuntimeError(f"server did not start: {line!r}\n{self.log.read()[-4000:]}")
+            log = self.log.read()[-4000:]
+            self.log.close()
+            raise RuntimeError(f"server did not start: {line!r}\n{log}")
         self.url = match.group(1)
 
     def client(self, **kwargs):

@@ -406,13 +406,13 @@ def test_config_reload_keeps_requests_in_flight(mock, tmp_path):
 
 
 def test_reload_route_needs_the_admin_key_when_one_is_set(mock, tmp_path):
-    b = gateway(tmp_path, {"m": mock.url}, [{"name": "a", "targets": [("m", "x")]}], env={"FERRY_ADMIN_KEY": "adm-123456"})
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "a", "targets": [("m", "x")]}], env={"FERRY_ADMIN_KEY": "adm-0123456789abcdef"})
     try:
         r = httpx.post(b.url + "/admin/v1/reload", timeout=30)
-        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         r = httpx.post(b.url + "/admin/v1/reload", headers={"authorization": "Bearer wrong"}, timeout=30)
-        assert r.status_code == 403
-        r = httpx.post(b.url + "/admin/v1/reload", headers={"authorization": "Bearer adm-123456"}, timeout=30)
+        assert r.status_code == 401
+        r = httpx.post(b.url + "/admin/v1/reload", headers={"authorization": "Bearer adm-0123456789abcdef"}, timeout=30)
         assert r.status_code == 200
     finally:
         b.stop()

@@ -2,6 +2,7 @@
 //! shapes; serde only, no behaviour beyond small accessors.
 
 pub mod anthropic;
+pub mod embeddings;
 pub mod error;
 pub mod openai;
 pub mod responses;

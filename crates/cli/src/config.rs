@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// Where the default model and downloads live
     #[arg(long, env = "FERRY_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
+    /// A sentence-embedding model directory (e.g. models/all-MiniLM-L6-v2) to serve on /v1/embeddings
+    #[arg(long, env = "FERRY_EMBEDDING_MODEL")]
+    pub embedding_model: Option<PathBuf>,
     /// CPU threads for the forward pass
     #[arg(long, short = 't', env = "FERRY_THREADS")]
     pub threads: Option<usize>,
@@ -49,6 +52,15 @@ pub struct ServeArgs {
     /// Largest request body in bytes; past it the answer is 413
     #[arg(long, env = "FERRY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Where Ferry keeps its database (tenants, keys, usage, audit log)
+    #[arg(long, env = "FERRY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A postgres:// URL to keep state in PostgreSQL instead (several replicas)
+    #[arg(long, env = "FERRY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Serve without keys on a non-loopback address (anyone who can reach it may use it)
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -59,6 +71,7 @@ struct FileConfig {
     port: Option<u16>,
     models: Option<Vec<String>>,
     models_dir: Option<PathBuf>,
+    embedding_model: Option<PathBuf>,
     threads: Option<usize>,
     ctx_size: Option<usize>,
     parallel: Option<usize>,
@@ -66,6 +79,11 @@ struct FileConfig {
     prefill_chunk: Option<usize>,
     max_queue: Option<usize>,
     max_body_bytes: Option<usize>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    /// Price per million tokens by model name, for costs and cost budgets.
+    #[serde(default)]
+    prices: std::collections::HashMap<String, ferry_server::Price>,
     /// Upstream providers of the gateway (see ferry_gateway::config).
     #[serde(default)]
     providers: std::collections::BTreeMap<String, ferry_gateway::ProviderConfig>,
@@ -88,6 +106,8 @@ pub struct ServeConfig {
     pub port: u16,
     pub models: Vec<String>,
     pub models_dir: PathBuf,
+    /// Served on `/v1/embeddings` only when given: never picked up from `models_dir` implicitly.
+    pub embedding_model: Option<PathBuf>,
     pub threads: usize,
     pub ctx_size: usize,
     pub parallel: usize,
@@ -95,6 +115,10 @@ pub struct ServeConfig {
     pub prefill_chunk: usize,
     pub max_queue: usize,
     pub max_body_bytes: usize,
+    /// The SQLite file, or a postgres:// URL.
+    pub database: String,
+    pub insecure_no_auth: bool,
+    pub prices: std::collections::HashMap<String, ferry_server::Price>,
     pub gateway: ferry_gateway::GatewayConfig,
     /// The TOML file the settings came from, for reloads.
     pub config_path: Option<PathBuf>,
@@ -118,6 +142,7 @@ impl ServeArgs {
             port: self.port.or(file.port).unwrap_or(8080),
             models: if self.models.is_empty() { file.models.unwrap_or_default() } else { self.models },
             models_dir: self.models_dir.or(file.models_dir).unwrap_or_else(|| PathBuf::from("models")),
+            embedding_model: self.embedding_model.or(file.embedding_model),
             threads: self.threads.or(file.threads).unwrap_or(threads_default),
             ctx_size: self.ctx_size.or(file.ctx_size).unwrap_or(4096),
             parallel: self.parallel.or(file.parallel).unwrap_or(8),
@@ -125,6 +150,12 @@ impl ServeArgs {
             prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(256),
             max_queue: self.max_queue.or(file.max_queue).unwrap_or(256),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024),
+            database: match self.database_url.or(file.database_url) {
+                Some(url) => url,
+                None => self.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir).join("ferry.db").display().to_string(),
+            },
+            insecure_no_auth: self.insecure_no_auth,
+            prices: file.prices,
             gateway: ferry_gateway::GatewayConfig {
                 providers: file.providers,
                 aliases: file.aliases,
@@ -167,6 +198,17 @@ impl ServeConfig {
         } else {
             self.models.clone()
         }
+    }
+}
+
+/// `$XDG_DATA_HOME/ferry`, or `~/.local/share/ferry`, or `./ferry-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("ferry");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/ferry"),
+        None => PathBuf::from("ferry-data"),
     }
 }
 

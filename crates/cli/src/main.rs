@@ -1,5 +1,6 @@
 //! `ferry`: the command line. Thin: it parses settings and calls the library crates.
 
+mod admin;
 mod bench;
 mod chat;
 mod config;
@@ -30,6 +31,41 @@ enum Command {
     Models(models::ModelsArgs),
     /// Measure the engine on one sequence, as llama-bench does (for bench/)
     Bench(bench::BenchArgs),
+    /// Tenants of a running server
+    Tenants {
+        #[command(subcommand)]
+        command: admin::TenantCommand,
+        #[command(flatten)]
+        remote: admin::Remote,
+    },
+    /// Projects of a running server
+    Projects {
+        #[command(subcommand)]
+        command: admin::ProjectCommand,
+        #[command(flatten)]
+        remote: admin::Remote,
+    },
+    /// API keys of a running server
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeyCommand,
+        #[command(flatten)]
+        remote: admin::Remote,
+    },
+    /// Usage of a running server, aggregated (table or CSV)
+    Usage {
+        #[command(flatten)]
+        args: admin::UsageArgs,
+        #[command(flatten)]
+        remote: admin::Remote,
+    },
+    /// The audit log: list it, or verify its hash chain
+    Audit {
+        #[command(subcommand)]
+        command: admin::AuditCommand,
+        #[command(flatten)]
+        remote: admin::Remote,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +81,11 @@ fn main() -> anyhow::Result<()> {
         Command::Chat(args) => runtime.block_on(chat::run(args)),
         Command::Models(args) => models::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Tenants { command, remote } => runtime.block_on(admin::tenants(remote, command)),
+        Command::Projects { command, remote } => runtime.block_on(admin::projects(remote, command)),
+        Command::Keys { command, remote } => runtime.block_on(admin::keys(remote, command)),
+        Command::Usage { args, remote } => runtime.block_on(admin::usage(remote, args)),
+        Command::Audit { command, remote } => runtime.block_on(admin::audit(remote, command)),
     }
 }
 

@@ -10,6 +10,16 @@ use crate::config::ServeConfig;
 use crate::hub;
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    // Checked before the models load, so a refusal is immediate.
+    let tenancy = open_tenancy(&config).await?;
+    if !tenancy.auth_required() && !is_loopback(&config.host) && !config.insecure_no_auth {
+        anyhow::bail!(
+            "refusing to serve {} without API keys: anyone who reaches it could use it.\n\
+             Set FERRY_ADMIN_KEY (or FERRY_ADMIN_KEY_FILE) to turn keys on, serve on 127.0.0.1, \
+             or pass --insecure-no-auth if this network is trusted.",
+            config.host
+        );
+    }
     let mut models = Vec::new();
     for spec in config.model_specs() {
         let path = hub::resolve(&spec, &config.models_dir).await?;
@@ -44,6 +54,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         );
         models.push(Arc::new(model));
     }
+    // The embedding model is served only when asked for, never found in the models directory.
+    let embeddings = match &config.embedding_model {
+        Some(dir) => Some(load_embedding_model(dir, &models).await?),
+        None => None,
+    };
 
     let gateway = if config.gateway.aliases.is_empty() && config.gateway.presets.is_empty() {
         None
@@ -69,7 +84,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         });
         loader
     });
-    let state = AppState::new(models, gateway, loader, HttpConfig { max_body_bytes: config.max_body_bytes });
+    let http = HttpConfig { max_body_bytes: config.max_body_bytes };
+    let mut state = AppState::new(models, gateway, loader, http, tenancy);
+    if let Some(service) = embeddings {
+        state = state.with_embeddings(service);
+    }
     spawn_reload_on_sighup(state.clone());
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
@@ -81,6 +100,88 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let app = ferry_server::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
+}
+
+/// Loads a sentence-embedding model (off the async threads) and starts its batching thread.
+async fn load_embedding_model(
+    dir: &std::path::Path,
+    models: &[Arc<LocalModel>],
+) -> anyhow::Result<ferry_embed::EmbedService> {
+    tracing::info!(path = %dir.display(), "loading the embedding model");
+    let path = dir.to_path_buf();
+    let embedder = tokio::task::spawn_blocking(move || ferry_embed::Embedder::load(&path)).await??;
+    if models.iter().any(|m| m.info().id == embedder.name()) {
+        anyhow::bail!("the embedding model and a --model are both named `{}`", embedder.name());
+    }
+    let (name, dims, max_tokens) = (embedder.name().to_string(), embedder.dims(), embedder.max_tokens());
+    let service = ferry_embed::EmbedService::start(Arc::new(embedder), Default::default())?;
+    tracing::info!(model = %name, dims, max_tokens, "loaded");
+    Ok(service)
+}
+
+/// Opens the store, adds the bootstrap admin key, and reconciles the usage records a crash
+/// of this instance left open.
+async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tenancy> {
+    let store = ferry_store::Store::open(&config.database)
+        .await
+        .with_context(|| format!("opening the store at {}", redact_url(&config.database)))?;
+    let admin_key = match (std::env::var("FERRY_ADMIN_KEY"), std::env::var("FERRY_ADMIN_KEY_FILE")) {
+        (Ok(key), _) if !key.trim().is_empty() => Some(key.trim().to_string()),
+        (_, Ok(path)) if !path.is_empty() => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading FERRY_ADMIN_KEY_FILE {path}"))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    if let Some(secret) = admin_key {
+        let new = ferry_store::NewKey {
+            name: "bootstrap admin".into(),
+            role: ferry_store::Role::Admin,
+            tenant_id: None,
+            project_id: None,
+            models: None,
+            limits: Default::default(),
+            expires_at: None,
+        };
+        let key = store.import_key(&new, &secret).await.context("storing the admin key")?;
+        tracing::info!(key = %key.id, prefix = %key.display_prefix, "admin key ready");
+    }
+    // Replicas sharing one database need distinct names: the host's, or FERRY_INSTANCE.
+    let instance = std::env::var("FERRY_INSTANCE")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| "ferry".into());
+    // Records this instance left `started` were cut short by a crash; any instance's older
+    // than a day never finished.
+    let day_ago = ferry_store::now_ms() - 86_400_000;
+    let reconciled = store.reconcile_usage(&instance, day_ago).await?;
+    if reconciled > 0 {
+        tracing::warn!(reconciled, "usage records of requests interrupted by an earlier crash were closed");
+    }
+    let tenancy = ferry_server::Tenancy::new(store, config.prices.clone(), instance)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(auth = tenancy.auth_required(), store = %redact_url(&config.database), "tenancy ready");
+    Ok(tenancy)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A database URL without its password, for logs and errors.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// SIGHUP reloads the gateway config without dropping requests in flight.

@@ -17,7 +17,7 @@ use ferry_engine::LocalModel;
 use serde_json::json;
 
 use crate::error::{ApiError, LoggedError};
-use crate::{chat, completions, messages, responses};
+use crate::{chat, completions, embeddings, messages, responses};
 
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -43,11 +43,14 @@ pub type GatewayLoader = Arc<dyn Fn() -> Result<Option<ferry_gateway::Gateway>, 
 
 struct Inner {
     models: Vec<Arc<LocalModel>>,
+    tenancy: Arc<crate::tenancy::Tenancy>,
     /// Swapped whole on reload; requests in flight keep the `Arc` they started with.
     gateway: RwLock<Option<Arc<ferry_gateway::Gateway>>>,
     loader: Option<GatewayLoader>,
     http: HttpConfig,
     created: u64,
+    /// The sentence-embedding model of `/v1/embeddings`, when one is served.
+    embeddings: std::sync::OnceLock<ferry_embed::EmbedService>,
 }
 
 impl AppState {
@@ -58,10 +61,40 @@ impl AppState {
         gateway: Option<Arc<ferry_gateway::Gateway>>,
         loader: Option<GatewayLoader>,
         http: HttpConfig,
+        tenancy: crate::tenancy::Tenancy,
     ) -> Self {
         let gateway = RwLock::new(gateway);
         let created = crate::generation::unix_now();
-        AppState { inner: Arc::new(Inner { models, gateway, loader, http, created }) }
+        let tenancy = Arc::new(tenancy);
+        let embeddings = std::sync::OnceLock::new();
+        AppState { inner: Arc::new(Inner { models, tenancy, gateway, loader, http, created, embeddings }) }
+    }
+
+    /// Serves `service`'s model on `/v1/embeddings` (and lists it). Set once, before serving;
+    /// a second call is ignored.
+    pub fn with_embeddings(self, service: ferry_embed::EmbedService) -> Self {
+        if self.inner.embeddings.set(service).is_err() {
+            tracing::warn!("an embedding model is already served; ignoring another");
+        }
+        self
+    }
+
+    /// The embedding service, when an embedding model is served.
+    pub fn embeddings(&self) -> Option<&ferry_embed::EmbedService> {
+        self.inner.embeddings.get()
+    }
+
+    /// Keys, limits and metering.
+    pub fn tenancy(&self) -> &crate::tenancy::Tenancy {
+        &self.inner.tenancy
+    }
+
+    pub(crate) fn tenancy_arc(&self) -> Arc<crate::tenancy::Tenancy> {
+        self.inner.tenancy.clone()
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.http.max_body_bytes
     }
 
     /// The gateway, when upstream aliases are configured.
@@ -81,6 +114,11 @@ impl AppState {
     }
 
     pub fn model(&self, id: &str) -> Result<Arc<LocalModel>, ApiError> {
+        if let Some(service) = self.embeddings()
+            && service.embedder().name() == id
+        {
+            return Err(crate::embeddings::not_generative(id));
+        }
         self.inner
             .models
             .iter()
@@ -112,9 +150,8 @@ pub fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -> Resul
 
 pub fn app(state: AppState) -> Router {
     let limit = state.inner.http.max_body_bytes;
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
+    // Every /v1 route needs a key once the server has keys, and is admitted and metered.
+    let v1 = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/v1/chat/completions", post(chat::chat_completions))
@@ -122,6 +159,13 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/responses", post(responses::responses))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route_layer(middleware::from_fn_with_state(state.clone(), crate::tenancy::admission));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .merge(v1)
+        .merge(crate::admin::routes())
         .route("/admin/v1/reload", post(reload))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
@@ -130,28 +174,20 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `POST /admin/v1/reload`. With `FERRY_ADMIN_KEY` set it needs that key as a bearer token;
-/// without, only loopback clients may call it.
+/// `POST /admin/v1/reload`: an admin key, or a loopback client of a server without keys.
 async fn reload(
     State(state): State<AppState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: axum::http::HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let bearer =
-        headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let allowed = match std::env::var("FERRY_ADMIN_KEY") {
-        Ok(key) if !key.is_empty() => bearer.is_some_and(|b| constant_time_eq(b.as_bytes(), key.as_bytes())),
-        _ => peer.ip().is_loopback(),
-    };
-    if !allowed {
-        return Err(ApiError::Forbidden("reloading the config needs the admin key".into()));
+    let identity = crate::tenancy::admin_identity(&state, peer, &headers).await?;
+    if identity.role() != ferry_store::Role::Admin {
+        return Err(ApiError::Forbidden("Reloading the config needs an admin key.".into()));
     }
     let aliases = state.reload().map_err(|e| ApiError::invalid("config", e))?;
+    let after = json!({"aliases": aliases});
+    state.tenancy().store.audit(&identity.actor(), "config.reload", "config", None, Some(&after)).await?;
     Ok(axum::Json(json!({"reloaded": true, "aliases": aliases})))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn health() -> impl IntoResponse {
@@ -159,7 +195,7 @@ async fn health() -> impl IntoResponse {
 }
 
 async fn ready(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    if state.models().is_empty() {
+    if state.models().is_empty() && state.embeddings().is_none() {
         return Err(ApiError::NotReady("no model is loaded".into()));
     }
     Ok(axum::Json(json!({"status": "ready", "models": state.models().len()})))
@@ -191,6 +227,7 @@ fn model_card(state: &AppState, model: &LocalModel) -> Model {
 
 async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
     let mut data: Vec<Model> = state.models().iter().map(|m| model_card(&state, m)).collect();
+    data.extend(state.embeddings().map(|e| embeddings::model_card(e, state.inner.created)));
     if let Some(gateway) = state.gateway().as_deref() {
         let mut aliases: Vec<&str> = gateway.alias_names().collect();
         aliases.sort_unstable();
@@ -225,6 +262,11 @@ async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if let Some(service) = state.embeddings()
+        && service.embedder().name() == id
+    {
+        return Ok(axum::Json(embeddings::model_card(service, state.inner.created)));
+    }
     let model = state.model(&id)?;
     Ok(axum::Json(model_card(&state, &model)))
 }

@@ -189,11 +189,15 @@ async fn upstream(
         let routed = gateway.chat_stream(&request.model, neutral).await?;
         let n = fields.n.unwrap_or(1).max(1) as usize;
         let include_usage = include_usage(&request);
-        let mut response = stream(routed.value, n, id, display_model, include_usage).into_response();
+        let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
+        let mut response = stream(events, n, id, display_model, include_usage).into_response();
         route_headers(&mut response, &routed.route);
         return Ok(response);
     }
     let routed = gateway.chat(&request.model, neutral, use_cache).await?;
+    if let Some(meter) = crate::tenancy::current() {
+        meter.upstream(&routed.route, &routed.value.usage);
+    }
     let mut response = axum::Json(completion(routed.value, id, display_model)).into_response();
     route_headers(&mut response, &routed.route);
     Ok(response)

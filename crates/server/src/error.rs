@@ -31,6 +31,18 @@ pub enum ApiError {
     NotReady(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// A rate limit (`tokens` is false for requests per minute).
+    #[error("{message}")]
+    RateLimited { message: String, tokens: bool, retry_after: u64, headers: Box<axum::http::HeaderMap> },
+    /// A token or cost budget is spent.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("The server had an error while processing your request: {0}")]
     Internal(String),
     /// An upstream provider's error, passed on with its status.
@@ -79,6 +91,21 @@ impl ApiError {
             }
             NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), None),
             Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", Some("forbidden"), None),
+            Unauthorized(_) => {
+                (StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), None)
+            }
+            NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found"), None),
+            Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error", Some("conflict"), None),
+            // OpenAI's own shape: the type says which limit, the code is shared.
+            RateLimited { tokens, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                if *tokens { "tokens" } else { "requests" },
+                Some("rate_limit_exceeded"),
+                None,
+            ),
+            QuotaExceeded(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", Some("insufficient_quota"), None)
+            }
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("internal_error"), None),
             Upstream { status, code, param, .. } => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -122,6 +149,18 @@ impl ApiError {
     }
 }
 
+impl From<ferry_store::StoreError> for ApiError {
+    fn from(e: ferry_store::StoreError) -> Self {
+        use ferry_store::StoreError as S;
+        match e {
+            S::NotFound(what) => ApiError::NotFound(format!("No such {what}")),
+            S::Conflict(m) => ApiError::Conflict(m),
+            S::Invalid(m) => ApiError::invalid("body", m),
+            S::Database(e) => ApiError::Internal(format!("the store failed: {e}")),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
@@ -161,10 +200,13 @@ impl From<ferry_gateway::GatewayError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::QueueFull { retry_after } = self
+        if let ApiError::QueueFull { retry_after } | ApiError::RateLimited { retry_after, .. } = &self
             && let Ok(value) = HeaderValue::from_str(&retry_after.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        if let ApiError::RateLimited { headers, .. } = &self {
+            response.headers_mut().extend((**headers).clone());
         }
         response.extensions_mut().insert(LoggedError(self.to_string()));
         response

@@ -32,7 +32,19 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
         let receiver = model.scheduler.submit(request)?;
         streams.push(UnboundedReceiverStream::new(receiver).map(move |e| (prompt_idx, e)));
     }
-    Ok(Submitted { events: Box::pin(futures::stream::select_all(streams)), prompt_tokens, n, n_prompts })
+    let events = futures::stream::select_all(streams);
+    let Some(meter) = crate::tenancy::current() else {
+        return Ok(Submitted { events: Box::pin(events), prompt_tokens, n, n_prompts });
+    };
+    // The request's usage record counts what the engine really did.
+    meter.set_provider("local");
+    meter.add_prompt_tokens(prompt_tokens as u64);
+    let events = events.inspect(move |(_, event)| match event {
+        Event::Delta { .. } => meter.first_token(),
+        Event::Finished { completion_tokens, .. } => meter.add_completion_tokens(*completion_tokens as u64),
+        _ => {}
+    });
+    Ok(Submitted { events: Box::pin(events), prompt_tokens, n, n_prompts })
 }
 
 /// One finished choice.

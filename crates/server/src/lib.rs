@@ -4,15 +4,20 @@
 //! (`generation`) → stream or collect the answer (`chat`, `completions`, `responses`, `messages`). `error` is the one
 //! table from failures to HTTP responses.
 
+mod admin;
 pub mod app;
 mod chat;
 mod completions;
+mod embeddings;
 pub mod error;
 mod generation;
+mod limits;
 mod messages;
 mod presets;
 mod responses;
+pub mod tenancy;
 mod translate;
 mod validate;
 
 pub use app::{AppState, GatewayLoader, HttpConfig, app};
+pub use tenancy::{Price, Tenancy};

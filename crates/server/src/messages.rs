@@ -31,6 +31,11 @@ use crate::{translate, validate};
 /// An error answered in Anthropic's shape.
 pub struct AnthropicError(ApiError);
 
+/// An error for an Anthropic-dialect route, in Anthropic's shape.
+pub fn error_response(e: ApiError) -> Response {
+    AnthropicError(e).into_response()
+}
+
 impl From<ApiError> for AnthropicError {
     fn from(e: ApiError) -> Self {
         AnthropicError(e)
@@ -195,9 +200,13 @@ async fn upstream(
     let id = request_id("msg");
     if request.stream {
         let routed = gateway.chat_stream(&request.model, neutral).await.map_err(ApiError::from)?;
-        return Ok(upstream_stream(routed.value, id, request.model).into_response());
+        let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
+        return Ok(upstream_stream(events, id, request.model).into_response());
     }
     let routed = gateway.chat(&request.model, neutral, use_cache).await.map_err(ApiError::from)?;
+    if let Some(meter) = crate::tenancy::current() {
+        meter.upstream(&routed.route, &routed.value.usage);
+    }
     let route = routed.route;
     let answer = routed.value;
     let choice = answer.choices.into_iter().next();

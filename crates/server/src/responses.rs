@@ -264,9 +264,12 @@ async fn upstream(
     };
     if request.stream {
         let routed = gateway.chat_stream(&request.model, neutral).await?;
-        return Ok(stream(routed.value, envelope).into_response());
+        return Ok(stream(crate::tenancy::tap_upstream(&routed.route, routed.value), envelope).into_response());
     }
     let routed = gateway.chat(&request.model, neutral, None).await?;
+    if let Some(meter) = crate::tenancy::current() {
+        meter.upstream(&routed.route, &routed.value.usage);
+    }
     let answer = routed.value;
     let choice = answer.choices.into_iter().next();
     let finish = choice.as_ref().and_then(|c| c.finish_reason);

@@ -1,0 +1,415 @@
+//! The admin API (`/admin/v1/...`): tenants, projects, keys, usage and the audit log, as
+//! JSON with OpenAI-shaped errors. An admin sees everything; a tenant admin sees its own
+//! tenant, and another tenant's things answer 404 as if they did not exist. Every change is
+//! written to the audit log with its actor and before/after state.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_store::tenants::{ProjectUpdate, TenantUpdate};
+use ferry_store::usage::GroupBy;
+use ferry_store::{Limits, NewKey, Role, UsageQuery};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::tenancy::{Identity, admin_identity};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/v1/whoami", get(whoami))
+        .route("/admin/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/admin/v1/tenants/{id}", get(get_tenant).patch(update_tenant))
+        .route("/admin/v1/projects", get(list_projects).post(create_project))
+        .route("/admin/v1/projects/{id}", get(get_project).patch(update_project))
+        .route("/admin/v1/keys", get(list_keys).post(create_key))
+        .route("/admin/v1/keys/{id}", get(get_key).patch(update_key))
+        .route("/admin/v1/keys/{id}/revoke", post(revoke_key))
+        .route("/admin/v1/usage", get(usage))
+        .route("/admin/v1/audit", get(audit))
+        .route("/admin/v1/audit/verify", get(verify_audit))
+}
+
+/// The caller, already checked to be an admin or a tenant admin.
+struct Caller(Identity);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller
+where
+    AppState: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        let app = <AppState as axum::extract::FromRef<S>>::from_ref(state);
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| ApiError::Internal("the peer address is unknown".into()))?;
+        Ok(Caller(admin_identity(&app, peer, &parts.headers).await?))
+    }
+}
+
+impl Caller {
+    fn require_admin(&self) -> Result<(), ApiError> {
+        if self.0.role() == Role::Admin {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("This needs an admin key.".into()))
+        }
+    }
+
+    /// 404 for a tenant's thing the caller may not see: its existence doesn't leak.
+    fn check_tenant(&self, tenant: Option<&str>, what: &str) -> Result<(), ApiError> {
+        if self.0.sees_tenant(tenant) { Ok(()) } else { Err(ApiError::NotFound(format!("No such {what}"))) }
+    }
+}
+
+/// Parses a JSON body into `T`, with the OpenAI error for bad input.
+fn body<T: serde::de::DeserializeOwned>(bytes: &axum::body::Bytes) -> Result<T, ApiError> {
+    let value = crate::validate::parse_body(bytes)?;
+    crate::validate::parse_json(&value)
+}
+
+async fn record(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    before: Option<Value>,
+    after: Option<Value>,
+) -> Result<(), ApiError> {
+    state.tenancy().store.audit(&caller.0.actor(), action, target, before.as_ref(), after.as_ref()).await?;
+    Ok(())
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn list<T: serde::Serialize>(data: Vec<T>) -> Json<Value> {
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn whoami(State(state): State<AppState>, caller: Caller) -> Json<Value> {
+    Json(json!({
+        "role": caller.0.role(),
+        "tenant_id": caller.0.tenant_id(),
+        "key": caller.0.key,
+        "auth_required": state.tenancy().auth_required(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    name: String,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    guardrail_policy: Option<String>,
+    #[serde(default)]
+    retain_content: Option<bool>,
+    #[serde(default)]
+    retention_days: Option<i64>,
+}
+
+async fn create_tenant(
+    State(state): State<AppState>,
+    caller: Caller,
+    bytes: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require_admin()?;
+    let new: NewTenant = body(&bytes)?;
+    let store = &state.tenancy().store;
+    let mut tenant = store.create_tenant(&new.name, &new.limits).await?;
+    if new.guardrail_policy.is_some() || new.retain_content.is_some() || new.retention_days.is_some() {
+        let update = TenantUpdate {
+            guardrail_policy: new.guardrail_policy.map(Some),
+            retain_content: new.retain_content,
+            retention_days: new.retention_days.map(Some),
+            ..Default::default()
+        };
+        tenant = store.update_tenant(&tenant.id, &update).await?;
+    }
+    record(&state, &caller, "tenant.create", &tenant.id, None, Some(to_value(&tenant))).await?;
+    Ok((StatusCode::CREATED, Json(tenant)))
+}
+
+async fn list_tenants(State(state): State<AppState>, caller: Caller) -> Result<impl IntoResponse, ApiError> {
+    let tenants = state.tenancy().store.tenants().await?;
+    Ok(list(tenants.into_iter().filter(|t| caller.0.sees_tenant(Some(&t.id))).collect()))
+}
+
+async fn get_tenant(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.check_tenant(Some(&id), &format!("tenant '{id}'"))?;
+    Ok(Json(state.tenancy().store.tenant(&id).await?))
+}
+
+async fn update_tenant(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.check_tenant(Some(&id), &format!("tenant '{id}'"))?;
+    // A tenant's limits and policy are set above it.
+    caller.require_admin()?;
+    let update: TenantUpdate = body(&bytes)?;
+    let store = &state.tenancy().store;
+    let before = store.tenant(&id).await?;
+    let after = store.update_tenant(&id, &update).await?;
+    record(&state, &caller, "tenant.update", &id, Some(to_value(&before)), Some(to_value(&after))).await?;
+    state.tenancy().refresh().await?;
+    Ok(Json(after))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewProject {
+    tenant_id: String,
+    name: String,
+    #[serde(default)]
+    limits: Limits,
+}
+
+async fn create_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    bytes: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let new: NewProject = body(&bytes)?;
+    caller.check_tenant(Some(&new.tenant_id), &format!("tenant '{}'", new.tenant_id))?;
+    let project = state.tenancy().store.create_project(&new.tenant_id, &new.name, &new.limits).await?;
+    record(&state, &caller, "project.create", &project.id, None, Some(to_value(&project))).await?;
+    Ok((StatusCode::CREATED, Json(project)))
+}
+
+#[derive(Deserialize)]
+struct TenantFilter {
+    tenant_id: Option<String>,
+}
+
+async fn list_projects(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(filter): Query<TenantFilter>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tenant = filter.tenant_id.as_deref().or(caller.0.tenant_id());
+    let projects = state.tenancy().store.projects(tenant).await?;
+    Ok(list(projects.into_iter().filter(|p| caller.0.sees_tenant(Some(&p.tenant_id))).collect()))
+}
+
+async fn get_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let project = state.tenancy().store.project(&id).await?;
+    caller.check_tenant(Some(&project.tenant_id), &format!("project '{id}'"))?;
+    Ok(Json(project))
+}
+
+async fn update_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let store = &state.tenancy().store;
+    let before = store.project(&id).await?;
+    caller.check_tenant(Some(&before.tenant_id), &format!("project '{id}'"))?;
+    let update: ProjectUpdate = body(&bytes)?;
+    let after = store.update_project(&id, &update).await?;
+    record(&state, &caller, "project.update", &id, Some(to_value(&before)), Some(to_value(&after))).await?;
+    state.tenancy().refresh().await?;
+    Ok(Json(after))
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    bytes: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut new: NewKey = body(&bytes)?;
+    let store = &state.tenancy().store;
+    if caller.0.role() != Role::Admin {
+        if new.role == Role::Admin {
+            return Err(ApiError::Forbidden("A tenant admin can't create admin keys.".into()));
+        }
+        // A tenant admin's keys belong to its own tenant.
+        match (&new.tenant_id, &new.project_id) {
+            (Some(t), _) => caller.check_tenant(Some(t), &format!("tenant '{t}'"))?,
+            (None, Some(p)) => {
+                let project = store.project(p).await.map_err(|_| ApiError::NotFound(format!("No such project '{p}'")))?;
+                caller.check_tenant(Some(&project.tenant_id), &format!("project '{p}'"))?;
+            }
+            (None, None) => new.tenant_id = caller.0.tenant_id().map(String::from),
+        }
+    }
+    let (key, secret) = store.create_key(&new).await?;
+    record(&state, &caller, "key.create", &key.id, None, Some(to_value(&key))).await?;
+    state.tenancy().refresh().await?;
+    let mut shown = to_value(&key);
+    shown["key"] = Value::String(secret);
+    shown["warning"] = Value::String("This is the only time the key is shown; store it now.".into());
+    Ok((StatusCode::CREATED, Json(shown)))
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(filter): Query<TenantFilter>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tenant = filter.tenant_id.as_deref().or(caller.0.tenant_id());
+    let keys = state.tenancy().store.keys(tenant).await?;
+    Ok(list(keys.into_iter().filter(|k| caller.0.sees_tenant(k.tenant_id.as_deref())).collect()))
+}
+
+async fn owned_key(state: &AppState, caller: &Caller, id: &str) -> Result<ferry_store::ApiKey, ApiError> {
+    let key = state.tenancy().store.key(id).await?;
+    caller.check_tenant(key.tenant_id.as_deref(), &format!("key '{id}'"))?;
+    Ok(key)
+}
+
+async fn get_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(owned_key(&state, &caller, &id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyUpdate {
+    limits: Limits,
+}
+
+async fn update_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let before = owned_key(&state, &caller, &id).await?;
+    let update: KeyUpdate = body(&bytes)?;
+    let after = state.tenancy().store.set_key_limits(&id, &update.limits).await?;
+    record(&state, &caller, "key.limits", &id, Some(to_value(&before)), Some(to_value(&after))).await?;
+    state.tenancy().refresh().await?;
+    Ok(Json(after))
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let before = owned_key(&state, &caller, &id).await?;
+    let after = state.tenancy().store.revoke_key(&id).await?;
+    record(&state, &caller, "key.revoke", &id, Some(to_value(&before)), Some(to_value(&after))).await?;
+    state.tenancy().refresh().await?;
+    Ok(Json(after))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageParams {
+    /// Comma-separated: tenant, project, key, model, day.
+    group_by: Option<String>,
+    /// Milliseconds since the epoch.
+    from: Option<i64>,
+    to: Option<i64>,
+    tenant_id: Option<String>,
+    /// `json` (default) or `csv`.
+    format: Option<String>,
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<UsageParams>,
+) -> Result<Response, ApiError> {
+    let mut group_by = Vec::new();
+    for name in params.group_by.as_deref().unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        group_by.push(GroupBy::parse(name).ok_or_else(|| {
+            ApiError::invalid("group_by", format!("'{name}' is not one of tenant, project, key, model, day"))
+        })?);
+    }
+    let tenant_id = match caller.0.role() {
+        Role::Admin => params.tenant_id,
+        _ => caller.0.tenant_id().map(String::from),
+    };
+    let query = UsageQuery { tenant_id, from_ms: params.from, to_ms: params.to, group_by: group_by.clone() };
+    let rows = state.tenancy().store.usage(&query).await?;
+    match params.format.as_deref().unwrap_or("json") {
+        "json" => Ok(list(rows).into_response()),
+        "csv" => {
+            let mut columns: Vec<&str> = group_by
+                .iter()
+                .map(|g| match g {
+                    GroupBy::Tenant => "tenant_id",
+                    GroupBy::Project => "project_id",
+                    GroupBy::Key => "key_id",
+                    GroupBy::Model => "model",
+                    GroupBy::Day => "day",
+                })
+                .collect();
+            columns.extend(["requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "cost"]);
+            let mut out = columns.join(",") + "\n";
+            for row in rows {
+                let value = to_value(&row);
+                let cells: Vec<String> = columns.iter().map(|c| csv_cell(&value[*c])).collect();
+                out.push_str(&cells.join(","));
+                out.push('\n');
+            }
+            let mut response = out.into_response();
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment; filename=\"usage.csv\""));
+            Ok(response)
+        }
+        other => Err(ApiError::invalid("format", format!("'{other}' is not json or csv"))),
+    }
+}
+
+fn csv_cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) if s.contains([',', '"', '\n']) => format!("\"{}\"", s.replace('"', "\"\"")),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<AuditParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require_admin()?;
+    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(list(state.tenancy().store.audit_entries(limit, params.before).await?))
+}
+
+async fn verify_audit(State(state): State<AppState>, caller: Caller) -> Result<impl IntoResponse, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(state.tenancy().store.verify_audit().await?))
+}

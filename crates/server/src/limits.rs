@@ -1,0 +1,320 @@
+//! Rate limits and budgets, per key, project and tenant; a request must fit all three.
+//!
+//! Requests and tokens per minute are sliding windows (exact: never more than the limit in
+//! any 60 seconds). Tokens are admitted on an estimate (the prompt's size plus the requested
+//! maximum) and reconciled to the real count when the request ends. Day and month budgets
+//! start from what the usage records say was spent, then count in memory. The windows live
+//! in this process: replicas behind a load balancer each enforce the whole limit.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue};
+use ferry_store::usage::{Scope, day_and_month_start};
+use ferry_store::{Limits, Store, now_ms};
+
+use crate::error::ApiError;
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// A scope a request counts against, with its limits.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub kind: ScopeKind,
+    pub id: String,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopeKind {
+    Key,
+    Project,
+    Tenant,
+}
+
+impl ScopeKind {
+    fn name(self) -> &'static str {
+        match self {
+            ScopeKind::Key => "key",
+            ScopeKind::Project => "project",
+            ScopeKind::Tenant => "tenant",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Spend {
+    since_ms: i64,
+    tokens: u64,
+    cost: f64,
+}
+
+#[derive(Default)]
+struct Window {
+    requests: VecDeque<Instant>,
+    /// (admitted at, reservation id, tokens)
+    tokens: VecDeque<(Instant, u64, u64)>,
+    token_sum: u64,
+    day: Spend,
+    month: Spend,
+    seeded: bool,
+}
+
+impl Window {
+    fn prune(&mut self, now: Instant) {
+        while self.requests.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+            self.requests.pop_front();
+        }
+        while let Some(&(t, _, amount)) = self.tokens.front() {
+            if now.duration_since(t) < WINDOW {
+                break;
+            }
+            self.token_sum -= amount;
+            self.tokens.pop_front();
+        }
+    }
+
+    /// Starts new day and month totals when the calendar moved on.
+    fn roll(&mut self, now_ms: i64) {
+        let (day, month) = day_and_month_start(now_ms);
+        if self.day.since_ms != day {
+            self.day = Spend { since_ms: day, ..Default::default() };
+        }
+        if self.month.since_ms != month {
+            self.month = Spend { since_ms: month, ..Default::default() };
+        }
+    }
+}
+
+/// What admission took, to give back or settle when the request ends.
+#[derive(Debug, Default)]
+pub struct Admission {
+    id: u64,
+    scopes: Vec<String>,
+    /// `x-ratelimit-*` headers for the response.
+    pub headers: HeaderMap,
+}
+
+pub struct Limiter {
+    windows: Mutex<HashMap<String, Window>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+fn scope_key(s: &Subject) -> String {
+    format!("{}:{}", s.kind.name(), s.id)
+}
+
+/// OpenAI's duration format for reset headers: `20ms`, `6s`, `1m30s`.
+fn reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    let secs = ms.div_ceil(1000);
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{}s", secs / 60, secs % 60)
+    }
+}
+
+impl Limiter {
+    pub fn new() -> Limiter {
+        Limiter { windows: Mutex::new(HashMap::new()), next_id: 1.into() }
+    }
+
+    /// Reads the day and month spending of scopes with budgets this process hasn't seen.
+    async fn seed(&self, store: &Store, subjects: &[Subject]) -> Result<(), ApiError> {
+        for s in subjects {
+            let l = &s.limits;
+            let budgets = l.tokens_per_day.is_some()
+                || l.tokens_per_month.is_some()
+                || l.cost_per_day.is_some()
+                || l.cost_per_month.is_some();
+            let key = scope_key(s);
+            let seeded = self.windows.lock().map_err(poisoned)?.get(&key).is_some_and(|w| w.seeded);
+            if !budgets || seeded {
+                continue;
+            }
+            let (day, month) = day_and_month_start(now_ms());
+            let scope = match s.kind {
+                ScopeKind::Key => Scope::Key(&s.id),
+                ScopeKind::Project => Scope::Project(&s.id),
+                ScopeKind::Tenant => Scope::Tenant(&s.id),
+            };
+            let (day_tokens, day_cost) = store.spent(scope, day).await?;
+            let (month_tokens, month_cost) = store.spent(scope, month).await?;
+            let mut windows = self.windows.lock().map_err(poisoned)?;
+            let w = windows.entry(key).or_default();
+            if !w.seeded {
+                w.day = Spend { since_ms: day, tokens: day_tokens, cost: day_cost };
+                w.month = Spend { since_ms: month, tokens: month_tokens, cost: month_cost };
+                w.seeded = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Admits a request that may use `tokens` (estimated) against every subject, or refuses
+    /// it without counting it anywhere.
+    pub async fn admit(&self, store: &Store, subjects: &[Subject], tokens: u64) -> Result<Admission, ApiError> {
+        let limited: Vec<&Subject> = subjects.iter().filter(|s| !s.limits.is_empty()).collect();
+        if limited.is_empty() {
+            return Ok(Admission::default());
+        }
+        let owned: Vec<Subject> = limited.iter().map(|s| (*s).clone()).collect();
+        self.seed(store, &owned).await?;
+        let now = Instant::now();
+        let wall = now_ms();
+        let mut windows = self.windows.lock().map_err(poisoned)?;
+        // Check every scope first, so a refusal counts nowhere.
+        for s in &limited {
+            let w = windows.entry(scope_key(s)).or_default();
+            w.prune(now);
+            w.roll(wall);
+            let l = &s.limits;
+            let who = s.kind.name();
+            if let Some(rpm) = l.rpm
+                && w.requests.len() as u64 >= rpm
+            {
+                let wait = w.requests.front().map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
+                return Err(ApiError::RateLimited {
+                    message: format!("Rate limit reached for this {who}: {rpm} requests per minute. Retry in {}.", reset(wait)),
+                    tokens: false,
+                    retry_after: wait.as_secs().max(1),
+                    headers: Box::new(headers("requests", rpm, 0, wait)),
+                });
+            }
+            if let Some(tpm) = l.tpm
+                && w.token_sum + tokens > tpm
+            {
+                if tokens > tpm {
+                    return Err(ApiError::RateLimited {
+                        message: format!(
+                            "This request may use {tokens} tokens (prompt and max tokens), more than this {who}'s limit of {tpm} tokens per minute; lower max_tokens."
+                        ),
+                        tokens: true,
+                        retry_after: 60,
+                        headers: Box::new(headers("tokens", tpm, tpm.saturating_sub(w.token_sum), WINDOW)),
+                    });
+                }
+                let wait = w.tokens.front().map_or(WINDOW, |(t, ..)| WINDOW.saturating_sub(now.duration_since(*t)));
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "Rate limit reached for this {who}: {tpm} tokens per minute, {} in use, {tokens} requested. Retry in {}.",
+                        w.token_sum,
+                        reset(wait)
+                    ),
+                    tokens: true,
+                    retry_after: wait.as_secs().max(1),
+                    headers: Box::new(headers("tokens", tpm, tpm.saturating_sub(w.token_sum), wait)),
+                });
+            }
+            // A token budget refuses a request that may take it past the budget.
+            let budgets = [
+                (l.tokens_per_day.is_some_and(|b| w.day.tokens + tokens > b), "daily token"),
+                (l.tokens_per_month.is_some_and(|b| w.month.tokens + tokens > b), "monthly token"),
+                (l.cost_per_day.is_some_and(|b| w.day.cost >= b), "daily cost"),
+                (l.cost_per_month.is_some_and(|b| w.month.cost >= b), "monthly cost"),
+            ];
+            if let Some((_, what)) = budgets.iter().find(|(over, _)| *over) {
+                return Err(ApiError::QuotaExceeded(format!(
+                    "This {who} has used its {what} budget. It renews at the start of the next UTC {}.",
+                    if what.starts_with("daily") { "day" } else { "month" }
+                )));
+            }
+        }
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut admission = Admission { id, scopes: Vec::with_capacity(limited.len()), headers: HeaderMap::new() };
+        // (limit, remaining, reset) of the tightest scope, for requests and for tokens.
+        let mut requests: Option<(u64, u64, Duration)> = None;
+        let mut token_headers: Option<(u64, u64, Duration)> = None;
+        for s in &limited {
+            let key = scope_key(s);
+            let w = windows.entry(key.clone()).or_default();
+            w.requests.push_back(now);
+            w.tokens.push_back((now, id, tokens));
+            w.token_sum += tokens;
+            if let Some(rpm) = s.limits.rpm {
+                let remaining = rpm.saturating_sub(w.requests.len() as u64);
+                let wait = w.requests.front().map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
+                if requests.is_none_or(|(_, r, _)| remaining < r) {
+                    requests = Some((rpm, remaining, wait));
+                }
+            }
+            if let Some(tpm) = s.limits.tpm {
+                let remaining = tpm.saturating_sub(w.token_sum);
+                let wait = w.tokens.front().map_or(WINDOW, |(t, ..)| WINDOW.saturating_sub(now.duration_since(*t)));
+                if token_headers.is_none_or(|(_, r, _)| remaining < r) {
+                    token_headers = Some((tpm, remaining, wait));
+                }
+            }
+            admission.scopes.push(key);
+        }
+        for (kind, values) in [("requests", requests), ("tokens", token_headers)] {
+            if let Some((limit, remaining, wait)) = values {
+                admission.headers.extend(headers(kind, limit, remaining, wait));
+            }
+        }
+        Ok(admission)
+    }
+
+    /// Replaces the admitted estimate with the tokens really used, and adds them and their
+    /// cost to the budgets.
+    pub fn settle(&self, admission: &Admission, tokens: u64, cost: f64) {
+        if admission.scopes.is_empty() {
+            return;
+        }
+        let Ok(mut windows) = self.windows.lock() else { return };
+        let wall = now_ms();
+        for key in &admission.scopes {
+            let Some(w) = windows.get_mut(key) else { continue };
+            if let Some(entry) = w.tokens.iter_mut().find(|(_, id, _)| *id == admission.id) {
+                w.token_sum = w.token_sum - entry.2 + tokens;
+                entry.2 = tokens;
+            }
+            w.roll(wall);
+            w.day.tokens += tokens;
+            w.day.cost += cost;
+            w.month.tokens += tokens;
+            w.month.cost += cost;
+        }
+    }
+}
+
+/// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
+fn headers(kind: &str, limit: u64, remaining: u64, wait: Duration) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, value) in [
+        (format!("x-ratelimit-limit-{kind}"), limit.to_string()),
+        (format!("x-ratelimit-remaining-{kind}"), remaining.to_string()),
+        (format!("x-ratelimit-reset-{kind}"), reset(wait)),
+    ] {
+        if let (Ok(n), Ok(v)) = (axum::http::HeaderName::try_from(name), HeaderValue::from_str(&value)) {
+            h.insert(n, v);
+        }
+    }
+    h
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter::new()
+    }
+}
+
+fn poisoned<T>(_: T) -> ApiError {
+    ApiError::Internal("the rate limiter's lock is poisoned".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_durations_read_like_openai() {
+        assert_eq!(reset(Duration::from_millis(20)), "20ms");
+        assert_eq!(reset(Duration::from_millis(5_200)), "6s");
+        assert_eq!(reset(Duration::from_secs(90)), "1m30s");
+    }
+}

@@ -1,0 +1,478 @@
+//! Who is asking, may they, and what did it cost: authentication with hashed keys,
+//! admission against rate limits and budgets, and a usage record per request.
+//!
+//! The `admission` middleware wraps every `/v1` route. For a request that runs a model it:
+//! authenticates the key, peeks at the body (model, requested maximum), checks the key may
+//! use that model, admits it against the limits of the key, its project and its tenant,
+//! writes the usage record (committed before any work starts), then runs the handler with a
+//! [`Meter`] in scope. Handlers report tokens through [`current`] without carrying the
+//! meter around; when the response (or its stream) ends, the record is completed, or marked
+//! `cancelled` if the client went away. A crash leaves `started` records, which the next
+//! start reconciles.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use ferry_store::{ApiKey, Project, Role, Store, Tenant, UsageFinish, UsageStart, now_ms};
+use futures::StreamExt;
+use serde::Deserialize;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::limits::{Admission, Limiter, ScopeKind, Subject};
+
+/// Prices per million tokens, in the currency budgets are written in.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    /// Prompt tokens served from a cache, when cheaper.
+    #[serde(default)]
+    pub cached_input_per_mtok: Option<f64>,
+}
+
+impl Price {
+    pub fn cost(&self, prompt: u64, completion: u64, cached: u64) -> f64 {
+        let cached_price = self.cached_input_per_mtok.unwrap_or(self.input_per_mtok);
+        (prompt.saturating_sub(cached) as f64 * self.input_per_mtok
+            + cached as f64 * cached_price
+            + completion as f64 * self.output_per_mtok)
+            / 1e6
+    }
+}
+
+/// How long a key (with its project and tenant) is trusted from memory before the store
+/// is asked again; revocations through this server take effect at once.
+const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// A key as admission needs it: with its project and tenant.
+#[derive(Clone)]
+struct KeyContext {
+    key: ApiKey,
+    project: Option<Project>,
+    tenant: Option<Tenant>,
+    fetched: Instant,
+}
+
+/// Keys, limits and metering, shared by every request.
+pub struct Tenancy {
+    pub store: Store,
+    pub limiter: Limiter,
+    pub prices: HashMap<String, Price>,
+    /// Names this process in usage records (see `Store::reconcile_usage`).
+    pub instance: String,
+    /// On when an admin key exists; until then the server is a single local user's.
+    auth_required: AtomicBool,
+    keys: Mutex<HashMap<String, KeyContext>>,
+}
+
+/// The caller of a request: a key, or the local user of a server without keys.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub key: Option<ApiKey>,
+}
+
+impl Identity {
+    pub fn local() -> Identity {
+        Identity { key: None }
+    }
+
+    pub fn role(&self) -> Role {
+        self.key.as_ref().map_or(Role::Admin, |k| k.role)
+    }
+
+    pub fn tenant_id(&self) -> Option<&str> {
+        self.key.as_ref().and_then(|k| k.tenant_id.as_deref())
+    }
+
+    /// The actor named in the audit log.
+    pub fn actor(&self) -> String {
+        self.key.as_ref().map_or_else(|| "local".to_string(), |k| k.id.clone())
+    }
+
+    /// Whether this caller may see something owned by `tenant` (`None`: global things).
+    pub fn sees_tenant(&self, tenant: Option<&str>) -> bool {
+        match self.role() {
+            Role::Admin => true,
+            Role::TenantAdmin | Role::Member => tenant.is_some() && tenant == self.tenant_id(),
+        }
+    }
+}
+
+impl Tenancy {
+    pub async fn new(store: Store, prices: HashMap<String, Price>, instance: String) -> Result<Tenancy, ApiError> {
+        let required = store.has_active_admin_key().await?;
+        Ok(Tenancy {
+            store,
+            limiter: Limiter::new(),
+            prices,
+            instance,
+            auth_required: AtomicBool::new(required),
+            keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn auth_required(&self) -> bool {
+        self.auth_required.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads whether an admin key exists (after keys change) and forgets cached keys.
+    pub async fn refresh(&self) -> Result<(), ApiError> {
+        let required = self.store.has_active_admin_key().await?;
+        self.auth_required.store(required, Ordering::Relaxed);
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.clear();
+        }
+        Ok(())
+    }
+
+    async fn key_context(&self, secret: &str) -> Result<Option<KeyContext>, ApiError> {
+        let hash = ferry_store::keys::hash_secret(secret);
+        if let Ok(keys) = self.keys.lock()
+            && let Some(found) = keys.get(&hash)
+            && found.fetched.elapsed() < KEY_CACHE_TTL
+        {
+            return Ok(Some(found.clone()));
+        }
+        let Some(key) = self.store.key_by_secret(secret).await? else { return Ok(None) };
+        let project = match &key.project_id {
+            Some(id) => Some(self.store.project(id).await?),
+            None => None,
+        };
+        let tenant = match &key.tenant_id {
+            Some(id) => Some(self.store.tenant(id).await?),
+            None => None,
+        };
+        let context = KeyContext { key, project, tenant, fetched: Instant::now() };
+        if let Ok(mut keys) = self.keys.lock() {
+            if keys.len() > 100_000 {
+                keys.clear();
+            }
+            keys.insert(hash, context.clone());
+        }
+        Ok(Some(context))
+    }
+
+    /// The caller named by the request's key (`Authorization: Bearer` or `x-api-key`).
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<(Identity, Option<KeyContext>), ApiError> {
+        if !self.auth_required() {
+            return Ok((Identity::local(), None));
+        }
+        let Some(secret) = presented_key(headers) else {
+            return Err(ApiError::Unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' (or 'x-api-key: KEY').".into(),
+            ));
+        };
+        let context = self.key_context(secret).await?;
+        match context {
+            Some(c) if c.key.is_active(now_ms()) => Ok((Identity { key: Some(c.key.clone()) }, Some(c))),
+            Some(c) if c.key.revoked_at.is_some() => {
+                Err(ApiError::Unauthorized(format!("The API key {}… has been revoked.", c.key.display_prefix)))
+            }
+            Some(c) => Err(ApiError::Unauthorized(format!("The API key {}… has expired.", c.key.display_prefix))),
+            None => Err(ApiError::Unauthorized(format!(
+                "Incorrect API key provided: {}. Ask your administrator for a key.",
+                mask(secret)
+            ))),
+        }
+    }
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).unwrap_or(value);
+        return Some(token.trim()).filter(|t| !t.is_empty());
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim).filter(|t| !t.is_empty())
+}
+
+/// A presented secret as OpenAI shows a wrong one: the ends only.
+fn mask(secret: &str) -> String {
+    let chars: Vec<char> = secret.chars().collect();
+    if chars.len() < 12 {
+        return "****".into();
+    }
+    let head: String = chars[..6].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}****{tail}")
+}
+
+/// The caller of an admin route. Without keys, only loopback clients are the admin.
+pub async fn admin_identity(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    let tenancy = state.tenancy();
+    if !tenancy.auth_required() {
+        if peer.ip().is_loopback() {
+            return Ok(Identity::local());
+        }
+        return Err(ApiError::Forbidden(
+            "This server has no admin key yet: its admin API answers loopback clients only.".into(),
+        ));
+    }
+    let (identity, _) = tenancy.authenticate(headers).await?;
+    if identity.role() == Role::Member {
+        return Err(ApiError::Forbidden("This key may only call the inference API (role 'member').".into()));
+    }
+    Ok(identity)
+}
+
+/// What admission reads from a request body; everything else is the handler's business.
+#[derive(Deserialize, Default)]
+struct Peek {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+/// The live record of one admitted request; handlers report to it through [`current`].
+pub struct Meter {
+    request_id: String,
+    model: String,
+    started: Instant,
+    first_token_ms: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+    provider: Mutex<Option<String>>,
+    cache_hit: AtomicBool,
+}
+
+impl Meter {
+    pub fn add_prompt_tokens(&self, n: u64) {
+        self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_completion_tokens(&self, n: u64) {
+        self.completion_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Marks the first token sent (the first call wins).
+    pub fn first_token(&self) {
+        let ms = self.started.elapsed().as_millis().max(1) as u64;
+        let _ = self.first_token_ms.compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn set_provider(&self, provider: &str) {
+        if let Ok(mut p) = self.provider.lock() {
+            *p = Some(provider.to_string());
+        }
+    }
+
+    pub fn set_cache_hit(&self) {
+        self.cache_hit.store(true, Ordering::Relaxed);
+    }
+
+    /// Reports an upstream answer's usage and route.
+    pub fn upstream(&self, route: &ferry_gateway::Route, usage: &ferry_providers::Usage) {
+        self.set_provider(if route.cache_hit { "cache" } else { &route.target });
+        if route.cache_hit {
+            self.set_cache_hit();
+        }
+        self.add_prompt_tokens(usage.prompt_tokens);
+        self.add_completion_tokens(usage.completion_tokens);
+    }
+}
+
+tokio::task_local! {
+    static METER: Arc<Meter>;
+}
+
+/// The meter of the request being handled, if it is metered.
+pub fn current() -> Option<Arc<Meter>> {
+    METER.try_with(Arc::clone).ok()
+}
+
+/// Counts an upstream stream's first token and usage into the current meter.
+pub fn tap_upstream(
+    route: &ferry_gateway::Route,
+    events: ferry_providers::EventStream,
+) -> ferry_providers::EventStream {
+    let Some(meter) = current() else { return events };
+    meter.set_provider(&route.target);
+    Box::pin(events.inspect(move |event| match event {
+        Ok(ferry_providers::ChatEvent::Usage(u)) => {
+            meter.add_prompt_tokens(u.prompt_tokens);
+            meter.add_completion_tokens(u.completion_tokens);
+        }
+        Ok(ferry_providers::ChatEvent::Finish { .. }) | Err(_) => {}
+        Ok(_) => meter.first_token(),
+    }))
+}
+
+/// Runs on every `/v1` route: authentication for all, admission and metering for the
+/// routes that run a model.
+pub async fn admission(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
+    let anthropic = request.uri().path().starts_with("/v1/messages");
+    let mut response = match admit(&state, request, next, &request_id).await {
+        Ok(response) => response,
+        Err(e) if anthropic => crate::messages::error_response(e),
+        Err(e) => e.into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+async fn admit(state: &AppState, request: Request, next: Next, request_id: &str) -> Result<Response, ApiError> {
+    let tenancy = state.tenancy_arc();
+    let (identity, context) = tenancy.authenticate(request.headers()).await?;
+    let (mut parts, body) = request.into_parts();
+    parts.extensions.insert(identity.clone());
+    // Only model-running routes are metered; count_tokens and listings are not.
+    let metered = parts.method == Method::POST && !parts.uri.path().ends_with("/count_tokens");
+    if !metered {
+        return Ok(next.run(Request::from_parts(parts, body)).await);
+    }
+    let limit = state.max_body_bytes();
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::BodyTooLarge { limit })?;
+    let peek: Peek = serde_json::from_slice(&bytes).unwrap_or_default();
+    let model = peek.model.clone().unwrap_or_default();
+    if let Some(key) = &identity.key
+        && !model.is_empty()
+        && !key.allows_model(&model)
+    {
+        return Err(ApiError::Forbidden(format!("This API key may not use the model '{model}'.")));
+    }
+    let subjects: Vec<Subject> = match &context {
+        Some(c) => {
+            let mut s = vec![Subject { kind: ScopeKind::Key, id: c.key.id.clone(), limits: c.key.limits.clone() }];
+            if let Some(p) = &c.project {
+                s.push(Subject { kind: ScopeKind::Project, id: p.id.clone(), limits: p.limits.clone() });
+            }
+            if let Some(t) = &c.tenant {
+                s.push(Subject { kind: ScopeKind::Tenant, id: t.id.clone(), limits: t.limits.clone() });
+            }
+            s
+        }
+        None => Vec::new(),
+    };
+    // The prompt's tokens are estimated from the body (about four bytes a token) until
+    // the handler counts them; the requested maximum is taken at its word.
+    let max = peek.max_completion_tokens.or(peek.max_tokens).or(peek.max_output_tokens).unwrap_or(0);
+    let estimate = bytes.len() as u64 / 4 + max * peek.n.unwrap_or(1).max(1);
+    let admission = tenancy.limiter.admit(&tenancy.store, &subjects, estimate).await?;
+    let key = identity.key.as_ref();
+    let start = UsageStart {
+        request_id: request_id.to_string(),
+        instance: tenancy.instance.clone(),
+        tenant_id: key.and_then(|k| k.tenant_id.clone()),
+        project_id: key.and_then(|k| k.project_id.clone()),
+        key_id: key.map(|k| k.id.clone()),
+        route: parts.uri.path().to_string(),
+        model: model.clone(),
+        stream: peek.stream.unwrap_or(false),
+        started_at: now_ms(),
+    };
+    if let Err(e) = tenancy.store.start_usage(&start).await {
+        tenancy.limiter.settle(&admission, 0, 0.0);
+        return Err(e.into());
+    }
+    let meter = Arc::new(Meter {
+        request_id: request_id.to_string(),
+        model,
+        started: Instant::now(),
+        first_token_ms: AtomicU64::new(0),
+        prompt_tokens: AtomicU64::new(0),
+        completion_tokens: AtomicU64::new(0),
+        cached_tokens: AtomicU64::new(0),
+        provider: Mutex::new(None),
+        cache_hit: AtomicBool::new(false),
+    });
+    let request = Request::from_parts(parts, Body::from(bytes));
+    let mut response = METER.scope(meter.clone(), next.run(request)).await;
+    response.headers_mut().extend(admission.headers.clone());
+    let mut finish = Finish { tenancy, meter, admission, http_status: response.status().as_u16(), ended: false };
+    let streaming = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streaming {
+        // The whole answer is in hand: the record is completed now.
+        finish.ended = true;
+        drop(finish);
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let stream = futures::stream::unfold((body.into_data_stream(), finish), |(mut body, mut finish)| async move {
+        let chunk = body.next().await;
+        // Dropping `finish` with the stream completes the record: ended, or cut short.
+        finish.ended = chunk.is_none();
+        chunk.map(|chunk| (chunk, (body, finish)))
+    });
+    Ok(Response::from_parts(parts, Body::from_stream(stream)))
+}
+
+/// Completes a usage record when dropped: at the end of the response, or when the client
+/// goes away mid-stream (`cancelled`).
+struct Finish {
+    tenancy: Arc<Tenancy>,
+    meter: Arc<Meter>,
+    admission: Admission,
+    http_status: u16,
+    ended: bool,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let m = &self.meter;
+        let prompt = m.prompt_tokens.load(Ordering::Relaxed);
+        let completion = m.completion_tokens.load(Ordering::Relaxed);
+        let cached = m.cached_tokens.load(Ordering::Relaxed);
+        let cost = if m.cache_hit.load(Ordering::Relaxed) {
+            0.0
+        } else {
+            self.tenancy.prices.get(&m.model).map_or(0.0, |p| p.cost(prompt, completion, cached))
+        };
+        self.tenancy.limiter.settle(&self.admission, prompt + completion, cost);
+        let status = match (self.ended, self.http_status) {
+            (false, _) => "cancelled",
+            (true, s) if s < 400 => "ok",
+            _ => "error",
+        };
+        let ttft = m.first_token_ms.load(Ordering::Relaxed);
+        let finish = UsageFinish {
+            provider: m.provider.lock().ok().and_then(|p| p.clone()),
+            status: status.to_string(),
+            http_status: self.http_status,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: cached,
+            cost,
+            latency_ms: m.started.elapsed().as_millis() as u64,
+            ttft_ms: (ttft > 0).then_some(ttft),
+        };
+        let store = self.tenancy.store.clone();
+        let request_id = m.request_id.clone();
+        let write = async move {
+            if let Err(e) = store.finish_usage(&request_id, &finish).await {
+                tracing::error!(%request_id, error = %e, "could not complete the usage record");
+            }
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(write);
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Usage metering that loses nothing: a record is written when a request is admitted
+//! (status `started`) and completed once when it ends (`ok`, `error`, `cancelled`). Records a
+//! crash left `started` are marked `interrupted` at the next start, so every admitted request
+//! has exactly one record.
+
+use serde::{Deserialize, Serialize};
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::{Result, Store, StoreError, now_ms};
+
+/// What is known when a request is admitted.
+#[derive(Debug, Clone, Default)]
+pub struct UsageStart {
+    pub request_id: String,
+    /// The process that admitted it (see [`Store::reconcile_usage`]).
+    pub instance: String,
+    pub tenant_id: Option<String>,
+    pub project_id: Option<String>,
+    pub key_id: Option<String>,
+    /// The API route, e.g. `/v1/chat/completions`.
+    pub route: String,
+    pub model: String,
+    pub stream: bool,
+    pub started_at: i64,
+}
+
+/// What is known when it ends.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFinish {
+    pub provider: Option<String>,
+    /// `ok`, `error` or `cancelled`.
+    pub status: String,
+    pub http_status: u16,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub cost: f64,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+}
+
+/// One stored record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub tenant_id: Option<String>,
+    pub project_id: Option<String>,
+    pub key_id: Option<String>,
+    pub route: String,
+    pub model: String,
+    pub provider: Option<String>,
+    pub status: String,
+    pub http_status: Option<i64>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost: f64,
+    pub latency_ms: Option<i64>,
+    pub ttft_ms: Option<i64>,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// What to aggregate usage by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    Tenant,
+    Project,
+    Key,
+    Model,
+    Day,
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        Some(match s {
+            "tenant" => GroupBy::Tenant,
+            "project" => GroupBy::Project,
+            "key" => GroupBy::Key,
+            "model" => GroupBy::Model,
+            "day" => GroupBy::Day,
+            _ => return None,
+        })
+    }
+
+    fn column(self) -> &'static str {
+        match self {
+            GroupBy::Tenant => "tenant_id",
+            GroupBy::Project => "project_id",
+            GroupBy::Key => "key_id",
+            GroupBy::Model => "model",
+            // Integer division works alike in both databases; the date is formatted here.
+            GroupBy::Day => "started_at / 86400000",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UsageQuery {
+    /// Only this tenant's records (a tenant admin's view).
+    pub tenant_id: Option<String>,
+    /// Inclusive start and exclusive end, in milliseconds since the epoch.
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub group_by: Vec<GroupBy>,
+}
+
+/// One aggregated row; the grouping fields not asked for are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct UsageGroup {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `YYYY-MM-DD`, UTC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    pub requests: i64,
+    /// Requests that failed or were cut short by a crash (client cancellations are not errors).
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost: f64,
+}
+
+const RECORD_COLUMNS: &str = "request_id, tenant_id, project_id, key_id, route, model, provider, status, \
+     http_status, prompt_tokens, completion_tokens, cached_tokens, cost, latency_ms, ttft_ms, started_at, finished_at";
+
+/// Which scope a spending total is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    Tenant(&'a str),
+    Project(&'a str),
+    Key(&'a str),
+}
+
+impl Store {
+    /// Writes the admission record. It is committed before this returns.
+    pub async fn start_usage(&self, start: &UsageStart) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO usage_records (request_id, instance, tenant_id, project_id, key_id, route, model, stream, \
+             status, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'started', $9)",
+        )
+        .bind(start.request_id.as_str())
+        .bind(start.instance.as_str())
+        .bind(start.tenant_id.as_deref())
+        .bind(start.project_id.as_deref())
+        .bind(start.key_id.as_deref())
+        .bind(start.route.as_str())
+        .bind(start.model.as_str())
+        .bind(start.stream as i64)
+        .bind(start.started_at)
+        .execute(self.pool())
+        .await
+        .map_err(|e| crate::tenants::conflict(e, || format!("request id '{}' is taken", start.request_id)))?;
+        Ok(())
+    }
+
+    /// Completes a record once; a second finish (or one after reconciliation) changes
+    /// nothing and returns false.
+    pub async fn finish_usage(&self, request_id: &str, finish: &UsageFinish) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE usage_records SET provider = $1, status = $2, http_status = $3, prompt_tokens = $4, \
+             completion_tokens = $5, cached_tokens = $6, cost = $7, latency_ms = $8, ttft_ms = $9, finished_at = $10 \
+             WHERE request_id = $11 AND status = 'started'",
+        )
+        .bind(finish.provider.as_deref())
+        .bind(finish.status.as_str())
+        .bind(finish.http_status as i64)
+        .bind(finish.prompt_tokens as i64)
+        .bind(finish.completion_tokens as i64)
+        .bind(finish.cached_tokens as i64)
+        .bind(finish.cost)
+        .bind(finish.latency_ms as i64)
+        .bind(finish.ttft_ms.map(|t| t as i64))
+        .bind(now_ms())
+        .bind(request_id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks `interrupted` the records left `started` by an earlier run of `instance` (it
+    /// crashed), and those of any instance started before `stale_before_ms` (it never came
+    /// back). Returns how many were reconciled.
+    pub async fn reconcile_usage(&self, instance: &str, stale_before_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE usage_records SET status = 'interrupted', finished_at = $1 \
+             WHERE status = 'started' AND (instance = $2 OR started_at < $3)",
+        )
+        .bind(now_ms())
+        .bind(instance)
+        .bind(stale_before_ms)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn usage_record(&self, request_id: &str) -> Result<UsageRecord> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM usage_records WHERE request_id = $1"
+        )))
+        .bind(request_id)
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("usage record '{request_id}'")))?;
+        Ok(UsageRecord {
+            request_id: row.try_get("request_id")?,
+            tenant_id: row.try_get("tenant_id")?,
+            project_id: row.try_get("project_id")?,
+            key_id: row.try_get("key_id")?,
+            route: row.try_get("route")?,
+            model: row.try_get("model")?,
+            provider: row.try_get("provider")?,
+            status: row.try_get("status")?,
+            http_status: row.try_get("http_status")?,
+            prompt_tokens: row.try_get("prompt_tokens")?,
+            completion_tokens: row.try_get("completion_tokens")?,
+            cached_tokens: row.try_get("cached_tokens")?,
+            cost: row.try_get("cost")?,
+            latency_ms: row.try_get("latency_ms")?,
+            ttft_ms: row.try_get("ttft_ms")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+        })
+    }
+
+    /// Aggregates records by the asked-for fields, in a stable order.
+    pub async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageGroup>> {
+        let mut conditions = Vec::new();
+        let mut params: Vec<Param> = Vec::new();
+        if let Some(tenant) = &query.tenant_id {
+            params.push(Param::Text(tenant.clone()));
+            conditions.push(format!("tenant_id = ${}", params.len()));
+        }
+        if let Some(from) = query.from_ms {
+            params.push(Param::Int(from));
+            conditions.push(format!("started_at >= ${}", params.len()));
+        }
+        if let Some(to) = query.to_ms {
+            params.push(Param::Int(to));
+            conditions.push(format!("started_at < ${}", params.len()));
+        }
+        let filter =
+            if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+        let keys: Vec<String> =
+            query.group_by.iter().enumerate().map(|(i, g)| format!("{} AS g{i}", g.column())).collect();
+        let select_keys = if keys.is_empty() { String::new() } else { format!("{}, ", keys.join(", ")) };
+        let group = if keys.is_empty() {
+            String::new()
+        } else {
+            let positions: Vec<String> = (1..=keys.len()).map(|i| i.to_string()).collect();
+            format!("GROUP BY {0} ORDER BY {0}", positions.join(", "))
+        };
+        let sql = format!(
+            "SELECT {select_keys}COUNT(*) AS requests, \
+             CAST(COALESCE(SUM(CASE WHEN status IN ('error', 'interrupted') THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors, \
+             CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+             CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+             CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
+             CAST(COALESCE(SUM(cost), 0) AS DOUBLE PRECISION) AS cost \
+             FROM usage_records {filter} {group}"
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for p in params {
+            q = match p {
+                Param::Text(t) => q.bind(t),
+                Param::Int(i) => q.bind(i),
+            };
+        }
+        let rows = q.fetch_all(self.pool()).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut g = UsageGroup {
+                requests: row.try_get("requests")?,
+                errors: row.try_get("errors")?,
+                prompt_tokens: row.try_get("prompt_tokens")?,
+                completion_tokens: row.try_get("completion_tokens")?,
+                cached_tokens: row.try_get("cached_tokens")?,
+                cost: row.try_get("cost")?,
+                ..Default::default()
+            };
+            for (i, by) in query.group_by.iter().enumerate() {
+                let column = format!("g{i}");
+                match by {
+                    GroupBy::Tenant => g.tenant_id = row.try_get(column.as_str())?,
+                    GroupBy::Project => g.project_id = row.try_get(column.as_str())?,
+                    GroupBy::Key => g.key_id = row.try_get(column.as_str())?,
+                    GroupBy::Model => g.model = row.try_get(column.as_str())?,
+                    GroupBy::Day => {
+                        let day: i64 = row.try_get(column.as_str())?;
+                        g.day = Some(format_day(day));
+                    }
+                }
+            }
+            out.push(g);
+        }
+        Ok(out)
+    }
+
+    /// Tokens and cost a scope has spent since `since_ms` (for budgets).
+    pub async fn spent(&self, scope: Scope<'_>, since_ms: i64) -> Result<(u64, f64)> {
+        let (column, id) = match scope {
+            Scope::Tenant(id) => ("tenant_id", id),
+            Scope::Project(id) => ("project_id", id),
+            Scope::Key(id) => ("key_id", id),
+        };
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) AS tokens, \
+             CAST(COALESCE(SUM(cost), 0) AS DOUBLE PRECISION) AS cost \
+             FROM usage_records WHERE {column} = $1 AND started_at >= $2"
+        )))
+        .bind(id)
+        .bind(since_ms)
+        .fetch_one(self.pool())
+        .await?;
+        let tokens: i64 = row.try_get("tokens")?;
+        Ok((tokens.max(0) as u64, row.try_get("cost")?))
+    }
+}
+
+enum Param {
+    Text(String),
+    Int(i64),
+}
+
+/// Days since the epoch as a UTC date (civil-from-days, after Howard Hinnant).
+pub fn format_day(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The start of the UTC day and month containing `ms`, in milliseconds (for budgets).
+pub fn day_and_month_start(ms: i64) -> (i64, i64) {
+    const DAY: i64 = 86_400_000;
+    let day_start = ms.div_euclid(DAY) * DAY;
+    let date = format_day(ms.div_euclid(DAY));
+    let day_of_month: i64 = date[8..].parse().unwrap_or(1);
+    (day_start, day_start - (day_of_month - 1) * DAY)
+}

@@ -1,0 +1,322 @@
+//! The store's suite, run against both databases: SQLite in a temporary file, and PostgreSQL
+//! in a fresh database on the server named by `FERRY_TEST_POSTGRES_URL` (default: the local
+//! one, trust auth), dropped afterwards.
+
+use ferry_store::keys::{KEY_PREFIX, hash_secret};
+use ferry_store::tenants::{ProjectUpdate, TenantUpdate};
+use ferry_store::usage::{GroupBy, Scope, day_and_month_start, format_day};
+use ferry_store::{Limits, NewKey, Role, Store, StoreError, UsageFinish, UsageQuery, UsageStart};
+use sqlx::Connection;
+
+fn postgres_server() -> String {
+    std::env::var("FERRY_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A fresh PostgreSQL database, or `None` (outside CI) when no server answers.
+async fn fresh_postgres() -> Option<(String, String)> {
+    let server = postgres_server();
+    let admin_url = format!("{server}/postgres");
+    let mut conn = match sqlx::PgConnection::connect(&admin_url).await {
+        Ok(conn) => conn,
+        Err(e) if std::env::var("CI").is_err() => {
+            eprintln!("skipping the PostgreSQL half: {admin_url}: {e}");
+            return None;
+        }
+        Err(e) => panic!("PostgreSQL at {admin_url} is needed in CI: {e}"),
+    };
+    let name = format!("ferry_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    Some((format!("{server}/{name}"), name))
+}
+
+async fn drop_postgres(name: &str) {
+    let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server())).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+fn sqlite_path() -> String {
+    let dir = std::env::temp_dir().join(format!("ferry-store-{}", uuid::Uuid::new_v4().simple()));
+    dir.join("ferry.db").display().to_string()
+}
+
+/// Runs `suite` on SQLite, then on PostgreSQL.
+macro_rules! both {
+    ($name:ident, $suite:ident) => {
+        #[tokio::test]
+        async fn $name() {
+            let path = sqlite_path();
+            let store = Store::open(&path).await.unwrap();
+            $suite(&store).await;
+            // Reopening applies no migration twice and keeps the data.
+            Store::open(&path).await.unwrap();
+            if let Some((url, name)) = fresh_postgres().await {
+                let store = Store::open(&url).await.unwrap();
+                $suite(&store).await;
+                Store::open(&url).await.unwrap();
+                drop(store);
+                drop_postgres(&name).await;
+            }
+        }
+    };
+}
+
+both!(tenants_and_projects, tenants_and_projects_suite);
+both!(keys, keys_suite);
+both!(usage, usage_suite);
+both!(audit, audit_suite);
+
+async fn tenants_and_projects_suite(store: &Store) {
+    let limits = Limits { rpm: Some(60), cost_per_day: Some(1.5), ..Default::default() };
+    let acme = store.create_tenant("acme", &limits).await.unwrap();
+    assert!(acme.id.starts_with("ten_"));
+    assert_eq!(store.tenant(&acme.id).await.unwrap(), acme);
+    assert!(matches!(store.create_tenant("acme", &Limits::default()).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(store.create_tenant(" ", &Limits::default()).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(store.tenant("ten_missing").await, Err(StoreError::NotFound(_))));
+
+    let updated = store
+        .update_tenant(
+            &acme.id,
+            &TenantUpdate {
+                guardrail_policy: Some(Some("strict".into())),
+                retain_content: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.limits, limits);
+    assert_eq!(updated.guardrail_policy.as_deref(), Some("strict"));
+    assert!(updated.retain_content);
+    assert_eq!(store.tenant(&acme.id).await.unwrap(), updated);
+
+    let other = store.create_tenant("globex", &Limits::default()).await.unwrap();
+    let web = store.create_project(&acme.id, "web", &Limits::default()).await.unwrap();
+    store.create_project(&other.id, "web", &Limits::default()).await.unwrap();
+    assert!(matches!(
+        store.create_project(&acme.id, "web", &Limits::default()).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.create_project("ten_missing", "x", &Limits::default()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.projects(Some(&acme.id)).await.unwrap(), vec![web.clone()]);
+    assert_eq!(store.projects(None).await.unwrap().len(), 2);
+    assert_eq!(store.tenants().await.unwrap().len(), 2);
+    let tpm = Limits { tpm: Some(1000), ..Default::default() };
+    let update = ProjectUpdate { limits: Some(tpm.clone()), ..Default::default() };
+    assert_eq!(store.update_project(&web.id, &update).await.unwrap().limits, tpm);
+}
+
+async fn keys_suite(store: &Store) {
+    let tenant = store.create_tenant("acme", &Limits::default()).await.unwrap();
+    let project = store.create_project(&tenant.id, "web", &Limits::default()).await.unwrap();
+    assert!(!store.has_active_admin_key().await.unwrap());
+
+    let admin = NewKey {
+        name: "bootstrap".into(),
+        role: Role::Admin,
+        tenant_id: None,
+        project_id: None,
+        models: None,
+        limits: Limits::default(),
+        expires_at: None,
+    };
+    let imported = store.import_key(&admin, "an-admin-secret-from-env").await.unwrap();
+    // Importing the same secret again finds the stored key.
+    assert_eq!(store.import_key(&admin, "an-admin-secret-from-env").await.unwrap(), imported);
+    assert!(store.has_active_admin_key().await.unwrap());
+
+    let member = NewKey {
+        name: "ci".into(),
+        role: Role::Member,
+        project_id: Some(project.id.clone()),
+        models: Some(vec!["small".into()]),
+        ..admin.clone()
+    };
+    let (key, secret) = store.create_key(&member).await.unwrap();
+    assert!(secret.starts_with(KEY_PREFIX));
+    assert_eq!(secret.len(), KEY_PREFIX.len() + 64, "256 random bits, hex");
+    assert!(secret.starts_with(&key.display_prefix));
+    assert_eq!(key.tenant_id.as_deref(), Some(tenant.id.as_str()));
+    assert!(key.allows_model("small") && !key.allows_model("large"));
+    // Only the hash is stored.
+    let found = store.key_by_secret(&secret).await.unwrap().unwrap();
+    assert_eq!(found, key);
+    assert!(store.key_by_secret(&format!("{secret}x")).await.unwrap().is_none());
+    assert_ne!(hash_secret(&secret), secret);
+
+    let (_, other_secret) = store.create_key(&member).await.unwrap();
+    assert_ne!(other_secret, secret);
+
+    // Roles and their owners.
+    assert!(matches!(
+        store.create_key(&NewKey { project_id: None, ..member.clone() }).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store.create_key(&NewKey { tenant_id: Some(tenant.id.clone()), ..admin.clone() }).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let (tenant_admin, _) = store
+        .create_key(&NewKey { role: Role::TenantAdmin, tenant_id: Some(tenant.id.clone()), ..admin.clone() })
+        .await
+        .unwrap();
+    assert_eq!(tenant_admin.project_id, None);
+
+    // Expiry and revocation.
+    let now = ferry_store::now_ms();
+    let (expired, _) =
+        store.create_key(&NewKey { expires_at: Some(now - 1), ..member.clone() }).await.unwrap();
+    assert!(!expired.is_active(now));
+    assert!(key.is_active(now));
+    let revoked = store.revoke_key(&key.id).await.unwrap();
+    assert!(!revoked.is_active(now));
+    let again = store.revoke_key(&key.id).await.unwrap();
+    assert_eq!(again.revoked_at, revoked.revoked_at, "revoking twice keeps the first time");
+
+    let limits = Limits { rpm: Some(5), ..Default::default() };
+    assert_eq!(store.set_key_limits(&key.id, &limits).await.unwrap().limits, limits);
+    assert_eq!(store.keys(Some(&tenant.id)).await.unwrap().len(), 4);
+    assert_eq!(store.keys(None).await.unwrap().len(), 5);
+}
+
+fn start(id: &str, tenant: Option<&str>, model: &str, at: i64) -> UsageStart {
+    UsageStart {
+        request_id: id.into(),
+        instance: "node-a".into(),
+        tenant_id: tenant.map(String::from),
+        project_id: None,
+        key_id: tenant.map(|t| format!("key-of-{t}")),
+        route: "/v1/chat/completions".into(),
+        model: model.into(),
+        stream: false,
+        started_at: at,
+    }
+}
+
+fn finish(prompt: u64, completion: u64, cost: f64) -> UsageFinish {
+    UsageFinish {
+        provider: Some("local".into()),
+        status: "ok".into(),
+        http_status: 200,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        cached_tokens: 0,
+        cost,
+        latency_ms: 12,
+        ttft_ms: Some(3),
+    }
+}
+
+async fn usage_suite(store: &Store) {
+    let day = 86_400_000i64;
+    let t0 = 20_000 * day + 1000; // 2024-10-04
+    store.start_usage(&start("r1", Some("a"), "m1", t0)).await.unwrap();
+    store.start_usage(&start("r2", Some("a"), "m2", t0 + 10)).await.unwrap();
+    store.start_usage(&start("r3", Some("b"), "m1", t0 + day)).await.unwrap();
+    store.start_usage(&start("r4", Some("a"), "m1", t0 + day)).await.unwrap();
+    assert!(matches!(store.start_usage(&start("r1", None, "m1", t0)).await, Err(StoreError::Conflict(_))));
+
+    assert!(store.finish_usage("r1", &finish(10, 5, 0.25)).await.unwrap());
+    assert!(!store.finish_usage("r1", &finish(99, 99, 9.0)).await.unwrap(), "a record is finished once");
+    assert!(store.finish_usage("r2", &finish(1, 1, 0.5)).await.unwrap());
+    assert!(
+        store.finish_usage("r3", &UsageFinish { status: "error".into(), ..finish(3, 0, 0.0) }).await.unwrap()
+    );
+
+    let r1 = store.usage_record("r1").await.unwrap();
+    assert_eq!((r1.status.as_str(), r1.prompt_tokens, r1.completion_tokens), ("ok", 10, 5));
+    assert_eq!(r1.ttft_ms, Some(3));
+
+    // r4 was admitted by node-a, which then crashed: its next start reconciles it.
+    assert_eq!(store.reconcile_usage("node-b", 0).await.unwrap(), 0, "another node's records wait");
+    assert_eq!(store.reconcile_usage("node-a", 0).await.unwrap(), 1);
+    assert_eq!(store.usage_record("r4").await.unwrap().status, "interrupted");
+    assert!(!store.finish_usage("r4", &finish(1, 1, 0.0)).await.unwrap());
+
+    let total = store.usage(&UsageQuery::default()).await.unwrap();
+    assert_eq!(total.len(), 1);
+    assert_eq!((total[0].requests, total[0].errors, total[0].prompt_tokens), (4, 2, 14));
+    assert!((total[0].cost - 0.75).abs() < 1e-9);
+
+    let by = |group_by: Vec<GroupBy>| UsageQuery { group_by, ..Default::default() };
+    let by_tenant_model = store.usage(&by(vec![GroupBy::Tenant, GroupBy::Model])).await.unwrap();
+    let keys: Vec<_> =
+        by_tenant_model.iter().map(|g| (g.tenant_id.as_deref(), g.model.as_deref(), g.requests)).collect();
+    assert_eq!(
+        keys,
+        vec![(Some("a"), Some("m1"), 2), (Some("a"), Some("m2"), 1), (Some("b"), Some("m1"), 1)]
+    );
+
+    let by_day = store.usage(&by(vec![GroupBy::Day])).await.unwrap();
+    let days: Vec<_> = by_day.iter().map(|g| (g.day.clone().unwrap(), g.requests)).collect();
+    assert_eq!(days, vec![("2024-10-04".to_string(), 2), ("2024-10-05".to_string(), 2)]);
+
+    let only_a = UsageQuery { tenant_id: Some("a".into()), from_ms: Some(t0 + 5), ..by(vec![GroupBy::Key]) };
+    let rows = store.usage(&only_a).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].key_id.as_deref(), rows[0].requests), (Some("key-of-a"), 2));
+
+    let (tokens, cost) = store.spent(Scope::Tenant("a"), t0).await.unwrap();
+    assert_eq!(tokens, 17);
+    assert!((cost - 0.75).abs() < 1e-9);
+    assert_eq!(store.spent(Scope::Key("key-of-b"), t0 + 2 * day).await.unwrap().0, 0);
+    assert_eq!(store.spent(Scope::Project("none"), 0).await.unwrap(), (0, 0.0));
+}
+
+async fn audit_suite(store: &Store) {
+    let verified = store.verify_audit().await.unwrap();
+    assert!(verified.ok && verified.rows == 0);
+    let after = serde_json::json!({"name": "acme"});
+    for i in 0..5 {
+        store.audit("key_admin", "tenant.create", &format!("ten_{i}"), None, Some(&after)).await.unwrap();
+    }
+    // Concurrent appends keep one chain.
+    let appends = (0..8).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let before = serde_json::json!({"rpm": i});
+            store.audit("key_admin", "key.limits", "key_1", Some(&before), None).await.unwrap()
+        })
+    });
+    for append in appends {
+        append.await.unwrap();
+    }
+    let verified = store.verify_audit().await.unwrap();
+    assert!(verified.ok, "{verified:?}");
+    assert_eq!((verified.rows, verified.head), (13, Some(13)));
+    let newest = store.audit_entries(3, None).await.unwrap();
+    assert_eq!(newest.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![13, 12, 11]);
+    assert_eq!(newest[0].prev_hash, newest[1].hash);
+    assert_eq!(store.audit_entries(2, Some(3)).await.unwrap()[0].after, Some(after));
+
+    // Tampering: an edited row, then a deleted one.
+    let edit = |actor: &'static str| sqlx::query("UPDATE audit_log SET actor = $1 WHERE seq = 5").bind(actor);
+    edit("someone_else").execute(store.pool()).await.unwrap();
+    let verified = store.verify_audit().await.unwrap();
+    assert!(!verified.ok);
+    assert_eq!(verified.head, Some(5));
+    assert!(verified.problem.unwrap().contains("row 5 was changed"));
+    edit("key_admin").execute(store.pool()).await.unwrap();
+    assert!(store.verify_audit().await.unwrap().ok);
+    sqlx::query("DELETE FROM audit_log WHERE seq = 7").execute(store.pool()).await.unwrap();
+    let verified = store.verify_audit().await.unwrap();
+    assert!(!verified.ok);
+    assert!(verified.problem.unwrap().contains("row 7 is missing"));
+}
+
+#[test]
+fn days_format_as_utc_dates() {
+    assert_eq!(format_day(0), "1970-01-01");
+    assert_eq!(format_day(19_783), "2024-03-01");
+    assert_eq!(format_day(19_782), "2024-02-29");
+    let ms = 19_783 * 86_400_000 + 5_000;
+    assert_eq!(day_and_month_start(ms), (19_783 * 86_400_000, 19_783 * 86_400_000));
+    let ms = 19_782 * 86_400_000 + 5_000;
+    assert_eq!(day_and_month_start(ms).1, 19_754 * 86_400_000);
+}
