@@ -4,6 +4,11 @@ upstream on 127.0.0.1, loaded by wrk with a small chat body. Prints requests/s a
 p50/p99 latency at each concurrency, the mock alone alongside, and each server's CPU time
 per request (utime + stime from /proc).
 
+Two Ferry rows: `ferry` with everything per-request off (no keys, no limits, no usage
+records, no guardrails), and `ferry+tenancy` with all of it on: an admin key, a member key
+whose key, project and tenant have RPM/TPM limits, a usage record per request in SQLite,
+and a redact guardrail policy scanning every message.
+
     cargo build --release -p ferry-cli -p ferry-mock-upstream
     apt-get install wrk
     python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
@@ -39,12 +44,12 @@ def cpu_seconds(pid):
     return sum(int(x) for x in fields[11:15]) / TICKS
 
 
-def wait_ready(url, timeout=120):
+def wait_ready(url, timeout=120, key="sk-bench"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             req = urllib.request.Request(url, data=BODY.encode(), headers={"content-type": "application/json",
-                                                                           "authorization": "Bearer sk-bench"})
+                                                                           "authorization": f"Bearer {key}"})
             with urllib.request.urlopen(req, timeout=5) as r:
                 if r.status == 200:
                     return
@@ -53,10 +58,10 @@ def wait_ready(url, timeout=120):
     raise RuntimeError(f"{url} did not answer")
 
 
-def wrk(url, connections, duration):
+def wrk(url, connections, duration, key="sk-bench"):
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     script.write(f'wrk.method = "POST"\nwrk.body = {BODY!r}\nwrk.headers["Content-Type"] = "application/json"\n'
-                 'wrk.headers["Authorization"] = "Bearer sk-bench"\n')
+                 f'wrk.headers["Authorization"] = "Bearer {key}"\n')
     script.close()
     out = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{duration}s",
                           "--latency", "-s", script.name, url], capture_output=True, text=True, check=True).stdout
@@ -73,14 +78,32 @@ def wrk(url, connections, duration):
             "p99": latency(99), "requests": requests, "errors": int(errors.group(1)) if errors else 0}
 
 
-def measure(name, url, pid, concurrencies, duration):
+def measure(name, url, pid, concurrencies, duration, key="sk-bench"):
     rows = []
     for c in concurrencies:
         before = cpu_seconds(pid) if pid else None
-        r = wrk(url, c, duration)
+        r = wrk(url, c, duration, key)
         r["cpu_ms_per_request"] = (cpu_seconds(pid) - before) * 1000 / max(r["requests"], 1) if pid else None
         rows.append((name, c, r))
     return rows
+
+
+def make_member_key(url, admin):
+    """A tenant with a redact policy, a project and a member key, each with limits high
+    enough never to refuse: the limiter's work is measured, not its refusals."""
+    import json
+
+    def post(path, body):
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json", "authorization": f"Bearer {admin}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    limits = {"rpm": 10**9, "tpm": 10**12}
+    tenant = post("/admin/v1/tenants", {"name": "bench", "limits": limits, "guardrail_policy": "redact"})
+    project = post("/admin/v1/projects", {"tenant_id": tenant["id"], "name": "bench", "limits": limits})
+    return post("/admin/v1/keys", {"name": "bench", "role": "member", "project_id": project["id"],
+                                   "limits": limits})["key"]
 
 
 def main():
@@ -102,14 +125,31 @@ def main():
         config.write(f'[providers.mock]\nkind = "openai"\nbase_url = "{mock_url}/v1"\n\n'
                      '[[aliases]]\nname = "bench"\ntargets = [{ provider = "mock", model = "mock" }]\n')
         config.close()
-        ferry = subprocess.Popen([FERRY, "serve", "--config", config.name, "--port", "0"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True, env={**os.environ, "FERRY_LOG": "warn"})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_ADMIN_KEY")}
+        ferry = subprocess.Popen([FERRY, "serve", "--config", config.name, "--port", "0", "--no-metering",
+                                  "--data-dir", tempfile.mkdtemp(prefix="ferry-bench-")], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True, env={**env, "FERRY_LOG": "warn"})
         procs.append(ferry)
         ferry_url = re.search(r"(http://\S+)", ferry.stdout.readline()).group(1)
         wait_ready(ferry_url + "/v1/chat/completions")
 
+        tconfig = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+        tconfig.write(open(config.name).read() + '\n[[guardrails]]\nname = "redact"\naction = "redact"\n')
+        tconfig.close()
+        admin = "bench-admin-key-0123456789abcdef"
+        tenancy = subprocess.Popen([FERRY, "serve", "--config", tconfig.name, "--port", "0",
+                                    "--data-dir", tempfile.mkdtemp(prefix="ferry-bench-")], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True,
+                                   env={**env, "FERRY_LOG": "warn", "FERRY_ADMIN_KEY": admin})
+        procs.append(tenancy)
+        tenancy_url = re.search(r"(http://\S+)", tenancy.stdout.readline()).group(1)
+        member = make_member_key(tenancy_url, admin)
+        wait_ready(tenancy_url + "/v1/chat/completions", key=member)
+
         rows = measure("mock alone", mock_url + "/v1/chat/completions", mock.pid, concurrencies, args.duration)
         rows += measure("ferry", ferry_url + "/v1/chat/completions", ferry.pid, concurrencies, args.duration)
+        rows += measure("ferry+tenancy", tenancy_url + "/v1/chat/completions", tenancy.pid, concurrencies,
+                        args.duration, key=member)
 
         if os.path.exists(args.litellm):
             lport = free_port()
@@ -128,10 +168,10 @@ def main():
         else:
             print(f"(LiteLLM not found at {args.litellm}: its rows are skipped)", file=sys.stderr)
 
-        print(f"{'server':<12}{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>12}{'non-2xx':>9}")
+        print(f"{'server':<15}{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>12}{'non-2xx':>9}")
         for name, c, r in rows:
             cpu = f"{r['cpu_ms_per_request']:.3f}" if r["cpu_ms_per_request"] is not None else "-"
-            print(f"{name:<12}{c:>6}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{cpu:>12}{r['errors']:>9}")
+            print(f"{name:<15}{c:>6}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{cpu:>12}{r['errors']:>9}")
         by = {(name, c): r for name, c, r in rows}
         print()
         for c in concurrencies:
@@ -139,6 +179,9 @@ def main():
             line = f"c={c}: ferry adds {f['p99'] - m['p99']:.2f} ms at p99 over the mock alone"
             if l:
                 line += f"; ferry/litellm requests/s = {f['rps'] / l['rps']:.1f}x"
+            t = by[("ferry+tenancy", c)]
+            line += (f"; tenancy on: CPU/request {t['cpu_ms_per_request'] / f['cpu_ms_per_request']:.2f}x, "
+                     f"requests/s {t['rps'] / f['rps']:.2f}x")
             print(line)
     finally:
         for proc in procs:

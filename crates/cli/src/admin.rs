@@ -249,7 +249,8 @@ fn print_table(columns: &[&str], rows: &[Vec<String>]) {
 
 /// `YYYY-MM-DD` as milliseconds since the epoch (UTC midnight).
 fn date_ms(date: &str) -> anyhow::Result<i64> {
-    let parts: Vec<i64> = date.split('-').map(|p| p.parse()).collect::<Result<_, _>>().context("a date is YYYY-MM-DD")?;
+    let parts: Vec<i64> =
+        date.split('-').map(|p| p.parse()).collect::<Result<_, _>>().context("a date is YYYY-MM-DD")?;
     let [y, m, d] = parts[..] else { bail!("a date is YYYY-MM-DD, not '{date}'") };
     // Days from civil (Howard Hinnant), the inverse of the store's day formatting.
     let y = if m <= 2 { y - 1 } else { y };
@@ -309,7 +310,10 @@ pub async fn keys(remote: Remote, command: KeyCommand) -> anyhow::Result<()> {
                 None => "/admin/v1/keys".into(),
             };
             let v = client.json(reqwest::Method::GET, &path, None).await?;
-            client.print_list(&v, &["id", "name", "display_prefix", "role", "tenant_id", "project_id", "revoked_at"]);
+            client.print_list(
+                &v,
+                &["id", "name", "display_prefix", "role", "tenant_id", "project_id", "revoked_at"],
+            );
         }
         KeyCommand::Create { role, project, tenant, name, models, expires_in_days, limits } => {
             let expires_at = expires_in_days.map(|d| ferry_store::now_ms() + d as i64 * 86_400_000);
@@ -357,7 +361,10 @@ pub async fn usage(remote: Remote, args: UsageArgs) -> anyhow::Result<()> {
     }
     if args.csv {
         query.push("format=csv".into());
-        print!("{}", client.call(reqwest::Method::GET, &format!("/admin/v1/usage?{}", query.join("&")), None).await?);
+        print!(
+            "{}",
+            client.call(reqwest::Method::GET, &format!("/admin/v1/usage?{}", query.join("&")), None).await?
+        );
         return Ok(());
     }
     let v = client.json(reqwest::Method::GET, &format!("/admin/v1/usage?{}", query.join("&")), None).await?;
@@ -381,14 +388,19 @@ pub async fn audit(remote: Remote, command: AuditCommand) -> anyhow::Result<()> 
     match command {
         AuditCommand::List { limit } => {
             let client = Client::new(remote)?;
-            let v = client.json(reqwest::Method::GET, &format!("/admin/v1/audit?limit={limit}"), None).await?;
+            let v =
+                client.json(reqwest::Method::GET, &format!("/admin/v1/audit?limit={limit}"), None).await?;
             client.print_list(&v, &["seq", "at", "actor", "action", "target"]);
             Ok(())
         }
         AuditCommand::Verify { data_dir, database_url } => {
             let target = match database_url {
                 Some(url) => url,
-                None => data_dir.unwrap_or_else(crate::config::default_data_dir).join("ferry.db").display().to_string(),
+                None => data_dir
+                    .unwrap_or_else(crate::config::default_data_dir)
+                    .join("ferry.db")
+                    .display()
+                    .to_string(),
             };
             if !target.contains("://") && !std::path::Path::new(&target).exists() {
                 bail!("no Ferry database at {target}");

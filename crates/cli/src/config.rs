@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// Serve without keys on a non-loopback address (anyone who can reach it may use it)
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// Write no usage records (limits still apply; budgets then only count this process)
+    #[arg(long, env = "FERRY_NO_METERING")]
+    pub no_metering: bool,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -81,9 +84,13 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
+    metering: Option<bool>,
     /// Price per million tokens by model name, for costs and cost budgets.
     #[serde(default)]
     prices: std::collections::HashMap<String, ferry_server::Price>,
+    /// Named privacy policies, for tenants, projects and presets.
+    #[serde(default)]
+    guardrails: Vec<ferry_guardrails::Policy>,
     /// Upstream providers of the gateway (see ferry_gateway::config).
     #[serde(default)]
     providers: std::collections::BTreeMap<String, ferry_gateway::ProviderConfig>,
@@ -118,7 +125,9 @@ pub struct ServeConfig {
     /// The SQLite file, or a postgres:// URL.
     pub database: String,
     pub insecure_no_auth: bool,
+    pub metering: bool,
     pub prices: std::collections::HashMap<String, ferry_server::Price>,
+    pub guardrails: Vec<ferry_guardrails::Policy>,
     pub gateway: ferry_gateway::GatewayConfig,
     /// The TOML file the settings came from, for reloads.
     pub config_path: Option<PathBuf>,
@@ -152,10 +161,18 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024),
             database: match self.database_url.or(file.database_url) {
                 Some(url) => url,
-                None => self.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir).join("ferry.db").display().to_string(),
+                None => self
+                    .data_dir
+                    .or(file.data_dir)
+                    .unwrap_or_else(default_data_dir)
+                    .join("ferry.db")
+                    .display()
+                    .to_string(),
             },
             insecure_no_auth: self.insecure_no_auth,
+            metering: !self.no_metering && file.metering.unwrap_or(true),
             prices: file.prices,
+            guardrails: file.guardrails,
             gateway: ferry_gateway::GatewayConfig {
                 providers: file.providers,
                 aliases: file.aliases,
@@ -177,6 +194,22 @@ impl ServeArgs {
         ] {
             if value == 0 {
                 bail!("--{name} must be at least 1");
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for policy in &config.guardrails {
+            if !names.insert(policy.name.as_str()) {
+                bail!("two guardrail policies are named '{}'", policy.name);
+            }
+        }
+        for preset in &config.gateway.presets {
+            if let Some(name) = &preset.guardrail_policy
+                && !names.contains(name.as_str())
+            {
+                bail!(
+                    "the preset '{}' names the guardrail policy '{name}', which no [[guardrails]] entry defines",
+                    preset.name
+                );
             }
         }
         if config.batch_size < config.parallel {

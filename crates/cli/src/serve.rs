@@ -161,9 +161,11 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
     if reconciled > 0 {
         tracing::warn!(reconciled, "usage records of requests interrupted by an earlier crash were closed");
     }
-    let tenancy = ferry_server::Tenancy::new(store, config.prices.clone(), instance)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tenancy =
+        ferry_server::Tenancy::new(store, config.prices.clone(), config.guardrails.clone(), instance)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tenancy.metering = config.metering;
     tracing::info!(auth = tenancy.auth_required(), store = %redact_url(&config.database), "tenancy ready");
     Ok(tenancy)
 }

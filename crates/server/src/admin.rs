@@ -126,6 +126,7 @@ async fn create_tenant(
 ) -> Result<impl IntoResponse, ApiError> {
     caller.require_admin()?;
     let new: NewTenant = body(&bytes)?;
+    state.tenancy().check_policy(new.guardrail_policy.as_deref(), "guardrail_policy")?;
     let store = &state.tenancy().store;
     let mut tenant = store.create_tenant(&new.name, &new.limits).await?;
     if new.guardrail_policy.is_some() || new.retain_content.is_some() || new.retention_days.is_some() {
@@ -165,6 +166,7 @@ async fn update_tenant(
     // A tenant's limits and policy are set above it.
     caller.require_admin()?;
     let update: TenantUpdate = body(&bytes)?;
+    state.tenancy().check_policy(update.guardrail_policy.clone().flatten().as_deref(), "guardrail_policy")?;
     let store = &state.tenancy().store;
     let before = store.tenant(&id).await?;
     let after = store.update_tenant(&id, &update).await?;
@@ -229,6 +231,7 @@ async fn update_project(
     let before = store.project(&id).await?;
     caller.check_tenant(Some(&before.tenant_id), &format!("project '{id}'"))?;
     let update: ProjectUpdate = body(&bytes)?;
+    state.tenancy().check_policy(update.guardrail_policy.clone().flatten().as_deref(), "guardrail_policy")?;
     let after = store.update_project(&id, &update).await?;
     record(&state, &caller, "project.update", &id, Some(to_value(&before)), Some(to_value(&after))).await?;
     state.tenancy().refresh().await?;
@@ -250,7 +253,10 @@ async fn create_key(
         match (&new.tenant_id, &new.project_id) {
             (Some(t), _) => caller.check_tenant(Some(t), &format!("tenant '{t}'"))?,
             (None, Some(p)) => {
-                let project = store.project(p).await.map_err(|_| ApiError::NotFound(format!("No such project '{p}'")))?;
+                let project = store
+                    .project(p)
+                    .await
+                    .map_err(|_| ApiError::NotFound(format!("No such project '{p}'")))?;
                 caller.check_tenant(Some(&project.tenant_id), &format!("project '{p}'"))?;
             }
             (None, None) => new.tenant_id = caller.0.tenant_id().map(String::from),
@@ -364,7 +370,14 @@ async fn usage(
                     GroupBy::Day => "day",
                 })
                 .collect();
-            columns.extend(["requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "cost"]);
+            columns.extend([
+                "requests",
+                "errors",
+                "prompt_tokens",
+                "completion_tokens",
+                "cached_tokens",
+                "cost",
+            ]);
             let mut out = columns.join(",") + "\n";
             for row in rows {
                 let value = to_value(&row);
@@ -373,10 +386,13 @@ async fn usage(
                 out.push('\n');
             }
             let mut response = out.into_response();
-            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
             response
                 .headers_mut()
-                .insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment; filename=\"usage.csv\""));
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+            response.headers_mut().insert(
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_static("attachment; filename=\"usage.csv\""),
+            );
             Ok(response)
         }
         other => Err(ApiError::invalid("format", format!("'{other}' is not json or csv"))),

@@ -41,6 +41,14 @@ pub async fn chat_completions(
         && let Some(preset) = gateway.preset(&request.model)
     {
         crate::presets::apply(preset, &mut request, &mut fields)?;
+        if let Some(name) = &preset.guardrail_policy
+            && let Some(meter) = crate::tenancy::current()
+        {
+            let policy = state.tenancy().policies.get(name).ok_or_else(|| {
+                ApiError::Internal(format!("the preset's guardrail policy '{name}' is not configured"))
+            })?;
+            meter.tighten(policy);
+        }
     }
     // A preset answers under its own name, as the client asked for it.
     if let Some(gateway) = state.gateway()
@@ -186,18 +194,14 @@ async fn upstream(
     let neutral = translate::from_openai_chat(&request, &fields)?;
     let id = request_id("chatcmpl");
     if request.stream {
-        let routed = gateway.chat_stream(&request.model, neutral).await?;
+        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral).await?;
         let n = fields.n.unwrap_or(1).max(1) as usize;
         let include_usage = include_usage(&request);
-        let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
-        let mut response = stream(events, n, id, display_model, include_usage).into_response();
+        let mut response = stream(routed.value, n, id, display_model, include_usage).into_response();
         route_headers(&mut response, &routed.route);
         return Ok(response);
     }
-    let routed = gateway.chat(&request.model, neutral, use_cache).await?;
-    if let Some(meter) = crate::tenancy::current() {
-        meter.upstream(&routed.route, &routed.value.usage);
-    }
+    let routed = crate::guard::chat(&gateway, &request.model, neutral, use_cache).await?;
     let mut response = axum::Json(completion(routed.value, id, display_model)).into_response();
     route_headers(&mut response, &routed.route);
     Ok(response)

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// A rate limit (`tokens` is false for requests per minute).
     #[error("{message}")]
     RateLimited { message: String, tokens: bool, retry_after: u64, headers: Box<axum::http::HeaderMap> },
+    /// The privacy policy refuses what the request holds (kinds only, never values).
+    #[error("The request was blocked by the privacy policy: it contains {}.", .0.join(", "))]
+    PiiBlocked(Vec<String>),
     /// A token or cost budget is spent.
     #[error("{0}")]
     QuotaExceeded(String),
@@ -103,6 +106,7 @@ impl ApiError {
                 Some("rate_limit_exceeded"),
                 None,
             ),
+            PiiBlocked(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("pii_blocked"), None),
             QuotaExceeded(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", Some("insufficient_quota"), None)
             }

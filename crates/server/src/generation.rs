@@ -147,6 +147,7 @@ pub async fn chat_prompt(
     model: &SharedModel,
     messages: Vec<ferry_engine::ChatMessage>,
 ) -> Result<Vec<TokenId>, ApiError> {
+    crate::guard::check_local(messages.iter().map(|m| m.content.as_str()))?;
     let model = model.clone();
     tokio::task::spawn_blocking(move || model.chat_prompt(&messages))
         .await

@@ -11,6 +11,7 @@ mod completions;
 mod embeddings;
 pub mod error;
 mod generation;
+mod guard;
 mod limits;
 mod messages;
 mod presets;

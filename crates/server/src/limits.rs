@@ -157,7 +157,12 @@ impl Limiter {
 
     /// Admits a request that may use `tokens` (estimated) against every subject, or refuses
     /// it without counting it anywhere.
-    pub async fn admit(&self, store: &Store, subjects: &[Subject], tokens: u64) -> Result<Admission, ApiError> {
+    pub async fn admit(
+        &self,
+        store: &Store,
+        subjects: &[Subject],
+        tokens: u64,
+    ) -> Result<Admission, ApiError> {
         let limited: Vec<&Subject> = subjects.iter().filter(|s| !s.limits.is_empty()).collect();
         if limited.is_empty() {
             return Ok(Admission::default());
@@ -177,9 +182,13 @@ impl Limiter {
             if let Some(rpm) = l.rpm
                 && w.requests.len() as u64 >= rpm
             {
-                let wait = w.requests.front().map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
+                let wait =
+                    w.requests.front().map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
                 return Err(ApiError::RateLimited {
-                    message: format!("Rate limit reached for this {who}: {rpm} requests per minute. Retry in {}.", reset(wait)),
+                    message: format!(
+                        "Rate limit reached for this {who}: {rpm} requests per minute. Retry in {}.",
+                        reset(wait)
+                    ),
                     tokens: false,
                     retry_after: wait.as_secs().max(1),
                     headers: Box::new(headers("requests", rpm, 0, wait)),
@@ -198,7 +207,8 @@ impl Limiter {
                         headers: Box::new(headers("tokens", tpm, tpm.saturating_sub(w.token_sum), WINDOW)),
                     });
                 }
-                let wait = w.tokens.front().map_or(WINDOW, |(t, ..)| WINDOW.saturating_sub(now.duration_since(*t)));
+                let wait =
+                    w.tokens.front().map_or(WINDOW, |(t, ..)| WINDOW.saturating_sub(now.duration_since(*t)));
                 return Err(ApiError::RateLimited {
                     message: format!(
                         "Rate limit reached for this {who}: {tpm} tokens per minute, {} in use, {tokens} requested. Retry in {}.",
@@ -225,7 +235,8 @@ impl Limiter {
             }
         }
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut admission = Admission { id, scopes: Vec::with_capacity(limited.len()), headers: HeaderMap::new() };
+        let mut admission =
+            Admission { id, scopes: Vec::with_capacity(limited.len()), headers: HeaderMap::new() };
         // (limit, remaining, reset) of the tightest scope, for requests and for tokens.
         let mut requests: Option<(u64, u64, Duration)> = None;
         let mut token_headers: Option<(u64, u64, Duration)> = None;
@@ -237,14 +248,16 @@ impl Limiter {
             w.token_sum += tokens;
             if let Some(rpm) = s.limits.rpm {
                 let remaining = rpm.saturating_sub(w.requests.len() as u64);
-                let wait = w.requests.front().map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
+                let wait =
+                    w.requests.front().map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
                 if requests.is_none_or(|(_, r, _)| remaining < r) {
                     requests = Some((rpm, remaining, wait));
                 }
             }
             if let Some(tpm) = s.limits.tpm {
                 let remaining = tpm.saturating_sub(w.token_sum);
-                let wait = w.tokens.front().map_or(WINDOW, |(t, ..)| WINDOW.saturating_sub(now.duration_since(*t)));
+                let wait =
+                    w.tokens.front().map_or(WINDOW, |(t, ..)| WINDOW.saturating_sub(now.duration_since(*t)));
                 if token_headers.is_none_or(|(_, r, _)| remaining < r) {
                     token_headers = Some((tpm, remaining, wait));
                 }

@@ -199,14 +199,10 @@ async fn upstream(
     let neutral = translate::from_anthropic(&request)?;
     let id = request_id("msg");
     if request.stream {
-        let routed = gateway.chat_stream(&request.model, neutral).await.map_err(ApiError::from)?;
-        let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
-        return Ok(upstream_stream(events, id, request.model).into_response());
+        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral).await?;
+        return Ok(upstream_stream(routed.value, id, request.model).into_response());
     }
-    let routed = gateway.chat(&request.model, neutral, use_cache).await.map_err(ApiError::from)?;
-    if let Some(meter) = crate::tenancy::current() {
-        meter.upstream(&routed.route, &routed.value.usage);
-    }
+    let routed = crate::guard::chat(&gateway, &request.model, neutral, use_cache).await?;
     let route = routed.route;
     let answer = routed.value;
     let choice = answer.choices.into_iter().next();

@@ -263,13 +263,10 @@ async fn upstream(
         response_format: None,
     };
     if request.stream {
-        let routed = gateway.chat_stream(&request.model, neutral).await?;
-        return Ok(stream(crate::tenancy::tap_upstream(&routed.route, routed.value), envelope).into_response());
+        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral).await?;
+        return Ok(stream(routed.value, envelope).into_response());
     }
-    let routed = gateway.chat(&request.model, neutral, None).await?;
-    if let Some(meter) = crate::tenancy::current() {
-        meter.upstream(&routed.route, &routed.value.usage);
-    }
+    let routed = crate::guard::chat(&gateway, &request.model, neutral, None).await?;
     let answer = routed.value;
     let choice = answer.choices.into_iter().next();
     let finish = choice.as_ref().and_then(|c| c.finish_reason);

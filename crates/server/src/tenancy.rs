@@ -68,8 +68,12 @@ pub struct Tenancy {
     pub store: Store,
     pub limiter: Limiter,
     pub prices: HashMap<String, Price>,
+    /// Guardrail policies by name.
+    pub policies: HashMap<String, Arc<ferry_guardrails::Policy>>,
     /// Names this process in usage records (see `Store::reconcile_usage`).
     pub instance: String,
+    /// Whether usage records are written (on unless turned off with `--no-metering`).
+    pub metering: bool,
     /// On when an admin key exists; until then the server is a single local user's.
     auth_required: AtomicBool,
     keys: Mutex<HashMap<String, KeyContext>>,
@@ -109,16 +113,38 @@ impl Identity {
 }
 
 impl Tenancy {
-    pub async fn new(store: Store, prices: HashMap<String, Price>, instance: String) -> Result<Tenancy, ApiError> {
+    pub async fn new(
+        store: Store,
+        prices: HashMap<String, Price>,
+        policies: Vec<ferry_guardrails::Policy>,
+        instance: String,
+    ) -> Result<Tenancy, ApiError> {
         let required = store.has_active_admin_key().await?;
         Ok(Tenancy {
             store,
             limiter: Limiter::new(),
             prices,
+            policies: policies.into_iter().map(|p| (p.name.clone(), Arc::new(p))).collect(),
             instance,
+            metering: true,
             auth_required: AtomicBool::new(required),
             keys: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A configured policy, or a 400 naming the field that asked for an unknown one.
+    pub fn check_policy(&self, name: Option<&str>, field: &str) -> Result<(), ApiError> {
+        match name {
+            Some(n) if !self.policies.contains_key(n) => {
+                let mut known: Vec<&str> = self.policies.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                Err(ApiError::invalid(
+                    field,
+                    format!("no guardrail policy is named '{n}' (configured: {})", known.join(", ")),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn auth_required(&self) -> bool {
@@ -175,10 +201,13 @@ impl Tenancy {
         let context = self.key_context(secret).await?;
         match context {
             Some(c) if c.key.is_active(now_ms()) => Ok((Identity { key: Some(c.key.clone()) }, Some(c))),
-            Some(c) if c.key.revoked_at.is_some() => {
-                Err(ApiError::Unauthorized(format!("The API key {}… has been revoked.", c.key.display_prefix)))
+            Some(c) if c.key.revoked_at.is_some() => Err(ApiError::Unauthorized(format!(
+                "The API key {}… has been revoked.",
+                c.key.display_prefix
+            ))),
+            Some(c) => {
+                Err(ApiError::Unauthorized(format!("The API key {}… has expired.", c.key.display_prefix)))
             }
-            Some(c) => Err(ApiError::Unauthorized(format!("The API key {}… has expired.", c.key.display_prefix))),
             None => Err(ApiError::Unauthorized(format!(
                 "Incorrect API key provided: {}. Ask your administrator for a key.",
                 mask(secret)
@@ -207,7 +236,11 @@ fn mask(secret: &str) -> String {
 }
 
 /// The caller of an admin route. Without keys, only loopback clients are the admin.
-pub async fn admin_identity(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<Identity, ApiError> {
+pub async fn admin_identity(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<Identity, ApiError> {
     let tenancy = state.tenancy();
     if !tenancy.auth_required() {
         if peer.ip().is_loopback() {
@@ -252,9 +285,38 @@ pub struct Meter {
     cached_tokens: AtomicU64,
     provider: Mutex<Option<String>>,
     cache_hit: AtomicBool,
+    /// The privacy policy in force (the project's or tenant's, tightened by a preset's).
+    policy: Mutex<Option<Arc<ferry_guardrails::Policy>>>,
+    /// Values redacted or blocked, by kind (never the values).
+    guardrail_counts: Mutex<std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>>,
 }
 
 impl Meter {
+    pub fn policy(&self) -> Option<Arc<ferry_guardrails::Policy>> {
+        self.policy.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Makes the request's policy at least as strict as `extra` (a preset's).
+    pub fn tighten(&self, extra: &Arc<ferry_guardrails::Policy>) {
+        if let Ok(mut p) = self.policy.lock() {
+            *p = Some(match p.as_ref() {
+                Some(current) => Arc::new(crate::guard::stricter(current, extra)),
+                None => extra.clone(),
+            });
+        }
+    }
+
+    pub fn add_guardrail_counts(
+        &self,
+        counts: &std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>,
+    ) {
+        if let Ok(mut c) = self.guardrail_counts.lock() {
+            for (kind, n) in counts {
+                *c.entry(*kind).or_default() += n;
+            }
+        }
+    }
+
     pub fn add_prompt_tokens(&self, n: u64) {
         self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
     }
@@ -318,11 +380,7 @@ pub fn tap_upstream(
 
 /// Runs on every `/v1` route: authentication for all, admission and metering for the
 /// routes that run a model.
-pub async fn admission(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn admission(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
     let anthropic = request.uri().path().starts_with("/v1/messages");
     let mut response = match admit(&state, request, next, &request_id).await {
@@ -336,7 +394,12 @@ pub async fn admission(
     response
 }
 
-async fn admit(state: &AppState, request: Request, next: Next, request_id: &str) -> Result<Response, ApiError> {
+async fn admit(
+    state: &AppState,
+    request: Request,
+    next: Next,
+    request_id: &str,
+) -> Result<Response, ApiError> {
     let tenancy = state.tenancy_arc();
     let (identity, context) = tenancy.authenticate(request.headers()).await?;
     let (mut parts, body) = request.into_parts();
@@ -358,7 +421,8 @@ async fn admit(state: &AppState, request: Request, next: Next, request_id: &str)
     }
     let subjects: Vec<Subject> = match &context {
         Some(c) => {
-            let mut s = vec![Subject { kind: ScopeKind::Key, id: c.key.id.clone(), limits: c.key.limits.clone() }];
+            let mut s =
+                vec![Subject { kind: ScopeKind::Key, id: c.key.id.clone(), limits: c.key.limits.clone() }];
             if let Some(p) = &c.project {
                 s.push(Subject { kind: ScopeKind::Project, id: p.id.clone(), limits: p.limits.clone() });
             }
@@ -373,6 +437,17 @@ async fn admit(state: &AppState, request: Request, next: Next, request_id: &str)
     // the handler counts them; the requested maximum is taken at its word.
     let max = peek.max_completion_tokens.or(peek.max_tokens).or(peek.max_output_tokens).unwrap_or(0);
     let estimate = bytes.len() as u64 / 4 + max * peek.n.unwrap_or(1).max(1);
+    // The project's policy, or else the tenant's.
+    let policy_name =
+        context.as_ref().and_then(|c| c.project.as_ref().and_then(|p| p.guardrail_policy.clone())).or_else(
+            || context.as_ref().and_then(|c| c.tenant.as_ref().and_then(|t| t.guardrail_policy.clone())),
+        );
+    let policy = match policy_name {
+        Some(name) => Some(tenancy.policies.get(&name).cloned().ok_or_else(|| {
+            ApiError::Internal(format!("the guardrail policy '{name}' is not configured on this server"))
+        })?),
+        None => None,
+    };
     let admission = tenancy.limiter.admit(&tenancy.store, &subjects, estimate).await?;
     let key = identity.key.as_ref();
     let start = UsageStart {
@@ -386,7 +461,9 @@ async fn admit(state: &AppState, request: Request, next: Next, request_id: &str)
         stream: peek.stream.unwrap_or(false),
         started_at: now_ms(),
     };
-    if let Err(e) = tenancy.store.start_usage(&start).await {
+    if tenancy.metering
+        && let Err(e) = tenancy.store.start_usage(&start).await
+    {
         tenancy.limiter.settle(&admission, 0, 0.0);
         return Err(e.into());
     }
@@ -400,11 +477,14 @@ async fn admit(state: &AppState, request: Request, next: Next, request_id: &str)
         cached_tokens: AtomicU64::new(0),
         provider: Mutex::new(None),
         cache_hit: AtomicBool::new(false),
+        policy: Mutex::new(policy),
+        guardrail_counts: Mutex::new(Default::default()),
     });
     let request = Request::from_parts(parts, Body::from(bytes));
     let mut response = METER.scope(meter.clone(), next.run(request)).await;
     response.headers_mut().extend(admission.headers.clone());
-    let mut finish = Finish { tenancy, meter, admission, http_status: response.status().as_u16(), ended: false };
+    let mut finish =
+        Finish { tenancy, meter, admission, http_status: response.status().as_u16(), ended: false };
     let streaming = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -416,12 +496,13 @@ async fn admit(state: &AppState, request: Request, next: Next, request_id: &str)
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
-    let stream = futures::stream::unfold((body.into_data_stream(), finish), |(mut body, mut finish)| async move {
-        let chunk = body.next().await;
-        // Dropping `finish` with the stream completes the record: ended, or cut short.
-        finish.ended = chunk.is_none();
-        chunk.map(|chunk| (chunk, (body, finish)))
-    });
+    let stream =
+        futures::stream::unfold((body.into_data_stream(), finish), |(mut body, mut finish)| async move {
+            let chunk = body.next().await;
+            // Dropping `finish` with the stream completes the record: ended, or cut short.
+            finish.ended = chunk.is_none();
+            chunk.map(|chunk| (chunk, (body, finish)))
+        });
     Ok(Response::from_parts(parts, Body::from_stream(stream)))
 }
 
@@ -464,6 +545,9 @@ impl Drop for Finish {
             latency_ms: m.started.elapsed().as_millis() as u64,
             ttft_ms: (ttft > 0).then_some(ttft),
         };
+        if !self.tenancy.metering {
+            return;
+        }
         let store = self.tenancy.store.clone();
         let request_id = m.request_id.clone();
         let write = async move {

@@ -1,0 +1,193 @@
+//! Privacy guardrails on the way to an upstream provider: the request's policy (its
+//! project's or else its tenant's, made stricter by a preset's) is applied to every text the
+//! provider would see (messages, tool calls and results). `redact` swaps values for typed
+//! placeholders (`[EMAIL_1]`) and restores them in the answer the client gets, streamed or
+//! not, so the provider never sees them; `block` refuses the request with `pii_blocked`,
+//! naming the kinds found and never the values.
+//!
+//! Local models keep the data in this process; for them only `block` applies (see
+//! [`check_local`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferry_gateway::{Gateway, Routed};
+use ferry_guardrails::{Action, PiiKind, Policy, Redactor};
+use ferry_providers::{ChatEvent, ChatRequest, ChatResponse, EventStream, Part};
+use futures::StreamExt;
+
+use crate::error::ApiError;
+
+/// The stricter of two policies, kind by kind (block > redact > allow).
+pub fn stricter(a: &Policy, b: &Policy) -> Policy {
+    let rank = |a: Action| match a {
+        Action::Allow => 0,
+        Action::Redact => 1,
+        Action::Block => 2,
+    };
+    let max = |x: Action, y: Action| if rank(x) >= rank(y) { x } else { y };
+    Policy {
+        name: format!("{}+{}", a.name, b.name),
+        action: max(a.action, b.action),
+        kinds: PiiKind::ALL.iter().map(|&k| (k, max(a.action_for(k), b.action_for(k)))).collect(),
+        apply_to_responses: a.apply_to_responses || b.apply_to_responses,
+    }
+}
+
+/// The policy of the request being handled (its project's or tenant's, tightened by a
+/// preset's), kept on its meter.
+fn policy() -> Option<Arc<Policy>> {
+    crate::tenancy::current().and_then(|m| m.policy())
+}
+
+fn blocked(e: ferry_guardrails::Blocked) -> ApiError {
+    ApiError::PiiBlocked(e.kinds.iter().map(|k| k.as_str().to_string()).collect())
+}
+
+/// Redacts every text of the request the provider would see.
+fn redact_request(policy: &Policy, request: &mut ChatRequest) -> Result<Redactor, ApiError> {
+    let mut redactor = Redactor::new();
+    for message in &mut request.messages {
+        for part in &mut message.content {
+            if let Part::Text(text) = part {
+                *text = redactor.redact(policy, text).map_err(blocked)?;
+            }
+        }
+        for call in &mut message.tool_calls {
+            call.arguments = redactor.redact(policy, &call.arguments).map_err(blocked)?;
+        }
+    }
+    let counts = redactor.counts();
+    if !counts.is_empty() {
+        tracing::info!(policy = %policy.name, ?counts, "guardrail redacted values before the upstream call");
+        if let Some(meter) = crate::tenancy::current() {
+            meter.add_guardrail_counts(&counts);
+        }
+    }
+    Ok(redactor)
+}
+
+fn restore_response(redactor: &Redactor, response: &mut ChatResponse) {
+    for choice in &mut response.choices {
+        for part in &mut choice.message.content {
+            if let Part::Text(text) = part {
+                *text = redactor.restore(text);
+            }
+        }
+        for call in &mut choice.message.tool_calls {
+            call.arguments = redactor.restore(&call.arguments);
+        }
+    }
+}
+
+/// A gateway call with the request's policy applied, metered.
+pub async fn chat(
+    gateway: &Gateway,
+    alias: &str,
+    mut request: ChatRequest,
+    use_cache: Option<bool>,
+) -> Result<Routed<ChatResponse>, ApiError> {
+    let redactor = match policy() {
+        Some(policy) => Some(redact_request(&policy, &mut request)?),
+        None => None,
+    };
+    let mut routed = gateway.chat(alias, request, use_cache).await?;
+    if let Some(meter) = crate::tenancy::current() {
+        meter.upstream(&routed.route, &routed.value.usage);
+    }
+    if let Some(redactor) = &redactor {
+        restore_response(redactor, &mut routed.value);
+    }
+    Ok(routed)
+}
+
+/// A streaming gateway call with the request's policy applied: placeholders are restored in
+/// the text and tool-call deltas, holding back only what might be half a placeholder.
+pub async fn chat_stream(
+    gateway: &Gateway,
+    alias: &str,
+    mut request: ChatRequest,
+) -> Result<Routed<EventStream>, ApiError> {
+    let redactor = match policy() {
+        Some(policy) => Some(redact_request(&policy, &mut request)?),
+        None => None,
+    };
+    let routed = gateway.chat_stream(alias, request).await?;
+    let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
+    let Some(redactor) = redactor.filter(|r| !r.counts().is_empty()) else {
+        return Ok(Routed { value: events, route: routed.route });
+    };
+    Ok(Routed { value: restore_stream(redactor, events), route: routed.route })
+}
+
+fn restore_stream(redactor: Redactor, events: EventStream) -> EventStream {
+    // One restorer per choice's text and per tool call's arguments.
+    let mut texts: HashMap<u32, ferry_guardrails::StreamRestorer> = HashMap::new();
+    let mut calls: HashMap<(u32, u32), ferry_guardrails::StreamRestorer> = HashMap::new();
+    let restored = events.map(move |event| {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => return vec![Err(e)],
+        };
+        match event {
+            ChatEvent::Text { choice, text, logprobs } => {
+                let r = texts.entry(choice).or_insert_with(|| redactor.stream_restorer());
+                vec![Ok(ChatEvent::Text { choice, text: r.push(&text), logprobs })]
+            }
+            ChatEvent::ToolCall { choice, index, id, name, arguments } => {
+                let r = calls.entry((choice, index)).or_insert_with(|| redactor.stream_restorer());
+                vec![Ok(ChatEvent::ToolCall { choice, index, id, name, arguments: r.push(&arguments) })]
+            }
+            ChatEvent::Finish { choice, reason } => {
+                // Whatever was held back is flushed before the choice ends.
+                let mut out = Vec::new();
+                if let Some(r) = texts.remove(&choice) {
+                    let tail = r.finish();
+                    if !tail.is_empty() {
+                        out.push(Ok(ChatEvent::Text { choice, text: tail, logprobs: None }));
+                    }
+                }
+                let mut open: Vec<(u32, u32)> = calls.keys().filter(|(c, _)| *c == choice).copied().collect();
+                open.sort_unstable();
+                for key in open {
+                    if let Some(r) = calls.remove(&key) {
+                        let tail = r.finish();
+                        if !tail.is_empty() {
+                            let (choice, index) = key;
+                            out.push(Ok(ChatEvent::ToolCall {
+                                choice,
+                                index,
+                                id: None,
+                                name: None,
+                                arguments: tail,
+                            }));
+                        }
+                    }
+                }
+                out.push(Ok(ChatEvent::Finish { choice, reason }));
+                out
+            }
+            other => vec![Ok(other)],
+        }
+    });
+    Box::pin(restored.flat_map(futures::stream::iter))
+}
+
+/// For local models: a `block` policy refuses texts holding what it blocks (nothing leaves
+/// the process, so nothing needs redacting).
+pub fn check_local<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<(), ApiError> {
+    let Some(policy) = policy() else { return Ok(()) };
+    let mut found: Vec<PiiKind> = Vec::new();
+    for text in texts {
+        for finding in ferry_guardrails::detect(text) {
+            if policy.action_for(finding.kind) == Action::Block && !found.contains(&finding.kind) {
+                found.push(finding.kind);
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.sort_unstable();
+    Err(ApiError::PiiBlocked(found.iter().map(|k| k.as_str().to_string()).collect()))
+}
