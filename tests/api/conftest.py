@@ -35,7 +35,7 @@ class Server:
             env={**base_env, **(env or {})},
         )
         line = self.proc.stdout.readline()
-        match = re.search(r"listening on (http://\S+)", line)
+        match = re.search(r"listening on (https?://\S+)", line)
         if not match:
             self.proc.kill()
             self.proc.wait()

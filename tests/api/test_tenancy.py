@@ -4,6 +4,7 @@ import concurrent.futures
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import threading
 import time
@@ -176,13 +177,14 @@ def test_project_and_tenant_limits_apply_to_all_their_keys(keyed):
 def test_tpm_admits_on_the_maximum_and_reconciles_to_real_use(keyed):
     secret, _, _ = make_key(keyed, "tpm-tenant", limits={"tpm": 1000})
     # 600 requested: admitted on prompt + 600; the model stops long before.
-    first = chat(keyed, secret, max_tokens=600, messages=[{"role": "user", "content": "Say OK."}])
+    say_ok = {"messages": [{"role": "user", "content": "Say OK."}], "temperature": 0}
+    first = chat(keyed, secret, max_tokens=600, **say_ok)
     assert first.status_code == 200
     used = first.json()["usage"]["total_tokens"]
     assert used < 300
     assert int(first.headers["x-ratelimit-remaining-tokens"]) <= 400
     # Without reconciliation 600 + 600 would not fit in 1000; with it, it does.
-    second = chat(keyed, secret, max_tokens=600, messages=[{"role": "user", "content": "Say OK."}])
+    second = chat(keyed, secret, max_tokens=600, **say_ok)
     assert second.status_code == 200, second.text
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
     assert remaining <= 1000 - used - 600
@@ -381,3 +383,33 @@ def test_refuses_a_public_address_without_keys():
         assert httpx.get(url + "/health").status_code == 200
     finally:
         s.stop()
+
+
+def test_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    s = Server("--parallel", "1", "--tls-cert", str(cert), "--tls-key", str(key), env={"FERRY_ADMIN_KEY": ADMIN})
+    try:
+        assert s.url.startswith("https://127.0.0.1:")
+        trust = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(verify=trust) as http:
+            assert http.get(s.url + "/health").status_code == 200
+            r = http.post(s.url + "/admin/v1/tenants", json={"name": "over-tls"},
+                          headers={"Authorization": f"Bearer {ADMIN}"})
+            assert r.status_code == 201
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key=ADMIN, max_retries=0,
+                               http_client=httpx.Client(verify=trust))
+        assert client.chat.completions.create(**CHAT).choices[0].message.content is not None
+        # Plain HTTP on the TLS port gets nowhere.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(s.url.replace("https://", "http://") + "/health", timeout=5)
+    finally:
+        s.stop()
+    out = subprocess.run([BINARY, "serve", "--port", "0", "--tls-cert", str(cert)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0 and "--tls-key" in out.stderr

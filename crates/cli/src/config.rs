@@ -61,6 +61,12 @@ pub struct ServeArgs {
     /// Serve without keys on a non-loopback address (anyone who can reach it may use it)
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// PEM certificate chain: serve HTTPS (with --tls-key)
+    #[arg(long, env = "FERRY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the certificate
+    #[arg(long, env = "FERRY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Write no usage records (limits still apply; budgets then only count this process)
     #[arg(long, env = "FERRY_NO_METERING")]
     pub no_metering: bool,
@@ -85,6 +91,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     metering: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     /// Price per million tokens by model name, for costs and cost budgets.
     #[serde(default)]
     prices: std::collections::HashMap<String, ferry_server::Price>,
@@ -125,6 +133,8 @@ pub struct ServeConfig {
     /// The SQLite file, or a postgres:// URL.
     pub database: String,
     pub insecure_no_auth: bool,
+    /// Certificate and key files, for HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub metering: bool,
     pub prices: std::collections::HashMap<String, ferry_server::Price>,
     pub guardrails: Vec<ferry_guardrails::Policy>,
@@ -170,6 +180,11 @@ impl ServeArgs {
                     .to_string(),
             },
             insecure_no_auth: self.insecure_no_auth,
+            tls: match (self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key)) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => bail!("--tls-cert and --tls-key go together"),
+            },
             metering: !self.no_metering && file.metering.unwrap_or(true),
             prices: file.prices,
             guardrails: file.guardrails,

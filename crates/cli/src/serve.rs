@@ -94,11 +94,27 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
-    // Tests and scripts read this line to find a port picked with --port 0.
-    println!("Ferry listening on http://{addr}");
-    tracing::info!(%addr, "listening");
     let app = ferry_server::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    let Some((cert, key)) = &config.tls else {
+        // Tests and scripts read this line to find a port picked with --port 0.
+        println!("Ferry listening on http://{addr}");
+        tracing::info!(%addr, "listening");
+        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+        return Ok(());
+    };
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.with_context(|| {
+        format!("loading the TLS certificate {} and key {}", cert.display(), key.display())
+    })?;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        // In-flight requests get this long to finish.
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
+    });
+    println!("Ferry listening on https://{addr}");
+    tracing::info!(%addr, "listening with TLS");
+    axum_server::from_tcp_rustls(listener.into_std()?, tls)?.handle(handle).serve(app).await?;
     Ok(())
 }
 

@@ -282,7 +282,9 @@ impl Limiter {
         let wall = now_ms();
         for key in &admission.scopes {
             let Some(w) = windows.get_mut(key) else { continue };
-            if let Some(entry) = w.tokens.iter_mut().find(|(_, id, _)| *id == admission.id) {
+            // Ids are handed out under the lock, so each window holds them in order.
+            if let Ok(i) = w.tokens.binary_search_by_key(&admission.id, |(_, id, _)| *id) {
+                let entry = &mut w.tokens[i];
                 w.token_sum = w.token_sum - entry.2 + tokens;
                 entry.2 = tokens;
             }

@@ -66,6 +66,8 @@ struct KeyContext {
 /// Keys, limits and metering, shared by every request.
 pub struct Tenancy {
     pub store: Store,
+    /// Usage records go through one group-committing writer.
+    usage: ferry_store::UsageWriter,
     pub limiter: Limiter,
     pub prices: HashMap<String, Price>,
     /// Guardrail policies by name.
@@ -121,6 +123,7 @@ impl Tenancy {
     ) -> Result<Tenancy, ApiError> {
         let required = store.has_active_admin_key().await?;
         Ok(Tenancy {
+            usage: store.usage_writer(),
             store,
             limiter: Limiter::new(),
             prices,
@@ -462,7 +465,7 @@ async fn admit(
         started_at: now_ms(),
     };
     if tenancy.metering
-        && let Err(e) = tenancy.store.start_usage(&start).await
+        && let Err(e) = tenancy.usage.start(start).await
     {
         tenancy.limiter.settle(&admission, 0, 0.0);
         return Err(e.into());
@@ -548,15 +551,6 @@ impl Drop for Finish {
         if !self.tenancy.metering {
             return;
         }
-        let store = self.tenancy.store.clone();
-        let request_id = m.request_id.clone();
-        let write = async move {
-            if let Err(e) = store.finish_usage(&request_id, &finish).await {
-                tracing::error!(%request_id, error = %e, "could not complete the usage record");
-            }
-        };
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(write);
-        }
+        self.tenancy.usage.finish(m.request_id.clone(), finish);
     }
 }

@@ -26,7 +26,7 @@ use sqlx::{AnyPool, Executor};
 pub use audit::{AuditEntry, AuditVerification};
 pub use keys::{ApiKey, NewKey, Role};
 pub use tenants::{Limits, Project, Tenant};
-pub use usage::{UsageFinish, UsageGroup, UsageQuery, UsageRecord, UsageStart};
+pub use usage::{UsageFinish, UsageGroup, UsageQuery, UsageRecord, UsageStart, UsageWriter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

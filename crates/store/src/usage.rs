@@ -143,47 +143,22 @@ pub enum Scope<'a> {
 impl Store {
     /// Writes the admission record. It is committed before this returns.
     pub async fn start_usage(&self, start: &UsageStart) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO usage_records (request_id, instance, tenant_id, project_id, key_id, route, model, stream, \
-             status, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'started', $9)",
-        )
-        .bind(start.request_id.as_str())
-        .bind(start.instance.as_str())
-        .bind(start.tenant_id.as_deref())
-        .bind(start.project_id.as_deref())
-        .bind(start.key_id.as_deref())
-        .bind(start.route.as_str())
-        .bind(start.model.as_str())
-        .bind(start.stream as i64)
-        .bind(start.started_at)
-        .execute(self.pool())
-        .await
-        .map_err(|e| crate::tenants::conflict(e, || format!("request id '{}' is taken", start.request_id)))?;
-        Ok(())
+        insert_start(self.pool(), start).await
     }
 
     /// Completes a record once; a second finish (or one after reconciliation) changes
     /// nothing and returns false.
     pub async fn finish_usage(&self, request_id: &str, finish: &UsageFinish) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE usage_records SET provider = $1, status = $2, http_status = $3, prompt_tokens = $4, \
-             completion_tokens = $5, cached_tokens = $6, cost = $7, latency_ms = $8, ttft_ms = $9, finished_at = $10 \
-             WHERE request_id = $11 AND status = 'started'",
-        )
-        .bind(finish.provider.as_deref())
-        .bind(finish.status.as_str())
-        .bind(finish.http_status as i64)
-        .bind(finish.prompt_tokens as i64)
-        .bind(finish.completion_tokens as i64)
-        .bind(finish.cached_tokens as i64)
-        .bind(finish.cost)
-        .bind(finish.latency_ms as i64)
-        .bind(finish.ttft_ms.map(|t| t as i64))
-        .bind(now_ms())
-        .bind(request_id)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        update_finish(self.pool(), request_id, finish).await
+    }
+
+    /// A writer that commits admission and completion records in groups: one transaction
+    /// for whatever arrived while the previous one committed. An admission still returns
+    /// only once its record is committed.
+    pub fn usage_writer(&self) -> UsageWriter {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write_groups(self.clone(), rx));
+        UsageWriter { tx }
     }
 
     /// Marks `interrupted` the records left `started` by an earlier run of `instance` (it
@@ -322,6 +297,127 @@ impl Store {
         .await?;
         let tokens: i64 = row.try_get("tokens")?;
         Ok((tokens.max(0) as u64, row.try_get("cost")?))
+    }
+}
+
+async fn insert_start<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    executor: E,
+    start: &UsageStart,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO usage_records (request_id, instance, tenant_id, project_id, key_id, route, model, stream, \
+         status, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'started', $9)",
+    )
+    .bind(start.request_id.as_str())
+    .bind(start.instance.as_str())
+    .bind(start.tenant_id.as_deref())
+    .bind(start.project_id.as_deref())
+    .bind(start.key_id.as_deref())
+    .bind(start.route.as_str())
+    .bind(start.model.as_str())
+    .bind(start.stream as i64)
+    .bind(start.started_at)
+    .execute(executor)
+    .await
+    .map_err(|e| crate::tenants::conflict(e, || format!("request id '{}' is taken", start.request_id)))?;
+    Ok(())
+}
+
+async fn update_finish<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    executor: E,
+    request_id: &str,
+    finish: &UsageFinish,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE usage_records SET provider = $1, status = $2, http_status = $3, prompt_tokens = $4, \
+         completion_tokens = $5, cached_tokens = $6, cost = $7, latency_ms = $8, ttft_ms = $9, finished_at = $10 \
+         WHERE request_id = $11 AND status = 'started'",
+    )
+    .bind(finish.provider.as_deref())
+    .bind(finish.status.as_str())
+    .bind(finish.http_status as i64)
+    .bind(finish.prompt_tokens as i64)
+    .bind(finish.completion_tokens as i64)
+    .bind(finish.cached_tokens as i64)
+    .bind(finish.cost)
+    .bind(finish.latency_ms as i64)
+    .bind(finish.ttft_ms.map(|t| t as i64))
+    .bind(now_ms())
+    .bind(request_id)
+    .execute(executor)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+enum WriteOp {
+    Start(Box<UsageStart>, tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
+    Finish(String, Box<UsageFinish>),
+}
+
+/// The handle of [`Store::usage_writer`]; cheap to clone.
+#[derive(Clone)]
+pub struct UsageWriter {
+    tx: tokio::sync::mpsc::UnboundedSender<WriteOp>,
+}
+
+impl UsageWriter {
+    /// Writes an admission record and waits until it is committed.
+    pub async fn start(&self, start: UsageStart) -> Result<()> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(WriteOp::Start(Box::new(start), ack))
+            .map_err(|_| StoreError::Invalid("the usage writer has stopped".into()))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StoreError::Invalid(message)),
+            Err(_) => Err(StoreError::Invalid("the usage writer has stopped".into())),
+        }
+    }
+
+    /// Queues a completion; it is committed with the next group.
+    pub fn finish(&self, request_id: String, finish: UsageFinish) {
+        if self.tx.send(WriteOp::Finish(request_id, Box::new(finish))).is_err() {
+            tracing::error!("the usage writer has stopped; a completion record is lost until reconciliation");
+        }
+    }
+}
+
+/// Most records in one transaction.
+const GROUP: usize = 512;
+
+async fn write_groups(store: Store, mut rx: tokio::sync::mpsc::UnboundedReceiver<WriteOp>) {
+    let mut group = Vec::with_capacity(GROUP);
+    while rx.recv_many(&mut group, GROUP).await > 0 {
+        let together = async {
+            let mut tx = store.pool().begin().await?;
+            for op in &group {
+                match op {
+                    WriteOp::Start(start, _) => insert_start(&mut *tx, start).await?,
+                    WriteOp::Finish(id, finish) => {
+                        update_finish(&mut *tx, id, finish).await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        let grouped_ok = together.is_ok();
+        for op in group.drain(..) {
+            match op {
+                WriteOp::Start(start, ack) => {
+                    // A failed group is retried one record at a time, so one bad record
+                    // fails alone.
+                    let result = if grouped_ok { Ok(()) } else { insert_start(store.pool(), &start).await };
+                    let _ = ack.send(result.map_err(|e| e.to_string()));
+                }
+                WriteOp::Finish(id, finish) => {
+                    if !grouped_ok && let Err(e) = update_finish(store.pool(), &id, &finish).await {
+                        tracing::error!(request_id = %id, error = %e, "could not complete the usage record");
+                    }
+                }
+            }
+        }
     }
 }
 

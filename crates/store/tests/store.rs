@@ -320,3 +320,33 @@ fn days_format_as_utc_dates() {
     let ms = 19_782 * 86_400_000 + 5_000;
     assert_eq!(day_and_month_start(ms).1, 19_754 * 86_400_000);
 }
+
+#[tokio::test]
+async fn the_usage_writer_commits_in_groups_and_keeps_order() {
+    let store = Store::open(&sqlite_path()).await.unwrap();
+    let writer = store.usage_writer();
+    let starts = (0..40).map(|i| {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            let id = format!("w{i}");
+            writer.start(start(&id, Some("t"), "m", 1000 + i)).await.unwrap();
+            writer.finish(id, finish(i as u64, 1, 0.0));
+        })
+    });
+    for s in starts {
+        s.await.unwrap();
+    }
+    // An acknowledged start means everything queued before it is committed.
+    writer.start(start("last", None, "m", 5000)).await.unwrap();
+    let total = store.usage(&UsageQuery { tenant_id: Some("t".into()), ..Default::default() }).await.unwrap();
+    assert_eq!((total[0].requests, total[0].errors), (40, 0));
+    assert_eq!(total[0].prompt_tokens, (0..40).sum::<i64>());
+    assert_eq!(store.usage_record("w7").await.unwrap().status, "ok");
+    // A failing record fails alone: the duplicate is refused, its neighbours are written.
+    let (a, b, c) = tokio::join!(
+        writer.start(start("dup-a", None, "m", 1)),
+        writer.start(start("w1", None, "m", 1)),
+        writer.start(start("dup-c", None, "m", 1)),
+    );
+    assert!(a.is_ok() && b.is_err() && c.is_ok());
+}
