@@ -41,6 +41,11 @@ name = "no-ips"
 action = "allow"
 kinds = {{ ip = "block" }}
 
+[[guardrails]]
+name = "screen-answers"
+action = "redact"
+apply_to_responses = true
+
 [[presets]]
 name = "ops-assistant"
 base = "remote"
@@ -189,3 +194,18 @@ def test_a_preset_naming_an_undefined_policy_stops_startup(tmp_path):
     with pytest.raises(RuntimeError) as e:
         Server("--config", str(config))
     assert "nowhere" in str(e.value)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_answers_are_screened_when_the_policy_says_so(ferry, mock, stream):
+    client = openai.OpenAI(base_url=ferry.url + "/v1", api_key=key_for(ferry, "screen-answers"), max_retries=0)
+    mock.script.append(("ok", "Ask bob.jones@example.org or write to [EMAIL_1] again."))
+    request = {"model": "remote", "messages": [{"role": "user", "content": f"I am {EMAIL}"}]}
+    if stream:
+        chunks = client.chat.completions.create(**request, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = client.chat.completions.create(**request).choices[0].message.content
+    assert "bob.jones@example.org" not in text, "what the model wrote is redacted"
+    assert EMAIL in text, "the client's own value is restored"
+    assert "[EMAIL_2]" in text

@@ -413,3 +413,48 @@ def test_tls(tmp_path):
     out = subprocess.run([BINARY, "serve", "--port", "0", "--tls-cert", str(cert)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and "--tls-key" in out.stderr
+
+
+def test_content_is_kept_only_for_tenants_that_opt_in_and_purged():
+    s = Server("--parallel", "2", "--purge-interval-s", "1", env={"FERRY_ADMIN_KEY": ADMIN})
+    try:
+        keeper, _, keeper_tenant = make_key(s, "keeper")
+        admin(s, "PATCH", f"/admin/v1/tenants/{keeper_tenant}", {"retain_content": True, "retention_days": 7})
+        other, _, _ = make_key(s, "no-keeping")
+        plain = chat(s, keeper, messages=[{"role": "user", "content": "Remember the word teapot."}])
+        streamed = chat(s, keeper, stream=True)
+        not_kept = chat(s, other)
+        time.sleep(0.5)
+        kept = admin(s, "GET", f"/admin/v1/requests/{plain.headers['x-request-id']}/content").json()
+        assert "teapot" in kept["request"]
+        assert plain.json()["choices"][0]["message"]["content"] in kept["response"]
+        kept_stream = admin(s, "GET", f"/admin/v1/requests/{streamed.headers['x-request-id']}/content").json()
+        assert kept_stream["response"].startswith("data: ") and "[DONE]" in kept_stream["response"]
+        r = admin(s, "GET", f"/admin/v1/requests/{not_kept.headers['x-request-id']}/content")
+        assert r.status_code == 404
+        db = sqlite3.connect(os.path.join(s.data_dir, "ferry.db"))
+        assert db.execute("SELECT COUNT(*) FROM request_content").fetchone()[0] == 2
+        # Another tenant's admin can't read it.
+        other_admin, _, _ = make_key(s, "no-keeping", role="tenant_admin")
+        r = admin(s, "GET", f"/admin/v1/requests/{plain.headers['x-request-id']}/content", key=other_admin)
+        assert r.status_code == 404
+        # Opting out: the purge task deletes what was kept.
+        admin(s, "PATCH", f"/admin/v1/tenants/{keeper_tenant}", {"retain_content": False})
+        deadline = time.time() + 10
+        while db.execute("SELECT COUNT(*) FROM request_content").fetchone()[0] and time.time() < deadline:
+            time.sleep(0.2)
+        assert db.execute("SELECT COUNT(*) FROM request_content").fetchone()[0] == 0
+    finally:
+        s.stop()
+
+
+def test_admin_key_from_a_file(tmp_path):
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("file-admin-key-0123456789abcdef\n")
+    s = Server("--parallel", "1", env={"FERRY_ADMIN_KEY_FILE": str(key_file)})
+    try:
+        r = admin(s, "GET", "/admin/v1/whoami", key="file-admin-key-0123456789abcdef")
+        assert r.status_code == 200 and r.json()["role"] == "admin"
+        assert httpx.post(s.url + "/v1/chat/completions", json=CHAT).status_code == 401
+    finally:
+        s.stop()

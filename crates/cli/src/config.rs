@@ -67,6 +67,9 @@ pub struct ServeArgs {
     /// PEM private key of the certificate
     #[arg(long, env = "FERRY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Seconds between purges of retained request content past its tenant's retention
+    #[arg(long, env = "FERRY_PURGE_INTERVAL_S")]
+    pub purge_interval_s: Option<u64>,
     /// Write no usage records (limits still apply; budgets then only count this process)
     #[arg(long, env = "FERRY_NO_METERING")]
     pub no_metering: bool,
@@ -91,6 +94,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     metering: Option<bool>,
+    purge_interval_s: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     /// Price per million tokens by model name, for costs and cost budgets.
@@ -136,6 +140,7 @@ pub struct ServeConfig {
     /// Certificate and key files, for HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub metering: bool,
+    pub purge_interval_s: u64,
     pub prices: std::collections::HashMap<String, ferry_server::Price>,
     pub guardrails: Vec<ferry_guardrails::Policy>,
     pub gateway: ferry_gateway::GatewayConfig,
@@ -185,6 +190,7 @@ impl ServeArgs {
                 (None, None) => None,
                 _ => bail!("--tls-cert and --tls-key go together"),
             },
+            purge_interval_s: self.purge_interval_s.or(file.purge_interval_s).unwrap_or(600).max(1),
             metering: !self.no_metering && file.metering.unwrap_or(true),
             prices: file.prices,
             guardrails: file.guardrails,

@@ -182,8 +182,24 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     tenancy.metering = config.metering;
+    spawn_purge(tenancy.store.clone(), std::time::Duration::from_secs(config.purge_interval_s));
     tracing::info!(auth = tenancy.auth_required(), store = %redact_url(&config.database), "tenancy ready");
     Ok(tenancy)
+}
+
+/// Deletes retained request content past its tenant's retention, now and then periodically.
+fn spawn_purge(store: ferry_store::Store, every: std::time::Duration) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        loop {
+            ticks.tick().await;
+            match store.purge_content().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "retained request content purged"),
+                Err(e) => tracing::error!(error = %e, "purging retained request content failed"),
+            }
+        }
+    });
 }
 
 fn is_loopback(host: &str) -> bool {

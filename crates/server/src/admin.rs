@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/v1/usage", get(usage))
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/audit/verify", get(verify_audit))
+        .route("/admin/v1/requests/{id}/content", get(request_content))
 }
 
 /// The caller, already checked to be an admin or a tenant admin.
@@ -406,6 +407,17 @@ fn csv_cell(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// A request's retained content (tenants that keep content only).
+async fn request_content(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let content = state.tenancy().store.content(&id).await?;
+    caller.check_tenant(Some(&content.tenant_id), &format!("retained content of request '{id}'"))?;
+    Ok(Json(content))
 }
 
 #[derive(Deserialize)]

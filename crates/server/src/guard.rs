@@ -67,17 +67,35 @@ fn redact_request(policy: &Policy, request: &mut ChatRequest) -> Result<Redactor
     Ok(redactor)
 }
 
-fn restore_response(redactor: &Redactor, response: &mut ChatResponse) {
+/// Puts the request's values back; with `apply_to_responses`, what the model itself wrote
+/// is redacted first (and those placeholders stay).
+fn restore_response(
+    policy: &Policy,
+    redactor: &mut Redactor,
+    response: &mut ChatResponse,
+) -> Result<(), ApiError> {
     for choice in &mut response.choices {
         for part in &mut choice.message.content {
             if let Part::Text(text) = part {
-                *text = redactor.restore(text);
+                let own = redactor.redact_response(policy, text).map_err(blocked_answer)?;
+                *text = redactor.restore(&own);
             }
         }
         for call in &mut choice.message.tool_calls {
             call.arguments = redactor.restore(&call.arguments);
         }
     }
+    let counts = redactor.response_counts();
+    if !counts.is_empty()
+        && let Some(meter) = crate::tenancy::current()
+    {
+        meter.add_guardrail_counts(&counts);
+    }
+    Ok(())
+}
+
+fn blocked_answer(e: ferry_guardrails::Blocked) -> ApiError {
+    ApiError::PiiBlocked(e.kinds.iter().map(|k| format!("{} (in the answer)", k.as_str())).collect())
 }
 
 /// A gateway call with the request's policy applied, metered.
@@ -87,16 +105,17 @@ pub async fn chat(
     mut request: ChatRequest,
     use_cache: Option<bool>,
 ) -> Result<Routed<ChatResponse>, ApiError> {
-    let redactor = match policy() {
-        Some(policy) => Some(redact_request(&policy, &mut request)?),
+    let policy = policy();
+    let redactor = match &policy {
+        Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
     let mut routed = gateway.chat(alias, request, use_cache).await?;
     if let Some(meter) = crate::tenancy::current() {
         meter.upstream(&routed.route, &routed.value.usage);
     }
-    if let Some(redactor) = &redactor {
-        restore_response(redactor, &mut routed.value);
+    if let (Some(policy), Some(mut redactor)) = (policy, redactor) {
+        restore_response(&policy, &mut redactor, &mut routed.value)?;
     }
     Ok(routed)
 }
@@ -108,16 +127,68 @@ pub async fn chat_stream(
     alias: &str,
     mut request: ChatRequest,
 ) -> Result<Routed<EventStream>, ApiError> {
-    let redactor = match policy() {
-        Some(policy) => Some(redact_request(&policy, &mut request)?),
+    let policy = policy();
+    let redactor = match &policy {
+        Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
     let routed = gateway.chat_stream(alias, request).await?;
     let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
-    let Some(redactor) = redactor.filter(|r| !r.counts().is_empty()) else {
-        return Ok(Routed { value: events, route: routed.route });
+    let value = match (policy, redactor) {
+        (Some(policy), Some(redactor)) if policy.apply_to_responses => {
+            screen_stream(policy, redactor, events)
+        }
+        (_, Some(redactor)) if !redactor.counts().is_empty() => restore_stream(redactor, events),
+        _ => events,
     };
-    Ok(Routed { value: restore_stream(redactor, events), route: routed.route })
+    Ok(Routed { value, route: routed.route })
+}
+
+/// With `apply_to_responses`, a value in the answer can only be judged whole: each choice's
+/// text is held until it ends, then screened and restored, and sent as one delta.
+fn screen_stream(policy: Arc<Policy>, mut redactor: Redactor, events: EventStream) -> EventStream {
+    let mut texts: HashMap<u32, String> = HashMap::new();
+    let mut calls: HashMap<(u32, u32), ferry_guardrails::StreamRestorer> = HashMap::new();
+    let screened = events.map(move |event| match event {
+        Ok(ChatEvent::Text { choice, text, .. }) => {
+            texts.entry(choice).or_default().push_str(&text);
+            Vec::new()
+        }
+        Ok(ChatEvent::ToolCall { choice, index, id, name, arguments }) => {
+            let r = calls.entry((choice, index)).or_insert_with(|| redactor.stream_restorer());
+            vec![Ok(ChatEvent::ToolCall { choice, index, id, name, arguments: r.push(&arguments) })]
+        }
+        Ok(ChatEvent::Finish { choice, reason }) => {
+            let text = texts.remove(&choice).unwrap_or_default();
+            let mut out = Vec::new();
+            let mut open: Vec<(u32, u32)> = calls.keys().filter(|(c, _)| *c == choice).copied().collect();
+            open.sort_unstable();
+            for (choice, index) in open {
+                if let Some(r) = calls.remove(&(choice, index)) {
+                    let arguments = r.finish();
+                    if !arguments.is_empty() {
+                        out.push(Ok(ChatEvent::ToolCall { choice, index, id: None, name: None, arguments }));
+                    }
+                }
+            }
+            match redactor.redact_response(&policy, &text) {
+                Ok(own) => {
+                    out.push(Ok(ChatEvent::Text { choice, text: redactor.restore(&own), logprobs: None }));
+                    out.push(Ok(ChatEvent::Finish { choice, reason }));
+                    out
+                }
+                Err(e) => vec![Err(ferry_providers::ProviderError::Status {
+                    status: 400,
+                    message: blocked_answer(e).to_string(),
+                    code: Some("pii_blocked".into()),
+                    param: None,
+                    retry_after: None,
+                })],
+            }
+        }
+        other => vec![other],
+    });
+    Box::pin(screened.flat_map(futures::stream::iter))
 }
 
 fn restore_stream(redactor: Redactor, events: EventStream) -> EventStream {

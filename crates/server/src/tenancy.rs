@@ -483,17 +483,29 @@ async fn admit(
         policy: Mutex::new(policy),
         guardrail_counts: Mutex::new(Default::default()),
     });
+    // Content is kept only for tenants that opted in (and purged after their retention).
+    let keep = context.as_ref().and_then(|c| c.tenant.as_ref()).filter(|t| t.retain_content).map(|t| Kept {
+        tenant_id: t.id.clone(),
+        request: bytes.clone(),
+        response: Vec::new(),
+    });
     let request = Request::from_parts(parts, Body::from(bytes));
     let mut response = METER.scope(meter.clone(), next.run(request)).await;
     response.headers_mut().extend(admission.headers.clone());
-    let mut finish =
-        Finish { tenancy, meter, admission, http_status: response.status().as_u16(), ended: false };
+    let http_status = response.status().as_u16();
+    let mut finish = Finish { tenancy, meter, admission, http_status, ended: false, keep };
     let streaming = response
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if !streaming {
         // The whole answer is in hand: the record is completed now.
+        if let Some(keep) = finish.keep.as_mut() {
+            let (parts, body) = response.into_parts();
+            let answer = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+            keep.response.extend_from_slice(&answer);
+            response = Response::from_parts(parts, Body::from(answer));
+        }
         finish.ended = true;
         drop(finish);
         return Ok(response);
@@ -502,11 +514,26 @@ async fn admit(
     let stream =
         futures::stream::unfold((body.into_data_stream(), finish), |(mut body, mut finish)| async move {
             let chunk = body.next().await;
+            if let (Some(Ok(bytes)), Some(keep)) = (&chunk, finish.keep.as_mut())
+                && keep.response.len() < MAX_KEPT_RESPONSE
+            {
+                keep.response.extend_from_slice(bytes);
+            }
             // Dropping `finish` with the stream completes the record: ended, or cut short.
             finish.ended = chunk.is_none();
             chunk.map(|chunk| (chunk, (body, finish)))
         });
     Ok(Response::from_parts(parts, Body::from_stream(stream)))
+}
+
+/// The most of a streamed answer kept for a tenant that keeps content.
+const MAX_KEPT_RESPONSE: usize = 8 * 1024 * 1024;
+
+/// A request and its answer, for a tenant that keeps content.
+struct Kept {
+    tenant_id: String,
+    request: axum::body::Bytes,
+    response: Vec<u8>,
 }
 
 /// Completes a usage record when dropped: at the end of the response, or when the client
@@ -517,6 +544,7 @@ struct Finish {
     admission: Admission,
     http_status: u16,
     ended: bool,
+    keep: Option<Kept>,
 }
 
 impl Drop for Finish {
@@ -548,9 +576,25 @@ impl Drop for Finish {
             latency_ms: m.started.elapsed().as_millis() as u64,
             ttft_ms: (ttft > 0).then_some(ttft),
         };
-        if !self.tenancy.metering {
-            return;
+        if self.tenancy.metering {
+            self.tenancy.usage.finish(m.request_id.clone(), finish);
         }
-        self.tenancy.usage.finish(m.request_id.clone(), finish);
+        if let Some(keep) = self.keep.take() {
+            let content = ferry_store::content::Content {
+                request_id: m.request_id.clone(),
+                tenant_id: keep.tenant_id,
+                created_at: now_ms(),
+                request: String::from_utf8_lossy(&keep.request).into_owned(),
+                response: String::from_utf8_lossy(&keep.response).into_owned(),
+            };
+            let store = self.tenancy.store.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = store.keep_content(&content).await {
+                        tracing::error!(request_id = %content.request_id, error = %e, "could not keep the request's content");
+                    }
+                });
+            }
+        }
     }
 }

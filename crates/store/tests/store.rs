@@ -350,3 +350,40 @@ async fn the_usage_writer_commits_in_groups_and_keeps_order() {
     );
     assert!(a.is_ok() && b.is_err() && c.is_ok());
 }
+
+both!(content, content_suite);
+
+async fn content_suite(store: &Store) {
+    use ferry_store::content::Content;
+    let keep = store.create_tenant("keeps", &Limits::default()).await.unwrap();
+    let keep = store
+        .update_tenant(
+            &keep.id,
+            &TenantUpdate { retain_content: Some(true), retention_days: Some(Some(7)), ..Default::default() },
+        )
+        .await
+        .unwrap();
+    let other = store.create_tenant("forgets", &Limits::default()).await.unwrap();
+    let now = ferry_store::now_ms();
+    let day = 86_400_000;
+    let item = |id: &str, tenant: &str, age_days: i64| Content {
+        request_id: id.into(),
+        tenant_id: tenant.into(),
+        created_at: now - age_days * day,
+        request: "{\"messages\": []}".into(),
+        response: "{\"choices\": []}".into(),
+    };
+    store.keep_content(&item("fresh", &keep.id, 1)).await.unwrap();
+    store.keep_content(&item("old", &keep.id, 8)).await.unwrap();
+    store.keep_content(&item("opted-out", &other.id, 0)).await.unwrap();
+    store.keep_content(&item("orphan", "ten_gone", 0)).await.unwrap();
+    assert_eq!(store.purge_content().await.unwrap(), 3);
+    assert_eq!(store.content("fresh").await.unwrap().tenant_id, keep.id);
+    assert!(matches!(store.content("old").await, Err(StoreError::NotFound(_))));
+    // Opting out purges the rest.
+    store
+        .update_tenant(&keep.id, &TenantUpdate { retain_content: Some(false), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(store.purge_content().await.unwrap(), 1);
+}
