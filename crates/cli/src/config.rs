@@ -70,6 +70,9 @@ pub struct ServeArgs {
     /// Seconds between purges of retained request content past its tenant's retention
     #[arg(long, env = "FERRY_PURGE_INTERVAL_S")]
     pub purge_interval_s: Option<u64>,
+    /// Hours a request's trace is kept
+    #[arg(long, env = "FERRY_TRACE_RETENTION_HOURS")]
+    pub trace_retention_hours: Option<u64>,
     /// Write no usage records (limits still apply; budgets then only count this process)
     #[arg(long, env = "FERRY_NO_METERING")]
     pub no_metering: bool,
@@ -95,6 +98,7 @@ struct FileConfig {
     database_url: Option<String>,
     metering: Option<bool>,
     purge_interval_s: Option<u64>,
+    trace_retention_hours: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     /// Price per million tokens by model name, for costs and cost budgets.
@@ -141,6 +145,7 @@ pub struct ServeConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub metering: bool,
     pub purge_interval_s: u64,
+    pub trace_retention_hours: u64,
     pub prices: std::collections::HashMap<String, ferry_server::Price>,
     pub guardrails: Vec<ferry_guardrails::Policy>,
     pub gateway: ferry_gateway::GatewayConfig,
@@ -190,6 +195,7 @@ impl ServeArgs {
                 (None, None) => None,
                 _ => bail!("--tls-cert and --tls-key go together"),
             },
+            trace_retention_hours: self.trace_retention_hours.or(file.trace_retention_hours).unwrap_or(72),
             purge_interval_s: self.purge_interval_s.or(file.purge_interval_s).unwrap_or(600).max(1),
             metering: !self.no_metering && file.metering.unwrap_or(true),
             prices: file.prices,

@@ -90,6 +90,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         state = state.with_embeddings(service);
     }
     spawn_reload_on_sighup(state.clone());
+    spawn_model_hashes(state.clone());
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
@@ -182,13 +183,37 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     tenancy.metering = config.metering;
-    spawn_purge(tenancy.store.clone(), std::time::Duration::from_secs(config.purge_interval_s));
+    let keep_traces_ms = config.trace_retention_hours as i64 * 3_600_000;
+    spawn_purge(
+        tenancy.store.clone(),
+        std::time::Duration::from_secs(config.purge_interval_s),
+        keep_traces_ms,
+    );
     tracing::info!(auth = tenancy.auth_required(), store = %redact_url(&config.database), "tenancy ready");
     Ok(tenancy)
 }
 
+/// Hashes each local model file in the background, for traces and model cards.
+fn spawn_model_hashes(state: AppState) {
+    for model in state.models().to_vec() {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let path = model.info().path.clone();
+            let id = model.info().id.clone();
+            match tokio::task::spawn_blocking(move || ferry_engine::model_info::sha256_file(&path)).await {
+                Ok(Ok(sha)) => {
+                    if let Ok(mut shas) = state.tenancy().model_sha256.write() {
+                        shas.insert(id, sha);
+                    }
+                }
+                other => tracing::warn!(model = %id, ?other, "could not hash the model file"),
+            }
+        });
+    }
+}
+
 /// Deletes retained request content past its tenant's retention, now and then periodically.
-fn spawn_purge(store: ferry_store::Store, every: std::time::Duration) {
+fn spawn_purge(store: ferry_store::Store, every: std::time::Duration, keep_traces_ms: i64) {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         loop {
@@ -197,6 +222,11 @@ fn spawn_purge(store: ferry_store::Store, every: std::time::Duration) {
                 Ok(0) => {}
                 Ok(purged) => tracing::info!(purged, "retained request content purged"),
                 Err(e) => tracing::error!(error = %e, "purging retained request content failed"),
+            }
+            match store.purge_traces(keep_traces_ms).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "old traces purged"),
+                Err(e) => tracing::error!(error = %e, "purging old traces failed"),
             }
         }
     });

@@ -159,6 +159,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/responses", post(responses::responses))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/traces/{id}", get(get_trace))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route_layer(middleware::from_fn_with_state(state.clone(), crate::tenancy::admission));
     Router::new()
@@ -269,6 +270,25 @@ async fn get_model(
     }
     let model = state.model(&id)?;
     Ok(axum::Json(model_card(&state, &model)))
+}
+
+/// `GET /v1/traces/{id}`: what happened to a request, for its tenant or an admin; anyone
+/// else gets the same 404 as for a request that never was.
+async fn get_trace(
+    State(state): State<AppState>,
+    axum::Extension(identity): axum::Extension<crate::tenancy::Identity>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let missing = || ApiError::NotFound(format!("No trace for request '{id}'"));
+    let trace = match state.tenancy().store.trace(&id).await {
+        Ok(trace) => trace,
+        Err(ferry_store::StoreError::NotFound(_)) => return Err(missing()),
+        Err(e) => return Err(e.into()),
+    };
+    if !identity.sees_tenant(trace.tenant_id.as_deref()) {
+        return Err(missing());
+    }
+    Ok(axum::Json(trace.trace))
 }
 
 async fn fallback(method: Method, uri: axum::http::Uri) -> ApiError {

@@ -39,9 +39,13 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
     // The request's usage record counts what the engine really did.
     meter.set_provider("local");
     meter.add_prompt_tokens(prompt_tokens as u64);
+    meter.set_model_card(serde_json::to_value(model.info()).unwrap_or_default());
     let events = events.inspect(move |(_, event)| match event {
         Event::Delta { .. } => meter.first_token(),
-        Event::Finished { completion_tokens, .. } => meter.add_completion_tokens(*completion_tokens as u64),
+        Event::Finished { completion_tokens, timings, .. } => {
+            meter.add_completion_tokens(*completion_tokens as u64);
+            meter.engine_timings(timings);
+        }
         _ => {}
     });
     Ok(Submitted { events: Box::pin(events), prompt_tokens, n, n_prompts })

@@ -74,8 +74,10 @@ pub struct Tenancy {
     pub policies: HashMap<String, Arc<ferry_guardrails::Policy>>,
     /// Names this process in usage records (see `Store::reconcile_usage`).
     pub instance: String,
-    /// Whether usage records are written (on unless turned off with `--no-metering`).
+    /// Whether usage records and traces are written (on unless `--no-metering`).
     pub metering: bool,
+    /// The sha256 of each local model file by model id, filled in after loading.
+    pub model_sha256: std::sync::RwLock<HashMap<String, String>>,
     /// On when an admin key exists; until then the server is a single local user's.
     auth_required: AtomicBool,
     keys: Mutex<HashMap<String, KeyContext>>,
@@ -130,6 +132,7 @@ impl Tenancy {
             policies: policies.into_iter().map(|p| (p.name.clone(), Arc::new(p))).collect(),
             instance,
             metering: true,
+            model_sha256: Default::default(),
             auth_required: AtomicBool::new(required),
             keys: Mutex::new(HashMap::new()),
         })
@@ -275,6 +278,35 @@ struct Peek {
     n: Option<u64>,
     #[serde(default)]
     stream: Option<bool>,
+    /// The sampling parameters as sent, for the trace.
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize, Default, serde::Serialize)]
+struct Sampling {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    temperature: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    top_p: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    top_k: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_p: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seed: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stop: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    repetition_penalty: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    logprobs: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<serde_json::Value>,
 }
 
 /// The live record of one admitted request; handlers report to it through [`current`].
@@ -292,6 +324,17 @@ pub struct Meter {
     policy: Mutex<Option<Arc<ferry_guardrails::Policy>>>,
     /// Values redacted or blocked, by kind (never the values).
     guardrail_counts: Mutex<std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>>,
+    /// What the trace says beyond the counters: route, engine timings, the model's card.
+    trace: Mutex<TraceParts>,
+}
+
+#[derive(Default)]
+struct TraceParts {
+    route: Option<ferry_gateway::Route>,
+    /// (queue, prefill, decode) in milliseconds, from the engine.
+    engine_ms: Option<(f64, f64, f64)>,
+    model: Option<serde_json::Value>,
+    sampling: serde_json::Value,
 }
 
 impl Meter {
@@ -345,7 +388,34 @@ impl Meter {
     }
 
     /// Reports an upstream answer's usage and route.
+    /// Records the gateway's route for the trace.
+    pub fn set_route(&self, route: &ferry_gateway::Route) {
+        if let Ok(mut t) = self.trace.lock() {
+            t.route = Some(route.clone());
+        }
+    }
+
+    /// Records the local model's card (provenance) for the trace.
+    pub fn set_model_card(&self, card: serde_json::Value) {
+        if let Ok(mut t) = self.trace.lock() {
+            t.model = Some(card);
+        }
+    }
+
+    /// Records the engine's timings of a finished choice (the slowest choice wins).
+    pub fn engine_timings(&self, t: &ferry_engine::Timings) {
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+        let timings =
+            (ms(self.started, t.admitted), ms(t.admitted, t.first_token), ms(t.first_token, t.finished));
+        if let Ok(mut parts) = self.trace.lock()
+            && parts.engine_ms.is_none_or(|(q, p, d)| q + p + d < timings.0 + timings.1 + timings.2)
+        {
+            parts.engine_ms = Some(timings);
+        }
+    }
+
     pub fn upstream(&self, route: &ferry_gateway::Route, usage: &ferry_providers::Usage) {
+        self.set_route(route);
         self.set_provider(if route.cache_hit { "cache" } else { &route.target });
         if route.cache_hit {
             self.set_cache_hit();
@@ -371,6 +441,7 @@ pub fn tap_upstream(
 ) -> ferry_providers::EventStream {
     let Some(meter) = current() else { return events };
     meter.set_provider(&route.target);
+    meter.set_route(route);
     Box::pin(events.inspect(move |event| match event {
         Ok(ferry_providers::ChatEvent::Usage(u)) => {
             meter.add_prompt_tokens(u.prompt_tokens);
@@ -453,13 +524,14 @@ async fn admit(
     };
     let admission = tenancy.limiter.admit(&tenancy.store, &subjects, estimate).await?;
     let key = identity.key.as_ref();
+    let route_path = parts.uri.path().to_string();
     let start = UsageStart {
         request_id: request_id.to_string(),
         instance: tenancy.instance.clone(),
         tenant_id: key.and_then(|k| k.tenant_id.clone()),
         project_id: key.and_then(|k| k.project_id.clone()),
         key_id: key.map(|k| k.id.clone()),
-        route: parts.uri.path().to_string(),
+        route: route_path.clone(),
         model: model.clone(),
         stream: peek.stream.unwrap_or(false),
         started_at: now_ms(),
@@ -482,6 +554,10 @@ async fn admit(
         cache_hit: AtomicBool::new(false),
         policy: Mutex::new(policy),
         guardrail_counts: Mutex::new(Default::default()),
+        trace: Mutex::new(TraceParts {
+            sampling: serde_json::to_value(&peek.sampling).unwrap_or_default(),
+            ..Default::default()
+        }),
     });
     // Content is kept only for tenants that opted in (and purged after their retention).
     let keep = context.as_ref().and_then(|c| c.tenant.as_ref()).filter(|t| t.retain_content).map(|t| Kept {
@@ -493,7 +569,13 @@ async fn admit(
     let mut response = METER.scope(meter.clone(), next.run(request)).await;
     response.headers_mut().extend(admission.headers.clone());
     let http_status = response.status().as_u16();
-    let mut finish = Finish { tenancy, meter, admission, http_status, ended: false, keep };
+    let owner = Owner {
+        tenant_id: identity.tenant_id().map(String::from),
+        project_id: identity.key.as_ref().and_then(|k| k.project_id.clone()),
+        key_id: identity.key.as_ref().map(|k| k.id.clone()),
+        route: route_path,
+    };
+    let mut finish = Finish { tenancy, meter, admission, http_status, ended: false, keep, owner };
     let streaming = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -545,6 +627,90 @@ struct Finish {
     http_status: u16,
     ended: bool,
     keep: Option<Kept>,
+    owner: Owner,
+}
+
+/// Whose request it was, for its trace.
+struct Owner {
+    tenant_id: Option<String>,
+    project_id: Option<String>,
+    key_id: Option<String>,
+    route: String,
+}
+
+impl Finish {
+    /// The request's trace: route, guardrail actions (counts only), timings, sampling
+    /// parameters, tokens and the model's provenance.
+    fn trace(&self, status: &str, finish: &UsageFinish) -> ferry_store::traces::Trace {
+        let m = &self.meter;
+        let parts = m.trace.lock().map(|p| {
+            let mut model = p.model.clone();
+            if let Some(card) = model.as_mut()
+                && let Some(id) = card["id"].as_str()
+                && let Ok(shas) = self.tenancy.model_sha256.read()
+                && let Some(sha) = shas.get(id)
+            {
+                card["sha256"] = serde_json::Value::String(sha.clone());
+            }
+            (p.route.clone(), p.engine_ms, model, p.sampling.clone())
+        });
+        let (route, engine_ms, model, sampling) = parts.unwrap_or_default();
+        let counts: serde_json::Map<String, serde_json::Value> = m
+            .guardrail_counts
+            .lock()
+            .map(|c| c.iter().map(|(k, n)| (k.as_str().to_string(), (*n).into())).collect())
+            .unwrap_or_default();
+        let mut timings = serde_json::json!({
+            "total_ms": finish.latency_ms,
+            "first_token_ms": finish.ttft_ms,
+        });
+        if let Some((queue, prefill, decode)) = engine_ms {
+            timings["queue_ms"] = queue.into();
+            timings["prefill_ms"] = prefill.into();
+            timings["decode_ms"] = decode.into();
+        }
+        if let Some(route) = &route
+            && !route.cache_hit
+        {
+            timings["upstream_ms"] = finish.latency_ms.into();
+        }
+        let trace = serde_json::json!({
+            "request_id": m.request_id,
+            "route": self.owner.route,
+            "model": m.model,
+            "status": status,
+            "http_status": self.http_status,
+            "tenant_id": self.owner.tenant_id,
+            "project_id": self.owner.project_id,
+            "key_id": self.owner.key_id,
+            "routing": {
+                "provider": finish.provider,
+                "target": route.as_ref().map(|r| r.target.clone()),
+                "attempts": route.as_ref().map(|r| r.attempts),
+                "fallbacks": route.as_ref().map(|r| r.fallbacks),
+                "cache_hit": route.as_ref().is_some_and(|r| r.cache_hit),
+            },
+            "guardrails": {
+                "policy": m.policy().map(|p| p.name.clone()),
+                "counts": counts,
+            },
+            "timings": timings,
+            "sampling": sampling,
+            "tokens": {
+                "prompt": finish.prompt_tokens,
+                "completion": finish.completion_tokens,
+                "cached": finish.cached_tokens,
+            },
+            "cost": finish.cost,
+            "model_card": model,
+        });
+        ferry_store::traces::Trace {
+            request_id: m.request_id.clone(),
+            tenant_id: self.owner.tenant_id.clone(),
+            created_at: now_ms(),
+            trace,
+        }
+    }
 }
 
 impl Drop for Finish {
@@ -577,6 +743,7 @@ impl Drop for Finish {
             ttft_ms: (ttft > 0).then_some(ttft),
         };
         if self.tenancy.metering {
+            self.tenancy.usage.trace(self.trace(status, &finish));
             self.tenancy.usage.finish(m.request_id.clone(), finish);
         }
         if let Some(keep) = self.keep.take() {

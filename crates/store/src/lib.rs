@@ -16,6 +16,7 @@ pub mod audit;
 pub mod content;
 pub mod keys;
 pub mod tenants;
+pub mod traces;
 pub mod usage;
 
 use std::path::Path;
@@ -153,8 +154,11 @@ impl Store {
 
 /// (version, script): statements separated by `;`, in the SQL that SQLite and PostgreSQL both
 /// accept (a migration that needs to differ would carry one script per backend).
-const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../migrations/0001_init.sql")), (2, include_str!("../migrations/0002_content.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_content.sql")),
+    (3, include_str!("../migrations/0003_traces.sql")),
+];
 
 /// Milliseconds since the Unix epoch: every timestamp in the store.
 pub fn now_ms() -> i64 {

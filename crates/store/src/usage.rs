@@ -352,6 +352,7 @@ async fn update_finish<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
 enum WriteOp {
     Start(Box<UsageStart>, tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
     Finish(String, Box<UsageFinish>),
+    Trace(Box<crate::traces::Trace>),
 }
 
 /// The handle of [`Store::usage_writer`]; cheap to clone.
@@ -371,6 +372,13 @@ impl UsageWriter {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(StoreError::Invalid(message)),
             Err(_) => Err(StoreError::Invalid("the usage writer has stopped".into())),
+        }
+    }
+
+    /// Queues a request's trace; it is committed with the next group.
+    pub fn trace(&self, trace: crate::traces::Trace) {
+        if self.tx.send(WriteOp::Trace(Box::new(trace))).is_err() {
+            tracing::error!("the usage writer has stopped; a trace is lost");
         }
     }
 
@@ -396,6 +404,7 @@ async fn write_groups(store: Store, mut rx: tokio::sync::mpsc::UnboundedReceiver
                     WriteOp::Finish(id, finish) => {
                         update_finish(&mut *tx, id, finish).await?;
                     }
+                    WriteOp::Trace(trace) => crate::traces::insert(&mut *tx, trace).await?,
                 }
             }
             tx.commit().await?;
@@ -414,6 +423,11 @@ async fn write_groups(store: Store, mut rx: tokio::sync::mpsc::UnboundedReceiver
                 WriteOp::Finish(id, finish) => {
                     if !grouped_ok && let Err(e) = update_finish(store.pool(), &id, &finish).await {
                         tracing::error!(request_id = %id, error = %e, "could not complete the usage record");
+                    }
+                }
+                WriteOp::Trace(trace) => {
+                    if !grouped_ok && let Err(e) = crate::traces::insert(store.pool(), &trace).await {
+                        tracing::error!(request_id = %trace.request_id, error = %e, "could not write the trace");
                     }
                 }
             }

@@ -387,3 +387,23 @@ async fn content_suite(store: &Store) {
         .unwrap();
     assert_eq!(store.purge_content().await.unwrap(), 1);
 }
+
+both!(traces, traces_suite);
+
+async fn traces_suite(store: &Store) {
+    use ferry_store::traces::Trace;
+    let now = ferry_store::now_ms();
+    let trace = |id: &str, age_ms: i64| Trace {
+        request_id: id.into(),
+        tenant_id: Some("ten_a".into()),
+        created_at: now - age_ms,
+        trace: serde_json::json!({"route": {"target": "local"}, "tokens": {"prompt": 3}}),
+    };
+    store.put_trace(&trace("new", 10)).await.unwrap();
+    let writer = store.usage_writer();
+    writer.trace(trace("old", 100_000));
+    writer.start(start("after-trace", None, "m", now)).await.unwrap();
+    assert_eq!(store.trace("new").await.unwrap(), trace("new", 10));
+    assert_eq!(store.purge_traces(50_000).await.unwrap(), 1);
+    assert!(matches!(store.trace("old").await, Err(StoreError::NotFound(_))));
+}
