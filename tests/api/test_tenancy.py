@@ -438,6 +438,15 @@ def test_content_is_kept_only_for_tenants_that_opt_in_and_purged():
         other_admin, _, _ = make_key(s, "no-keeping", role="tenant_admin")
         r = admin(s, "GET", f"/admin/v1/requests/{plain.headers['x-request-id']}/content", key=other_admin)
         assert r.status_code == 404
+        # An explanation of a kept request by its id, for its own tenant only.
+        rid = plain.headers["x-request-id"]
+        body = {"model": MODEL_ID, "request_id": rid, "granularity": "message"}
+        headers = {"Authorization": f"Bearer {keeper}"}
+        explained = httpx.post(s.url + "/v1/explanations", json=body, headers=headers, timeout=120)
+        assert explained.status_code == 200, explained.text
+        assert explained.json()["segments"][0]["text"] == "Remember the word teapot."
+        r = httpx.post(s.url + "/v1/explanations", json=body, headers={"Authorization": f"Bearer {other}"})
+        assert r.status_code == 404
         # Opting out: the purge task deletes what was kept.
         admin(s, "PATCH", f"/admin/v1/tenants/{keeper_tenant}", {"retain_content": False})
         deadline = time.time() + 10

@@ -160,6 +160,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/traces/{id}", get(get_trace))
+        .route("/v1/explanations", post(crate::explain::explanations))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route_layer(middleware::from_fn_with_state(state.clone(), crate::tenancy::admission));
     Router::new()

@@ -10,6 +10,7 @@ mod chat;
 mod completions;
 mod embeddings;
 pub mod error;
+mod explain;
 mod generation;
 mod guard;
 mod limits;
