@@ -25,6 +25,16 @@ def test_models(client):
     assert model.owned_by == "ferry"
     assert model.model_extra["architecture"] == "llama"
     assert model.model_extra["quantization"] == "Q4_1"
+    # Provenance: the file's sha256 (hashed in the background just after start).
+    import time
+
+    for _ in range(100):
+        model = client.models.retrieve(MODEL_ID)
+        if model.model_extra["sha256"]:
+            break
+        time.sleep(0.1)
+    assert model.model_extra["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert model.model_extra["parameters"] > 100_000_000 and model.model_extra["n_layer"] == 30
 
 
 def test_chat_plain(client):

@@ -216,6 +216,13 @@ fn model_card(state: &AppState, model: &LocalModel) -> Model {
         "has_chat_template": model.template.is_some(),
         "license": info.license,
         "source": info.source,
+        "name": info.name,
+        "n_layer": info.n_layer,
+        "n_embd": info.n_embd,
+        "n_vocab": info.n_vocab,
+        "n_ctx_train": info.n_ctx_train,
+        // Hashed in the background at start: null until that finishes.
+        "sha256": state.tenancy().model_sha256.read().ok().and_then(|s| s.get(&info.id).cloned()),
         "state": "loaded",
     });
     Model {
