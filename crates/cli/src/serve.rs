@@ -89,6 +89,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(service) = embeddings {
         state = state.with_embeddings(service);
     }
+    match ferry_server::telemetry::install() {
+        Ok(handle) => state = state.with_metrics(handle),
+        Err(e) => tracing::warn!(error = %e, "metrics are off: the recorder could not be installed"),
+    }
     spawn_reload_on_sighup(state.clone());
     spawn_model_hashes(state.clone());
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))

@@ -51,6 +51,8 @@ struct Inner {
     created: u64,
     /// The sentence-embedding model of `/v1/embeddings`, when one is served.
     embeddings: std::sync::OnceLock<ferry_embed::EmbedService>,
+    /// Renders the Prometheus metrics, when a recorder is installed.
+    metrics: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl AppState {
@@ -67,7 +69,10 @@ impl AppState {
         let created = crate::generation::unix_now();
         let tenancy = Arc::new(tenancy);
         let embeddings = std::sync::OnceLock::new();
-        AppState { inner: Arc::new(Inner { models, tenancy, gateway, loader, http, created, embeddings }) }
+        let metrics = std::sync::OnceLock::new();
+        AppState {
+            inner: Arc::new(Inner { models, tenancy, gateway, loader, http, created, embeddings, metrics }),
+        }
     }
 
     /// Serves `service`'s model on `/v1/embeddings` (and lists it). Set once, before serving;
@@ -80,6 +85,16 @@ impl AppState {
     }
 
     /// The embedding service, when an embedding model is served.
+    /// Serves `GET /metrics` from `handle` (see `telemetry::install`).
+    pub fn with_metrics(self, handle: metrics_exporter_prometheus::PrometheusHandle) -> Self {
+        let _ = self.inner.metrics.set(handle);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&metrics_exporter_prometheus::PrometheusHandle> {
+        self.inner.metrics.get()
+    }
+
     pub fn embeddings(&self) -> Option<&ferry_embed::EmbedService> {
         self.inner.embeddings.get()
     }
@@ -169,6 +184,7 @@ pub fn app(state: AppState) -> Router {
         .merge(v1)
         .merge(crate::admin::routes())
         .route("/admin/v1/reload", post(reload))
+        .route("/metrics", get(crate::telemetry::render))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

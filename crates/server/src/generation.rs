@@ -40,8 +40,16 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
     meter.set_provider("local");
     meter.add_prompt_tokens(prompt_tokens as u64);
     meter.set_model_card(serde_json::to_value(model.info()).unwrap_or_default());
+    let model_id = model.info().id.clone();
+    let mut last_token: Option<std::time::Instant> = None;
     let events = events.inspect(move |(_, event)| match event {
-        Event::Delta { .. } => meter.first_token(),
+        Event::Delta { .. } => {
+            meter.first_token();
+            let now = std::time::Instant::now();
+            if let Some(last) = last_token.replace(now) {
+                crate::telemetry::inter_token(&model_id, now.duration_since(last).as_secs_f64());
+            }
+        }
         Event::Finished { completion_tokens, timings, .. } => {
             meter.add_completion_tokens(*completion_tokens as u64);
             meter.engine_timings(timings);

@@ -41,6 +41,7 @@ fn policy() -> Option<Arc<Policy>> {
 }
 
 fn blocked(e: ferry_guardrails::Blocked) -> ApiError {
+    crate::telemetry::refused("pii_blocked");
     ApiError::PiiBlocked(e.kinds.iter().map(|k| k.as_str().to_string()).collect())
 }
 
@@ -110,7 +111,10 @@ pub async fn chat(
         Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
-    let mut routed = gateway.chat(alias, request, use_cache).await?;
+    let mut routed = gateway
+        .chat(alias, request, use_cache)
+        .await
+        .inspect_err(|_| crate::telemetry::upstream_error(alias))?;
     if let Some(meter) = crate::tenancy::current() {
         meter.upstream(&routed.route, &routed.value.usage);
     }
@@ -132,7 +136,8 @@ pub async fn chat_stream(
         Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
-    let routed = gateway.chat_stream(alias, request).await?;
+    let routed =
+        gateway.chat_stream(alias, request).await.inspect_err(|_| crate::telemetry::upstream_error(alias))?;
     let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
     let value = match (policy, redactor) {
         (Some(policy), Some(redactor)) if policy.apply_to_responses => {

@@ -17,6 +17,7 @@ mod limits;
 mod messages;
 mod presets;
 mod responses;
+pub mod telemetry;
 pub mod tenancy;
 mod translate;
 mod validate;

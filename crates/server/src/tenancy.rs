@@ -356,6 +356,9 @@ impl Meter {
         &self,
         counts: &std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>,
     ) {
+        for (kind, n) in counts {
+            crate::telemetry::guardrail(kind.as_str(), *n);
+        }
         if let Ok(mut c) = self.guardrail_counts.lock() {
             for (kind, n) in counts {
                 *c.entry(*kind).or_default() += n;
@@ -459,6 +462,10 @@ pub async fn admission(State(state): State<AppState>, request: Request, next: Ne
     let anthropic = request.uri().path().starts_with("/v1/messages");
     let mut response = match admit(&state, request, next, &request_id).await {
         Ok(response) => response,
+        Err(e) if refusal(&e).is_some() => {
+            crate::telemetry::refused(refusal(&e).unwrap_or("other"));
+            if anthropic { crate::messages::error_response(e) } else { e.into_response() }
+        }
         Err(e) if anthropic => crate::messages::error_response(e),
         Err(e) => e.into_response(),
     };
@@ -466,6 +473,18 @@ pub async fn admission(State(state): State<AppState>, request: Request, next: Ne
         response.headers_mut().insert("x-request-id", v);
     }
     response
+}
+
+/// Why admission refused a request, for the rejection counter.
+fn refusal(e: &ApiError) -> Option<&'static str> {
+    Some(match e {
+        ApiError::Unauthorized(_) => "unauthorized",
+        ApiError::Forbidden(_) => "forbidden",
+        ApiError::RateLimited { tokens: false, .. } => "rate_limit_requests",
+        ApiError::RateLimited { tokens: true, .. } => "rate_limit_tokens",
+        ApiError::QuotaExceeded(_) => "budget",
+        _ => return None,
+    })
 }
 
 async fn admit(
@@ -731,6 +750,20 @@ impl Drop for Finish {
             _ => "error",
         };
         let ttft = m.first_token_ms.load(Ordering::Relaxed);
+        let provider = m.provider.lock().ok().and_then(|p| p.clone());
+        crate::telemetry::finished(&crate::telemetry::Finished {
+            route: &self.owner.route,
+            model: &m.model,
+            status,
+            http_status: self.http_status,
+            tenant: self.owner.tenant_id.as_deref().unwrap_or(""),
+            provider: provider.as_deref(),
+            latency_s: m.started.elapsed().as_secs_f64(),
+            ttft_s: (ttft > 0).then(|| ttft as f64 / 1000.0),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cache_hit: m.cache_hit.load(Ordering::Relaxed),
+        });
         let finish = UsageFinish {
             provider: m.provider.lock().ok().and_then(|p| p.clone()),
             status: status.to_string(),

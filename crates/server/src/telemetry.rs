@@ -1,0 +1,113 @@
+//! Prometheus metrics through the `metrics` facade: recorded where things happen (the usage
+//! record's completion, admission refusals, the engine's token stream, gateway failures),
+//! rendered by `GET /metrics`. Labels stay bounded: routes are the fixed API paths, models
+//! are only named for answered requests (anything else is `-`), tenants are tenant ids.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+
+/// Latency buckets in seconds, from a cached answer to a long generation.
+const BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// Installs the process-wide recorder; returns the handle that renders it.
+pub fn install() -> Result<PrometheusHandle, String> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())
+}
+
+/// One finished request, from its usage record.
+pub struct Finished<'a> {
+    pub route: &'a str,
+    pub model: &'a str,
+    pub status: &'a str,
+    pub http_status: u16,
+    pub tenant: &'a str,
+    pub provider: Option<&'a str>,
+    pub latency_s: f64,
+    pub ttft_s: Option<f64>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cache_hit: bool,
+}
+
+pub fn finished(f: &Finished<'_>) {
+    let model = if f.http_status < 400 { f.model.to_string() } else { "-".to_string() };
+    let (route, tenant) = (f.route.to_string(), f.tenant.to_string());
+    counter!("ferry_requests_total", "route" => route.clone(), "model" => model.clone(),
+        "status" => f.status.to_string(), "tenant" => tenant)
+    .increment(1);
+    histogram!("ferry_request_duration_seconds", "route" => route, "model" => model.clone())
+        .record(f.latency_s);
+    if let Some(ttft) = f.ttft_s {
+        histogram!("ferry_time_to_first_token_seconds", "model" => model.clone()).record(ttft);
+    }
+    counter!("ferry_prompt_tokens_total", "model" => model.clone()).increment(f.prompt_tokens);
+    counter!("ferry_completion_tokens_total", "model" => model.clone()).increment(f.completion_tokens);
+    if f.cache_hit {
+        counter!("ferry_cache_hits_total", "model" => model).increment(1);
+    } else if let Some(target) = f.provider.filter(|p| *p != "local") {
+        histogram!("ferry_upstream_duration_seconds", "target" => target.to_string()).record(f.latency_s);
+    }
+}
+
+/// A request refused before it ran: `unauthorized`, `forbidden`, `rate_limit_requests`,
+/// `rate_limit_tokens`, `budget`, `pii_blocked`.
+pub fn refused(reason: &'static str) {
+    counter!("ferry_rejections_total", "reason" => reason).increment(1);
+}
+
+pub fn guardrail(kind: &str, n: usize) {
+    counter!("ferry_guardrail_actions_total", "kind" => kind.to_string()).increment(n as u64);
+}
+
+pub fn upstream_error(alias: &str) {
+    counter!("ferry_upstream_errors_total", "alias" => alias.to_string()).increment(1);
+}
+
+pub fn inter_token(model: &str, seconds: f64) {
+    histogram!("ferry_inter_token_seconds", "model" => model.to_string()).record(seconds);
+}
+
+/// `GET /metrics`: the admin's (or, without keys, a loopback client's).
+pub async fn render(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let identity = crate::tenancy::admin_identity(&state, peer, &headers).await?;
+    if identity.role() != ferry_store::Role::Admin {
+        return Err(ApiError::Forbidden("Metrics need an admin key.".into()));
+    }
+    let Some(handle) = state.metrics() else {
+        return Err(ApiError::NotReady("metrics are not recorded by this server".into()));
+    };
+    // Gauges read at scrape time.
+    gauge!("ferry_loaded_models").set(state.models().len() as f64);
+    for model in state.models() {
+        let id = model.info().id.clone();
+        let stats = model.scheduler.stats();
+        use std::sync::atomic::Ordering::Relaxed;
+        gauge!("ferry_queue_depth", "model" => id.clone()).set(stats.waiting.load(Relaxed) as f64);
+        gauge!("ferry_running_sequences", "model" => id.clone()).set(stats.running.load(Relaxed) as f64);
+        gauge!("ferry_engine_steps", "model" => id.clone()).set(stats.steps.load(Relaxed) as f64);
+        gauge!("ferry_engine_generated_tokens", "model" => id)
+            .set(stats.generated_tokens.load(Relaxed) as f64);
+    }
+    let mut response = handle.render().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    Ok(response)
+}
