@@ -46,7 +46,9 @@ def key(s, name, limits=None):
 
 
 def chat(s, secret, **extra):
-    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **extra}
+    # Greedy, so the token-by-token counts are the same on every run.
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            **extra}
     return httpx.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"},
                       timeout=120)
 
@@ -61,7 +63,7 @@ def test_counters_and_histograms_match_a_known_mix(server):
         prompt += usage["prompt_tokens"]
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
                       json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-                            "stream": True, "stream_options": {"include_usage": True}}, timeout=120) as r:
+                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}, timeout=120) as r:
         import json
         chunks = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith("data: {")]
         completion += chunks[-1]["usage"]["completion_tokens"]
