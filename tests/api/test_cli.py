@@ -82,3 +82,40 @@ def test_chat_with_a_local_model():
     assert r.returncode == 0, r.stderr
     answers = [line for line in r.stdout.splitlines() if line.strip()]
     assert len(answers) >= 2, r.stdout
+
+
+def test_sigterm_lets_a_stream_in_flight_finish():
+    import json
+    import signal as signals
+
+    import httpx
+
+    from conftest import MODEL_ID, Server
+
+    s = Server("--parallel", "2", "--shutdown-grace-s", "60")
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 60,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            first = next(l for l in lines if l.startswith("data: "))
+            s.proc.send_signal(signals.SIGTERM)
+            rest = [l for l in lines if l.startswith("data: ")]
+        assert json.loads(first[6:])["object"] == "chat.completion.chunk"
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 60
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        s.stop()
+
+
+def test_json_logs():
+    import json
+
+    from conftest import Server
+
+    s = Server("--parallel", "1", "--log-format", "json")
+    s.stop()
+    lines = [l for l in open(s.log.name).read().splitlines() if l.startswith("{")]
+    assert lines, "no JSON log lines"
+    assert any(json.loads(l)["fields"].get("message") == "listening" for l in lines)

@@ -73,6 +73,12 @@ pub struct ServeArgs {
     /// Hours a request's trace is kept
     #[arg(long, env = "FERRY_TRACE_RETENTION_HOURS")]
     pub trace_retention_hours: Option<u64>,
+    /// `text` (default) or `json`: one JSON object per log line
+    #[arg(long, env = "FERRY_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+    /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled
+    #[arg(long, env = "FERRY_SHUTDOWN_GRACE_S")]
+    pub shutdown_grace_s: Option<u64>,
     /// Write no usage records (limits still apply; budgets then only count this process)
     #[arg(long, env = "FERRY_NO_METERING")]
     pub no_metering: bool,
@@ -98,6 +104,7 @@ struct FileConfig {
     database_url: Option<String>,
     metering: Option<bool>,
     purge_interval_s: Option<u64>,
+    shutdown_grace_s: Option<u64>,
     trace_retention_hours: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -145,6 +152,7 @@ pub struct ServeConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub metering: bool,
     pub purge_interval_s: u64,
+    pub shutdown_grace: std::time::Duration,
     pub trace_retention_hours: u64,
     pub prices: std::collections::HashMap<String, ferry_server::Price>,
     pub guardrails: Vec<ferry_guardrails::Policy>,
@@ -196,6 +204,9 @@ impl ServeArgs {
                 _ => bail!("--tls-cert and --tls-key go together"),
             },
             trace_retention_hours: self.trace_retention_hours.or(file.trace_retention_hours).unwrap_or(72),
+            shutdown_grace: std::time::Duration::from_secs(
+                self.shutdown_grace_s.or(file.shutdown_grace_s).unwrap_or(30),
+            ),
             purge_interval_s: self.purge_interval_s.or(file.purge_interval_s).unwrap_or(600).max(1),
             metering: !self.no_metering && file.metering.unwrap_or(true),
             prices: file.prices,

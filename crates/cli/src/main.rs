@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Serve(args) => {
-            init_logging();
+            init_logging(args.log_format.as_deref() == Some("json"));
             runtime.block_on(serve::run(args.resolve()?))
         }
         Command::Chat(args) => runtime.block_on(chat::run(args)),
@@ -89,8 +89,14 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn init_logging() {
+/// Human-readable lines, or one JSON object per line (`--log-format json`) for log shippers.
+fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
 }

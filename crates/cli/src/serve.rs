@@ -104,18 +104,34 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         // Tests and scripts read this line to find a port picked with --port 0.
         println!("Ferry listening on http://{addr}");
         tracing::info!(%addr, "listening");
-        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+        // On SIGTERM: stop accepting, let requests in flight (streams included) finish, and
+        // cancel whatever is still running when the grace period ends.
+        let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+        let signal = async move {
+            shutdown_signal().await;
+            let _ = stopping.send(true);
+        };
+        let grace = config.shutdown_grace;
+        let deadline = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = axum::serve(listener, app).with_graceful_shutdown(signal).into_future() => served?,
+            () = deadline => tracing::warn!(?grace, "requests still in flight after the grace period were cancelled"),
+        }
         return Ok(());
     };
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.with_context(|| {
         format!("loading the TLS certificate {} and key {}", cert.display(), key.display())
     })?;
+    let grace = config.shutdown_grace;
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         // In-flight requests get this long to finish.
-        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
+        stopper.graceful_shutdown(Some(grace));
     });
     println!("Ferry listening on https://{addr}");
     tracing::info!(%addr, "listening with TLS");
