@@ -142,8 +142,19 @@ class MockUpstream:
                 send("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 5}})
                 send("message_stop", {})
 
+            def logprobs(self, body, words):
+                """OpenAI's chat logprobs object for `words`, when the request asked for them."""
+                if not body.get("logprobs"):
+                    return None
+                k = body.get("top_logprobs") or 0
+                return {"content": [{"token": w, "logprob": -0.25 * (i + 1), "bytes": list(w.encode()),
+                                     "top_logprobs": [{"token": w, "logprob": -0.25 * (i + 1),
+                                                       "bytes": list(w.encode())}][:k]}
+                                    for i, w in enumerate(words)]}
+
             def plain(self, body, step):
                 message = {"role": "assistant", "content": None}
+                logprobs = None
                 finish = "stop"
                 if step[0] == "tool":
                     message["tool_calls"] = [{"id": "call_1", "type": "function",
@@ -151,9 +162,10 @@ class MockUpstream:
                     finish = "tool_calls"
                 else:
                     message["content"] = step[1]
+                    logprobs = self.logprobs(body, [w + " " for w in step[1].split(" ")])
                 data = json.dumps({
                     "id": "chatcmpl-mock", "object": "chat.completion", "created": 1700000000, "model": body["model"],
-                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                    "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
                     "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
                 }).encode()
                 self.send_response(200)
@@ -171,9 +183,9 @@ class MockUpstream:
                     self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
                     self.wfile.flush()
 
-                def chunk(delta, finish=None):
+                def chunk(delta, finish=None, logprobs=None):
                     return {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000,
-                            "model": body["model"], "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                            "model": body["model"], "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                                  "finish_reason": finish}]}
 
                 send(chunk({"role": "assistant", "content": ""}))
@@ -186,7 +198,7 @@ class MockUpstream:
                     send(chunk({}, "tool_calls"))
                 else:
                     for word in step[1].split(" "):
-                        send(chunk({"content": word + " "}))
+                        send(chunk({"content": word + " "}, logprobs=self.logprobs(body, [word + " "])))
                     send(chunk({}, "stop"))
                 send({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000,
                       "model": body["model"], "choices": [],

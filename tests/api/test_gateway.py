@@ -478,3 +478,25 @@ def test_responses_api_through_an_alias(server, client, tmp_path):
         assert [e.sequence_number for e in events] == list(range(len(events)))
     finally:
         b.stop()
+
+
+def test_upstream_logprobs_pass_through(mock, tmp_path):
+    """An OpenAI-compatible upstream's logprobs reach the client, plain and streamed."""
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "a", "targets": [("m", "x")]}])
+    try:
+        client = b.client(max_retries=0)
+        mock.script.append(("ok", "Hello there"))
+        r = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                                           top_logprobs=1)
+        assert mock.requests[-1][1]["logprobs"] is True and mock.requests[-1][1]["top_logprobs"] == 1
+        content = r.choices[0].logprobs.content
+        assert [(t.token, t.logprob) for t in content] == [("Hello ", -0.25), ("there ", -0.5)]
+        assert content[1].top_logprobs[0].token == "there "
+        mock.script.append(("ok", "Hello there"))
+        stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}],
+                                                logprobs=True, stream=True)
+        streamed = [t.token for c in stream if c.choices and c.choices[0].logprobs
+                    for t in c.choices[0].logprobs.content]
+        assert streamed == ["Hello ", "there "]
+    finally:
+        b.stop()
