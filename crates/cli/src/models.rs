@@ -55,7 +55,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!("{:<40} {:<8} {:>8} {:<9} {:>9}  {}", "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE", "SHA256");
+    println!("{:<40} {:<8} {:>8} {:<9} {:>9}  SHA256", "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE");
     for (info, sha) in rows {
         println!(
             "{:<40} {:<8} {:>8} {:<9} {:>9}  {}",

@@ -87,7 +87,6 @@ impl LlamaCppModel {
             license: meta("general.license"),
             source: meta("general.source.url").or_else(|| meta("general.url")),
         };
-        drop(vocab);
         Ok(LlamaCppModel { model, info, pieces, eog })
     }
 }

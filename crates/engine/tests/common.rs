@@ -1,6 +1,6 @@
 //! Shared helpers of the engine tests: the real test models and a way to run a request
 //! to completion.
-
+#![allow(clippy::expect_used, reason = "test helpers: a failure stops the test with its message")]
 #![allow(dead_code)]
 
 use std::path::PathBuf;

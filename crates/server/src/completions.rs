@@ -137,7 +137,7 @@ pub async fn completions(
                 if st.done {
                     return None;
                 }
-                loop {
+                {
                     if st.open == 0 {
                         st.done = true;
                         let tail: Vec<SseEvent> = include_usage
@@ -203,7 +203,7 @@ pub async fn completions(
                             ]
                         }
                     };
-                    return Some((out, st));
+                    Some((out, st))
                 }
             }
         });

@@ -1,6 +1,7 @@
 //! The store's suite, run against both databases: SQLite in a temporary file, and PostgreSQL
 //! in a fresh database on the server named by `FERRY_TEST_POSTGRES_URL` (default: the local
 //! one, trust auth), dropped afterwards.
+#![allow(clippy::unwrap_used, reason = "a test suite: a failed step stops the test with its error")]
 
 use ferry_store::keys::{KEY_PREFIX, hash_secret};
 use ferry_store::tenants::{ProjectUpdate, TenantUpdate};
