@@ -110,6 +110,14 @@ def test_keys_limited_to_models(keyed):
     r = chat(keyed, secret)
     assert r.status_code == 403
     assert MODEL_ID in r.json()["error"]["message"]
+    # The key sees only what it may use.
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=secret, max_retries=0)
+    assert client.models.list().data == []
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(MODEL_ID)
+    allowed, _, _ = make_key(keyed, "models-tenant", models=[MODEL_ID])
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=allowed, max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL_ID]
 
 
 def test_tenant_admins_see_only_their_tenant(keyed):

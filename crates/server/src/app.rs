@@ -250,7 +250,11 @@ fn model_card(state: &AppState, model: &LocalModel) -> Model {
     }
 }
 
-async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
+/// The models this caller may use: all of them, or those its key is limited to.
+async fn list_models(
+    State(state): State<AppState>,
+    axum::Extension(identity): axum::Extension<crate::tenancy::Identity>,
+) -> impl IntoResponse {
     let mut data: Vec<Model> = state.models().iter().map(|m| model_card(&state, m)).collect();
     data.extend(state.embeddings().map(|e| embeddings::model_card(e, state.inner.created)));
     if let Some(gateway) = state.gateway().as_deref() {
@@ -280,13 +284,20 @@ async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
             }
         }));
     }
+    if let Some(key) = &identity.key {
+        data.retain(|m| key.allows_model(&m.id));
+    }
     axum::Json(ModelList { object: "list".into(), data })
 }
 
 async fn get_model(
     State(state): State<AppState>,
+    axum::Extension(identity): axum::Extension<crate::tenancy::Identity>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if identity.key.as_ref().is_some_and(|k| !k.allows_model(&id)) {
+        return Err(ApiError::ModelNotFound(id));
+    }
     if let Some(service) = state.embeddings()
         && service.embedder().name() == id
     {
