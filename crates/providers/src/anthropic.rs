@@ -292,29 +292,12 @@ mod tests {
     fn translates_system_tools_images_and_results() {
         let request = ChatRequest {
             model: "claude".into(),
-            messages: vec![
-                Message::text(Role::System, "be brief"),
-                Message {
-                    role: Role::User,
-                    content: vec![
-                        Part::Text("what?".into()),
-                        Part::Image { url: "data:image/png;base64,AAAA".into() },
-                    ],
-                    tool_calls: vec![],
-                    tool_call_id: None,
-                },
-                Message {
-                    role: Role::Assistant,
-                    content: vec![],
-                    tool_calls: vec![ToolCall {
-                        id: "t1".into(),
-                        name: "f".into(),
-                        arguments: "{\"a\":1}".into(),
-                    }],
-                    tool_call_id: None,
-                },
-                Message { tool_call_id: Some("t1".into()), ..Message::text(Role::Tool, "ok") },
-            ],
+            messages: crate::types::sample_conversation(
+                "what?",
+                "data:image/png;base64,AAAA",
+                ToolCall { id: "t1".into(), name: "f".into(), arguments: "{\"a\":1}".into() },
+                "ok",
+            ),
             params: Params { temperature: Some(1.5), ..Params::default() },
             tools: vec![],
             tool_choice: Some(ToolChoice::Required),

@@ -291,29 +291,12 @@ mod tests {
     fn translates_roles_tools_and_images() {
         let request = ChatRequest {
             model: "gemini-2.5-flash".into(),
-            messages: vec![
-                Message::text(Role::System, "be brief"),
-                Message {
-                    role: Role::User,
-                    content: vec![
-                        Part::Text("see".into()),
-                        Part::Image { url: "data:image/jpeg;base64,/9j/".into() },
-                    ],
-                    tool_calls: vec![],
-                    tool_call_id: None,
-                },
-                Message {
-                    role: Role::Assistant,
-                    content: vec![],
-                    tool_calls: vec![ToolCall {
-                        id: "c1".into(),
-                        name: "weather".into(),
-                        arguments: "{\"city\":\"Oslo\"}".into(),
-                    }],
-                    tool_call_id: None,
-                },
-                Message { tool_call_id: Some("c1".into()), ..Message::text(Role::Tool, "{\"temp\": 3}") },
-            ],
+            messages: crate::types::sample_conversation(
+                "see",
+                "data:image/jpeg;base64,/9j/",
+                ToolCall { id: "c1".into(), name: "weather".into(), arguments: "{\"city\":\"Oslo\"}".into() },
+                "{\"temp\": 3}",
+            ),
             params: Params { max_tokens: Some(20), stop: vec!["x".into()], ..Params::default() },
             tools: vec![Tool {
                 name: "weather".into(),

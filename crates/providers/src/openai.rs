@@ -270,29 +270,12 @@ mod tests {
     fn request_translation() {
         let request = ChatRequest {
             model: "m".into(),
-            messages: vec![
-                Message::text(Role::System, "be brief"),
-                Message {
-                    role: Role::User,
-                    content: vec![
-                        Part::Text("what is this?".into()),
-                        Part::Image { url: "data:image/png;base64,AA==".into() },
-                    ],
-                    tool_calls: vec![],
-                    tool_call_id: None,
-                },
-                Message {
-                    role: Role::Assistant,
-                    content: vec![],
-                    tool_calls: vec![ToolCall {
-                        id: "c1".into(),
-                        name: "look".into(),
-                        arguments: "{}".into(),
-                    }],
-                    tool_call_id: None,
-                },
-                Message { tool_call_id: Some("c1".into()), ..Message::text(Role::Tool, "a cat") },
-            ],
+            messages: crate::types::sample_conversation(
+                "what is this?",
+                "data:image/png;base64,AA==",
+                ToolCall { id: "c1".into(), name: "look".into(), arguments: "{}".into() },
+                "a cat",
+            ),
             params: Params {
                 temperature: Some(0.5),
                 max_tokens: Some(9),

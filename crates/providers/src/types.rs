@@ -163,3 +163,26 @@ pub enum ChatEvent {
     },
     Usage(Usage),
 }
+
+/// The conversation every provider's translation test sends: a system prompt, a user turn
+/// with text and an image, an assistant tool call, and that call's result.
+#[cfg(test)]
+pub(crate) fn sample_conversation(
+    question: &str,
+    image_url: &str,
+    call: ToolCall,
+    result: &str,
+) -> Vec<Message> {
+    let call_id = call.id.clone();
+    vec![
+        Message::text(Role::System, "be brief"),
+        Message {
+            role: Role::User,
+            content: vec![Part::Text(question.into()), Part::Image { url: image_url.into() }],
+            tool_calls: vec![],
+            tool_call_id: None,
+        },
+        Message { role: Role::Assistant, content: vec![], tool_calls: vec![call], tool_call_id: None },
+        Message { tool_call_id: Some(call_id), ..Message::text(Role::Tool, result) },
+    ]
+}
