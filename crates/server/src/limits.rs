@@ -124,16 +124,14 @@ impl Limiter {
     }
 
     /// Reads the day and month spending of scopes with budgets this process hasn't seen.
-    async fn seed(&self, store: &Store, subjects: &[Subject]) -> Result<(), ApiError> {
-        for s in subjects {
+    async fn seed(&self, store: &Store, scoped: &[(&Subject, String)]) -> Result<(), ApiError> {
+        for (s, key) in scoped {
             let l = &s.limits;
             let budgets = l.tokens_per_day.is_some()
                 || l.tokens_per_month.is_some()
                 || l.cost_per_day.is_some()
                 || l.cost_per_month.is_some();
-            let key = scope_key(s);
-            let seeded = self.windows.lock().map_err(poisoned)?.get(&key).is_some_and(|w| w.seeded);
-            if !budgets || seeded {
+            if !budgets || self.windows.lock().map_err(poisoned)?.get(key).is_some_and(|w| w.seeded) {
                 continue;
             }
             let (day, month) = day_and_month_start(now_ms());
@@ -145,7 +143,7 @@ impl Limiter {
             let (day_tokens, day_cost) = store.spent(scope, day).await?;
             let (month_tokens, month_cost) = store.spent(scope, month).await?;
             let mut windows = self.windows.lock().map_err(poisoned)?;
-            let w = windows.entry(key).or_default();
+            let w = windows.entry(key.clone()).or_default();
             if !w.seeded {
                 w.day = Spend { since_ms: day, tokens: day_tokens, cost: day_cost };
                 w.month = Spend { since_ms: month, tokens: month_tokens, cost: month_cost };
@@ -163,18 +161,24 @@ impl Limiter {
         subjects: &[Subject],
         tokens: u64,
     ) -> Result<Admission, ApiError> {
-        let limited: Vec<&Subject> = subjects.iter().filter(|s| !s.limits.is_empty()).collect();
-        if limited.is_empty() {
+        // Each limited scope with its window's key, made once per request.
+        let scoped: Vec<(&Subject, String)> =
+            subjects.iter().filter(|s| !s.limits.is_empty()).map(|s| (s, scope_key(s))).collect();
+        if scoped.is_empty() {
             return Ok(Admission::default());
         }
-        let owned: Vec<Subject> = limited.iter().map(|s| (*s).clone()).collect();
-        self.seed(store, &owned).await?;
+        self.seed(store, &scoped).await?;
         let now = Instant::now();
         let wall = now_ms();
         let mut windows = self.windows.lock().map_err(poisoned)?;
+        for (_, key) in &scoped {
+            if !windows.contains_key(key) {
+                windows.insert(key.clone(), Window::default());
+            }
+        }
         // Check every scope first, so a refusal counts nowhere.
-        for s in &limited {
-            let w = windows.entry(scope_key(s)).or_default();
+        for (s, key) in &scoped {
+            let Some(w) = windows.get_mut(key) else { continue };
             w.prune(now);
             w.roll(wall);
             let l = &s.limits;
@@ -191,7 +195,7 @@ impl Limiter {
                     ),
                     tokens: false,
                     retry_after: wait.as_secs().max(1),
-                    headers: Box::new(headers("requests", rpm, 0, wait)),
+                    headers: Box::new(headers(false, rpm, 0, wait)),
                 });
             }
             if let Some(tpm) = l.tpm
@@ -204,7 +208,7 @@ impl Limiter {
                         ),
                         tokens: true,
                         retry_after: 60,
-                        headers: Box::new(headers("tokens", tpm, tpm.saturating_sub(w.token_sum), WINDOW)),
+                        headers: Box::new(headers(true, tpm, tpm.saturating_sub(w.token_sum), WINDOW)),
                     });
                 }
                 let wait =
@@ -217,7 +221,7 @@ impl Limiter {
                     ),
                     tokens: true,
                     retry_after: wait.as_secs().max(1),
-                    headers: Box::new(headers("tokens", tpm, tpm.saturating_sub(w.token_sum), wait)),
+                    headers: Box::new(headers(true, tpm, tpm.saturating_sub(w.token_sum), wait)),
                 });
             }
             // A token budget refuses a request that may take it past the budget.
@@ -236,13 +240,12 @@ impl Limiter {
         }
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut admission =
-            Admission { id, scopes: Vec::with_capacity(limited.len()), headers: HeaderMap::new() };
+            Admission { id, scopes: Vec::with_capacity(scoped.len()), headers: HeaderMap::new() };
         // (limit, remaining, reset) of the tightest scope, for requests and for tokens.
         let mut requests: Option<(u64, u64, Duration)> = None;
         let mut token_headers: Option<(u64, u64, Duration)> = None;
-        for s in &limited {
-            let key = scope_key(s);
-            let w = windows.entry(key.clone()).or_default();
+        for (s, key) in scoped {
+            let Some(w) = windows.get_mut(&key) else { continue };
             w.requests.push_back(now);
             w.tokens.push_back((now, id, tokens));
             w.token_sum += tokens;
@@ -264,9 +267,9 @@ impl Limiter {
             }
             admission.scopes.push(key);
         }
-        for (kind, values) in [("requests", requests), ("tokens", token_headers)] {
+        for (tokens, values) in [(false, requests), (true, token_headers)] {
             if let Some((limit, remaining, wait)) = values {
-                admission.headers.extend(headers(kind, limit, remaining, wait));
+                admission.headers.extend(headers(tokens, limit, remaining, wait));
             }
         }
         Ok(admission)
@@ -298,16 +301,17 @@ impl Limiter {
 }
 
 /// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
-fn headers(kind: &str, limit: u64, remaining: u64, wait: Duration) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    for (name, value) in [
-        (format!("x-ratelimit-limit-{kind}"), limit.to_string()),
-        (format!("x-ratelimit-remaining-{kind}"), remaining.to_string()),
-        (format!("x-ratelimit-reset-{kind}"), reset(wait)),
-    ] {
-        if let (Ok(n), Ok(v)) = (axum::http::HeaderName::try_from(name), HeaderValue::from_str(&value)) {
-            h.insert(n, v);
-        }
+fn headers(tokens: bool, limit: u64, remaining: u64, wait: Duration) -> HeaderMap {
+    let [limit_name, remaining_name, reset_name] = if tokens {
+        ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"]
+    } else {
+        ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"]
+    };
+    let mut h = HeaderMap::with_capacity(3);
+    h.insert(limit_name, HeaderValue::from(limit));
+    h.insert(remaining_name, HeaderValue::from(remaining));
+    if let Ok(v) = HeaderValue::from_str(&reset(wait)) {
+        h.insert(reset_name, v);
     }
     h
 }
