@@ -110,6 +110,8 @@ def test_keys_limited_to_models(keyed):
     r = chat(keyed, secret)
     assert r.status_code == 403
     assert MODEL_ID in r.json()["error"]["message"]
+    # A badly typed field elsewhere in the body doesn't hide the model from the check.
+    assert chat(keyed, secret, max_tokens=-1).status_code == 403
     # The key sees only what it may use.
     client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=secret, max_retries=0)
     assert client.models.list().data == []

@@ -44,10 +44,7 @@ pub async fn chat_completions(
         if let Some(name) = &preset.guardrail_policy
             && let Some(meter) = crate::tenancy::current()
         {
-            let policy = state.tenancy().policies.get(name).ok_or_else(|| {
-                ApiError::Internal(format!("the preset's guardrail policy '{name}' is not configured"))
-            })?;
-            meter.tighten(policy);
+            meter.tighten(&state.tenancy().policy(name)?);
         }
     }
     // A preset answers under its own name, as the client asked for it.

@@ -153,7 +153,7 @@ pub async fn chat_stream(
 /// text is held until it ends, then screened and restored, and sent as one delta.
 fn screen_stream(policy: Arc<Policy>, mut redactor: Redactor, events: EventStream) -> EventStream {
     let mut texts: HashMap<u32, String> = HashMap::new();
-    let mut calls: HashMap<(u32, u32), ferry_guardrails::StreamRestorer> = HashMap::new();
+    let mut calls = CallRestorers::new();
     let screened = events.map(move |event| match event {
         Ok(ChatEvent::Text { choice, text, .. }) => {
             texts.entry(choice).or_default().push_str(&text);
@@ -166,16 +166,7 @@ fn screen_stream(policy: Arc<Policy>, mut redactor: Redactor, events: EventStrea
         Ok(ChatEvent::Finish { choice, reason }) => {
             let text = texts.remove(&choice).unwrap_or_default();
             let mut out = Vec::new();
-            let mut open: Vec<(u32, u32)> = calls.keys().filter(|(c, _)| *c == choice).copied().collect();
-            open.sort_unstable();
-            for (choice, index) in open {
-                if let Some(r) = calls.remove(&(choice, index)) {
-                    let arguments = r.finish();
-                    if !arguments.is_empty() {
-                        out.push(Ok(ChatEvent::ToolCall { choice, index, id: None, name: None, arguments }));
-                    }
-                }
-            }
+            flush_calls(&mut calls, choice, &mut out);
             match redactor.redact_response(&policy, &text) {
                 Ok(own) => {
                     out.push(Ok(ChatEvent::Text { choice, text: redactor.restore(&own), logprobs: None }));
@@ -196,10 +187,31 @@ fn screen_stream(policy: Arc<Policy>, mut redactor: Redactor, events: EventStrea
     Box::pin(screened.flat_map(futures::stream::iter))
 }
 
+/// A restorer per tool call, by (choice, call index).
+type CallRestorers = HashMap<(u32, u32), ferry_guardrails::StreamRestorer>;
+
+/// Sends what the restorers of `choice`'s tool calls held back, in call order.
+fn flush_calls(
+    calls: &mut CallRestorers,
+    choice: u32,
+    out: &mut Vec<Result<ChatEvent, ferry_providers::ProviderError>>,
+) {
+    let mut open: Vec<(u32, u32)> = calls.keys().filter(|(c, _)| *c == choice).copied().collect();
+    open.sort_unstable();
+    for (choice, index) in open {
+        if let Some(r) = calls.remove(&(choice, index)) {
+            let arguments = r.finish();
+            if !arguments.is_empty() {
+                out.push(Ok(ChatEvent::ToolCall { choice, index, id: None, name: None, arguments }));
+            }
+        }
+    }
+}
+
 fn restore_stream(redactor: Redactor, events: EventStream) -> EventStream {
     // One restorer per choice's text and per tool call's arguments.
     let mut texts: HashMap<u32, ferry_guardrails::StreamRestorer> = HashMap::new();
-    let mut calls: HashMap<(u32, u32), ferry_guardrails::StreamRestorer> = HashMap::new();
+    let mut calls = CallRestorers::new();
     let restored = events.map(move |event| {
         let event = match event {
             Ok(e) => e,
@@ -223,23 +235,7 @@ fn restore_stream(redactor: Redactor, events: EventStream) -> EventStream {
                         out.push(Ok(ChatEvent::Text { choice, text: tail, logprobs: None }));
                     }
                 }
-                let mut open: Vec<(u32, u32)> = calls.keys().filter(|(c, _)| *c == choice).copied().collect();
-                open.sort_unstable();
-                for key in open {
-                    if let Some(r) = calls.remove(&key) {
-                        let tail = r.finish();
-                        if !tail.is_empty() {
-                            let (choice, index) = key;
-                            out.push(Ok(ChatEvent::ToolCall {
-                                choice,
-                                index,
-                                id: None,
-                                name: None,
-                                arguments: tail,
-                            }));
-                        }
-                    }
-                }
+                flush_calls(&mut calls, choice, &mut out);
                 out.push(Ok(ChatEvent::Finish { choice, reason }));
                 out
             }
@@ -265,5 +261,5 @@ pub fn check_local<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<(), A
         return Ok(());
     }
     found.sort_unstable();
-    Err(ApiError::PiiBlocked(found.iter().map(|k| k.as_str().to_string()).collect()))
+    Err(blocked(ferry_guardrails::Blocked { kinds: found }))
 }

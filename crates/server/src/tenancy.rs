@@ -138,6 +138,14 @@ impl Tenancy {
         })
     }
 
+    /// A configured policy by name; an unknown one (named by a tenant, project or preset) is
+    /// the server's misconfiguration.
+    pub fn policy(&self, name: &str) -> Result<Arc<ferry_guardrails::Policy>, ApiError> {
+        self.policies.get(name).cloned().ok_or_else(|| {
+            ApiError::Internal(format!("the guardrail policy '{name}' is not configured on this server"))
+        })
+    }
+
     /// A configured policy, or a 400 naming the field that asked for an unknown one.
     pub fn check_policy(&self, name: Option<&str>, field: &str) -> Result<(), ApiError> {
         match name {
@@ -264,19 +272,21 @@ pub async fn admin_identity(
 }
 
 /// What admission reads from a request body; everything else is the handler's business.
+/// Each field is read on its own: a field of the wrong type (the handler's 400 to give) reads
+/// as absent and never hides the others, the model above all.
 #[derive(Deserialize, Default)]
 struct Peek {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     model: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     max_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     max_completion_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     max_output_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     n: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     stream: Option<bool>,
     /// The sampling parameters as sent, for the trace.
     #[serde(flatten)]
@@ -307,6 +317,14 @@ struct Sampling {
     logprobs: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<serde_json::Value>,
+}
+
+/// A field that reads as `None` when it has another type (malformed JSON is still an error).
+fn lenient<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).ok())
 }
 
 /// The live record of one admitted request; handlers report to it through [`current`].
@@ -462,12 +480,12 @@ pub async fn admission(State(state): State<AppState>, request: Request, next: Ne
     let anthropic = request.uri().path().starts_with("/v1/messages");
     let mut response = match admit(&state, request, next, &request_id).await {
         Ok(response) => response,
-        Err(e) if refusal(&e).is_some() => {
-            crate::telemetry::refused(refusal(&e).unwrap_or("other"));
+        Err(e) => {
+            if let Some(reason) = refusal(&e) {
+                crate::telemetry::refused(reason);
+            }
             if anthropic { crate::messages::error_response(e) } else { e.into_response() }
         }
-        Err(e) if anthropic => crate::messages::error_response(e),
-        Err(e) => e.into_response(),
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
@@ -535,12 +553,7 @@ async fn admit(
         context.as_ref().and_then(|c| c.project.as_ref().and_then(|p| p.guardrail_policy.clone())).or_else(
             || context.as_ref().and_then(|c| c.tenant.as_ref().and_then(|t| t.guardrail_policy.clone())),
         );
-    let policy = match policy_name {
-        Some(name) => Some(tenancy.policies.get(&name).cloned().ok_or_else(|| {
-            ApiError::Internal(format!("the guardrail policy '{name}' is not configured on this server"))
-        })?),
-        None => None,
-    };
+    let policy = policy_name.map(|name| tenancy.policy(&name)).transpose()?;
     let admission = tenancy.limiter.admit(&tenancy.store, &subjects, estimate).await?;
     let key = identity.key.as_ref();
     let route_path = parts.uri.path().to_string();
