@@ -282,14 +282,19 @@ pub async fn tenants(remote: Remote, command: TenantCommand) -> anyhow::Result<(
     Ok(())
 }
 
+/// A listing's path, narrowed to one tenant when one is named.
+fn of_tenant(path: &str, tenant: Option<&str>) -> String {
+    match tenant {
+        Some(t) => format!("{path}?tenant_id={t}"),
+        None => path.to_string(),
+    }
+}
+
 pub async fn projects(remote: Remote, command: ProjectCommand) -> anyhow::Result<()> {
     let client = Client::new(remote)?;
     match command {
         ProjectCommand::List { tenant } => {
-            let path = match tenant {
-                Some(t) => format!("/admin/v1/projects?tenant_id={t}"),
-                None => "/admin/v1/projects".into(),
-            };
+            let path = of_tenant("/admin/v1/projects", tenant.as_deref());
             let v = client.json(reqwest::Method::GET, &path, None).await?;
             client.print_list(&v, &["id", "tenant_id", "name", "limits"]);
         }
@@ -305,10 +310,7 @@ pub async fn keys(remote: Remote, command: KeyCommand) -> anyhow::Result<()> {
     let client = Client::new(remote)?;
     match command {
         KeyCommand::List { tenant } => {
-            let path = match tenant {
-                Some(t) => format!("/admin/v1/keys?tenant_id={t}"),
-                None => "/admin/v1/keys".into(),
-            };
+            let path = of_tenant("/admin/v1/keys", tenant.as_deref());
             let v = client.json(reqwest::Method::GET, &path, None).await?;
             client.print_list(
                 &v,
