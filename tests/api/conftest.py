@@ -1,4 +1,5 @@
 """Black-box fixtures: the release `ferry` binary started on port 0 with the real test model."""
+import itertools
 import os
 import re
 import signal
@@ -83,3 +84,26 @@ def small_server():
     s = Server("--parallel", "1", "--max-queue", "1", "--ctx-size", "4096")
     yield s
     s.stop()
+
+
+def admin_request(server, key, method, path, body=None):
+    """A call to the admin API (or /metrics) with `key` as the bearer token."""
+    return httpx.request(method, server.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+_TENANTS = itertools.count()
+
+
+def member_key(server, admin_key, tenant=None, project=None, key=None):
+    """A fresh tenant and project (with the given fields) and a member key in the project:
+    (the key's secret, its record, the tenant's id)."""
+
+    def created(path, body):
+        r = admin_request(server, admin_key, "POST", path, body)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    t = created("/admin/v1/tenants", {"name": f"tenant-{next(_TENANTS)}", **(tenant or {})})
+    p = created("/admin/v1/projects", {"tenant_id": t["id"], "name": "p", **(project or {})})
+    k = created("/admin/v1/keys", {"name": "k", "role": "member", "project_id": p["id"], **(key or {})})
+    return k["key"], k, t["id"]

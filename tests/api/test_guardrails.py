@@ -1,7 +1,6 @@
 """Privacy guardrails, black box: a tenant's (or project's, or preset's) policy redacts values
 before a mocked upstream sees them and restores them in the answer, streamed or not, or
 blocks the request naming only the kinds found."""
-import itertools
 import json
 
 import anthropic
@@ -9,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID, Server
+from conftest import MODEL_ID, Server, admin_request, member_key
 from mock_upstream import MockUpstream
 
 ADMIN = "admin-guardrails-0123456789abcdef"
@@ -71,21 +70,17 @@ def ferry(mock, tmp_path_factory):
 
 
 def admin(server, method, path, body=None):
-    r = httpx.request(method, server.url + path, json=body, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    r = admin_request(server, ADMIN, method, path, body)
     assert r.status_code < 300, r.text
     return r.json()
 
 
-TENANTS = itertools.count()
-
-
 def key_for(server, policy=None, project_policy=None):
     """A member key of a fresh tenant with `policy`, its project with `project_policy`."""
-    tenant = admin(server, "POST", "/admin/v1/tenants", {"name": f"t{next(TENANTS)}", "guardrail_policy": policy})
-    project = admin(server, "POST", "/admin/v1/projects", {"tenant_id": tenant["id"], "name": "p"})
+    secret, key, _ = member_key(server, ADMIN, tenant={"guardrail_policy": policy})
     if project_policy:
-        admin(server, "PATCH", f"/admin/v1/projects/{project['id']}", {"guardrail_policy": project_policy})
-    return admin(server, "POST", "/admin/v1/keys", {"name": "k", "role": "member", "project_id": project["id"]})["key"]
+        admin(server, "PATCH", f"/admin/v1/projects/{key['project_id']}", {"guardrail_policy": project_policy})
+    return secret
 
 
 def sent_text(mock):

@@ -5,7 +5,7 @@ import time
 import httpx
 import pytest
 
-from conftest import MODEL_ID, Server
+from conftest import MODEL_ID, Server, admin_request, member_key
 
 ADMIN = "admin-metrics-0123456789abcdef"
 LINE = re.compile(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$')
@@ -35,14 +35,12 @@ def server():
 
 
 def admin(s, method, path, body=None, key=ADMIN):
-    return httpx.request(method, s.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    return admin_request(s, key, method, path, body)
 
 
 def key(s, name, limits=None):
-    tenant = admin(s, "POST", "/admin/v1/tenants", {"name": name}).json()
-    project = admin(s, "POST", "/admin/v1/projects", {"tenant_id": tenant["id"], "name": "p"}).json()
-    body = {"name": "k", "role": "member", "project_id": project["id"], "limits": limits or {}}
-    return admin(s, "POST", "/admin/v1/keys", body).json()["key"], tenant["id"]
+    secret, _, tenant = member_key(s, ADMIN, tenant={"name": name}, key={"limits": limits or {}})
+    return secret, tenant
 
 
 def chat(s, secret, **extra):

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import BINARY, MODEL_ID, Server
+from conftest import BINARY, MODEL_ID, Server, admin_request
 
 ADMIN = "admin-test-key-0123456789abcdef"
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
@@ -29,8 +29,7 @@ def keyed():
 
 
 def admin(server, method, path, json=None, key=ADMIN):
-    r = httpx.request(method, server.url + path, json=json, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-    return r
+    return admin_request(server, key, method, path, json)
 
 
 def make_key(server, tenant_name, role="member", limits=None, project_limits=None, tenant_limits=None, **extra):

@@ -1,6 +1,5 @@
 """Request traces, black box: every kind of request (local, upstream, cached, failed) leaves a
 trace under its x-request-id, readable by its tenant or an admin and by nobody else."""
-import itertools
 import json
 import time
 
@@ -8,12 +7,11 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID, Server
+from conftest import MODEL_ID, Server, member_key
 from mock_upstream import MockUpstream
 
 ADMIN = "admin-traces-0123456789abcdef"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-NAMES = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +34,8 @@ def ferry(mock, tmp_path_factory):
     s.stop()
 
 
-def admin(server, method, path, body=None):
-    r = httpx.request(method, server.url + path, json=body, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
-    assert r.status_code < 300, r.text
-    return r.json()
-
-
 def member(server, policy=None):
-    tenant = admin(server, "POST", "/admin/v1/tenants", {"name": f"t{next(NAMES)}", "guardrail_policy": policy})
-    project = admin(server, "POST", "/admin/v1/projects", {"tenant_id": tenant["id"], "name": "p"})
-    return admin(server, "POST", "/admin/v1/keys", {"name": "k", "role": "member", "project_id": project["id"]})["key"]
+    return member_key(server, ADMIN, tenant={"guardrail_policy": policy})[0]
 
 
 def trace(server, request_id, key, wait=True):
