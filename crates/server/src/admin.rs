@@ -31,6 +31,8 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/v1/keys/{id}", get(get_key).patch(update_key))
         .route("/admin/v1/keys/{id}/revoke", post(revoke_key))
         .route("/admin/v1/usage", get(usage))
+        .route("/admin/v1/usage/series", get(usage_series))
+        .route("/admin/v1/traces", get(list_traces))
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/audit/verify", get(verify_audit))
         .route("/admin/v1/requests/{id}/content", get(request_content))
@@ -398,6 +400,95 @@ async fn usage(
         }
         other => Err(ApiError::invalid("format", format!("'{other}' is not json or csv"))),
     }
+}
+
+/// The tenant a report is narrowed to: the one asked for by an admin, a tenant admin's own.
+fn report_tenant(caller: &Caller, asked: Option<String>) -> Option<String> {
+    match caller.0.role() {
+        Role::Admin => asked,
+        _ => caller.0.tenant_id().map(String::from),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeriesParams {
+    /// `minute`, `hour` (default) or `day`.
+    bucket: Option<String>,
+    /// Milliseconds since the epoch; by default the last 60 minutes, 24 hours or 30 days.
+    from: Option<i64>,
+    to: Option<i64>,
+    tenant_id: Option<String>,
+}
+
+/// `GET /admin/v1/usage/series`: requests, errors, tokens, cost and latency percentiles per
+/// time bucket, every bucket present, for the overview's charts.
+async fn usage_series(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<SeriesParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let bucket = params.bucket.as_deref().unwrap_or("hour");
+    let (bucket_ms, default_buckets) = match bucket {
+        "minute" => (60_000, 60),
+        "hour" => (3_600_000, 24),
+        "day" => (86_400_000, 30),
+        other => return Err(ApiError::invalid("bucket", format!("'{other}' is not minute, hour or day"))),
+    };
+    let to = params.to.unwrap_or_else(ferry_store::now_ms);
+    let from = params.from.unwrap_or(to - bucket_ms * default_buckets);
+    if from >= to {
+        return Err(ApiError::invalid("from", "'from' must be before 'to'"));
+    }
+    let query = ferry_store::reports::SeriesQuery {
+        tenant_id: report_tenant(&caller, params.tenant_id),
+        from_ms: from,
+        to_ms: to,
+        bucket_ms,
+    };
+    let series = state.tenancy().store.usage_series(&query).await.map_err(|e| match e {
+        ferry_store::StoreError::Invalid(m) => ApiError::invalid("bucket", m),
+        other => other.into(),
+    })?;
+    Ok(Json(json!({
+        "object": "list",
+        "bucket": bucket,
+        "bucket_ms": bucket_ms,
+        "from": from,
+        "to": to,
+        "data": series.buckets,
+        "total": series.total,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TraceParams {
+    /// Milliseconds since the epoch (inclusive, exclusive).
+    from: Option<i64>,
+    to: Option<i64>,
+    /// Request ids starting with this.
+    id: Option<String>,
+    /// Most rows (default 100, at most 1000), newest first.
+    limit: Option<u32>,
+    tenant_id: Option<String>,
+}
+
+/// `GET /admin/v1/traces`: traces newest first, by time and request-id prefix; a tenant
+/// admin sees its own tenant's only. The whole trace is `GET /v1/traces/{id}`.
+async fn list_traces(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<TraceParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let query = ferry_store::reports::TraceQuery {
+        tenant_id: report_tenant(&caller, params.tenant_id),
+        from_ms: params.from,
+        to_ms: params.to,
+        id_prefix: params.id.map(|id| id.trim().to_string()),
+        limit: params.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    Ok(list(state.tenancy().store.traces(&query).await?))
 }
 
 fn csv_cell(v: &Value) -> String {

@@ -10,11 +10,13 @@
 //! Each domain has its own module and error-free vocabulary: [`tenants`] (tenants and
 //! projects with their limits), [`keys`] (hashed API keys and roles), [`usage`] (one record
 //! per request, written at admission and completed at the end), [`audit`] (an append-only,
-//! hash-chained log of admin actions).
+//! hash-chained log of admin actions); [`reports`] reads usage and traces for dashboards
+//! (time series with latency percentiles, trace listings).
 
 pub mod audit;
 pub mod content;
 pub mod keys;
+pub mod reports;
 pub mod tenants;
 pub mod traces;
 pub mod usage;

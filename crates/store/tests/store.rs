@@ -408,3 +408,98 @@ async fn traces_suite(store: &Store) {
     assert_eq!(store.purge_traces(50_000).await.unwrap(), 1);
     assert!(matches!(store.trace("old").await, Err(StoreError::NotFound(_))));
 }
+
+both!(reports, reports_suite);
+
+async fn reports_suite(store: &Store) {
+    use ferry_store::reports::{SeriesQuery, TraceQuery, percentile};
+    use ferry_store::traces::Trace;
+    let minute = 60_000i64;
+    let t0 = 28_000_000 * minute; // a minute boundary
+    // Minute 0: three requests (latencies 10, 20, 300; one error); minute 2: one; minute 1: none.
+    let runs = [("s1", "a", 0, 10, "ok"), ("s2", "a", 5, 20, "ok"), ("s3", "b", 59_999, 300, "error")];
+    for (id, tenant, offset, latency, status) in runs {
+        store.start_usage(&start(id, Some(tenant), "m", t0 + offset)).await.unwrap();
+        let done = UsageFinish { status: status.into(), latency_ms: latency, ..finish(2, 3, 0.5) };
+        store.finish_usage(id, &done).await.unwrap();
+    }
+    store.start_usage(&start("s4", Some("a"), "m", t0 + 2 * minute + 1)).await.unwrap();
+    // Outside the range: before it and at its exclusive end.
+    store.start_usage(&start("s5", Some("a"), "m", t0 - 1)).await.unwrap();
+    store.start_usage(&start("s6", Some("a"), "m", t0 + 3 * minute)).await.unwrap();
+
+    let query = SeriesQuery { tenant_id: None, from_ms: t0, to_ms: t0 + 3 * minute, bucket_ms: minute };
+    let report = store.usage_series(&query).await.unwrap();
+    let series = &report.buckets;
+    let starts: Vec<i64> = series.iter().map(|p| p.start).collect();
+    assert_eq!(starts, vec![t0, t0 + minute, t0 + 2 * minute], "every bucket, empty ones too");
+    let first = &series[0];
+    assert_eq!((first.requests, first.errors, first.prompt_tokens, first.completion_tokens), (3, 1, 6, 9));
+    assert!((first.cost - 1.5).abs() < 1e-9);
+    assert_eq!(
+        (first.latency_p50_ms, first.latency_p95_ms, first.latency_p99_ms),
+        (Some(20), Some(300), Some(300))
+    );
+    assert_eq!(first.ttft_p50_ms, Some(3));
+    assert_eq!((series[1].requests, series[1].latency_p50_ms), (0, None));
+    // Admitted, not finished: counted, no latency yet.
+    assert_eq!((series[2].requests, series[2].latency_p50_ms), (1, None));
+    let total = &report.total;
+    assert_eq!((total.start, total.requests, total.errors, total.prompt_tokens), (t0, 4, 1, 6));
+    assert_eq!((total.latency_p50_ms, total.latency_p99_ms), (Some(20), Some(300)));
+
+    let only_b = SeriesQuery { tenant_id: Some("b".into()), ..query.clone() };
+    let series = store.usage_series(&only_b).await.unwrap().buckets;
+    assert_eq!(series.iter().map(|p| p.requests).collect::<Vec<_>>(), vec![1, 0, 0]);
+    // Buckets align to the bucket width: an hour's bucket starts on the hour.
+    let hour = 60 * minute;
+    let hourly = SeriesQuery { from_ms: t0 + 5, to_ms: t0 + 10, bucket_ms: hour, ..query.clone() };
+    assert_eq!(store.usage_series(&hourly).await.unwrap().buckets[0].start, (t0 / hour) * hour);
+    let too_many = SeriesQuery { from_ms: 0, to_ms: t0, ..query.clone() };
+    assert!(matches!(store.usage_series(&too_many).await, Err(StoreError::Invalid(_))));
+    let backwards = SeriesQuery { from_ms: t0, to_ms: t0, ..query };
+    assert!(matches!(store.usage_series(&backwards).await, Err(StoreError::Invalid(_))));
+
+    assert_eq!(percentile(&[], 50.0), None);
+    assert_eq!(percentile(&[1, 2, 3, 4], 50.0), Some(2));
+    assert_eq!(percentile(&[1, 2, 3, 4], 95.0), Some(4));
+    assert_eq!(percentile(&[7], 1.0), Some(7));
+
+    let trace = |id: &str, tenant: Option<&str>, at: i64| Trace {
+        request_id: id.into(),
+        tenant_id: tenant.map(String::from),
+        created_at: at,
+        trace: serde_json::json!({
+            "route": "/v1/chat/completions", "model": "m", "status": "ok", "http_status": 200,
+            "tokens": {"prompt": 4, "completion": 2}, "timings": {"total_ms": 15},
+        }),
+    };
+    store.put_trace(&trace("req_aa1", Some("ten_a"), t0)).await.unwrap();
+    store.put_trace(&trace("req_aa2", Some("ten_a"), t0 + 10)).await.unwrap();
+    store.put_trace(&trace("req_b_1", Some("ten_b"), t0 + 20)).await.unwrap();
+    store.put_trace(&trace("req_xx", None, t0 + 30)).await.unwrap();
+    store.put_trace(&trace("req_bb1", Some("ten_b"), t0 + 5)).await.unwrap();
+    let ids = |rows: Vec<ferry_store::reports::TraceSummary>| -> Vec<String> {
+        rows.into_iter().map(|r| r.request_id).collect()
+    };
+    let all = TraceQuery { limit: 100, ..Default::default() };
+    assert_eq!(
+        ids(store.traces(&all).await.unwrap()),
+        vec!["req_xx", "req_b_1", "req_aa2", "req_bb1", "req_aa1"]
+    );
+    let newest = store.traces(&TraceQuery { limit: 1, ..all.clone() }).await.unwrap();
+    assert_eq!(newest[0].model.as_deref(), Some("m"));
+    assert_eq!(
+        (newest[0].http_status, newest[0].prompt_tokens, newest[0].total_ms),
+        (Some(200), Some(4), Some(15))
+    );
+    let tenant_a = TraceQuery { tenant_id: Some("ten_a".into()), ..all.clone() };
+    assert_eq!(ids(store.traces(&tenant_a).await.unwrap()), vec!["req_aa2", "req_aa1"]);
+    let window = TraceQuery { from_ms: Some(t0 + 10), to_ms: Some(t0 + 30), ..all.clone() };
+    assert_eq!(ids(store.traces(&window).await.unwrap()), vec!["req_b_1", "req_aa2"]);
+    // A prefix is matched literally: `_` is not a wildcard.
+    let prefix = TraceQuery { id_prefix: Some("req_b_".into()), ..all.clone() };
+    assert_eq!(ids(store.traces(&prefix).await.unwrap()), vec!["req_b_1"]);
+    let prefix = TraceQuery { id_prefix: Some("req_aa".into()), ..all };
+    assert_eq!(store.traces(&prefix).await.unwrap().len(), 2);
+}
