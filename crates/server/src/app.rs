@@ -183,6 +183,7 @@ pub fn app(state: AppState) -> Router {
         .route("/ready", get(ready))
         .merge(v1)
         .merge(crate::admin::routes())
+        .merge(crate::ui::routes())
         .route("/admin/v1/reload", post(reload))
         .route("/metrics", get(crate::telemetry::render))
         .fallback(fallback)

@@ -20,6 +20,7 @@ mod responses;
 pub mod telemetry;
 pub mod tenancy;
 mod translate;
+mod ui;
 mod validate;
 
 pub use app::{AppState, GatewayLoader, HttpConfig, app};
