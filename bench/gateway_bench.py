@@ -6,8 +6,9 @@ per request (utime + stime from /proc).
 
 Two Ferry rows: `ferry` with everything per-request off (no keys, no limits, no usage
 records, no guardrails), and `ferry+tenancy` with all of it on: an admin key, a member key
-whose key, project and tenant have RPM/TPM limits, a usage record per request in SQLite,
-and a redact guardrail policy scanning every message.
+whose key, project and tenant have RPM/TPM limits, a usage record and a trace per request
+in SQLite, and a redact guardrail policy scanning every message. After its run the script
+checks that all of that really happened (see `check_tenancy`).
 
     cargo build --release -p ferry-cli -p ferry-mock-upstream
     apt-get install wrk
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -106,6 +108,45 @@ def make_member_key(url, admin):
                                    "limits": limits})["key"]
 
 
+def check_tenancy(url, admin, member, served):
+    """Proves the `ferry+tenancy` row paid for everything it claims: the member key is needed
+    (401 without it), rate-limit headers come back, every request served has its usage
+    record, and a request's trace names the redact policy."""
+    import json
+
+    def get(path, key):
+        req = urllib.request.Request(url + path, headers={"authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", data=BODY.encode(),
+                                                      headers={"content-type": "application/json"}), timeout=30)
+        raise RuntimeError("the tenancy server answered a request without a key")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401, e.code
+    req = urllib.request.Request(url + "/v1/chat/completions", data=BODY.encode(),
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {member}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers.get("x-ratelimit-limit-requests"), "no rate-limit headers: limits are off"
+        request_id = r.headers["x-request-id"]
+    deadline = time.time() + 10
+    while True:
+        rows = get("/admin/v1/usage?group_by=tenant", admin)["data"]
+        records = sum(row["requests"] for row in rows)
+        try:
+            trace = get(f"/v1/traces/{request_id}", member)
+        except urllib.error.HTTPError:
+            trace = None
+        if (records >= served + 1 and trace) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert records >= served + 1, f"{records} usage records for {served + 1} requests: metering is off"
+    assert trace and trace["guardrails"]["policy"] == "redact", f"the trace shows no redact policy: {trace}"
+    print(f"(ferry+tenancy checked: key required, rate-limit headers, {records} usage records for "
+          f"{served + 1} requests, traces with the redact policy)", file=sys.stderr)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--litellm", default="/tmp/litellm-venv/bin/litellm")
@@ -148,8 +189,11 @@ def main():
 
         rows = measure("mock alone", mock_url + "/v1/chat/completions", mock.pid, concurrencies, args.duration)
         rows += measure("ferry", ferry_url + "/v1/chat/completions", ferry.pid, concurrencies, args.duration)
-        rows += measure("ferry+tenancy", tenancy_url + "/v1/chat/completions", tenancy.pid, concurrencies,
-                        args.duration, key=member)
+        tenancy_rows = measure("ferry+tenancy", tenancy_url + "/v1/chat/completions", tenancy.pid, concurrencies,
+                               args.duration, key=member)
+        rows += tenancy_rows
+        # wrk's count plus the readiness probe.
+        check_tenancy(tenancy_url, admin, member, sum(r["requests"] for _, _, r in tenancy_rows) + 1)
 
         if os.path.exists(args.litellm):
             lport = free_port()

@@ -104,6 +104,29 @@ def test_revoked_and_expired_keys_are_refused(keyed):
     assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
 
 
+def test_a_revocation_reaches_another_replica_within_the_key_cache_ttl():
+    """Two servers on one database: the one that revokes a key refuses it at once, the other
+    (which trusts its cached copy of the key for up to 10 seconds) soon after."""
+    a = Server("--parallel", "2", "--ctx-size", "512", env={"FERRY_ADMIN_KEY": ADMIN, "FERRY_INSTANCE": "a"})
+    b = None
+    try:
+        b = Server("--parallel", "2", "--ctx-size", "512", data_dir=a.data_dir,
+                   env={"FERRY_ADMIN_KEY": ADMIN, "FERRY_INSTANCE": "b"})
+        secret, key, _ = make_key(a, "replica-tenant")
+        assert chat(b, secret).status_code == 200  # b now holds the key in its cache
+        assert admin(a, "POST", f"/admin/v1/keys/{key['id']}/revoke").status_code == 200
+        assert chat(a, secret).status_code == 401
+        revoked = time.monotonic()
+        while (r := chat(b, secret)).status_code == 200:
+            assert time.monotonic() - revoked < 12, "the other replica still takes a revoked key"
+            time.sleep(0.5)
+        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    finally:
+        if b:
+            b.stop()
+        a.stop()
+
+
 def test_keys_limited_to_models(keyed):
     secret, _, _ = make_key(keyed, "models-tenant", models=["some-other-model"])
     r = chat(keyed, secret)

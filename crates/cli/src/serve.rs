@@ -99,6 +99,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
+    // Kept to commit the last usage records after the server stops.
+    let stopped_state = state.clone();
     let app = ferry_server::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let Some((cert, key)) = &config.tls else {
         // Tests and scripts read this line to find a port picked with --port 0.
@@ -120,6 +122,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             served = axum::serve(listener, app).with_graceful_shutdown(signal).into_future() => served?,
             () = deadline => tracing::warn!(?grace, "requests still in flight after the grace period were cancelled"),
         }
+        stopped_state.tenancy().flush_usage().await;
         return Ok(());
     };
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.with_context(|| {
@@ -136,6 +139,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     println!("Ferry listening on https://{addr}");
     tracing::info!(%addr, "listening with TLS");
     axum_server::from_tcp_rustls(listener.into_std()?, tls)?.handle(handle).serve(app).await?;
+    stopped_state.tenancy().flush_usage().await;
     Ok(())
 }
 

@@ -7,10 +7,10 @@
 //! in this process: replicas behind a load balancer each enforce the whole limit.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use ferry_store::usage::{Scope, day_and_month_start};
 use ferry_store::{Limits, Store, now_ms};
 
@@ -24,6 +24,15 @@ pub struct Subject {
     pub kind: ScopeKind,
     pub id: String,
     pub limits: Limits,
+    /// Names the scope's window (`key:ID`), made once per subject, not per request.
+    window: Arc<str>,
+}
+
+impl Subject {
+    pub fn new(kind: ScopeKind, id: &str, limits: &Limits) -> Subject {
+        let window = format!("{}:{id}", kind.name()).into();
+        Subject { kind, id: id.to_string(), limits: limits.clone(), window }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +65,9 @@ struct Window {
     /// (admitted at, reservation id, tokens)
     tokens: VecDeque<(Instant, u64, u64)>,
     token_sum: u64,
+    /// How many entries have left `tokens` from the front, ever: an entry pushed when this
+    /// plus the length was `n` sits at index `n - pruned` until it leaves.
+    pruned: u64,
     day: Spend,
     month: Spend,
     seeded: bool,
@@ -72,6 +84,7 @@ impl Window {
             }
             self.token_sum -= amount;
             self.tokens.pop_front();
+            self.pruned += 1;
         }
     }
 
@@ -91,18 +104,17 @@ impl Window {
 #[derive(Debug, Default)]
 pub struct Admission {
     id: u64,
-    scopes: Vec<String>,
-    /// `x-ratelimit-*` headers for the response.
-    pub headers: HeaderMap,
+    /// Each scope's window, with the position of this admission's tokens in it (see
+    /// `Window::pruned`), so that settling finds them without a search.
+    scopes: Vec<(Arc<str>, u64)>,
+    /// `x-ratelimit-*` headers for the response, as names and values: a map of its own
+    /// would be built only to be merged into the response's.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 pub struct Limiter {
-    windows: Mutex<HashMap<String, Window>>,
+    windows: Mutex<HashMap<Arc<str>, Window>>,
     next_id: std::sync::atomic::AtomicU64,
-}
-
-fn scope_key(s: &Subject) -> String {
-    format!("{}:{}", s.kind.name(), s.id)
 }
 
 /// OpenAI's duration format for reset headers: `20ms`, `6s`, `1m30s`.
@@ -124,8 +136,9 @@ impl Limiter {
     }
 
     /// Reads the day and month spending of scopes with budgets this process hasn't seen.
-    async fn seed(&self, store: &Store, scoped: &[(&Subject, String)]) -> Result<(), ApiError> {
-        for (s, key) in scoped {
+    async fn seed(&self, store: &Store, scoped: &[&Subject]) -> Result<(), ApiError> {
+        for s in scoped {
+            let key = &s.window;
             let l = &s.limits;
             let budgets = l.tokens_per_day.is_some()
                 || l.tokens_per_month.is_some()
@@ -161,9 +174,7 @@ impl Limiter {
         subjects: &[Subject],
         tokens: u64,
     ) -> Result<Admission, ApiError> {
-        // Each limited scope with its window's key, made once per request.
-        let scoped: Vec<(&Subject, String)> =
-            subjects.iter().filter(|s| !s.limits.is_empty()).map(|s| (s, scope_key(s))).collect();
+        let scoped: Vec<&Subject> = subjects.iter().filter(|s| !s.limits.is_empty()).collect();
         if scoped.is_empty() {
             return Ok(Admission::default());
         }
@@ -171,14 +182,14 @@ impl Limiter {
         let now = Instant::now();
         let wall = now_ms();
         let mut windows = self.windows.lock().map_err(poisoned)?;
-        for (_, key) in &scoped {
-            if !windows.contains_key(key) {
-                windows.insert(key.clone(), Window::default());
+        for s in &scoped {
+            if !windows.contains_key(&s.window) {
+                windows.insert(s.window.clone(), Window::default());
             }
         }
         // Check every scope first, so a refusal counts nowhere.
-        for (s, key) in &scoped {
-            let Some(w) = windows.get_mut(key) else { continue };
+        for s in &scoped {
+            let Some(w) = windows.get_mut(&s.window) else { continue };
             w.prune(now);
             w.roll(wall);
             let l = &s.limits;
@@ -240,13 +251,14 @@ impl Limiter {
         }
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut admission =
-            Admission { id, scopes: Vec::with_capacity(scoped.len()), headers: HeaderMap::new() };
+            Admission { id, scopes: Vec::with_capacity(scoped.len()), headers: Vec::with_capacity(6) };
         // (limit, remaining, reset) of the tightest scope, for requests and for tokens.
         let mut requests: Option<(u64, u64, Duration)> = None;
         let mut token_headers: Option<(u64, u64, Duration)> = None;
-        for (s, key) in scoped {
-            let Some(w) = windows.get_mut(&key) else { continue };
+        for s in scoped {
+            let Some(w) = windows.get_mut(&s.window) else { continue };
             w.requests.push_back(now);
+            let position = w.pruned + w.tokens.len() as u64;
             w.tokens.push_back((now, id, tokens));
             w.token_sum += tokens;
             if let Some(rpm) = s.limits.rpm {
@@ -265,11 +277,11 @@ impl Limiter {
                     token_headers = Some((tpm, remaining, wait));
                 }
             }
-            admission.scopes.push(key);
+            admission.scopes.push((s.window.clone(), position));
         }
         for (tokens, values) in [(false, requests), (true, token_headers)] {
             if let Some((limit, remaining, wait)) = values {
-                admission.headers.extend(headers(tokens, limit, remaining, wait));
+                admission.headers.extend(header_values(tokens, limit, remaining, wait));
             }
         }
         Ok(admission)
@@ -283,11 +295,13 @@ impl Limiter {
         }
         let Ok(mut windows) = self.windows.lock() else { return };
         let wall = now_ms();
-        for key in &admission.scopes {
+        for (key, position) in &admission.scopes {
             let Some(w) = windows.get_mut(key) else { continue };
-            // Ids are handed out under the lock, so each window holds them in order.
-            if let Ok(i) = w.tokens.binary_search_by_key(&admission.id, |(_, id, _)| *id) {
-                let entry = &mut w.tokens[i];
+            // Gone from the window once older than a minute; the id guards the arithmetic.
+            let index = position.checked_sub(w.pruned).and_then(|i| usize::try_from(i).ok());
+            if let Some(entry) = index.and_then(|i| w.tokens.get_mut(i))
+                && entry.1 == admission.id
+            {
                 w.token_sum = w.token_sum - entry.2 + tokens;
                 entry.2 = tokens;
             }
@@ -301,19 +315,24 @@ impl Limiter {
 }
 
 /// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
-fn headers(tokens: bool, limit: u64, remaining: u64, wait: Duration) -> HeaderMap {
+fn header_values(tokens: bool, limit: u64, remaining: u64, wait: Duration) -> [(HeaderName, HeaderValue); 3] {
     let [limit_name, remaining_name, reset_name] = if tokens {
         ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"]
     } else {
         ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"]
     };
-    let mut h = HeaderMap::with_capacity(3);
-    h.insert(limit_name, HeaderValue::from(limit));
-    h.insert(remaining_name, HeaderValue::from(remaining));
-    if let Ok(v) = HeaderValue::from_str(&reset(wait)) {
-        h.insert(reset_name, v);
-    }
-    h
+    // `reset` writes digits and letters only, always a valid header value.
+    let reset_value = HeaderValue::from_str(&reset(wait)).unwrap_or_else(|_| HeaderValue::from_static("0ms"));
+    [
+        (HeaderName::from_static(limit_name), HeaderValue::from(limit)),
+        (HeaderName::from_static(remaining_name), HeaderValue::from(remaining)),
+        (HeaderName::from_static(reset_name), reset_value),
+    ]
+}
+
+/// The same, as a map (for a refusal's response).
+fn headers(tokens: bool, limit: u64, remaining: u64, wait: Duration) -> HeaderMap {
+    header_values(tokens, limit, remaining, wait).into_iter().collect()
 }
 
 impl Default for Limiter {

@@ -54,12 +54,13 @@ impl Price {
 /// is asked again; revocations through this server take effect at once.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 
-/// A key as admission needs it: with its project and tenant.
-#[derive(Clone)]
+/// A key as admission needs it: with its project and tenant, and the scopes its requests
+/// count against (made once per key, not per request).
 struct KeyContext {
     key: ApiKey,
     project: Option<Project>,
     tenant: Option<Tenant>,
+    subjects: Vec<Subject>,
     fetched: Instant,
 }
 
@@ -80,7 +81,7 @@ pub struct Tenancy {
     pub model_sha256: std::sync::RwLock<HashMap<String, String>>,
     /// On when an admin key exists; until then the server is a single local user's.
     auth_required: AtomicBool,
-    keys: Mutex<HashMap<String, KeyContext>>,
+    keys: Mutex<HashMap<String, Arc<KeyContext>>>,
 }
 
 /// The caller of a request: a key, or the local user of a server without keys.
@@ -125,7 +126,7 @@ impl Tenancy {
     ) -> Result<Tenancy, ApiError> {
         let required = store.has_active_admin_key().await?;
         Ok(Tenancy {
-            usage: store.usage_writer(),
+            usage: store.open_usage_writer().await?,
             store,
             limiter: Limiter::new(),
             prices,
@@ -161,6 +162,12 @@ impl Tenancy {
         }
     }
 
+    /// Returns once the usage records and traces of requests that have ended are committed
+    /// (at shutdown: nothing is left for the next start to reconcile).
+    pub async fn flush_usage(&self) {
+        self.usage.flush().await;
+    }
+
     pub fn auth_required(&self) -> bool {
         self.auth_required.load(Ordering::Relaxed)
     }
@@ -175,7 +182,7 @@ impl Tenancy {
         Ok(())
     }
 
-    async fn key_context(&self, secret: &str) -> Result<Option<KeyContext>, ApiError> {
+    async fn key_context(&self, secret: &str) -> Result<Option<Arc<KeyContext>>, ApiError> {
         let hash = ferry_store::keys::hash_secret(secret);
         if let Ok(keys) = self.keys.lock()
             && let Some(found) = keys.get(&hash)
@@ -192,7 +199,10 @@ impl Tenancy {
             Some(id) => Some(self.store.tenant(id).await?),
             None => None,
         };
-        let context = KeyContext { key, project, tenant, fetched: Instant::now() };
+        let mut subjects = vec![Subject::new(ScopeKind::Key, &key.id, &key.limits)];
+        subjects.extend(project.as_ref().map(|p| Subject::new(ScopeKind::Project, &p.id, &p.limits)));
+        subjects.extend(tenant.as_ref().map(|t| Subject::new(ScopeKind::Tenant, &t.id, &t.limits)));
+        let context = Arc::new(KeyContext { key, project, tenant, subjects, fetched: Instant::now() });
         if let Ok(mut keys) = self.keys.lock() {
             if keys.len() > 100_000 {
                 keys.clear();
@@ -203,7 +213,10 @@ impl Tenancy {
     }
 
     /// The caller named by the request's key (`Authorization: Bearer` or `x-api-key`).
-    async fn authenticate(&self, headers: &HeaderMap) -> Result<(Identity, Option<KeyContext>), ApiError> {
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<(Identity, Option<Arc<KeyContext>>), ApiError> {
         if !self.auth_required() {
             return Ok((Identity::local(), None));
         }
@@ -273,58 +286,123 @@ pub async fn admin_identity(
 
 /// What admission reads from a request body; everything else is the handler's business.
 /// Each field is read on its own: a field of the wrong type (the handler's 400 to give) reads
-/// as absent and never hides the others, the model above all.
-#[derive(Deserialize, Default)]
+/// as absent and never hides the others, the model above all. Other fields (the messages)
+/// are skipped without being built.
+#[derive(Default)]
 struct Peek {
-    #[serde(default, deserialize_with = "lenient")]
     model: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
     max_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "lenient")]
     max_completion_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "lenient")]
     max_output_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "lenient")]
     n: Option<u64>,
-    #[serde(default, deserialize_with = "lenient")]
     stream: Option<bool>,
     /// The sampling parameters as sent, for the trace.
-    #[serde(flatten)]
     sampling: Sampling,
 }
 
-#[derive(Deserialize, Default, serde::Serialize)]
+/// The body's fields admission reads, named once.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum PeekField {
+    Model,
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+    N,
+    Stream,
+    Temperature,
+    TopP,
+    TopK,
+    MinP,
+    Seed,
+    Stop,
+    PresencePenalty,
+    FrequencyPenalty,
+    RepetitionPenalty,
+    Logprobs,
+    TopLogprobs,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Peek {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Peek, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Peek;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Peek, A::Error> {
+                use serde_json::Value;
+                let mut p = Peek::default();
+                let s = &mut p.sampling;
+                while let Some(field) = map.next_key::<PeekField>()? {
+                    match field {
+                        PeekField::Model => p.model = lenient(map.next_value::<Value>()?),
+                        PeekField::MaxTokens => p.max_tokens = lenient(map.next_value::<Value>()?),
+                        PeekField::MaxCompletionTokens => {
+                            p.max_completion_tokens = lenient(map.next_value::<Value>()?)
+                        }
+                        PeekField::MaxOutputTokens => {
+                            p.max_output_tokens = lenient(map.next_value::<Value>()?)
+                        }
+                        PeekField::N => p.n = lenient(map.next_value::<Value>()?),
+                        PeekField::Stream => p.stream = lenient(map.next_value::<Value>()?),
+                        PeekField::Temperature => s.temperature = map.next_value()?,
+                        PeekField::TopP => s.top_p = map.next_value()?,
+                        PeekField::TopK => s.top_k = map.next_value()?,
+                        PeekField::MinP => s.min_p = map.next_value()?,
+                        PeekField::Seed => s.seed = map.next_value()?,
+                        PeekField::Stop => s.stop = map.next_value()?,
+                        PeekField::PresencePenalty => s.presence_penalty = map.next_value()?,
+                        PeekField::FrequencyPenalty => s.frequency_penalty = map.next_value()?,
+                        PeekField::RepetitionPenalty => s.repetition_penalty = map.next_value()?,
+                        PeekField::Logprobs => s.logprobs = map.next_value()?,
+                        PeekField::TopLogprobs => s.top_logprobs = map.next_value()?,
+                        PeekField::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(p)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+#[derive(Default, serde::Serialize)]
 struct Sampling {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     min_p: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     stop: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     presence_penalty: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     frequency_penalty: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     repetition_penalty: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     logprobs: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<serde_json::Value>,
 }
 
-/// A field that reads as `None` when it has another type (malformed JSON is still an error).
-fn lenient<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
-    d: D,
-) -> Result<Option<T>, D::Error> {
-    let value = serde_json::Value::deserialize(d)?;
-    Ok(serde_json::from_value(value).ok())
+/// A value as `T`, or `None` when it has another type.
+fn lenient<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Option<T> {
+    serde_json::from_value(value).ok()
 }
 
 /// The live record of one admitted request; handlers report to it through [`current`].
@@ -352,7 +430,7 @@ struct TraceParts {
     /// (queue, prefill, decode) in milliseconds, from the engine.
     engine_ms: Option<(f64, f64, f64)>,
     model: Option<serde_json::Value>,
-    sampling: serde_json::Value,
+    sampling: Sampling,
 }
 
 impl Meter {
@@ -476,7 +554,10 @@ pub fn tap_upstream(
 /// Runs on every `/v1` route: authentication for all, admission and metering for the
 /// routes that run a model.
 pub async fn admission(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
+    // Time-ordered (UUIDv7: milliseconds, then 74 random bits), so that the records and
+    // traces keyed by it are appended at the end of their indexes instead of dirtying a
+    // random page of each per request.
+    let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
     let anthropic = request.uri().path().starts_with("/v1/messages");
     let mut response = match admit(&state, request, next, &request_id).await {
         Ok(response) => response,
@@ -530,31 +611,18 @@ async fn admit(
     {
         return Err(ApiError::Forbidden(format!("This API key may not use the model '{model}'.")));
     }
-    let subjects: Vec<Subject> = match &context {
-        Some(c) => {
-            let mut s =
-                vec![Subject { kind: ScopeKind::Key, id: c.key.id.clone(), limits: c.key.limits.clone() }];
-            if let Some(p) = &c.project {
-                s.push(Subject { kind: ScopeKind::Project, id: p.id.clone(), limits: p.limits.clone() });
-            }
-            if let Some(t) = &c.tenant {
-                s.push(Subject { kind: ScopeKind::Tenant, id: t.id.clone(), limits: t.limits.clone() });
-            }
-            s
-        }
-        None => Vec::new(),
-    };
+    let subjects: &[Subject] = context.as_ref().map_or(&[], |c| &c.subjects);
     // The prompt's tokens are estimated from the body (about four bytes a token) until
     // the handler counts them; the requested maximum is taken at its word.
     let max = peek.max_completion_tokens.or(peek.max_tokens).or(peek.max_output_tokens).unwrap_or(0);
     let estimate = bytes.len() as u64 / 4 + max * peek.n.unwrap_or(1).max(1);
     // The project's policy, or else the tenant's.
-    let policy_name =
-        context.as_ref().and_then(|c| c.project.as_ref().and_then(|p| p.guardrail_policy.clone())).or_else(
-            || context.as_ref().and_then(|c| c.tenant.as_ref().and_then(|t| t.guardrail_policy.clone())),
-        );
-    let policy = policy_name.map(|name| tenancy.policy(&name)).transpose()?;
-    let admission = tenancy.limiter.admit(&tenancy.store, &subjects, estimate).await?;
+    let policy_name = context.as_ref().and_then(|c| {
+        let project = c.project.as_ref().and_then(|p| p.guardrail_policy.as_deref());
+        project.or_else(|| c.tenant.as_ref().and_then(|t| t.guardrail_policy.as_deref()))
+    });
+    let policy = policy_name.map(|name| tenancy.policy(name)).transpose()?;
+    let admission = tenancy.limiter.admit(&tenancy.store, subjects, estimate).await?;
     let key = identity.key.as_ref();
     let route_path = parts.uri.path().to_string();
     let start = UsageStart {
@@ -586,10 +654,7 @@ async fn admit(
         cache_hit: AtomicBool::new(false),
         policy: Mutex::new(policy),
         guardrail_counts: Mutex::new(Default::default()),
-        trace: Mutex::new(TraceParts {
-            sampling: serde_json::to_value(&peek.sampling).unwrap_or_default(),
-            ..Default::default()
-        }),
+        trace: Mutex::new(TraceParts { sampling: peek.sampling, ..Default::default() }),
     });
     // Content is kept only for tenants that opted in (and purged after their retention).
     let keep = context.as_ref().and_then(|c| c.tenant.as_ref()).filter(|t| t.retain_content).map(|t| Kept {
@@ -599,7 +664,12 @@ async fn admit(
     });
     let request = Request::from_parts(parts, Body::from(bytes));
     let mut response = METER.scope(meter.clone(), next.run(request)).await;
-    response.headers_mut().extend(admission.headers.clone());
+    let mut admission = admission;
+    let headers = response.headers_mut();
+    headers.reserve(admission.headers.len());
+    for (name, value) in admission.headers.drain(..) {
+        headers.insert(name, value);
+    }
     let http_status = response.status().as_u16();
     let owner = Owner {
         tenant_id: identity.tenant_id().map(String::from),
@@ -672,77 +742,134 @@ struct Owner {
 
 impl Finish {
     /// The request's trace: route, guardrail actions (counts only), timings, sampling
-    /// parameters, tokens and the model's provenance.
-    fn trace(&self, status: &str, finish: &UsageFinish) -> ferry_store::traces::Trace {
+    /// parameters, tokens and the model's provenance, serialised straight from its parts.
+    fn trace(&self, status: &str, finish: &UsageFinish) -> Option<ferry_store::traces::TraceText> {
         let m = &self.meter;
-        let parts = m.trace.lock().map(|p| {
-            let mut model = p.model.clone();
-            if let Some(card) = model.as_mut()
-                && let Some(id) = card["id"].as_str()
-                && let Ok(shas) = self.tenancy.model_sha256.read()
-                && let Some(sha) = shas.get(id)
-            {
-                card["sha256"] = serde_json::Value::String(sha.clone());
-            }
-            (p.route.clone(), p.engine_ms, model, p.sampling.clone())
-        });
-        let (route, engine_ms, model, sampling) = parts.unwrap_or_default();
-        let counts: serde_json::Map<String, serde_json::Value> = m
-            .guardrail_counts
-            .lock()
-            .map(|c| c.iter().map(|(k, n)| (k.as_str().to_string(), (*n).into())).collect())
-            .unwrap_or_default();
-        let mut timings = serde_json::json!({
-            "total_ms": finish.latency_ms,
-            "first_token_ms": finish.ttft_ms,
-        });
-        if let Some((queue, prefill, decode)) = engine_ms {
-            timings["queue_ms"] = queue.into();
-            timings["prefill_ms"] = prefill.into();
-            timings["decode_ms"] = decode.into();
-        }
-        if let Some(route) = &route
-            && !route.cache_hit
+        let parts = m.trace.lock().ok()?;
+        let counts = m.guardrail_counts.lock().ok()?;
+        let policy = m.policy();
+        // The local model's card gets its file's sha256 once that is known.
+        let mut card = parts.model.clone();
+        if let Some(card) = card.as_mut()
+            && let Some(id) = card["id"].as_str()
+            && let Ok(shas) = self.tenancy.model_sha256.read()
+            && let Some(sha) = shas.get(id)
         {
-            timings["upstream_ms"] = finish.latency_ms.into();
+            card["sha256"] = serde_json::Value::String(sha.clone());
         }
-        let trace = serde_json::json!({
-            "request_id": m.request_id,
-            "route": self.owner.route,
-            "model": m.model,
-            "status": status,
-            "http_status": self.http_status,
-            "tenant_id": self.owner.tenant_id,
-            "project_id": self.owner.project_id,
-            "key_id": self.owner.key_id,
-            "routing": {
-                "provider": finish.provider,
-                "target": route.as_ref().map(|r| r.target.clone()),
-                "attempts": route.as_ref().map(|r| r.attempts),
-                "fallbacks": route.as_ref().map(|r| r.fallbacks),
-                "cache_hit": route.as_ref().is_some_and(|r| r.cache_hit),
+        let route = parts.route.as_ref();
+        let engine = parts.engine_ms;
+        let doc = TraceDoc {
+            request_id: &m.request_id,
+            route: &self.owner.route,
+            model: &m.model,
+            status,
+            http_status: self.http_status,
+            tenant_id: self.owner.tenant_id.as_deref(),
+            project_id: self.owner.project_id.as_deref(),
+            key_id: self.owner.key_id.as_deref(),
+            routing: TraceRouting {
+                provider: finish.provider.as_deref(),
+                target: route.map(|r| r.target.as_str()),
+                attempts: route.map(|r| r.attempts),
+                fallbacks: route.map(|r| r.fallbacks),
+                cache_hit: route.is_some_and(|r| r.cache_hit),
             },
-            "guardrails": {
-                "policy": m.policy().map(|p| p.name.clone()),
-                "counts": counts,
+            guardrails: TraceGuardrails {
+                policy: policy.as_ref().map(|p| p.name.as_str()),
+                counts: Counts(&counts),
             },
-            "timings": timings,
-            "sampling": sampling,
-            "tokens": {
-                "prompt": finish.prompt_tokens,
-                "completion": finish.completion_tokens,
-                "cached": finish.cached_tokens,
+            timings: TraceTimings {
+                total_ms: finish.latency_ms,
+                first_token_ms: finish.ttft_ms,
+                queue_ms: engine.map(|e| e.0),
+                prefill_ms: engine.map(|e| e.1),
+                decode_ms: engine.map(|e| e.2),
+                upstream_ms: route.filter(|r| !r.cache_hit).map(|_| finish.latency_ms),
             },
-            "cost": finish.cost,
-            "model_card": model,
-        });
-        ferry_store::traces::Trace {
+            sampling: &parts.sampling,
+            tokens: TraceTokens {
+                prompt: finish.prompt_tokens,
+                completion: finish.completion_tokens,
+                cached: finish.cached_tokens,
+            },
+            cost: finish.cost,
+            model_card: card.as_ref(),
+        };
+        let json = serde_json::to_string(&doc).ok()?;
+        Some(ferry_store::traces::TraceText {
             request_id: m.request_id.clone(),
             tenant_id: self.owner.tenant_id.clone(),
             created_at: now_ms(),
-            trace,
-        }
+            json,
+        })
     }
+}
+
+/// A request's trace as `GET /v1/traces/{id}` shows it.
+#[derive(serde::Serialize)]
+struct TraceDoc<'a> {
+    request_id: &'a str,
+    route: &'a str,
+    model: &'a str,
+    status: &'a str,
+    http_status: u16,
+    tenant_id: Option<&'a str>,
+    project_id: Option<&'a str>,
+    key_id: Option<&'a str>,
+    routing: TraceRouting<'a>,
+    guardrails: TraceGuardrails<'a>,
+    timings: TraceTimings,
+    sampling: &'a Sampling,
+    tokens: TraceTokens,
+    cost: f64,
+    model_card: Option<&'a serde_json::Value>,
+}
+
+#[derive(serde::Serialize)]
+struct TraceRouting<'a> {
+    provider: Option<&'a str>,
+    target: Option<&'a str>,
+    attempts: Option<u32>,
+    fallbacks: Option<u32>,
+    cache_hit: bool,
+}
+
+#[derive(serde::Serialize)]
+struct TraceGuardrails<'a> {
+    policy: Option<&'a str>,
+    counts: Counts<'a>,
+}
+
+/// Guardrail counts by kind name.
+struct Counts<'a>(&'a std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>);
+
+impl serde::Serialize for Counts<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(kind, n)| (kind.as_str(), n)))
+    }
+}
+
+/// Milliseconds; the engine's and the upstream's only where they apply.
+#[derive(serde::Serialize)]
+struct TraceTimings {
+    total_ms: u64,
+    first_token_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefill_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decode_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_ms: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+struct TraceTokens {
+    prompt: u64,
+    completion: u64,
+    cached: u64,
 }
 
 impl Drop for Finish {
@@ -789,7 +916,9 @@ impl Drop for Finish {
             ttft_ms: (ttft > 0).then_some(ttft),
         };
         if self.tenancy.metering {
-            self.tenancy.usage.trace(self.trace(status, &finish));
+            if let Some(trace) = self.trace(status, &finish) {
+                self.tenancy.usage.trace(trace);
+            }
             self.tenancy.usage.finish(m.request_id.clone(), finish);
         }
         if let Some(keep) = self.keep.take() {

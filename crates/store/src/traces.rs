@@ -12,6 +12,55 @@ pub struct Trace {
     pub trace: serde_json::Value,
 }
 
+/// A trace already serialised: what the server writes, without building a
+/// `serde_json::Value` first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceText {
+    pub request_id: String,
+    pub tenant_id: Option<String>,
+    pub created_at: i64,
+    /// The trace as a JSON object.
+    pub json: String,
+}
+
+impl From<Trace> for TraceText {
+    fn from(t: Trace) -> TraceText {
+        TraceText {
+            request_id: t.request_id,
+            tenant_id: t.tenant_id,
+            created_at: t.created_at,
+            json: t.trace.to_string(),
+        }
+    }
+}
+
+/// Rows in one multi-row INSERT of traces.
+pub(crate) const ROWS_PER_INSERT: usize = 128;
+
+/// Inserts traces in one statement.
+pub(crate) async fn insert_many<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    executor: E,
+    backend: crate::Backend,
+    traces: &[&TraceText],
+) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO traces (request_id, tenant_id, created_at, trace) VALUES {}",
+        crate::usage::values_clause(backend, 4, traces.len())
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for t in traces {
+        q = q
+            .bind(t.request_id.as_str())
+            .bind(t.tenant_id.as_deref())
+            .bind(t.created_at)
+            .bind(t.json.as_str());
+    }
+    q.execute(executor).await.map_err(|e| {
+        crate::tenants::conflict(e, || format!("request '{}' already has a trace", traces[0].request_id))
+    })?;
+    Ok(())
+}
+
 pub(crate) async fn insert<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     executor: E,
     t: &Trace,

@@ -1,7 +1,17 @@
-//! Usage metering that loses nothing: a record is written when a request is admitted
-//! (status `started`) and completed once when it ends (`ok`, `error`, `cancelled`). Records a
-//! crash left `started` are marked `interrupted` at the next start, so every admitted request
-//! has exactly one record.
+//! Usage metering that loses nothing: every admitted request gets exactly one record,
+//! completed once when it ends (`ok`, `error`, `cancelled`), or marked `interrupted` at the
+//! next start when a crash cut it short.
+//!
+//! How the admission is made durable depends on the database. On PostgreSQL (shared by
+//! replicas) the record is inserted with status `started` before the request runs and
+//! updated when it ends; records a crash left `started` are reconciled by
+//! [`Store::reconcile_usage`]. On SQLite (a local file) the admission is a line in a local
+//! journal (`journal.rs`), and the record reaches the database once, complete, when the
+//! request ends; journal lines a crash left behind are ingested as `interrupted` by
+//! [`Store::open_usage_writer`] at the next start. Either way [`UsageWriter`] commits records
+//! and traces in groups, so a busy server writes few, large transactions.
+
+mod journal;
 
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Row};
@@ -9,7 +19,7 @@ use sqlx::{AssertSqlSafe, Row};
 use crate::{Result, Store, StoreError, now_ms};
 
 /// What is known when a request is admitted.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct UsageStart {
     pub request_id: String,
     /// The process that admitted it (see [`Store::reconcile_usage`]).
@@ -156,9 +166,52 @@ impl Store {
     /// for whatever arrived while the previous one committed. An admission still returns
     /// only once its record is committed.
     pub fn usage_writer(&self) -> UsageWriter {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(write_groups(self.clone(), rx));
-        UsageWriter { tx }
+        UsageWriter::spawn(self.clone(), None)
+    }
+
+    /// The writer a server uses. On SQLite, admissions go to a journal beside the database
+    /// file (see the module comment); what an earlier run's journal left is written first,
+    /// as `interrupted` records (their number is logged). On PostgreSQL this is
+    /// [`Store::usage_writer`].
+    pub async fn open_usage_writer(&self) -> Result<UsageWriter> {
+        let Some(dir) = self.usage_journal_dir().await? else { return Ok(self.usage_writer()) };
+        let (starts, segments) = journal::leftovers(&dir)?;
+        if !starts.is_empty() {
+            let finished_at = now_ms();
+            let rows: Vec<Whole<'_>> = starts.iter().map(|s| (s, None, finished_at)).collect();
+            let mut tx = self.pool().begin().await?;
+            let mut reconciled = 0;
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                reconciled += insert_records(&mut *tx, self.backend(), chunk, true).await?;
+            }
+            tx.commit().await?;
+            if reconciled > 0 {
+                tracing::warn!(
+                    reconciled,
+                    "usage records of requests interrupted by an earlier crash were written"
+                );
+            }
+        }
+        for path in segments {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not delete an ingested journal segment");
+            }
+        }
+        let journal = journal::Journal::open(&dir)?;
+        Ok(UsageWriter::spawn(self.clone(), Some(std::sync::Arc::new(journal))))
+    }
+
+    /// Where a SQLite store keeps its usage journal: beside the database file. `None` on
+    /// PostgreSQL, or for a SQLite database without a file.
+    async fn usage_journal_dir(&self) -> Result<Option<std::path::PathBuf>> {
+        if self.backend() != crate::Backend::Sqlite {
+            return Ok(None);
+        }
+        let file: Option<String> =
+            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(file.filter(|f| !f.is_empty()).map(|f| std::path::PathBuf::from(f + ".usage-journal")))
     }
 
     /// Marks `interrupted` the records left `started` by an earlier run of `instance` (it
@@ -349,25 +402,140 @@ async fn update_finish<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     Ok(done.rows_affected() == 1)
 }
 
-enum WriteOp {
-    Start(Box<UsageStart>, tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
-    Finish(String, Box<UsageFinish>),
-    Trace(Box<crate::traces::Trace>),
+/// A record's columns as written whole: its admission, how it ended (`None`: interrupted)
+/// and when.
+type Whole<'a> = (&'a UsageStart, Option<&'a UsageFinish>, i64);
+
+const FULL_COLUMNS: &str = "request_id, instance, tenant_id, project_id, key_id, route, model, provider, stream, \
+     status, http_status, prompt_tokens, completion_tokens, cached_tokens, cost, latency_ms, ttft_ms, started_at, \
+     finished_at";
+const N_FULL_COLUMNS: usize = 19;
+/// Rows in one multi-row INSERT: 64 × 19 values, far under either database's limit.
+const ROWS_PER_INSERT: usize = 64;
+
+/// The VALUES of a multi-row INSERT: `($1, $2, ...), ...` on PostgreSQL, and anonymous
+/// `(?, ?, ...), ...` on SQLite, the one place the dialects part: SQLite looks each `$n` up by
+/// name in a list as long as the statement's parameters, which is quadratic in a statement of
+/// a thousand of them.
+pub(crate) fn values_clause(backend: crate::Backend, columns: usize, rows: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(rows * columns * 6);
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..columns {
+            sql.push_str(if column == 0 { "" } else { ", " });
+            match backend {
+                crate::Backend::Sqlite => sql.push('?'),
+                crate::Backend::Postgres => {
+                    let _ = write!(sql, "${}", row * columns + column + 1);
+                }
+            }
+        }
+        sql.push(')');
+    }
+    sql
 }
 
-/// The handle of [`Store::usage_writer`]; cheap to clone.
+/// Inserts whole records in one statement; with `skip_existing`, a record already there is
+/// left as it is (journal ingestion). Returns how many were inserted.
+async fn insert_records<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    executor: E,
+    backend: crate::Backend,
+    rows: &[Whole<'_>],
+    skip_existing: bool,
+) -> Result<u64> {
+    let conflict = if skip_existing { " ON CONFLICT (request_id) DO NOTHING" } else { "" };
+    let sql = format!(
+        "INSERT INTO usage_records ({FULL_COLUMNS}) VALUES {}{conflict}",
+        values_clause(backend, N_FULL_COLUMNS, rows.len())
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for (start, finish, finished_at) in rows {
+        q = q
+            .bind(start.request_id.as_str())
+            .bind(start.instance.as_str())
+            .bind(start.tenant_id.as_deref())
+            .bind(start.project_id.as_deref())
+            .bind(start.key_id.as_deref())
+            .bind(start.route.as_str())
+            .bind(start.model.as_str())
+            .bind(finish.and_then(|f| f.provider.as_deref()))
+            .bind(start.stream as i64)
+            .bind(finish.map_or("interrupted", |f| f.status.as_str()))
+            .bind(finish.map(|f| f.http_status as i64))
+            .bind(finish.map_or(0, |f| f.prompt_tokens as i64))
+            .bind(finish.map_or(0, |f| f.completion_tokens as i64))
+            .bind(finish.map_or(0, |f| f.cached_tokens as i64))
+            .bind(finish.map_or(0.0, |f| f.cost))
+            .bind(finish.map(|f| f.latency_ms as i64))
+            .bind(finish.and_then(|f| f.ttft_ms.map(|t| t as i64)))
+            .bind(start.started_at)
+            .bind(*finished_at);
+    }
+    let done = q.execute(executor).await.map_err(|e| {
+        crate::tenants::conflict(e, || format!("request id '{}' is taken", rows[0].0.request_id))
+    })?;
+    Ok(done.rows_affected())
+}
+
+/// A journaled request that ended: its whole record, and the journal segment that admitted it.
+struct Completed {
+    start: Box<UsageStart>,
+    finish: UsageFinish,
+    finished_at: i64,
+    segment: u64,
+}
+
+enum WriteOp {
+    /// An admission in the database (PostgreSQL), acknowledged once committed.
+    Start(Box<UsageStart>, tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
+    /// The completion of a record admitted in the database.
+    Finish(String, Box<UsageFinish>),
+    /// A whole record admitted in the journal (SQLite).
+    Complete(Box<Completed>),
+    Trace(Box<crate::traces::TraceText>),
+    /// Acknowledged once everything queued before it is committed.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+impl WriteOp {
+    /// Whether a caller waits for this op's commit.
+    fn awaited(&self) -> bool {
+        matches!(self, WriteOp::Start(..) | WriteOp::Flush(_))
+    }
+}
+
+/// The handle of [`Store::usage_writer`] and [`Store::open_usage_writer`]; cheap to clone.
 #[derive(Clone)]
 pub struct UsageWriter {
     tx: tokio::sync::mpsc::UnboundedSender<WriteOp>,
+    /// Wakes the writer early for an op someone waits on.
+    urgent: std::sync::Arc<tokio::sync::Notify>,
+    journal: Option<std::sync::Arc<journal::Journal>>,
 }
 
 impl UsageWriter {
-    /// Writes an admission record and waits until it is committed.
+    fn spawn(store: Store, journal: Option<std::sync::Arc<journal::Journal>>) -> UsageWriter {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let urgent = std::sync::Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(write_groups(store, journal.clone(), rx, urgent.clone()));
+        UsageWriter { tx, urgent, journal }
+    }
+
+    fn send_urgent(&self, op: WriteOp) -> Result<()> {
+        self.tx.send(op).map_err(|_| StoreError::Invalid("the usage writer has stopped".into()))?;
+        self.urgent.notify_one();
+        Ok(())
+    }
+
+    /// Makes an admission durable: a journal line (SQLite), or a record committed in the
+    /// database (PostgreSQL). Either way a crash after this returns cannot lose the record.
     pub async fn start(&self, start: UsageStart) -> Result<()> {
+        if let Some(journal) = &self.journal {
+            return journal.admit(start);
+        }
         let (ack, done) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(WriteOp::Start(Box::new(start), ack))
-            .map_err(|_| StoreError::Invalid("the usage writer has stopped".into()))?;
+        self.send_urgent(WriteOp::Start(Box::new(start), ack))?;
         match done.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(StoreError::Invalid(message)),
@@ -375,63 +543,164 @@ impl UsageWriter {
         }
     }
 
-    /// Queues a request's trace; it is committed with the next group.
-    pub fn trace(&self, trace: crate::traces::Trace) {
-        if self.tx.send(WriteOp::Trace(Box::new(trace))).is_err() {
+    /// Queues a request's trace; it is committed with the next group. Build it as a
+    /// [`TraceText`](crate::traces::TraceText) to skip a `serde_json::Value`.
+    pub fn trace(&self, trace: impl Into<crate::traces::TraceText>) {
+        if self.tx.send(WriteOp::Trace(Box::new(trace.into()))).is_err() {
             tracing::error!("the usage writer has stopped; a trace is lost");
         }
     }
 
-    /// Queues a completion; it is committed with the next group.
+    /// Queues a completion; it is committed with the next group (within [`GATHER`]).
     pub fn finish(&self, request_id: String, finish: UsageFinish) {
-        if self.tx.send(WriteOp::Finish(request_id, Box::new(finish))).is_err() {
+        let op = match self.journal.as_ref().and_then(|j| j.take(&request_id)) {
+            Some((start, segment)) => {
+                WriteOp::Complete(Box::new(Completed { start, finish, finished_at: now_ms(), segment }))
+            }
+            None => WriteOp::Finish(request_id, Box::new(finish)),
+        };
+        if self.tx.send(op).is_err() {
             tracing::error!("the usage writer has stopped; a completion record is lost until reconciliation");
+        }
+    }
+
+    /// Returns once everything queued before it is committed (for a clean shutdown, and for
+    /// readers that must see the latest records).
+    pub async fn flush(&self) {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if self.send_urgent(WriteOp::Flush(ack)).is_ok() {
+            let _ = done.await;
         }
     }
 }
 
-/// Most records in one transaction.
-const GROUP: usize = 512;
+/// Most ops in one transaction.
+const GROUP: usize = 4096;
+/// How long completions and traces nobody waits on gather before they are committed: long
+/// enough that a busy server writes a few large transactions a second, short enough that a
+/// record is readable just after its response.
+pub const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
 
-async fn write_groups(store: Store, mut rx: tokio::sync::mpsc::UnboundedReceiver<WriteOp>) {
+async fn write_groups(
+    store: Store,
+    journal: Option<std::sync::Arc<journal::Journal>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<WriteOp>,
+    urgent: std::sync::Arc<tokio::sync::Notify>,
+) {
     let mut group = Vec::with_capacity(GROUP);
+    let mut backlog = false;
     while rx.recv_many(&mut group, GROUP).await > 0 {
-        let together = async {
-            let mut tx = store.pool().begin().await?;
-            for op in &group {
-                match op {
-                    WriteOp::Start(start, _) => insert_start(&mut *tx, start).await?,
-                    WriteOp::Finish(id, finish) => {
-                        update_finish(&mut *tx, id, finish).await?;
-                    }
-                    WriteOp::Trace(trace) => crate::traces::insert(&mut *tx, trace).await?,
-                }
-            }
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        }
-        .await;
-        let grouped_ok = together.is_ok();
-        for op in group.drain(..) {
-            match op {
-                WriteOp::Start(start, ack) => {
-                    // A failed group is retried one record at a time, so one bad record
-                    // fails alone.
-                    let result = if grouped_ok { Ok(()) } else { insert_start(store.pool(), &start).await };
-                    let _ = ack.send(result.map_err(|e| e.to_string()));
-                }
-                WriteOp::Finish(id, finish) => {
-                    if !grouped_ok && let Err(e) = update_finish(store.pool(), &id, &finish).await {
-                        tracing::error!(request_id = %id, error = %e, "could not complete the usage record");
-                    }
-                }
-                WriteOp::Trace(trace) => {
-                    if !grouped_ok && let Err(e) = crate::traces::insert(store.pool(), &trace).await {
-                        tracing::error!(request_id = %trace.request_id, error = %e, "could not write the trace");
-                    }
-                }
+        // Senders don't wake this task while it gathers; an awaited op does, through `urgent`.
+        if !backlog && !group.iter().any(WriteOp::awaited) {
+            tokio::select! {
+                () = tokio::time::sleep(GATHER) => {}
+                () = urgent.notified() => {}
             }
         }
+        while group.len() < GROUP
+            && let Ok(op) = rx.try_recv()
+        {
+            group.push(op);
+        }
+        // A full group leaves more behind: the next one goes without waiting.
+        backlog = group.len() == GROUP;
+        commit_group(&store, journal.as_deref(), &mut group).await;
+    }
+}
+
+/// Commits a group in one transaction (admissions first, so a completion in the same group
+/// finds its record), then answers whoever waits. A failed group is retried one op at a
+/// time, so one bad record fails alone.
+async fn commit_group(store: &Store, journal: Option<&journal::Journal>, group: &mut Vec<WriteOp>) {
+    let mut starts = Vec::new();
+    let mut completes = Vec::new();
+    let mut finishes = Vec::new();
+    let mut traces = Vec::new();
+    for op in group.iter() {
+        match op {
+            WriteOp::Start(start, _) => starts.push(&**start),
+            WriteOp::Complete(c) => completes.push((&*c.start, Some(&c.finish), c.finished_at)),
+            WriteOp::Finish(id, finish) => finishes.push((id.as_str(), &**finish)),
+            WriteOp::Trace(trace) => traces.push(&**trace),
+            WriteOp::Flush(_) => {}
+        }
+    }
+    let together = async {
+        let mut tx = store.pool().begin().await?;
+        for start in &starts {
+            insert_start(&mut *tx, start).await?;
+        }
+        for chunk in completes.chunks(ROWS_PER_INSERT) {
+            insert_records(&mut *tx, store.backend(), chunk, false).await?;
+        }
+        for (id, finish) in &finishes {
+            update_finish(&mut *tx, id, finish).await?;
+        }
+        for chunk in traces.chunks(crate::traces::ROWS_PER_INSERT) {
+            crate::traces::insert_many(&mut *tx, store.backend(), chunk).await?;
+        }
+        tx.commit().await?;
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    let grouped_ok = together.is_ok();
+    if let Err(e) = together {
+        tracing::warn!(error = %e, ops = group.len(), "a usage group failed; writing its records one by one");
+    }
+    let mut committed = Vec::new();
+    let mut flushes = Vec::new();
+    for op in group.drain(..) {
+        match op {
+            WriteOp::Start(start, ack) => {
+                let result = if grouped_ok { Ok(()) } else { insert_start(store.pool(), &start).await };
+                let _ = ack.send(result.map_err(|e| e.to_string()));
+            }
+            WriteOp::Complete(c) => {
+                let result = if grouped_ok {
+                    Ok(1)
+                } else {
+                    insert_records(
+                        store.pool(),
+                        store.backend(),
+                        &[(&*c.start, Some(&c.finish), c.finished_at)],
+                        false,
+                    )
+                    .await
+                };
+                match result {
+                    Ok(_) => committed.push(c.segment),
+                    // The record is there already: the journal needn't keep it.
+                    Err(StoreError::Conflict(e)) => {
+                        tracing::error!(request_id = %c.start.request_id, error = %e, "could not write the usage record");
+                        committed.push(c.segment);
+                    }
+                    // Left in the journal: the next start writes it as interrupted.
+                    Err(e) => {
+                        tracing::error!(request_id = %c.start.request_id, error = %e, "could not write the usage record")
+                    }
+                }
+            }
+            WriteOp::Finish(id, finish) => {
+                if !grouped_ok && let Err(e) = update_finish(store.pool(), &id, &finish).await {
+                    tracing::error!(request_id = %id, error = %e, "could not complete the usage record");
+                }
+            }
+            WriteOp::Trace(trace) => {
+                if !grouped_ok
+                    && let Err(e) =
+                        crate::traces::insert_many(store.pool(), store.backend(), &[&*trace]).await
+                {
+                    tracing::error!(request_id = %trace.request_id, error = %e, "could not write the trace");
+                }
+            }
+            WriteOp::Flush(ack) => flushes.push(ack),
+        }
+    }
+    if let Some(journal) = journal {
+        journal.committed(committed);
+    }
+    for ack in flushes {
+        let _ = ack.send(());
     }
 }
 

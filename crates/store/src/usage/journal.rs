@@ -1,0 +1,218 @@
+//! The admission journal of a SQLite store: an admitted request's usage record is first one
+//! line appended to a local file, and reaches the database once, complete, when the request
+//! ends, in a group with others. A crash leaves lines whose records never reached the
+//! database; the next start ([`ingest`]) writes those as `interrupted`.
+//!
+//! The journal is as durable as the SQLite database beside it: both are local files written
+//! without `fsync` (the database runs WAL with `synchronous=NORMAL`), so both survive the
+//! process being killed and neither promises more across a power cut. PostgreSQL is shared
+//! by replicas whose disks may not come back, so there the record is written to the database
+//! at admission instead (see `UsageWriter`).
+//!
+//! The journal is a directory of segments. A process holds each of its segments locked (an
+//! advisory `flock`) until it deletes it, so a process starting beside a running one never
+//! ingests a live segment. A segment is deleted once it is full and every record it
+//! admitted is in the database.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::usage::UsageStart;
+use crate::{Result, StoreError, now_ms};
+
+/// A segment is closed, and a new one begun, past this size.
+const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The open journal of one process.
+pub(crate) struct Journal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// Names this process's segments apart from an earlier run's.
+    stem: String,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The segment being written.
+    seq: u64,
+    bytes: u64,
+    /// Records admitted and not yet in the database, by request id, with their segment.
+    open: HashMap<String, (Box<UsageStart>, u64)>,
+    /// The current segment and the full ones not yet deleted.
+    segments: HashMap<u64, Segment>,
+}
+
+struct Segment {
+    /// Kept open, and so locked, until the segment is deleted.
+    file: File,
+    path: PathBuf,
+    /// How many of its records are not yet in the database.
+    open: usize,
+}
+
+impl Journal {
+    /// Starts a new segment in `dir` (created if missing).
+    pub(crate) fn open(dir: &Path) -> Result<Journal> {
+        Journal::with_segments_of(dir, SEGMENT_BYTES)
+    }
+
+    fn with_segments_of(dir: &Path, segment_bytes: u64) -> Result<Journal> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        let stem = format!("{}-{}", now_ms(), std::process::id());
+        let segment = new_segment(dir, &stem, 0)?;
+        let state = State { seq: 0, bytes: 0, open: HashMap::new(), segments: HashMap::from([(0, segment)]) };
+        Ok(Journal { dir: dir.to_path_buf(), segment_bytes, stem, state: Mutex::new(state) })
+    }
+
+    /// Appends an admission; once this returns, a crash cannot lose the record.
+    pub(crate) fn admit(&self, start: UsageStart) -> Result<()> {
+        let mut line = serde_json::to_vec(&start).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        line.push(b'\n');
+        let mut state = self.state.lock().map_err(|_| poisoned())?;
+        if state.open.contains_key(&start.request_id) {
+            return Err(StoreError::Conflict(format!("request id '{}' is taken", start.request_id)));
+        }
+        let seq = state.seq;
+        let segment = state.segments.get_mut(&seq).ok_or_else(poisoned)?;
+        // One write of a whole line: a kill can't leave half of it.
+        segment.file.write_all(&line).map_err(|e| io_error(&segment.path, e))?;
+        segment.open += 1;
+        state.bytes += line.len() as u64;
+        state.open.insert(start.request_id.clone(), (Box::new(start), seq));
+        if state.bytes > self.segment_bytes {
+            self.rotate(&mut state)?;
+        }
+        Ok(())
+    }
+
+    /// Takes an admitted record out of the open set, to be completed; `None` when this
+    /// journal did not admit it.
+    pub(crate) fn take(&self, request_id: &str) -> Option<(Box<UsageStart>, u64)> {
+        self.state.lock().ok()?.open.remove(request_id)
+    }
+
+    /// Notes that the records admitted in these segments are in the database; closed
+    /// segments left with none open are deleted.
+    pub(crate) fn committed(&self, segments: impl IntoIterator<Item = u64>) {
+        let Ok(mut state) = self.state.lock() else { return };
+        let current = state.seq;
+        for seq in segments {
+            let Some(segment) = state.segments.get_mut(&seq) else { continue };
+            segment.open = segment.open.saturating_sub(1);
+            if segment.open == 0 && seq != current {
+                delete(state.segments.remove(&seq));
+            }
+        }
+    }
+
+    fn rotate(&self, state: &mut State) -> Result<()> {
+        let old = state.seq;
+        let seq = old + 1;
+        state.segments.insert(seq, new_segment(&self.dir, &self.stem, seq)?);
+        state.seq = seq;
+        state.bytes = 0;
+        // The old segment goes at once if nothing it admitted is still open.
+        if state.segments.get(&old).is_some_and(|s| s.open == 0) {
+            delete(state.segments.remove(&old));
+        }
+        Ok(())
+    }
+}
+
+fn new_segment(dir: &Path, stem: &str, seq: u64) -> Result<Segment> {
+    let path = dir.join(format!("{stem}-{seq:06}.journal"));
+    let file =
+        OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| io_error(&path, e))?;
+    file.try_lock().map_err(|e| StoreError::Invalid(format!("cannot lock {}: {e}", path.display())))?;
+    Ok(Segment { file, path, open: 0 })
+}
+
+/// Deletes a segment whose records are all in the database.
+fn delete(segment: Option<Segment>) {
+    let Some(segment) = segment else { return };
+    if let Err(e) = std::fs::remove_file(&segment.path) {
+        tracing::warn!(path = %segment.path.display(), error = %e, "could not delete a spent journal segment");
+    }
+}
+
+/// The admissions left in `dir` by earlier runs (segments no running process holds), and
+/// those segments' paths, to be deleted once the records are in the database.
+pub(crate) fn leftovers(dir: &Path) -> Result<(Vec<UsageStart>, Vec<PathBuf>)> {
+    let mut starts = Vec::new();
+    let mut paths = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((starts, paths)),
+        Err(e) => return Err(io_error(dir, e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| io_error(dir, e))?.path();
+        if path.extension().is_none_or(|x| x != "journal") {
+            continue;
+        }
+        let file = File::open(&path).map_err(|e| io_error(&path, e))?;
+        // A segment another process holds is live: it is that process's to complete.
+        if file.try_lock().is_err() {
+            continue;
+        }
+        for line in std::io::BufReader::new(&file).lines() {
+            let line = line.map_err(|e| io_error(&path, e))?;
+            // A line the crash cut short belongs to a request that was never admitted.
+            if let Ok(start) = serde_json::from_str::<UsageStart>(&line) {
+                starts.push(start);
+            }
+        }
+        paths.push(path);
+    }
+    Ok((starts, paths))
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Invalid(format!("usage journal {}: {e}", path.display()))
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Invalid("the usage journal's lock is poisoned".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(id: &str) -> UsageStart {
+        UsageStart { request_id: id.into(), route: "/v1/chat/completions".into(), ..Default::default() }
+    }
+
+    fn segments(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn spent_segments_are_deleted_and_open_ones_survive_for_the_next_start() {
+        let dir = std::env::temp_dir().join(format!("ferry-journal-{}", uuid::Uuid::new_v4().simple()));
+        let journal = Journal::with_segments_of(&dir, 1000).unwrap();
+        for i in 0..40 {
+            journal.admit(start(&format!("r{i}"))).unwrap();
+        }
+        assert!(matches!(journal.admit(start("r3")), Err(StoreError::Conflict(_))));
+        assert!(segments(&dir) > 3, "small segments rotate");
+        // Every record but r5 reaches the database: only r5's segment and the current one stay.
+        let done: Vec<u64> =
+            (0..40).filter(|i| *i != 5).map(|i| journal.take(&format!("r{i}")).unwrap().1).collect();
+        journal.committed(done);
+        assert!(journal.take("r0").is_none(), "taken once");
+        assert_eq!(segments(&dir), 2);
+        // While this journal lives its segments are locked; after it, the next start reads the
+        // two segments left (whose records already written are skipped when ingested).
+        assert!(leftovers(&dir).unwrap().0.is_empty());
+        drop(journal);
+        let (starts, paths) = leftovers(&dir).unwrap();
+        let ids: Vec<&str> = starts.iter().map(|s| s.request_id.as_str()).collect();
+        assert!(ids.contains(&"r5") && ids.contains(&"r39") && !ids.contains(&"r20"), "{ids:?}");
+        assert_eq!(paths.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
