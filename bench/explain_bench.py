@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Cost of an explanation against one generation of the same completion, side by side on one
 server: a prompt of 20 sentences (19 facts and a question), the completion generated once with
-`max_tokens` equal to its length, then explained at sentence granularity (21 scored
-sequences). Prints the median wall time of each over --runs and their ratio.
+`max_tokens` equal to its length, then explained at sentence granularity (the full
+conversation and 20 variants) with each occlusion method asked for. Prints the median wall
+time of each over --runs (interleaved in every run) and the ratio of each explanation to the
+generation.
 
-    cargo build --release
+    cargo build --release --bin ferry
     python3 bench/explain_bench.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--runs 5]
+        [--occlusion mask remove]
 """
 import argparse
 import os
@@ -30,6 +33,7 @@ def main():
     p.add_argument("--model", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--occlusion", nargs="+", default=["mask", "remove"], choices=["mask", "remove"])
     args = p.parse_args()
     server = subprocess.Popen(
         [FERRY, "serve", "--model", args.model, "--port", "0", "--parallel", "24", "--ctx-size", "1024",
@@ -46,28 +50,31 @@ def main():
             "model": model, "messages": messages, "max_tokens": 24, "temperature": 0}, timeout=300).json()
         completion = answer["choices"][0]["message"]["content"]
         n_tokens = answer["usage"]["completion_tokens"]
-        gen, exp = [], []
+        gen, exp, bodies = [], {m: [] for m in args.occlusion}, {}
         for _ in range(args.runs):
             t = time.perf_counter()
             httpx.post(url + "/v1/chat/completions", json={
                 "model": model, "messages": messages, "max_tokens": n_tokens, "temperature": 0,
                 "ignore_eos": True}, timeout=300).raise_for_status()
             gen.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            r = httpx.post(url + "/v1/explanations", json={
-                "model": model, "messages": messages, "completion": completion, "granularity": "sentence"},
-                timeout=300)
-            r.raise_for_status()
-            exp.append(time.perf_counter() - t)
-        body = r.json()
-        g, e = statistics.median(gen), statistics.median(exp)
+            for method in args.occlusion:
+                t = time.perf_counter()
+                r = httpx.post(url + "/v1/explanations", json={
+                    "model": model, "messages": messages, "completion": completion, "granularity": "sentence",
+                    "occlusion": method}, timeout=300)
+                r.raise_for_status()
+                exp[method].append(time.perf_counter() - t)
+                bodies[method] = r.json()
+        g = statistics.median(gen)
         print(f"model {model}; prompt {answer['usage']['prompt_tokens']} tokens, 20 sentences; "
               f"completion {n_tokens} tokens: {completion!r}")
         print(f"generation  median {g * 1000:8.1f} ms over {args.runs} runs")
-        print(f"explanation median {e * 1000:8.1f} ms ({body['variants']} sequences in {body['engine_steps']} engine steps)")
-        print(f"explanation / generation = {e / g:.2f}x (target <= 3x)")
-        top = max(body["segments"], key=lambda s: s["score"])
-        print(f"highest-scoring sentence: {top['text']!r} (share {top['share']:.2f})")
+        for method in args.occlusion:
+            e, body = statistics.median(exp[method]), bodies[method]
+            top = max(body["segments"], key=lambda s: s["score"])
+            print(f"explanation ({method:6}) median {e * 1000:8.1f} ms = {e / g:5.2f}x generation (target <= 3x); "
+                  f"{body['variants']} sequences, {body.get('computed_tokens', '?')} tokens computed, "
+                  f"{body['engine_steps']} engine steps; top: {top['text']!r} (share {top['share']:.2f})")
     finally:
         server.terminate()
         server.wait(timeout=30)

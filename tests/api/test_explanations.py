@@ -1,6 +1,7 @@
-"""Input attribution (`POST /v1/explanations`) on the real models: the fact an answer depends
-on gets the highest score among distractors, scores are reproducible, variants are scored in
-batched engine steps, and the total agrees with /v1/completions' echo logprobs."""
+"""Input attribution (`POST /v1/explanations`) on the real models, for both occlusion methods
+(`remove`, the default, and `mask`): the fact an answer depends on gets the highest score
+among distractors, scores are reproducible, variants are scored in batched engine steps, and
+the total agrees with /v1/completions' echo logprobs."""
 import os
 
 import httpx
@@ -47,36 +48,50 @@ def qwen():
     s.stop()
 
 
-def faithfulness(url, model):
+METHODS = ["remove", "mask"]
+# Cases out of ten where the fact's sentence must score highest. Masking is approximate (the
+# cells after a masked sentence still saw it): on SmolLM2 it measured 8 of 10, removal 9.
+AT_LEAST = {("smollm2", "remove"): 9, ("smollm2", "mask"): 8, ("qwen", "remove"): 9, ("qwen", "mask"): 9}
+
+
+def faithfulness(url, model, occlusion):
     hits = 0
     for facts, question, fact, answer in CASES:
-        r = explain(url, model, f"{facts} {question}", answer)
+        r = explain(url, model, f"{facts} {question}", answer, occlusion=occlusion)
         assert r.status_code == 200, r.text
         scores = [s["score"] for s in r.json()["segments"]]
         assert len(scores) == 4
+        assert r.json()["occlusion"] == occlusion
         hits += max(range(4), key=scores.__getitem__) == fact
-    print(f"{model}: the fact's sentence scored highest in {hits} of {len(CASES)} cases")
+    print(f"{model} ({occlusion}): the fact's sentence scored highest in {hits} of {len(CASES)} cases")
     return hits
 
 
-def test_the_fact_gets_the_highest_attribution_smollm2(server):
-    assert faithfulness(server.url, MODEL_ID) >= 9
+@pytest.mark.parametrize("occlusion", METHODS)
+def test_the_fact_gets_the_highest_attribution_smollm2(server, occlusion):
+    assert faithfulness(server.url, MODEL_ID, occlusion) >= AT_LEAST["smollm2", occlusion]
 
 
-def test_the_fact_gets_the_highest_attribution_qwen(qwen):
-    assert faithfulness(qwen.url, QWEN_ID) >= 9
+@pytest.mark.parametrize("occlusion", METHODS)
+def test_the_fact_gets_the_highest_attribution_qwen(qwen, occlusion):
+    assert faithfulness(qwen.url, QWEN_ID, occlusion) >= AT_LEAST["qwen", occlusion]
 
 
-def test_scores_are_reproducible_and_variants_are_batched(server):
+@pytest.mark.parametrize("occlusion", METHODS)
+def test_scores_are_reproducible_and_variants_are_batched(server, occlusion):
     facts, question, _, answer = CASES[3]
-    first = explain(server.url, MODEL_ID, f"{facts} {question}", answer).json()
-    second = explain(server.url, MODEL_ID, f"{facts} {question}", answer).json()
+    first = explain(server.url, MODEL_ID, f"{facts} {question}", answer, occlusion=occlusion).json()
+    second = explain(server.url, MODEL_ID, f"{facts} {question}", answer, occlusion=occlusion).json()
     assert [s["score"] for s in first["segments"]] == [s["score"] for s in second["segments"]]
     assert first["total_logprob"] == second["total_logprob"]
     # Five sequences (the whole conversation and four occlusions) in fewer engine steps
-    # than sequences: they were prefilled together.
+    # than sequences: the full conversation once, then the variants forked from it together.
     assert first["variants"] == 5
-    assert first["engine_steps"] < first["variants"]
+    assert first["engine_steps"] <= 3
+    # The shared prefix is computed once: far fewer tokens than five whole sequences (masking
+    # recomputes only the turn's end and the completion).
+    n = len(first["scored_token_ids"])
+    assert first["computed_tokens"] < (2 * n if occlusion == "mask" else 4 * n)
     shares = [s["share"] for s in first["segments"]]
     assert abs(sum(shares) - 1) < 1e-9 and all(0 <= s <= 1 for s in shares)
     segment = first["segments"][1]
@@ -84,8 +99,10 @@ def test_scores_are_reproducible_and_variants_are_batched(server):
     assert content[segment["start"]:segment["end"]] == segment["text"] == "The blue box holds keys."
 
 
-def test_total_logprob_equals_completions_echo(server):
-    r = explain(server.url, MODEL_ID, "Alice lives in Paris. Where does Alice live?", "Alice lives in Paris").json()
+@pytest.mark.parametrize("occlusion", METHODS)
+def test_total_logprob_equals_completions_echo(server, occlusion):
+    r = explain(server.url, MODEL_ID, "Alice lives in Paris. Where does Alice live?", "Alice lives in Paris",
+                occlusion=occlusion).json()
     tokens = r["scored_token_ids"]
     echo = httpx.post(server.url + "/v1/completions", json={
         "model": MODEL_ID, "prompt": tokens, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0,
@@ -97,13 +114,32 @@ def test_total_logprob_equals_completions_echo(server):
     assert len(r["tokens"][0]["top_logprobs"]) == 5
 
 
-def test_granularities(server):
+@pytest.mark.parametrize("occlusion", METHODS)
+def test_granularities(server, occlusion):
     content = "Alice lives in Paris. Where does Alice live?"
-    by_message = explain(server.url, MODEL_ID, content, "Paris", "message").json()
+    by_message = explain(server.url, MODEL_ID, content, "Paris", "message", occlusion=occlusion).json()
     assert [(s["message_index"], s["text"]) for s in by_message["segments"]] == [(0, content)]
-    by_token = explain(server.url, MODEL_ID, content, "Paris", "token").json()
+    # Without the whole message the answer is far less likely.
+    assert by_message["segments"][0]["score"] > 1
+    by_token = explain(server.url, MODEL_ID, content, "Paris", "token", occlusion=occlusion).json()
     assert len(by_token["segments"]) > 8
     assert "".join(s["text"] for s in by_token["segments"]) == content
+
+
+def test_several_messages(server):
+    # Segments of every message, the system prompt included; masking finds each in the
+    # rendered template and agrees with removal on which sentence matters.
+    messages = [{"role": "system", "content": "You answer briefly. Bob lives in Rome."},
+                {"role": "user", "content": "Alice lives in Paris. Where does Alice live?"}]
+    for occlusion in METHODS:
+        r = httpx.post(server.url + "/v1/explanations", json={
+            "model": MODEL_ID, "messages": messages, "completion": "Paris", "occlusion": occlusion}, timeout=300)
+        assert r.status_code == 200, r.text
+        segments = r.json()["segments"]
+        assert [(s["message_index"], s["text"]) for s in segments] == [
+            (0, "You answer briefly."), (0, "Bob lives in Rome."), (1, "Alice lives in Paris."),
+            (1, "Where does Alice live?")]
+        assert max(segments, key=lambda s: s["score"])["text"] == "Alice lives in Paris.", (occlusion, segments)
 
 
 def test_bad_requests(server):
@@ -115,3 +151,7 @@ def test_bad_requests(server):
     assert r.status_code == 404
     r = explain(server.url, MODEL_ID, "Hi", "")
     assert r.status_code == 400 and r.json()["error"]["param"] == "completion"
+    r = explain(server.url, MODEL_ID, "Hi", "Hello", occlusion="blur")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "occlusion"
+    # Without `occlusion`, removal.
+    assert explain(server.url, MODEL_ID, "Hi", "Hello").json()["occlusion"] == "remove"

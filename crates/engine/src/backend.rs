@@ -47,4 +47,12 @@ pub trait Session {
     fn logits(&self, row: usize) -> &[f32];
     /// Frees a sequence's KV cache.
     fn clear_sequence(&mut self, seq: usize);
+    /// Makes `dst`'s KV cache a copy of `src`'s (whatever `dst` held is dropped). The copy
+    /// may be deferred to the next `decode`, which sees it done; `src` may be cleared or
+    /// reused before that decode.
+    fn copy_sequence(&mut self, src: usize, dst: usize);
+    /// Drops `seq`'s KV cells at positions `p0..p1` (`p1 = None`: to the end); the cells
+    /// left keep their positions. `false` where the backend's memory cannot drop part of a
+    /// sequence (recurrent models).
+    fn remove_range(&mut self, seq: usize, p0: usize, p1: Option<usize>) -> bool;
 }

@@ -10,6 +10,7 @@ pub mod llama;
 pub mod model_info;
 pub mod sampler;
 pub mod scheduler;
+pub mod scoring;
 pub mod template;
 pub mod text;
 
@@ -20,6 +21,7 @@ pub use backend::{Backend, SessionConfig};
 pub use model_info::ModelInfo;
 pub use sampler::SamplingParams;
 pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, Timings, TokenInfo};
+pub use scoring::{ScoreEvent, ScoreRequest, ScoreVariant};
 pub use template::{ChatMessage, ChatTemplate, TemplateError};
 
 /// A token id in the model's vocabulary.

@@ -174,4 +174,17 @@ impl Session for LlamaCppSession<'_> {
     fn clear_sequence(&mut self, seq: usize) {
         let _ = self.context.clear_kv_cache_seq(Some(seq as u32), None, None);
     }
+
+    fn copy_sequence(&mut self, src: usize, dst: usize) {
+        // With one KV stream per sequence (`kv_unified(false)`) llama.cpp copies only whole
+        // sequences across streams: the stream's buffer is copied at the next decode, after
+        // the cell metadata here. Callers drop the cells they do not want with `remove_range`.
+        let _ = self.context.copy_kv_cache_seq(src as i32, dst as i32, None, None);
+    }
+
+    fn remove_range(&mut self, seq: usize, p0: usize, p1: Option<usize>) -> bool {
+        let p1 = p1.map(|p| u32::try_from(p).unwrap_or(u32::MAX));
+        let p0 = u32::try_from(p0).unwrap_or(u32::MAX);
+        self.context.clear_kv_cache_seq(Some(seq as u32), Some(p0), p1).unwrap_or(false)
+    }
 }

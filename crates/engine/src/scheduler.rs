@@ -9,6 +9,9 @@
 //! - Cancellation: a request whose receiver is gone (client disconnected) has its
 //!   sequences dropped and their KV cache cleared at the next step.
 //! - The queue is bounded: `submit` fails with `QueueFull` instead of growing it.
+//! - Scoring jobs (`Scheduler::score`): one base sequence prefilled once, then variants
+//!   forked from its KV cache into free slots (a copy, minus the cells the variant drops),
+//!   each decoding only its own tokens; see [`ScoreRequest`].
 //!
 //! See README.md in this crate for the life of a request.
 
@@ -21,6 +24,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::backend::{Backend, BatchEntry, Session, SessionConfig};
 use crate::sampler::{Sampler, SamplingParams, TokenLogprob, logprobs};
+use crate::scoring::{ScoreEvent, ScoreRequest};
 use crate::text::{StopMatcher, Utf8Stream};
 use crate::{EngineError, TokenId};
 
@@ -122,9 +126,15 @@ pub struct SchedulerStats {
 /// A cheap handle to the scheduler thread.
 #[derive(Clone)]
 pub struct Scheduler {
-    commands: mpsc::Sender<Pending>,
+    commands: mpsc::Sender<Job>,
     stats: Arc<SchedulerStats>,
     config: Arc<SchedulerConfig>,
+}
+
+/// A job waiting for slots, or running in them.
+enum Job {
+    Generate(Pending),
+    Score(ScorePending),
 }
 
 struct Pending {
@@ -132,10 +142,33 @@ struct Pending {
     events: UnboundedSender<Event>,
 }
 
+struct ScorePending {
+    request: ScoreRequest,
+    events: UnboundedSender<ScoreEvent>,
+}
+
+impl Job {
+    fn is_cancelled(&self) -> bool {
+        match self {
+            Job::Generate(p) => p.events.is_closed(),
+            Job::Score(p) => p.events.is_closed(),
+        }
+    }
+
+    /// Free slots the job needs to be admitted. A scoring job with variants waits for two,
+    /// so that bases never hold every slot while their variants wait for one.
+    fn slots_needed(&self) -> usize {
+        match self {
+            Job::Generate(p) => p.request.n,
+            Job::Score(p) => 1 + usize::from(!p.request.variants.is_empty()),
+        }
+    }
+}
+
 impl Scheduler {
     /// Starts the scheduler thread; fails if the backend cannot create its session.
     pub fn start(backend: Arc<dyn Backend>, config: SchedulerConfig) -> Result<Self, EngineError> {
-        let (commands, inbox) = mpsc::channel::<Pending>();
+        let (commands, inbox) = mpsc::channel::<Job>();
         let stats = Arc::new(SchedulerStats::default());
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_stats = stats.clone();
@@ -170,17 +203,31 @@ impl Scheduler {
                 self.config.session.n_sequences
             )));
         }
+        let (events, receiver) = unbounded_channel();
+        self.enqueue(Job::Generate(Pending { request, events }))?;
+        Ok(receiver)
+    }
+
+    /// Queues a scoring job (one queue entry, however many variants). Events arrive on the
+    /// returned receiver; dropping it cancels the job and frees every slot it holds.
+    pub fn score(&self, request: ScoreRequest) -> Result<UnboundedReceiver<ScoreEvent>, EngineError> {
+        let session = &self.config.session;
+        request.check(session.n_sequences, session.ctx_per_sequence).map_err(EngineError::InvalidRequest)?;
+        let (events, receiver) = unbounded_channel();
+        self.enqueue(Job::Score(ScorePending { request, events }))?;
+        Ok(receiver)
+    }
+
+    fn enqueue(&self, job: Job) -> Result<(), EngineError> {
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.config.max_waiting {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::QueueFull);
         }
-        let (events, receiver) = unbounded_channel();
-        self.commands.send(Pending { request, events }).map_err(|_| {
+        self.commands.send(job).map_err(|_| {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             EngineError::Stopped
-        })?;
-        Ok(receiver)
+        })
     }
 
     pub fn stats(&self) -> &SchedulerStats {
@@ -192,20 +239,36 @@ impl Scheduler {
     }
 }
 
-/// One choice of one request, occupying one KV slot.
+/// One sequence in one KV slot: a choice of a generation request, or the base or a variant
+/// of a scoring job.
 struct Sequence {
     slot: usize,
     /// Admission order, so the oldest prompt is prefilled first.
     admitted: u64,
+    /// What this sequence feeds the model: its prompt (a variant's own tokens), then the
+    /// generated tokens.
+    tokens: Vec<TokenId>,
+    /// The position of `tokens[0]`: 0, or right after a variant's kept cells.
+    first_pos: usize,
+    /// Tokens of `tokens` to prefill: all of a prompt; all but the last of a scoring
+    /// sequence (the last one is only scored, and no later token attends to it).
+    n_prompt: usize,
+    /// Tokens of `tokens` already in the KV cache.
+    n_cached: usize,
+    work: Work,
+}
+
+enum Work {
+    Generate(Box<Generation>),
+    Score(Scoring),
+}
+
+/// A choice being generated.
+struct Generation {
+    request: Arc<Pending>,
+    choice: usize,
     admitted_at: Instant,
     first_token_at: Option<Instant>,
-    choice: usize,
-    request: Arc<Pending>,
-    /// Prompt followed by the generated tokens.
-    tokens: Vec<TokenId>,
-    n_prompt: usize,
-    /// Tokens already in the KV cache.
-    n_cached: usize,
     sampler: Sampler,
     utf8: Utf8Stream,
     stops: StopMatcher,
@@ -215,12 +278,54 @@ struct Sequence {
     prompt_logprobs: Option<Vec<TokenInfo>>,
 }
 
+/// The base or a variant of a scoring job.
+struct Scoring {
+    job: u64,
+    /// `None` for the base.
+    variant: Option<usize>,
+    /// Index in `tokens` of the first scored token.
+    scored_from: usize,
+    top_n: usize,
+    scored: Vec<TokenInfo>,
+}
+
 impl Sequence {
-    fn generated(&self) -> usize {
-        self.tokens.len() - self.n_prompt
-    }
     fn prefilling(&self) -> bool {
         self.n_cached < self.n_prompt
+    }
+    /// Advances one token per step: a generation past its prompt.
+    fn decoding(&self) -> bool {
+        matches!(self.work, Work::Generate(_)) && !self.prefilling()
+    }
+    fn score_job(&self) -> Option<u64> {
+        match &self.work {
+            Work::Score(s) => Some(s.job),
+            Work::Generate(_) => None,
+        }
+    }
+    fn is_cancelled(&self, jobs: &[ScoreJob]) -> bool {
+        match &self.work {
+            Work::Generate(g) => g.request.events.is_closed(),
+            Work::Score(s) => jobs.iter().find(|j| j.id == s.job).is_none_or(|j| j.events.is_closed()),
+        }
+    }
+}
+
+/// A scoring job that holds slots: its base, then its variants as they fork.
+struct ScoreJob {
+    id: u64,
+    request: ScoreRequest,
+    events: UnboundedSender<ScoreEvent>,
+    /// The base's slot while variants still have to fork from it.
+    base_slot: Option<usize>,
+    base_done: bool,
+    next_variant: usize,
+    running_variants: usize,
+}
+
+impl ScoreJob {
+    fn finished(&self) -> bool {
+        self.base_done && self.next_variant == self.request.variants.len() && self.running_variants == 0
     }
 }
 
@@ -230,7 +335,9 @@ struct Worker<'m> {
     config: SchedulerConfig,
     stats: Arc<SchedulerStats>,
     slots: Vec<Option<Sequence>>,
-    waiting: VecDeque<Pending>,
+    waiting: VecDeque<Job>,
+    /// Scoring jobs holding slots, oldest first.
+    jobs: Vec<ScoreJob>,
     admissions: u64,
 }
 
@@ -240,6 +347,8 @@ enum RowUse {
     Sample(usize),
     /// The logprob of prompt token `pos + 1` of the sequence in `slot`.
     Prompt { slot: usize, pos: usize },
+    /// The logprob of token `index` of a scoring sequence.
+    Score { slot: usize, index: usize },
 }
 
 impl<'m> Worker<'m> {
@@ -250,10 +359,19 @@ impl<'m> Worker<'m> {
         stats: Arc<SchedulerStats>,
     ) -> Self {
         let slots = (0..config.session.n_sequences).map(|_| None).collect();
-        Worker { backend, session, config, stats, slots, waiting: VecDeque::new(), admissions: 0 }
+        Worker {
+            backend,
+            session,
+            config,
+            stats,
+            slots,
+            waiting: VecDeque::new(),
+            jobs: Vec::new(),
+            admissions: 0,
+        }
     }
 
-    fn run(mut self, inbox: mpsc::Receiver<Pending>) {
+    fn run(mut self, inbox: mpsc::Receiver<Job>) {
         loop {
             let idle = self.slots.iter().all(Option::is_none) && self.waiting.is_empty();
             if idle {
@@ -266,6 +384,7 @@ impl<'m> Worker<'m> {
                 self.waiting.push_back(p);
             }
             self.drop_cancelled();
+            self.fork_variants();
             self.admit();
             self.step();
         }
@@ -273,16 +392,17 @@ impl<'m> Worker<'m> {
 
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len();
-        self.waiting.retain(|p| !p.events.is_closed());
+        self.waiting.retain(|p| !p.is_cancelled());
         let gone = before - self.waiting.len();
         if gone > 0 {
             self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
         }
         for slot in 0..self.slots.len() {
-            if self.slots[slot].as_ref().is_some_and(|s| s.request.events.is_closed()) {
+            if self.slots[slot].as_ref().is_some_and(|s| s.is_cancelled(&self.jobs)) {
                 self.free(slot);
             }
         }
+        self.jobs.retain(|j| !j.events.is_closed());
     }
 
     fn free(&mut self, slot: usize) {
@@ -292,51 +412,169 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Moves waiting requests into free slots, first come first served: a request needing
-    /// more slots than are free waits, and nothing behind it overtakes it.
+    fn free_slots(&self) -> Vec<usize> {
+        (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect()
+    }
+
+    /// Ends a scoring job: frees every slot it holds (its base included) and forgets it.
+    fn end_job(&mut self, id: u64) {
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].as_ref().is_some_and(|s| s.score_job() == Some(id)) {
+                self.free(slot);
+            }
+        }
+        self.jobs.retain(|j| j.id != id);
+    }
+
+    /// Forks the variants of scoring jobs whose base is prefilled into free slots, oldest
+    /// job first (admitted jobs go before waiting ones). A base is freed once its last
+    /// variant has forked.
+    fn fork_variants(&mut self) {
+        let mut free = self.free_slots().into_iter();
+        let mut failed = Vec::new();
+        'jobs: for j in 0..self.jobs.len() {
+            let job = &mut self.jobs[j];
+            let Some(base_slot) = job.base_slot.filter(|_| job.base_done) else {
+                continue;
+            };
+            while job.next_variant < job.request.variants.len() {
+                let Some(slot) = free.next() else {
+                    break 'jobs;
+                };
+                let index = job.next_variant;
+                let variant = &job.request.variants[index];
+                self.session.copy_sequence(base_slot, slot);
+                let mut removed = self.session.remove_range(slot, variant.keep, None);
+                for range in &variant.masked {
+                    removed &= self.session.remove_range(slot, range.start, Some(range.end));
+                }
+                if !removed {
+                    self.session.clear_sequence(slot);
+                    let message = "this model's memory cannot drop part of a sequence".to_string();
+                    let _ = job.events.send(ScoreEvent::Error(message));
+                    failed.push(job.id);
+                    continue 'jobs;
+                }
+                job.next_variant += 1;
+                job.running_variants += 1;
+                let tokens = variant.tokens.clone();
+                self.slots[slot] = Some(Sequence {
+                    slot,
+                    // Variants are prefilled in their job's turn.
+                    admitted: self.slots[base_slot].as_ref().map_or(0, |s| s.admitted),
+                    first_pos: variant.first_position(),
+                    n_prompt: tokens.len() - 1,
+                    n_cached: 0,
+                    work: Work::Score(Scoring {
+                        job: job.id,
+                        variant: Some(index),
+                        scored_from: tokens.len() - variant.n_scored,
+                        top_n: 0,
+                        scored: Vec::new(),
+                    }),
+                    tokens,
+                });
+                self.stats.running.fetch_add(1, Ordering::SeqCst);
+            }
+            // Every variant has forked: the base's cells are no longer needed. (The copies
+            // are made at the next decode, before anything else is written to its slot.)
+            job.base_slot = None;
+            if self.slots[base_slot].take().is_some() {
+                self.session.clear_sequence(base_slot);
+                self.stats.running.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        for id in failed {
+            self.end_job(id);
+        }
+    }
+
+    /// Moves waiting jobs into free slots, first come first served: a job needing more
+    /// slots than are free waits, and nothing behind it overtakes it.
     fn admit(&mut self) {
         while let Some(front) = self.waiting.front() {
-            let free: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect();
-            if free.len() < front.request.n {
+            let free = self.free_slots();
+            if free.len() < front.slots_needed() {
                 break;
             }
-            let Some(pending) = self.waiting.pop_front() else {
+            let Some(job) = self.waiting.pop_front() else {
                 break;
             };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            let pending = Arc::new(pending);
-            let request = &pending.request;
             self.admissions += 1;
-            for (choice, &slot) in free.iter().take(request.n).enumerate() {
-                let want_prompt = request.prompt_logprobs && choice == 0;
-                self.slots[slot] = Some(Sequence {
-                    slot,
-                    admitted: self.admissions,
+            match job {
+                Job::Generate(pending) => self.admit_generation(pending, &free),
+                Job::Score(pending) => self.admit_scoring(pending, free[0]),
+            }
+        }
+    }
+
+    fn admit_generation(&mut self, pending: Pending, free: &[usize]) {
+        let pending = Arc::new(pending);
+        let request = &pending.request;
+        for (choice, &slot) in free.iter().take(request.n).enumerate() {
+            let want_prompt = request.prompt_logprobs && choice == 0;
+            self.slots[slot] = Some(Sequence {
+                slot,
+                admitted: self.admissions,
+                tokens: request.prompt.clone(),
+                first_pos: 0,
+                n_prompt: request.prompt.len(),
+                n_cached: 0,
+                work: Work::Generate(Box::new(Generation {
+                    request: pending.clone(),
+                    choice,
                     admitted_at: Instant::now(),
                     first_token_at: None,
-                    choice,
-                    request: pending.clone(),
-                    tokens: request.prompt.clone(),
-                    n_prompt: request.prompt.len(),
-                    n_cached: 0,
                     sampler: Sampler::new(request.sampling.clone(), choice as u64),
                     utf8: Utf8Stream::default(),
                     stops: StopMatcher::new(request.stop.clone()),
                     unsent: Vec::new(),
                     prompt_logprobs: want_prompt.then(Vec::new),
-                });
-                self.stats.running.fetch_add(1, Ordering::SeqCst);
-            }
+                })),
+            });
+            self.stats.running.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    fn admit_scoring(&mut self, pending: ScorePending, slot: usize) {
+        let id = self.admissions;
+        let request = pending.request;
+        self.slots[slot] = Some(Sequence {
+            slot,
+            admitted: id,
+            tokens: request.tokens.clone(),
+            first_pos: 0,
+            n_prompt: request.tokens.len() - 1,
+            n_cached: 0,
+            work: Work::Score(Scoring {
+                job: id,
+                variant: None,
+                scored_from: request.tokens.len() - request.n_scored,
+                top_n: request.top_logprobs,
+                scored: Vec::new(),
+            }),
+        });
+        self.stats.running.fetch_add(1, Ordering::SeqCst);
+        self.jobs.push(ScoreJob {
+            id,
+            request,
+            events: pending.events,
+            base_slot: Some(slot),
+            base_done: false,
+            next_variant: 0,
+            running_variants: 0,
+        });
     }
 
     fn step(&mut self) {
         let mut entries = Vec::new();
         let mut rows = Vec::new();
         // Every decoding sequence advances by one token.
-        for seq in self.slots.iter().flatten().filter(|s| !s.prefilling()) {
-            let pos = seq.tokens.len() - 1;
-            entries.push(BatchEntry { token: seq.tokens[pos], pos, seq: seq.slot, logits: true });
+        for seq in self.slots.iter().flatten().filter(|s| s.decoding()) {
+            let index = seq.tokens.len() - 1;
+            let pos = seq.first_pos + index;
+            entries.push(BatchEntry { token: seq.tokens[index], pos, seq: seq.slot, logits: true });
             rows.push(RowUse::Sample(seq.slot));
         }
         // Then prompt chunks, oldest sequences first, within the step's budget.
@@ -345,6 +583,7 @@ impl<'m> Worker<'m> {
         let mut order: Vec<usize> =
             self.slots.iter().flatten().filter(|s| s.prefilling()).map(|s| s.slot).collect();
         order.sort_by_key(|&slot| self.slots[slot].as_ref().map_or(u64::MAX, |s| s.admitted));
+        let mut prefilled = Vec::new();
         for slot in order {
             if prefill_left == 0 {
                 break;
@@ -353,23 +592,30 @@ impl<'m> Worker<'m> {
                 continue;
             };
             let take = (seq.n_prompt - seq.n_cached).min(prefill_left);
-            for pos in seq.n_cached..seq.n_cached + take {
-                let last = pos + 1 == seq.n_prompt;
-                let for_prompt = seq.prompt_logprobs.is_some() && !last;
+            for index in seq.n_cached..seq.n_cached + take {
+                let last = index + 1 == seq.n_prompt;
+                let row = match &seq.work {
+                    Work::Generate(_) if last => Some(RowUse::Sample(slot)),
+                    Work::Generate(g) if g.prompt_logprobs.is_some() => {
+                        Some(RowUse::Prompt { slot, pos: index })
+                    }
+                    Work::Generate(_) => None,
+                    // Logits only where the next token is scored.
+                    Work::Score(s) => {
+                        (index + 1 >= s.scored_from).then_some(RowUse::Score { slot, index: index + 1 })
+                    }
+                };
                 entries.push(BatchEntry {
-                    token: seq.tokens[pos],
-                    pos,
+                    token: seq.tokens[index],
+                    pos: seq.first_pos + index,
                     seq: slot,
-                    logits: last || for_prompt,
+                    logits: row.is_some(),
                 });
-                if last {
-                    rows.push(RowUse::Sample(slot));
-                } else if for_prompt {
-                    rows.push(RowUse::Prompt { slot, pos });
-                }
+                rows.extend(row);
             }
             seq.n_cached += take;
             prefill_left -= take;
+            prefilled.push(slot);
             self.stats.prompt_tokens.fetch_add(take as u64, Ordering::Relaxed);
         }
         if entries.is_empty() {
@@ -378,12 +624,22 @@ impl<'m> Worker<'m> {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.session.decode(&entries) {
             // The KV state of every sequence in this batch is now unknown: fail them all.
-            let slots: Vec<usize> = entries.iter().map(|e| e.seq).collect();
+            let mut slots: Vec<usize> = entries.iter().map(|e| e.seq).collect();
+            slots.dedup();
             for slot in slots {
-                if let Some(seq) = self.slots[slot].as_ref() {
-                    let _ = seq.request.events.send(Event::Error(e.to_string()));
+                match self.slots[slot].as_ref().map(|s| (&s.work, s.score_job())) {
+                    Some((Work::Generate(g), _)) => {
+                        let _ = g.request.events.send(Event::Error(e.to_string()));
+                        self.free(slot);
+                    }
+                    Some((Work::Score(_), Some(id))) => {
+                        if let Some(job) = self.jobs.iter().find(|j| j.id == id) {
+                            let _ = job.events.send(ScoreEvent::Error(e.to_string()));
+                        }
+                        self.end_job(id);
+                    }
+                    _ => {}
                 }
-                self.free(slot);
             }
             return;
         }
@@ -391,7 +647,11 @@ impl<'m> Worker<'m> {
             match use_ {
                 RowUse::Prompt { slot, pos } => self.record_prompt_logprob(slot, pos, row),
                 RowUse::Sample(slot) => self.sample(slot, row),
+                RowUse::Score { slot, index } => self.record_score(slot, index, row),
             }
+        }
+        for slot in prefilled {
+            self.finish_scoring(slot);
         }
     }
 
@@ -400,11 +660,65 @@ impl<'m> Worker<'m> {
         let Some(seq) = self.slots[slot].as_mut() else {
             return;
         };
-        let top_n = seq.request.request.logprobs.unwrap_or(0);
+        let Work::Generate(g) = &mut seq.work else {
+            return;
+        };
+        let top_n = g.request.request.logprobs.unwrap_or(0);
         let token = seq.tokens[pos + 1];
         let (logprob, top) = logprobs(logits, token, top_n);
-        if let Some(collected) = seq.prompt_logprobs.as_mut() {
+        if let Some(collected) = g.prompt_logprobs.as_mut() {
             collected.push(TokenInfo { token, logprob, top });
+        }
+    }
+
+    fn record_score(&mut self, slot: usize, index: usize, row: usize) {
+        let logits = self.session.logits(row);
+        let Some(seq) = self.slots[slot].as_mut() else {
+            return;
+        };
+        let Work::Score(s) = &mut seq.work else {
+            return;
+        };
+        let token = seq.tokens[index];
+        let (logprob, top) = logprobs(logits, token, s.top_n);
+        s.scored.push(TokenInfo { token, logprob, top });
+    }
+
+    /// Reports a scoring sequence whose tokens are all in the cache: a variant ends and
+    /// frees its slot; a base stays until its variants have forked from it.
+    fn finish_scoring(&mut self, slot: usize) {
+        let Some(seq) = self.slots[slot].as_mut().filter(|s| !s.prefilling()) else {
+            return;
+        };
+        let Work::Score(s) = &mut seq.work else {
+            return;
+        };
+        let (id, variant, tokens) = (s.job, s.variant, std::mem::take(&mut s.scored));
+        let Some(job) = self.jobs.iter_mut().find(|j| j.id == id) else {
+            return;
+        };
+        let free_now = match variant {
+            None => {
+                let _ = job.events.send(ScoreEvent::Base(tokens));
+                job.base_done = true;
+                let alone = job.request.variants.is_empty();
+                if alone {
+                    job.base_slot = None;
+                }
+                alone
+            }
+            Some(index) => {
+                let _ = job.events.send(ScoreEvent::Variant { index, tokens });
+                job.running_variants -= 1;
+                true
+            }
+        };
+        let finished = job.finished();
+        if free_now {
+            self.free(slot);
+        }
+        if finished {
+            self.end_job(id);
         }
     }
 
@@ -415,21 +729,25 @@ impl<'m> Worker<'m> {
         let Some(seq) = self.slots[slot].as_mut() else {
             return;
         };
-        let events = &seq.request.events;
-        if let Some(rest) = seq.prompt_logprobs.take() {
+        let Work::Generate(g) = &mut seq.work else {
+            return;
+        };
+        let events = &g.request.events;
+        if let Some(rest) = g.prompt_logprobs.take() {
             let _ = events.send(Event::PromptLogprobs { first_token: seq.tokens[0], rest });
         }
-        let request = &seq.request.request;
-        let token = seq.sampler.sample(logits);
+        let request = &g.request.request;
+        let token = g.sampler.sample(logits);
         let now = Instant::now();
-        let first_token = *seq.first_token_at.get_or_insert(now);
-        seq.sampler.accept(token);
+        let first_token = *g.first_token_at.get_or_insert(now);
+        g.sampler.accept(token);
         seq.tokens.push(token);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if let Some(top_n) = request.logprobs {
             let (logprob, top) = logprobs(logits, token, top_n);
-            seq.unsent.push(TokenInfo { token, logprob, top });
+            g.unsent.push(TokenInfo { token, logprob, top });
         }
+        let generated = seq.tokens.len() - seq.n_prompt;
 
         let mut finish = None;
         let mut text = String::new();
@@ -437,40 +755,40 @@ impl<'m> Worker<'m> {
         if !request.ignore_eos && backend.is_end_of_generation(token) {
             finish = Some(FinishReason::Stop);
         } else {
-            let piece = seq.utf8.push(backend.token_bytes(token));
-            let released = seq.stops.push(&piece);
+            let piece = g.utf8.push(backend.token_bytes(token));
+            let released = g.stops.push(&piece);
             text = released.text;
             stop_sequence = released.stopped;
             if stop_sequence.is_some() {
                 finish = Some(FinishReason::Stop);
             }
         }
-        if finish.is_none() && (seq.generated() >= request.max_tokens || seq.tokens.len() >= ctx) {
+        if finish.is_none() && (generated >= request.max_tokens || seq.tokens.len() >= ctx) {
             finish = Some(FinishReason::Length);
         }
         if finish.is_some() && stop_sequence.is_none() {
             // No stop sequence ended it: what was held back is part of the answer.
-            let tail = seq.utf8.finish();
-            let released = seq.stops.push(&tail);
+            let tail = g.utf8.finish();
+            let released = g.stops.push(&tail);
             text.push_str(&released.text);
             if released.stopped.is_some() {
                 finish = Some(FinishReason::Stop);
                 stop_sequence = released.stopped;
             } else {
-                text.push_str(&seq.stops.finish());
+                text.push_str(&g.stops.finish());
             }
         }
-        if !text.is_empty() || (finish.is_some() && !seq.unsent.is_empty()) {
-            let tokens = std::mem::take(&mut seq.unsent);
-            let _ = events.send(Event::Delta { choice: seq.choice, text, tokens });
+        if !text.is_empty() || (finish.is_some() && !g.unsent.is_empty()) {
+            let tokens = std::mem::take(&mut g.unsent);
+            let _ = events.send(Event::Delta { choice: g.choice, text, tokens });
         }
         if let Some(reason) = finish {
             let _ = events.send(Event::Finished {
-                choice: seq.choice,
+                choice: g.choice,
                 reason,
                 stop_sequence,
-                completion_tokens: seq.generated(),
-                timings: Timings { admitted: seq.admitted_at, first_token, finished: now },
+                completion_tokens: generated,
+                timings: Timings { admitted: g.admitted_at, first_token, finished: now },
             });
             self.free(slot);
         }
