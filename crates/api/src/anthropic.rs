@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicMessagesRequest)]
 pub struct MessagesRequest {
     pub model: String,
     pub max_tokens: i64,
@@ -21,7 +22,8 @@ pub struct MessagesRequest {
 }
 
 /// `count_tokens` takes the request without `max_tokens`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicCountTokensRequest)]
 pub struct CountTokensRequest {
     pub model: String,
     pub messages: Vec<Message>,
@@ -29,21 +31,24 @@ pub struct CountTokensRequest {
     pub tools: Option<Vec<serde_json::Value>>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(untagged)]
+#[schema(as = AnthropicSystemPrompt)]
 pub enum SystemPrompt {
     Text(String),
     Blocks(Vec<ContentBlock>),
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicMessage)]
 pub struct Message {
     pub role: String,
     pub content: MessageContent,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(untagged)]
+#[schema(as = AnthropicMessageContent)]
 pub enum MessageContent {
     Text(String),
     Blocks(Vec<ContentBlock>),
@@ -52,7 +57,8 @@ pub enum MessageContent {
 /// A content block of a request: `text`, `image` (`source`), `tool_use` (`id`, `name`,
 /// `input`) or `tool_result` (`tool_use_id`, `content`). Kept as one struct so that an
 /// unsupported type can be named in the error.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicContentBlock)]
 pub struct ContentBlock {
     #[serde(rename = "type")]
     pub kind: String,
@@ -66,20 +72,23 @@ pub struct ContentBlock {
     pub content: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicUsage)]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[schema(as = AnthropicResponseBlock)]
 pub enum ResponseBlock {
     Text { text: String },
     ToolUse { id: String, name: String, input: serde_json::Value },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicMessagesResponse)]
 pub struct MessagesResponse {
     pub id: String,
     #[serde(rename = "type")]
@@ -92,26 +101,30 @@ pub struct MessagesResponse {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicCountTokensResponse)]
 pub struct CountTokensResponse {
     pub input_tokens: u64,
 }
 
 /// The delta of a `message_delta` event.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicMessageDelta)]
 pub struct MessageDelta {
     pub stop_reason: Option<String>,
     pub stop_sequence: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[schema(as = AnthropicBlockDelta)]
 pub enum BlockDelta {
     TextDelta { text: String },
     InputJsonDelta { partial_json: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicOutputUsage)]
 pub struct OutputUsage {
     /// Sent when the prompt size was not known at `message_start` (an upstream stream).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,8 +133,9 @@ pub struct OutputUsage {
 }
 
 /// The events of a streamed message, in the order Anthropic sends them.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[schema(as = AnthropicStreamEvent)]
 pub enum StreamEvent {
     MessageStart { message: MessagesResponse },
     ContentBlockStart { index: u32, content_block: ResponseBlock },
@@ -150,14 +164,16 @@ impl StreamEvent {
 }
 
 /// Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicErrorBody)]
 pub struct ErrorBody {
     #[serde(rename = "type")]
     pub kind: String,
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = AnthropicErrorDetail)]
 pub struct ErrorDetail {
     #[serde(rename = "type")]
     pub kind: String,

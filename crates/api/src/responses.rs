@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ResponsesRequest {
     pub model: String,
     pub input: Input,
@@ -22,7 +22,7 @@ pub struct ResponsesRequest {
     pub metadata: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Input {
     Text(String),
@@ -31,7 +31,7 @@ pub enum Input {
 
 /// An input item. Messages carry `role` and `content`; other item types (function calls,
 /// their outputs, reasoning) carry `type` and are named in errors when unsupported.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct InputItem {
     #[serde(rename = "type")]
     pub kind: Option<String>,
@@ -39,32 +39,32 @@ pub struct InputItem {
     pub content: Option<InputContent>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum InputContent {
     Text(String),
     Parts(Vec<InputPart>),
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct InputPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TextConfig {
     pub format: Option<TextFormat>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TextFormat {
     #[serde(rename = "type")]
     pub kind: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OutputText {
     #[serde(rename = "type")]
     pub kind: String,
@@ -72,7 +72,7 @@ pub struct OutputText {
     pub annotations: Vec<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OutputMessage {
     #[serde(rename = "type")]
     pub kind: String,
@@ -82,17 +82,17 @@ pub struct OutputMessage {
     pub content: Vec<OutputText>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct InputTokensDetails {
     pub cached_tokens: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OutputTokensDetails {
     pub reasoning_tokens: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ResponseUsage {
     pub input_tokens: u64,
     pub input_tokens_details: InputTokensDetails,
@@ -101,12 +101,12 @@ pub struct ResponseUsage {
     pub total_tokens: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct IncompleteDetails {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Response {
     pub id: String,
     pub object: String,
@@ -132,8 +132,9 @@ pub struct Response {
 }
 
 /// The typed events of a streamed response, each with its `sequence_number`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type")]
+#[schema(as = ResponseStreamEvent)]
 pub enum StreamEvent {
     #[serde(rename = "response.created")]
     Created { sequence_number: u64, response: Response },

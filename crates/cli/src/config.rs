@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_S")]
     pub shutdown_grace_s: Option<u64>,
+    /// OTLP/HTTP collector (base URL) to export one span per request to; the standard
+    /// OTEL_EXPORTER_OTLP_ENDPOINT works too
+    #[arg(long, env = "FERRY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Write no usage records (limits still apply; budgets then only count this process)
     #[arg(long, env = "FERRY_NO_METERING")]
     pub no_metering: bool,
@@ -105,6 +109,7 @@ struct FileConfig {
     metering: Option<bool>,
     purge_interval_s: Option<u64>,
     shutdown_grace_s: Option<u64>,
+    otlp_endpoint: Option<String>,
     trace_retention_hours: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -153,6 +158,7 @@ pub struct ServeConfig {
     pub metering: bool,
     pub purge_interval_s: u64,
     pub shutdown_grace: std::time::Duration,
+    pub otlp_endpoint: Option<String>,
     pub trace_retention_hours: u64,
     pub prices: std::collections::HashMap<String, ferry_server::Price>,
     pub guardrails: Vec<ferry_guardrails::Policy>,
@@ -204,6 +210,7 @@ impl ServeArgs {
                 _ => bail!("--tls-cert and --tls-key go together"),
             },
             trace_retention_hours: self.trace_retention_hours.or(file.trace_retention_hours).unwrap_or(72),
+            otlp_endpoint: self.otlp_endpoint.clone().or(file.otlp_endpoint.clone()),
             shutdown_grace: std::time::Duration::from_secs(
                 self.shutdown_grace_s.or(file.shutdown_grace_s).unwrap_or(30),
             ),

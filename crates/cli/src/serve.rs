@@ -10,6 +10,8 @@ use crate::config::ServeConfig;
 use crate::hub;
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    // Flushes the spans still batched when the server stops.
+    let _otel = ferry_server::otel::install(config.otlp_endpoint.as_deref()).map_err(anyhow::Error::msg)?;
     // Checked before the models load, so a refusal is immediate.
     let tenancy = open_tenancy(&config).await?;
     if !tenancy.auth_required() && !is_loopback(&config.host) && !config.insecure_no_auth {

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,12 +13,13 @@ use axum::{Json, Router};
 use ferry_store::tenants::{ProjectUpdate, TenantUpdate};
 use ferry_store::usage::GroupBy;
 use ferry_store::{Limits, NewKey, Role, UsageQuery};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::tenancy::{Identity, admin_identity};
+use crate::validate::Query;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -95,20 +96,51 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-fn list<T: serde::Serialize>(data: Vec<T>) -> Json<Value> {
-    Json(json!({"object": "list", "data": data}))
+/// `{"object": "list", "data": [...]}`, as OpenAI lists things.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct List<T> {
+    /// Always `list`.
+    object: &'static str,
+    data: Vec<T>,
 }
 
-async fn whoami(State(state): State<AppState>, caller: Caller) -> Json<Value> {
-    Json(json!({
-        "role": caller.0.role(),
-        "tenant_id": caller.0.tenant_id(),
-        "key": caller.0.key,
-        "auth_required": state.tenancy().auth_required(),
-    }))
+fn list<T>(data: Vec<T>) -> Json<List<T>> {
+    Json(List { object: "list", data })
 }
 
-#[derive(Deserialize)]
+/// The caller's own key and role.
+#[derive(Serialize, utoipa::ToSchema)]
+struct WhoAmI {
+    role: Role,
+    tenant_id: Option<String>,
+    /// The caller's key (none for a loopback client of a server without keys).
+    key: Option<ferry_store::ApiKey>,
+    /// Whether `/v1` routes need a key.
+    auth_required: bool,
+}
+
+/// A new key: the stored record and, this once, its secret.
+#[derive(Serialize, utoipa::ToSchema)]
+struct CreatedKey {
+    #[serde(flatten)]
+    record: ferry_store::ApiKey,
+    /// The secret (`sk-ferry-...`): it is not stored and is never shown again.
+    key: String,
+    warning: &'static str,
+}
+
+#[utoipa::path(get, path = "/admin/v1/whoami", tag = "Admin", summary = "The caller's key and role",
+    responses((status = 200, body = WhoAmI)))]
+async fn whoami(State(state): State<AppState>, caller: Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        role: caller.0.role(),
+        tenant_id: caller.0.tenant_id().map(String::from),
+        auth_required: state.tenancy().auth_required(),
+        key: caller.0.key,
+    })
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewTenant {
     name: String,
@@ -122,6 +154,7 @@ struct NewTenant {
     retention_days: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/admin/v1/tenants", tag = "Admin", summary = "Create a tenant (admin)", request_body = NewTenant, responses((status = 201, body = ferry_store::Tenant)))]
 async fn create_tenant(
     State(state): State<AppState>,
     caller: Caller,
@@ -145,11 +178,13 @@ async fn create_tenant(
     Ok((StatusCode::CREATED, Json(tenant)))
 }
 
+#[utoipa::path(get, path = "/admin/v1/tenants", tag = "Admin", summary = "List the tenants the caller sees", responses((status = 200, body = List<ferry_store::Tenant>)))]
 async fn list_tenants(State(state): State<AppState>, caller: Caller) -> Result<impl IntoResponse, ApiError> {
     let tenants = state.tenancy().store.tenants().await?;
     Ok(list(tenants.into_iter().filter(|t| caller.0.sees_tenant(Some(&t.id))).collect()))
 }
 
+#[utoipa::path(get, path = "/admin/v1/tenants/{id}", tag = "Admin", summary = "Retrieve a tenant", params(("id" = String, Path)), responses((status = 200, body = ferry_store::Tenant)))]
 async fn get_tenant(
     State(state): State<AppState>,
     caller: Caller,
@@ -159,6 +194,7 @@ async fn get_tenant(
     Ok(Json(state.tenancy().store.tenant(&id).await?))
 }
 
+#[utoipa::path(patch, path = "/admin/v1/tenants/{id}", tag = "Admin", summary = "Change a tenant's limits, policy or retention (admin)", params(("id" = String, Path)), request_body = TenantUpdate, responses((status = 200, body = ferry_store::Tenant)))]
 async fn update_tenant(
     State(state): State<AppState>,
     caller: Caller,
@@ -178,7 +214,7 @@ async fn update_tenant(
     Ok(Json(after))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewProject {
     tenant_id: String,
@@ -187,6 +223,7 @@ struct NewProject {
     limits: Limits,
 }
 
+#[utoipa::path(post, path = "/admin/v1/projects", tag = "Admin", summary = "Create a project", request_body = NewProject, responses((status = 201, body = ferry_store::Project)))]
 async fn create_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -199,11 +236,14 @@ async fn create_project(
     Ok((StatusCode::CREATED, Json(project)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TenantFilter {
+    /// Only this tenant's (an admin's filter; a tenant admin always sees its own).
     tenant_id: Option<String>,
 }
 
+#[utoipa::path(get, path = "/admin/v1/projects", tag = "Admin", summary = "List projects", params(TenantFilter), responses((status = 200, body = List<ferry_store::Project>)))]
 async fn list_projects(
     State(state): State<AppState>,
     caller: Caller,
@@ -214,6 +254,7 @@ async fn list_projects(
     Ok(list(projects.into_iter().filter(|p| caller.0.sees_tenant(Some(&p.tenant_id))).collect()))
 }
 
+#[utoipa::path(get, path = "/admin/v1/projects/{id}", tag = "Admin", summary = "Retrieve a project", params(("id" = String, Path)), responses((status = 200, body = ferry_store::Project)))]
 async fn get_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -224,6 +265,7 @@ async fn get_project(
     Ok(Json(project))
 }
 
+#[utoipa::path(patch, path = "/admin/v1/projects/{id}", tag = "Admin", summary = "Change a project's limits or policy", params(("id" = String, Path)), request_body = ProjectUpdate, responses((status = 200, body = ferry_store::Project)))]
 async fn update_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -241,6 +283,7 @@ async fn update_project(
     Ok(Json(after))
 }
 
+#[utoipa::path(post, path = "/admin/v1/keys", tag = "Admin", summary = "Create an API key (its secret is shown once)", request_body = NewKey, responses((status = 201, body = CreatedKey)))]
 async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -268,12 +311,15 @@ async fn create_key(
     let (key, secret) = store.create_key(&new).await?;
     record(&state, &caller, "key.create", &key.id, None, Some(to_value(&key))).await?;
     state.tenancy().refresh().await?;
-    let mut shown = to_value(&key);
-    shown["key"] = Value::String(secret);
-    shown["warning"] = Value::String("This is the only time the key is shown; store it now.".into());
+    let shown = CreatedKey {
+        record: key,
+        key: secret,
+        warning: "This is the only time the key is shown; store it now.",
+    };
     Ok((StatusCode::CREATED, Json(shown)))
 }
 
+#[utoipa::path(get, path = "/admin/v1/keys", tag = "Admin", summary = "List keys (never their secrets)", params(TenantFilter), responses((status = 200, body = List<ferry_store::ApiKey>)))]
 async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -290,6 +336,7 @@ async fn owned_key(state: &AppState, caller: &Caller, id: &str) -> Result<ferry_
     Ok(key)
 }
 
+#[utoipa::path(get, path = "/admin/v1/keys/{id}", tag = "Admin", summary = "Retrieve a key", params(("id" = String, Path)), responses((status = 200, body = ferry_store::ApiKey)))]
 async fn get_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -298,12 +345,13 @@ async fn get_key(
     Ok(Json(owned_key(&state, &caller, &id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct KeyUpdate {
     limits: Limits,
 }
 
+#[utoipa::path(patch, path = "/admin/v1/keys/{id}", tag = "Admin", summary = "Set a key's limits", params(("id" = String, Path)), request_body = KeyUpdate, responses((status = 200, body = ferry_store::ApiKey)))]
 async fn update_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -318,6 +366,7 @@ async fn update_key(
     Ok(Json(after))
 }
 
+#[utoipa::path(post, path = "/admin/v1/keys/{id}/revoke", tag = "Admin", summary = "Revoke a key", params(("id" = String, Path)), responses((status = 200, body = ferry_store::ApiKey)))]
 async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -330,7 +379,8 @@ async fn revoke_key(
     Ok(Json(after))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct UsageParams {
     /// Comma-separated: tenant, project, key, model, day.
@@ -343,6 +393,7 @@ struct UsageParams {
     format: Option<String>,
 }
 
+#[utoipa::path(get, path = "/admin/v1/usage", tag = "Admin", summary = "Usage aggregated by tenant, project, key, model and day", params(UsageParams), responses((status = 200, description = "Usage groups, as JSON or CSV", content((List<ferry_store::UsageGroup> = "application/json"), (String = "text/csv")))))]
 async fn usage(
     State(state): State<AppState>,
     caller: Caller,
@@ -500,6 +551,7 @@ fn csv_cell(v: &Value) -> String {
     }
 }
 
+#[utoipa::path(get, path = "/admin/v1/requests/{id}/content", tag = "Admin", summary = "A request's retained content (tenants that keep content)", params(("id" = String, Path)), responses((status = 200, body = ferry_store::content::Content)))]
 /// A request's retained content (tenants that keep content only).
 async fn request_content(
     State(state): State<AppState>,
@@ -511,13 +563,17 @@ async fn request_content(
     Ok(Json(content))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AuditParams {
+    /// Most entries (1 to 1000, default 100), newest first.
     limit: Option<u32>,
+    /// Entries before this sequence number (paging).
     before: Option<i64>,
 }
 
+#[utoipa::path(get, path = "/admin/v1/audit", tag = "Admin", summary = "The audit log, newest first (admin)", params(AuditParams), responses((status = 200, body = List<ferry_store::AuditEntry>)))]
 async fn audit(
     State(state): State<AppState>,
     caller: Caller,
@@ -528,6 +584,7 @@ async fn audit(
     Ok(list(state.tenancy().store.audit_entries(limit, params.before).await?))
 }
 
+#[utoipa::path(get, path = "/admin/v1/audit/verify", tag = "Admin", summary = "Check the audit log's hash chain (admin)", responses((status = 200, body = ferry_store::AuditVerification)))]
 async fn verify_audit(State(state): State<AppState>, caller: Caller) -> Result<impl IntoResponse, ApiError> {
     caller.require_admin()?;
     Ok(Json(state.tenancy().store.verify_audit().await?))

@@ -186,6 +186,7 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::ui::routes())
         .route("/admin/v1/reload", post(reload))
         .route("/metrics", get(crate::telemetry::render))
+        .route("/openapi.json", get(crate::openapi::serve))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -193,6 +194,9 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(post, path = "/admin/v1/reload", tag = "Admin",
+    summary = "Reload the routing config (as SIGHUP does)",
+    responses((status = 200, body = inline(ReloadResult))))]
 /// `POST /admin/v1/reload`: an admin key, or a loopback client of a server without keys.
 async fn reload(
     State(state): State<AppState>,
@@ -206,18 +210,43 @@ async fn reload(
     let aliases = state.reload().map_err(|e| ApiError::invalid("config", e))?;
     let after = json!({"aliases": aliases});
     state.tenancy().store.audit(&identity.actor(), "config.reload", "config", None, Some(&after)).await?;
-    Ok(axum::Json(json!({"reloaded": true, "aliases": aliases})))
+    Ok(axum::Json(ReloadResult { reloaded: true, aliases }))
 }
 
-async fn health() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok"}))
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ReloadResult {
+    reloaded: bool,
+    /// How many aliases the new config routes.
+    aliases: usize,
 }
 
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    /// Always `ok`.
+    status: &'static str,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Ready {
+    /// Always `ready` (a server with no model answers 503).
+    status: &'static str,
+    /// Generation models loaded.
+    models: usize,
+}
+
+#[utoipa::path(get, path = "/health", tag = "Operations", summary = "Liveness", security(()),
+    responses((status = 200, body = inline(Health))))]
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+#[utoipa::path(get, path = "/ready", tag = "Operations", summary = "Readiness: a model is loaded", security(()),
+    responses((status = 200, body = inline(Ready))))]
 async fn ready(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     if state.models().is_empty() && state.embeddings().is_none() {
         return Err(ApiError::NotReady("no model is loaded".into()));
     }
-    Ok(axum::Json(json!({"status": "ready", "models": state.models().len()})))
+    Ok(axum::Json(Ready { status: "ready", models: state.models().len() }))
 }
 
 fn model_card(state: &AppState, model: &LocalModel) -> Model {
@@ -251,6 +280,8 @@ fn model_card(state: &AppState, model: &LocalModel) -> Model {
     }
 }
 
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI", summary = "List models",
+    responses((status = 200, body = ModelList)))]
 /// The models this caller may use: all of them, or those its key is limited to.
 async fn list_models(
     State(state): State<AppState>,
@@ -291,6 +322,10 @@ async fn list_models(
     axum::Json(ModelList { object: "list".into(), data })
 }
 
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "OpenAI",
+    summary = "Retrieve a model, with its provenance (Ferry extensions)",
+    params(("id" = String, Path, description = "The model's id")),
+    responses((status = 200, body = Model)))]
 async fn get_model(
     State(state): State<AppState>,
     axum::Extension(identity): axum::Extension<crate::tenancy::Identity>,
@@ -308,6 +343,10 @@ async fn get_model(
     Ok(axum::Json(model_card(&state, &model)))
 }
 
+#[utoipa::path(get, path = "/v1/traces/{id}", tag = "Ferry",
+    summary = "The trace of a request (its tenant or an admin)",
+    params(("id" = String, Path, description = "The request's `x-request-id`")),
+    responses((status = 200, body = crate::openapi::RequestTrace)))]
 /// `GET /v1/traces/{id}`: what happened to a request, for its tenant or an admin; anyone
 /// else gets the same 404 as for a request that never was.
 async fn get_trace(

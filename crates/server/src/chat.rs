@@ -27,6 +27,11 @@ use crate::{translate, validate};
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
 
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI",
+    summary = "Create a chat completion",
+    request_body(content = ref("#/components/schemas/CreateChatCompletionRequest")),
+    responses((status = 200, description = "The completion; with `stream: true`, `chat.completion.chunk` events",
+        content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream")))))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -22,6 +22,11 @@ use crate::validate;
 
 const MAX_LOGPROBS: i64 = 20;
 
+#[utoipa::path(post, path = "/v1/completions", tag = "OpenAI",
+    summary = "Create a completion (legacy)",
+    request_body(content = ref("#/components/schemas/CreateCompletionRequest")),
+    responses((status = 200, description = "The completion; with `stream: true`, `text_completion` chunks",
+        content((Completion = "application/json"), (Completion = "text/event-stream")))))]
 pub async fn completions(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,

@@ -17,6 +17,10 @@ use crate::app::{AppState, read_body};
 use crate::error::ApiError;
 use crate::validate;
 
+#[utoipa::path(post, path = "/v1/embeddings", tag = "OpenAI",
+    summary = "Create embeddings",
+    request_body = EmbeddingRequest,
+    responses((status = 200, body = EmbeddingResponse)))]
 pub async fn embeddings(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,

@@ -46,7 +46,6 @@ use ferry_engine::{
     TokenInfo,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
@@ -57,9 +56,9 @@ pub const MAX_SEGMENTS: usize = 256;
 /// Alternatives reported for each completion token.
 const TOP_LOGPROBS: usize = 5;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExplainRequest {
+pub(crate) struct ExplainRequest {
     model: String,
     #[serde(default)]
     messages: Option<Vec<InMessage>>,
@@ -76,7 +75,7 @@ struct ExplainRequest {
 }
 
 /// How a segment is taken out of the conversation (see the module docs).
-#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Default)]
+#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Occlusion {
     /// Re-render the conversation without the segment and recompute everything from where
@@ -88,13 +87,14 @@ enum Occlusion {
     Mask,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Clone, utoipa::ToSchema)]
+#[schema(as = ExplainMessage)]
 struct InMessage {
     role: String,
     content: String,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, PartialEq)]
+#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Granularity {
     Message,
@@ -106,7 +106,7 @@ fn default_granularity() -> Granularity {
     Granularity::Sentence
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Segment {
     message_index: usize,
     text: String,
@@ -117,17 +117,48 @@ struct Segment {
     share: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ExplanationTopLogprob)]
 struct TopLogprob {
     token: String,
     logprob: f32,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct CompletionToken {
     token: String,
     logprob: f32,
     top_logprobs: Vec<TopLogprob>,
+}
+
+/// The answer of `POST /v1/explanations`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Explanation {
+    /// Always `explanation`.
+    object: &'static str,
+    model: String,
+    granularity: Granularity,
+    /// Always `occlusion`.
+    method: &'static str,
+    /// How segments were taken out: `remove` or `mask`.
+    occlusion: Occlusion,
+    completion: String,
+    /// The completion's log-likelihood given the whole conversation.
+    total_logprob: f64,
+    segments: Vec<Segment>,
+    /// The completion's tokens with their logprobs and alternatives.
+    tokens: Vec<CompletionToken>,
+    /// The scored sequence: the conversation's prompt tokens, then the completion's.
+    scored_token_ids: Vec<TokenId>,
+    /// Where the completion starts in `scored_token_ids`.
+    completion_start: usize,
+    /// Sequences scored: the whole conversation and one per segment.
+    variants: usize,
+    /// Forward passes the engine ran for this explanation.
+    engine_steps: u64,
+    /// Tokens the engine computed: the conversation once, then each variant's own.
+    computed_tokens: usize,
+    elapsed_ms: f64,
 }
 
 /// Byte ranges of the segments of one message's content.
@@ -334,6 +365,11 @@ async fn retained(
     Ok((messages, completion.to_string()))
 }
 
+#[utoipa::path(post, path = "/v1/explanations", tag = "Ferry",
+    summary = "Explain a completion: how much each part of the prompt drove it",
+    description = include_str!("../docs/explanations.md"),
+    request_body = ExplainRequest,
+    responses((status = 200, body = Explanation)))]
 pub async fn explanations(
     State(state): State<AppState>,
     axum::Extension(identity): axum::Extension<Identity>,
@@ -462,21 +498,21 @@ pub async fn explanations(
         meter.add_prompt_tokens(computed_tokens as u64);
     }
     let steps = model.scheduler.stats().steps.load(Ordering::Relaxed) - steps_before;
-    Ok(axum::Json(json!({
-        "object": "explanation",
-        "model": model.info().id,
-        "granularity": granularity,
-        "method": "occlusion",
-        "occlusion": occlusion,
-        "completion": completion,
-        "total_logprob": baseline,
-        "segments": out_segments,
-        "tokens": tokens,
-        "scored_token_ids": full_sequence,
-        "completion_start": full_sequence.len() - tail,
-        "variants": out_segments.len() + 1,
-        "engine_steps": steps,
-        "computed_tokens": computed_tokens,
-        "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0,
-    })))
+    Ok(axum::Json(Explanation {
+        object: "explanation",
+        model: model.info().id.clone(),
+        granularity,
+        method: "occlusion",
+        occlusion,
+        completion,
+        total_logprob: baseline,
+        variants: out_segments.len() + 1,
+        segments: out_segments,
+        tokens,
+        completion_start: full_sequence.len() - tail,
+        scored_token_ids: full_sequence,
+        engine_steps: steps,
+        computed_tokens,
+        elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+    }))
 }

@@ -15,6 +15,8 @@ mod generation;
 mod guard;
 mod limits;
 mod messages;
+pub mod openapi;
+pub mod otel;
 mod presets;
 mod responses;
 pub mod telemetry;

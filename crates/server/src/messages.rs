@@ -132,6 +132,11 @@ fn refuse_tools(tools: &Option<Vec<serde_json::Value>>) -> Result<(), ApiError> 
     }
 }
 
+#[utoipa::path(post, path = "/v1/messages", tag = "Anthropic",
+    summary = "Create a message (Anthropic's Messages API)",
+    request_body = ferry_api::anthropic::MessagesRequest,
+    responses((status = 200, description = "The message; with `stream: true`, Anthropic's stream events",
+        content((ferry_api::anthropic::MessagesResponse = "application/json"), (ferry_api::anthropic::StreamEvent = "text/event-stream")))))]
 pub async fn messages(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -412,6 +417,10 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
     Sse::new(all).keep_alive(KeepAlive::default())
 }
 
+#[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "Anthropic",
+    summary = "Count a message's input tokens",
+    request_body = ferry_api::anthropic::CountTokensRequest,
+    responses((status = 200, body = ferry_api::anthropic::CountTokensResponse)))]
 pub async fn count_tokens(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,

@@ -177,6 +177,11 @@ fn status(reason: Option<FinishReason>) -> &'static str {
     }
 }
 
+#[utoipa::path(post, path = "/v1/responses", tag = "OpenAI",
+    summary = "Create a model response (stateless)",
+    request_body = ResponsesRequest,
+    responses((status = 200, description = "The response; with `stream: true`, its typed events",
+        content((ferry_api::responses::Response = "application/json"), (ferry_api::responses::StreamEvent = "text/event-stream")))))]
 pub async fn responses(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,

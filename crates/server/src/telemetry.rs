@@ -80,6 +80,9 @@ pub fn inter_token(model: &str, seconds: f64) {
     histogram!("ferry_inter_token_seconds", "model" => model.to_string()).record(seconds);
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "Operations",
+    summary = "Prometheus metrics (an admin key, or a loopback client of a server without keys)",
+    responses((status = 200, description = "Prometheus' text exposition format", content_type = "text/plain", body = String)))]
 /// `GET /metrics`: the admin's (or, without keys, a loopback client's).
 pub async fn render(
     State(state): State<AppState>,

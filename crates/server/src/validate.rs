@@ -16,6 +16,19 @@ const MAX_N: i64 = 128;
 const MAX_STOP: usize = 16;
 const MAX_TOP_LOGPROBS: i64 = 20;
 
+/// Query parameters, refused in OpenAI's error shape (axum's own `Query` answers plain text).
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| Query(q.0))
+            .map_err(|e| ApiError::invalid("query", e.body_text()))
+    }
+}
+
 /// Parses a request body as JSON; its shape is checked by `parse_json`.
 pub fn parse_body(body: &Bytes) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))

@@ -14,7 +14,7 @@ use crate::{Result, Store, StoreError, now_ms};
 /// The hash the first row links to.
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub seq: i64,
     pub at: i64,
@@ -30,7 +30,7 @@ pub struct AuditEntry {
     pub hash: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditVerification {
     pub ok: bool,
     pub rows: u64,

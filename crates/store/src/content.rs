@@ -9,7 +9,7 @@ use crate::{Result, Store, StoreError, now_ms};
 /// Retention when a tenant keeps content without saying for how long.
 pub const DEFAULT_RETENTION_DAYS: i64 = 30;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Content {
     pub request_id: String,
     pub tenant_id: String,

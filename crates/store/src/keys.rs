@@ -14,7 +14,7 @@ pub const KEY_PREFIX: &str = "sk-ferry-";
 /// How much of a key is kept in clear to tell keys apart in listings.
 const DISPLAY_CHARS: usize = KEY_PREFIX.len() + 6;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Everything, across tenants.
@@ -44,7 +44,7 @@ impl Role {
 }
 
 /// A key as stored: never the secret itself.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: String,
     pub name: String,
@@ -73,7 +73,7 @@ impl ApiKey {
 
 /// What a new key is for. Admin keys belong to no tenant; tenant admins to a tenant;
 /// members to a project (and through it to a tenant).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     pub name: String,

@@ -8,7 +8,7 @@ use crate::{Result, Store, StoreError, new_id, now_ms};
 
 /// Rate limits and budgets; every field is optional (no limit). They apply to a key, a
 /// project or a tenant, and a request must fit all three.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Requests per minute.
@@ -45,7 +45,7 @@ impl Limits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Tenant {
     pub id: String,
     pub name: String,
@@ -58,7 +58,7 @@ pub struct Tenant {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Project {
     pub id: String,
     pub tenant_id: String,
@@ -69,7 +69,7 @@ pub struct Project {
 }
 
 /// The changeable settings of a tenant; `None` leaves a field as it is.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantUpdate {
     pub limits: Option<Limits>,
@@ -79,7 +79,7 @@ pub struct TenantUpdate {
 }
 
 /// The changeable settings of a project.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectUpdate {
     pub limits: Option<Limits>,

@@ -117,7 +117,7 @@ pub struct UsageQuery {
 }
 
 /// One aggregated row; the grouping fields not asked for are `None`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct UsageGroup {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
