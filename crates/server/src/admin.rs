@@ -461,7 +461,8 @@ fn report_tenant(caller: &Caller, asked: Option<String>) -> Option<String> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SeriesParams {
     /// `minute`, `hour` (default) or `day`.
@@ -472,6 +473,23 @@ struct SeriesParams {
     tenant_id: Option<String>,
 }
 
+/// Usage over time, for the overview's charts.
+#[derive(Serialize, utoipa::ToSchema)]
+struct UsageSeries {
+    /// Always `list`.
+    object: &'static str,
+    /// `minute`, `hour` or `day`.
+    bucket: String,
+    bucket_ms: i64,
+    from: i64,
+    to: i64,
+    /// One point per bucket, every bucket present.
+    data: Vec<ferry_store::reports::SeriesPoint>,
+    /// The whole range as one point.
+    total: ferry_store::reports::SeriesPoint,
+}
+
+#[utoipa::path(get, path = "/admin/v1/usage/series", tag = "Admin", summary = "Usage per time bucket (requests, errors, tokens, cost, latency percentiles)", params(SeriesParams), responses((status = 200, body = UsageSeries)))]
 /// `GET /admin/v1/usage/series`: requests, errors, tokens, cost and latency percentiles per
 /// time bucket, every bucket present, for the overview's charts.
 async fn usage_series(
@@ -501,18 +519,19 @@ async fn usage_series(
         ferry_store::StoreError::Invalid(m) => ApiError::invalid("bucket", m),
         other => other.into(),
     })?;
-    Ok(Json(json!({
-        "object": "list",
-        "bucket": bucket,
-        "bucket_ms": bucket_ms,
-        "from": from,
-        "to": to,
-        "data": series.buckets,
-        "total": series.total,
-    })))
+    Ok(Json(UsageSeries {
+        object: "list",
+        bucket: bucket.to_string(),
+        bucket_ms,
+        from,
+        to,
+        data: series.buckets,
+        total: series.total,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct TraceParams {
     /// Milliseconds since the epoch (inclusive, exclusive).
@@ -525,6 +544,7 @@ struct TraceParams {
     tenant_id: Option<String>,
 }
 
+#[utoipa::path(get, path = "/admin/v1/traces", tag = "Admin", summary = "Search traces by time and request id", params(TraceParams), responses((status = 200, body = List<ferry_store::reports::TraceSummary>)))]
 /// `GET /admin/v1/traces`: traces newest first, by time and request-id prefix; a tenant
 /// admin sees its own tenant's only. The whole trace is `GET /v1/traces/{id}`.
 async fn list_traces(

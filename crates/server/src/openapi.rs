@@ -51,6 +51,8 @@ use utoipa::{Modify, OpenApi, ToSchema};
         crate::admin::update_key,
         crate::admin::revoke_key,
         crate::admin::usage,
+        crate::admin::usage_series,
+        crate::admin::list_traces,
         crate::admin::request_content,
         crate::admin::audit,
         crate::admin::verify_audit,

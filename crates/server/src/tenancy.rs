@@ -915,7 +915,8 @@ impl Drop for Finish {
             latency_ms: m.started.elapsed().as_millis() as u64,
             ttft_ms: (ttft > 0).then_some(ttft),
         };
-        let trace = (self.tenancy.metering || crate::otel::enabled()).then(|| self.trace(status, &finish)).flatten();
+        let trace =
+            (self.tenancy.metering || crate::otel::enabled()).then(|| self.trace(status, &finish)).flatten();
         if let Some(trace) = &trace {
             crate::otel::export(&trace.json, m.started.elapsed());
         }

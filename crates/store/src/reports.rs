@@ -24,7 +24,7 @@ pub struct SeriesQuery {
 }
 
 /// One bucket of a series. Latencies are over the requests that finished.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SeriesPoint {
     /// The bucket's start, in milliseconds since the epoch.
     pub start: i64,
@@ -54,7 +54,7 @@ pub struct TraceQuery {
 }
 
 /// A trace's headline, for lists; the whole document is [`Store::trace`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TraceSummary {
     pub request_id: String,
     pub tenant_id: Option<String>,
