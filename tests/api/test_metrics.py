@@ -3,6 +3,7 @@ import re
 import time
 
 import httpx
+import openai
 import pytest
 
 from conftest import MODEL_ID, Server, admin_request, member_key
@@ -97,3 +98,24 @@ def test_metrics_need_an_admin_key(server):
     assert httpx.get(server.url + "/metrics").status_code == 401
     secret, _ = key(server, "curious")
     assert admin(server, "GET", "/metrics", key=secret).status_code == 403
+
+
+def test_kv_cache_use_is_reported_while_a_stream_runs(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Count to one hundred."}], max_tokens=200,
+        stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    next(chunks)
+    m = parse(admin(server, "GET", "/metrics").text)
+    stream.close()
+    capacity = value(m, "ferry_kv_cache_capacity_tokens", model=MODEL_ID)
+    used = value(m, "ferry_kv_cache_tokens", model=MODEL_ID)
+    assert capacity == 4 * 4096
+    # The prompt's cells at least, and no more than one sequence's context.
+    assert 10 <= used <= 4096
+    deadline = time.time() + 10
+    while value(parse(admin(server, "GET", "/metrics").text), "ferry_kv_cache_tokens", model=MODEL_ID) != 0:
+        assert time.time() < deadline, "the closed stream's cells were not released"
+        time.sleep(0.1)

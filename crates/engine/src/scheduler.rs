@@ -121,6 +121,8 @@ pub struct SchedulerStats {
     pub running: AtomicUsize,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// KV-cache cells the live sequences hold (of `n_sequences * ctx_per_sequence`).
+    pub kv_tokens: AtomicUsize,
 }
 
 /// A cheap handle to the scheduler thread.
@@ -290,6 +292,12 @@ struct Scoring {
 }
 
 impl Sequence {
+    /// Cells this sequence holds in the KV cache: its kept (copied) cells and what it has
+    /// decoded (a generation's newest token is fed at the next step).
+    fn kv_cells(&self) -> usize {
+        let decoded = if self.decoding() { self.tokens.len() - 1 } else { self.n_cached };
+        self.first_pos + decoded
+    }
     fn prefilling(&self) -> bool {
         self.n_cached < self.n_prompt
     }
@@ -567,7 +575,19 @@ impl<'m> Worker<'m> {
         });
     }
 
+    fn record_kv(&self) {
+        let cells: usize = self.slots.iter().flatten().map(Sequence::kv_cells).sum();
+        self.stats.kv_tokens.store(cells, Ordering::Relaxed);
+    }
+
     fn step(&mut self) {
+        // Before (frees of cancelled sequences) and after (new cells, finished sequences).
+        self.record_kv();
+        self.advance();
+        self.record_kv();
+    }
+
+    fn advance(&mut self) {
         let mut entries = Vec::new();
         let mut rows = Vec::new();
         // Every decoding sequence advances by one token.

@@ -410,6 +410,8 @@ async fn usage(
         _ => caller.0.tenant_id().map(String::from),
     };
     let query = UsageQuery { tenant_id, from_ms: params.from, to_ms: params.to, group_by: group_by.clone() };
+    // Read this replica's own writes: records still gathering for the next group commit.
+    state.tenancy().settle_writes().await;
     let rows = state.tenancy().store.usage(&query).await?;
     match params.format.as_deref().unwrap_or("json") {
         "json" => Ok(list(rows).into_response()),
@@ -515,6 +517,7 @@ async fn usage_series(
         to_ms: to,
         bucket_ms,
     };
+    state.tenancy().settle_writes().await;
     let series = state.tenancy().store.usage_series(&query).await.map_err(|e| match e {
         ferry_store::StoreError::Invalid(m) => ApiError::invalid("bucket", m),
         other => other.into(),
@@ -559,6 +562,7 @@ async fn list_traces(
         id_prefix: params.id.map(|id| id.trim().to_string()),
         limit: params.limit.unwrap_or(100).clamp(1, 1000),
     };
+    state.tenancy().settle_writes().await;
     Ok(list(state.tenancy().store.traces(&query).await?))
 }
 

@@ -355,6 +355,8 @@ async fn get_trace(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let missing = || ApiError::NotFound(format!("No trace for request '{id}'"));
+    // A trace still gathering for the writer's next group commit is this caller's to read.
+    state.tenancy().settle_writes().await;
     let trace = match state.tenancy().store.trace(&id).await {
         Ok(trace) => trace,
         Err(ferry_store::StoreError::NotFound(_)) => return Err(missing()),

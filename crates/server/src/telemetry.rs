@@ -105,6 +105,10 @@ pub async fn render(
         gauge!("ferry_queue_depth", "model" => id.clone()).set(stats.waiting.load(Relaxed) as f64);
         gauge!("ferry_running_sequences", "model" => id.clone()).set(stats.running.load(Relaxed) as f64);
         gauge!("ferry_engine_steps", "model" => id.clone()).set(stats.steps.load(Relaxed) as f64);
+        let session = &model.scheduler.config().session;
+        gauge!("ferry_kv_cache_tokens", "model" => id.clone()).set(stats.kv_tokens.load(Relaxed) as f64);
+        gauge!("ferry_kv_cache_capacity_tokens", "model" => id.clone())
+            .set((session.n_sequences * session.ctx_per_sequence) as f64);
         gauge!("ferry_engine_generated_tokens", "model" => id)
             .set(stats.generated_tokens.load(Relaxed) as f64);
     }

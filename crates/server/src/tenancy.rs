@@ -168,6 +168,12 @@ impl Tenancy {
         self.usage.flush().await;
     }
 
+    /// Waits until every usage record and trace finished so far is committed, so that a
+    /// reader on this replica sees its own requests (they gather for a group commit).
+    pub async fn settle_writes(&self) {
+        self.usage.flush().await;
+    }
+
     pub fn auth_required(&self) -> bool {
         self.auth_required.load(Ordering::Relaxed)
     }
