@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID
+from conftest import MODEL_ID, Server
 
 # With its default system prompt SmolLM2 answers this one in French (llama.cpp agrees);
 # with a plain system prompt it says Paris.
@@ -196,3 +196,34 @@ def test_full_queue_answers_429(small_server):
                 client = small_server.client(max_retries=0)
                 with pytest.raises(openai.RateLimitError):
                     client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=2)
+
+
+def test_a_shared_prompt_prefix_is_served_from_the_cache():
+    """The prefix cache (--prefix-cache): a request that starts like an earlier one reports the
+    reused part as `usage.prompt_tokens_details.cached_tokens` (streamed usage too)."""
+    server = Server("--parallel", "2", "--ctx-size", "1024", "--prefix-cache")
+    try:
+        check_prefix_cache(server.client(max_retries=0, timeout=120))
+    finally:
+        server.stop()
+
+
+def check_prefix_cache(client):
+    system = {"role": "system", "content": "You are Ferry's test assistant. Answer in one short sentence. " * 4}
+    first_turn = [system, {"role": "user", "content": "What colour is the sky on a clear day?"}]
+    first = client.chat.completions.create(model=MODEL_ID, messages=first_turn, max_tokens=12, temperature=0)
+    again = client.chat.completions.create(model=MODEL_ID, messages=first_turn, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    # The next turn of the same chat, streamed: the system prompt and first turn are reused.
+    second_turn = first_turn + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And at night?"},
+    ]
+    chunks = list(client.chat.completions.create(
+        model=MODEL_ID, messages=second_turn, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens

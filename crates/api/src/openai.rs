@@ -187,6 +187,14 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// `cached_tokens`: prompt tokens served from the prefix cache (sent when there are any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u64,
 }
 
 /// One token's logprob in chat completions' format.

@@ -54,6 +54,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 session: SessionConfig { n_sequences: 1, ctx_per_sequence: 4096, batch_tokens: 512, threads },
                 prefill_chunk: 512,
                 max_waiting: 1,
+                prefix_cache: true,
             };
             let model =
                 tokio::task::spawn_blocking(move || LocalModel::load(&id, &path, config, |_| {})).await??;

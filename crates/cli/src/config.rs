@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_S")]
     pub shutdown_grace_s: Option<u64>,
+    /// Reuse a finished request's KV cache for a later prompt that starts the same way
+    /// (multi-turn chats, shared system prompts); greedy answers may then differ slightly
+    /// from uncached ones
+    #[arg(long, env = "FERRY_PREFIX_CACHE")]
+    pub prefix_cache: bool,
     /// OTLP/HTTP collector (base URL) to export one span per request to; the standard
     /// OTEL_EXPORTER_OTLP_ENDPOINT works too
     #[arg(long, env = "FERRY_OTLP_ENDPOINT")]
@@ -110,6 +115,7 @@ struct FileConfig {
     purge_interval_s: Option<u64>,
     shutdown_grace_s: Option<u64>,
     otlp_endpoint: Option<String>,
+    prefix_cache: Option<bool>,
     trace_retention_hours: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -159,6 +165,7 @@ pub struct ServeConfig {
     pub purge_interval_s: u64,
     pub shutdown_grace: std::time::Duration,
     pub otlp_endpoint: Option<String>,
+    pub prefix_cache: bool,
     pub trace_retention_hours: u64,
     pub prices: std::collections::HashMap<String, ferry_server::Price>,
     pub guardrails: Vec<ferry_guardrails::Policy>,
@@ -211,6 +218,7 @@ impl ServeArgs {
             },
             trace_retention_hours: self.trace_retention_hours.or(file.trace_retention_hours).unwrap_or(72),
             otlp_endpoint: self.otlp_endpoint.clone().or(file.otlp_endpoint.clone()),
+            prefix_cache: self.prefix_cache || file.prefix_cache.unwrap_or(false),
             shutdown_grace: std::time::Duration::from_secs(
                 self.shutdown_grace_s.or(file.shutdown_grace_s).unwrap_or(30),
             ),

@@ -35,6 +35,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             },
             prefill_chunk: config.prefill_chunk,
             max_waiting: config.max_queue,
+            prefix_cache: config.prefix_cache,
         };
         tracing::info!(model = %id, path = %path.display(), "loading");
         let model = tokio::task::spawn_blocking(move || {

@@ -90,12 +90,14 @@ pub enum Event {
     /// New text of one choice, with the tokens that produced it when logprobs were asked for.
     Delta { choice: usize, text: String, tokens: Vec<TokenInfo> },
     /// A choice ended; `completion_tokens` counts every token it sampled.
-    /// `stop_sequence` is the stop string that ended it, if one did.
+    /// `stop_sequence` is the stop string that ended it, if one did; `cached_tokens` counts
+    /// the prompt tokens whose KV cache an earlier request left in its slot (not recomputed).
     Finished {
         choice: usize,
         reason: FinishReason,
         stop_sequence: Option<String>,
         completion_tokens: usize,
+        cached_tokens: usize,
         timings: Timings,
     },
     /// The request failed inside the engine; no more events follow.
@@ -110,6 +112,11 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Most requests waiting for a slot; past it `submit` fails with `QueueFull`.
     pub max_waiting: usize,
+    /// Keep a finished generation's cells in its slot and let a later prompt that starts the
+    /// same way reuse them. Off by default: llama.cpp's kernels depend on the batch's shape,
+    /// so cells computed in another batch differ in their last bits and a greedy answer can
+    /// drift from the uncached one after some tokens.
+    pub prefix_cache: bool,
 }
 
 /// Counters read by tests, metrics and the benchmark.
@@ -123,6 +130,8 @@ pub struct SchedulerStats {
     pub generated_tokens: AtomicU64,
     /// KV-cache cells the live sequences hold (of `n_sequences * ctx_per_sequence`).
     pub kv_tokens: AtomicUsize,
+    /// Prompt tokens found in a slot's cache (prefix cache hits), not recomputed.
+    pub cached_tokens: AtomicU64,
 }
 
 /// A cheap handle to the scheduler thread.
@@ -278,6 +287,8 @@ struct Generation {
     unsent: Vec<TokenInfo>,
     /// Collects prompt logprobs during prefill (only for the first choice, when asked).
     prompt_logprobs: Option<Vec<TokenInfo>>,
+    /// Prompt tokens found in the slot's cache and not recomputed.
+    cached_tokens: usize,
 }
 
 /// The base or a variant of a scoring job.
@@ -347,6 +358,11 @@ struct Worker<'m> {
     /// Scoring jobs holding slots, oldest first.
     jobs: Vec<ScoreJob>,
     admissions: u64,
+    /// Per free slot: the tokens whose KV cells a finished generation left there (positions
+    /// from 0), and when it finished. A new prompt takes the free slot that shares the
+    /// longest prefix with it and recomputes only the rest (the prefix cache); a slot with
+    /// nothing to share goes to the oldest cache.
+    cached: Vec<(Vec<TokenId>, u64)>,
 }
 
 /// What one batch entry's logits are for.
@@ -367,6 +383,7 @@ impl<'m> Worker<'m> {
         stats: Arc<SchedulerStats>,
     ) -> Self {
         let slots = (0..config.session.n_sequences).map(|_| None).collect();
+        let cached = (0..config.session.n_sequences).map(|_| (Vec::new(), 0)).collect();
         Worker {
             backend,
             session,
@@ -376,6 +393,7 @@ impl<'m> Worker<'m> {
             waiting: VecDeque::new(),
             jobs: Vec::new(),
             admissions: 0,
+            cached,
         }
     }
 
@@ -413,11 +431,32 @@ impl<'m> Worker<'m> {
         self.jobs.retain(|j| !j.events.is_closed());
     }
 
+    /// Frees a slot. A generation's cells stay for the next prompt that shares their
+    /// prefix; anything else (a scoring sequence, with copied or masked cells) is cleared.
     fn free(&mut self, slot: usize) {
-        if self.slots[slot].take().is_some() {
-            self.session.clear_sequence(slot);
-            self.stats.running.fetch_sub(1, Ordering::SeqCst);
+        let Some(seq) = self.slots[slot].take() else {
+            return;
+        };
+        self.stats.running.fetch_sub(1, Ordering::SeqCst);
+        if self.config.prefix_cache && matches!(seq.work, Work::Generate(_)) && seq.first_pos == 0 {
+            let cells = seq.kv_cells();
+            let mut tokens = seq.tokens;
+            tokens.truncate(cells);
+            self.cached[slot] = (tokens, self.admissions);
+        } else {
+            self.forget(slot);
         }
+    }
+
+    /// Clears a free slot's cells and forgets what they held.
+    fn forget(&mut self, slot: usize) {
+        self.session.clear_sequence(slot);
+        self.cached[slot].0.clear();
+    }
+
+    /// How many leading tokens of `prompt` a free slot's cells already hold.
+    fn shared_prefix(&self, slot: usize, prompt: &[TokenId]) -> usize {
+        self.cached[slot].0.iter().zip(prompt).take_while(|(a, b)| a == b).count()
     }
 
     fn free_slots(&self) -> Vec<usize> {
@@ -451,6 +490,7 @@ impl<'m> Worker<'m> {
                 };
                 let index = job.next_variant;
                 let variant = &job.request.variants[index];
+                self.cached[slot].0.clear();
                 self.session.copy_sequence(base_slot, slot);
                 let mut removed = self.session.remove_range(slot, variant.keep, None);
                 for range in &variant.masked {
@@ -520,15 +560,28 @@ impl<'m> Worker<'m> {
     fn admit_generation(&mut self, pending: Pending, free: &[usize]) {
         let pending = Arc::new(pending);
         let request = &pending.request;
-        for (choice, &slot) in free.iter().take(request.n).enumerate() {
+        // The slots sharing the longest prefix first; among equals, the oldest cache.
+        let mut order: Vec<(usize, usize)> =
+            free.iter().map(|&slot| (slot, self.shared_prefix(slot, &request.prompt))).collect();
+        order.sort_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].1));
+        for (choice, &(slot, shared)) in order.iter().take(request.n).enumerate() {
             let want_prompt = request.prompt_logprobs && choice == 0;
+            // The last prompt token is always computed (its logits give the first token), and
+            // echo's prompt logprobs need every position.
+            let mut reuse = if want_prompt { 0 } else { shared.min(request.prompt.len().saturating_sub(1)) };
+            if reuse == 0 || !self.session.remove_range(slot, reuse, None) {
+                self.forget(slot);
+                reuse = 0;
+            }
+            self.cached[slot].0.clear();
+            self.stats.cached_tokens.fetch_add(reuse as u64, Ordering::Relaxed);
             self.slots[slot] = Some(Sequence {
                 slot,
                 admitted: self.admissions,
                 tokens: request.prompt.clone(),
                 first_pos: 0,
                 n_prompt: request.prompt.len(),
-                n_cached: 0,
+                n_cached: reuse,
                 work: Work::Generate(Box::new(Generation {
                     request: pending.clone(),
                     choice,
@@ -539,6 +592,7 @@ impl<'m> Worker<'m> {
                     stops: StopMatcher::new(request.stop.clone()),
                     unsent: Vec::new(),
                     prompt_logprobs: want_prompt.then(Vec::new),
+                    cached_tokens: reuse,
                 })),
             });
             self.stats.running.fetch_add(1, Ordering::SeqCst);
@@ -546,6 +600,7 @@ impl<'m> Worker<'m> {
     }
 
     fn admit_scoring(&mut self, pending: ScorePending, slot: usize) {
+        self.forget(slot);
         let id = self.admissions;
         let request = pending.request;
         self.slots[slot] = Some(Sequence {
@@ -651,6 +706,7 @@ impl<'m> Worker<'m> {
                     Some((Work::Generate(g), _)) => {
                         let _ = g.request.events.send(Event::Error(e.to_string()));
                         self.free(slot);
+                        self.forget(slot);
                     }
                     Some((Work::Score(_), Some(id))) => {
                         if let Some(job) = self.jobs.iter().find(|j| j.id == id) {
@@ -808,6 +864,7 @@ impl<'m> Worker<'m> {
                 reason,
                 stop_sequence,
                 completion_tokens: generated,
+                cached_tokens: g.cached_tokens,
                 timings: Timings { admitted: g.admitted_at, first_token, finished: now },
             });
             self.free(slot);

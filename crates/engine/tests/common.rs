@@ -23,10 +23,16 @@ pub fn model_path(file: &str) -> PathBuf {
 }
 
 pub fn load(file: &str, n_sequences: usize) -> LocalModel {
+    load_with(file, n_sequences, false)
+}
+
+/// `load` with the prefix cache on or off.
+pub fn load_with(file: &str, n_sequences: usize, prefix_cache: bool) -> LocalModel {
     let config = SchedulerConfig {
         session: SessionConfig { n_sequences, ctx_per_sequence: 1024, batch_tokens: 512, threads: 2 },
         prefill_chunk: 256,
         max_waiting: 64,
+        prefix_cache,
     };
     LocalModel::load(file, &model_path(file), config, |_| {}).expect("model loads")
 }
@@ -40,6 +46,8 @@ pub struct Output {
     pub tokens: Vec<TokenId>,
     pub finish: Option<FinishReason>,
     pub completion_tokens: usize,
+    /// Prompt tokens the prefix cache served.
+    pub cached_tokens: usize,
 }
 
 pub fn request(prompt: Vec<TokenId>, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
@@ -72,9 +80,10 @@ pub fn collect(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usi
                 o.deltas.push(text);
                 o.tokens.extend(tokens.iter().map(|t| t.token));
             }
-            Event::Finished { choice, reason, completion_tokens, .. } => {
+            Event::Finished { choice, reason, completion_tokens, cached_tokens, .. } => {
                 outputs[choice].finish = Some(reason);
                 outputs[choice].completion_tokens = completion_tokens;
+                outputs[choice].cached_tokens = cached_tokens;
                 open -= 1;
             }
             Event::Error(e) => panic!("engine error: {e}"),

@@ -29,6 +29,31 @@ fn greedy_matches_llama_cpp_reference() {
     }
 }
 
+/// The prefix cache: a finished request's cells stay in its slot, and a later prompt that
+/// starts the same way recomputes only what differs, with the same greedy answer.
+#[test]
+fn a_repeated_prompt_reuses_its_cached_prefix() {
+    let model = common::load_with(SMOLLM2, 2, true);
+    let prompt = model.chat_prompt(&user("Name three colours of the rainbow.")).expect("prompt");
+    let first = &run(&model, request(prompt.clone(), 12, SamplingParams::greedy()))[0];
+    let again = &run(&model, request(prompt.clone(), 12, SamplingParams::greedy()))[0];
+    assert_eq!(first.cached_tokens, 0);
+    // All but the last prompt token, whose logits give the first new token.
+    assert_eq!(again.cached_tokens, prompt.len() - 1);
+    assert_eq!(again.tokens, first.tokens);
+    // A follow-up turn shares the first turn's prompt and answer.
+    let mut turn = user("Name three colours of the rainbow.");
+    turn.push(ChatMessage { role: "assistant".into(), content: first.text.clone() });
+    turn.push(ChatMessage { role: "user".into(), content: "And one more?".into() });
+    let follow = model.chat_prompt(&turn).expect("prompt");
+    let next = &run(&model, request(follow.clone(), 8, SamplingParams::greedy()))[0];
+    let fresh_model = load(SMOLLM2, 1);
+    let fresh = &run(&fresh_model, request(follow, 8, SamplingParams::greedy()))[0];
+    assert!(next.cached_tokens >= prompt.len() - 1, "{} cached", next.cached_tokens);
+    assert_eq!(fresh.cached_tokens, 0);
+    assert_eq!(next.tokens, fresh.tokens);
+}
+
 #[test]
 fn same_seed_same_text() {
     let model = load(SMOLLM2, 2);

@@ -160,6 +160,14 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
     Ok(body)
 }
 
+/// Anthropic's `input_tokens` leaves out what its prompt cache read or wrote: the prompt is
+/// all three, and the cached part is what was read.
+fn prompt_usage(usage: &Value) -> (u64, u64) {
+    let count = |field: &str| usage[field].as_u64().unwrap_or(0);
+    let read = count("cache_read_input_tokens");
+    (count("input_tokens") + read + count("cache_creation_input_tokens"), read)
+}
+
 fn finish_reason(value: &Value) -> Option<FinishReason> {
     Some(match value.as_str()? {
         "max_tokens" => FinishReason::Length,
@@ -192,9 +200,13 @@ pub fn parse_response(value: &Value) -> ChatResponse {
             finish_reason: finish_reason(&value["stop_reason"]),
             logprobs: None,
         }],
-        usage: Usage {
-            prompt_tokens: value["usage"]["input_tokens"].as_u64().unwrap_or(0),
-            completion_tokens: value["usage"]["output_tokens"].as_u64().unwrap_or(0),
+        usage: {
+            let (prompt_tokens, cached_tokens) = prompt_usage(&value["usage"]);
+            Usage {
+                prompt_tokens,
+                completion_tokens: value["usage"]["output_tokens"].as_u64().unwrap_or(0),
+                cached_tokens,
+            }
         },
     }
 }
@@ -204,6 +216,7 @@ pub fn parse_response(value: &Value) -> ChatResponse {
 #[derive(Default)]
 struct StreamState {
     input_tokens: u64,
+    cached_tokens: u64,
     tool_index_of_block: std::collections::HashMap<u64, u32>,
     tools_seen: u32,
 }
@@ -222,7 +235,7 @@ impl StreamState {
         };
         match value["type"].as_str().unwrap_or_default() {
             "message_start" => {
-                self.input_tokens = value["message"]["usage"]["input_tokens"].as_u64().unwrap_or(0);
+                (self.input_tokens, self.cached_tokens) = prompt_usage(&value["message"]["usage"]);
                 vec![]
             }
             "content_block_start" if value["content_block"]["type"] == "tool_use" => {
@@ -268,6 +281,7 @@ impl StreamState {
                 out.push(Ok(ChatEvent::Usage(Usage {
                     prompt_tokens: self.input_tokens,
                     completion_tokens: value["usage"]["output_tokens"].as_u64().unwrap_or(0),
+                    cached_tokens: self.cached_tokens,
                 })));
                 out
             }

@@ -188,6 +188,7 @@ fn usage(value: &Value) -> Usage {
     Usage {
         prompt_tokens: value["promptTokenCount"].as_u64().unwrap_or(0),
         completion_tokens: value["candidatesTokenCount"].as_u64().unwrap_or(0),
+        cached_tokens: value["cachedContentTokenCount"].as_u64().unwrap_or(0),
     }
 }
 

@@ -22,7 +22,7 @@ use futures::{Stream, StreamExt};
 
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
-use crate::generation::{self, SharedModel, Submitted, chat_logprob, request_id, unix_now, usage};
+use crate::generation::{self, SharedModel, Submitted, chat_logprob, neutral_usage, request_id, unix_now};
 use crate::{translate, validate};
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
@@ -129,8 +129,9 @@ async fn local(
 /// The engine's events as neutral chat events; usage comes last.
 pub(crate) fn local_events(model: SharedModel, submitted: Submitted) -> EventStream {
     let prompt_tokens = submitted.prompt_tokens;
-    let state = (submitted, 0usize, false);
-    futures::stream::unfold(state, move |(mut submitted, mut completion_tokens, done)| {
+    // (events, completion tokens, cached prompt tokens, done)
+    let state = (submitted, 0usize, 0usize, false);
+    futures::stream::unfold(state, move |(mut submitted, mut completion_tokens, mut cached_tokens, done)| {
         let model = model.clone();
         async move {
             if done {
@@ -141,8 +142,10 @@ pub(crate) fn local_events(model: SharedModel, submitted: Submitted) -> EventStr
                     let usage = ferry_providers::Usage {
                         prompt_tokens: prompt_tokens as u64,
                         completion_tokens: completion_tokens as u64,
+                        cached_tokens: cached_tokens as u64,
                     };
-                    return Some((vec![Ok(ChatEvent::Usage(usage))], (submitted, completion_tokens, true)));
+                    let state = (submitted, completion_tokens, cached_tokens, true);
+                    return Some((vec![Ok(ChatEvent::Usage(usage))], state));
                 };
                 let out = match event {
                     Event::PromptLogprobs { .. } => continue,
@@ -153,8 +156,17 @@ pub(crate) fn local_events(model: SharedModel, submitted: Submitted) -> EventStr
                         });
                         vec![Ok(ChatEvent::Text { choice: choice as u32, text, logprobs })]
                     }
-                    Event::Finished { choice, reason, completion_tokens: used, .. } => {
+                    Event::Finished {
+                        choice,
+                        reason,
+                        completion_tokens: used,
+                        cached_tokens: cached,
+                        ..
+                    } => {
                         completion_tokens += used;
+                        if choice == 0 {
+                            cached_tokens += cached;
+                        }
                         let reason = match reason {
                             ferry_engine::FinishReason::Stop => ferry_providers::FinishReason::Stop,
                             ferry_engine::FinishReason::Length => ferry_providers::FinishReason::Length,
@@ -169,10 +181,10 @@ pub(crate) fn local_events(model: SharedModel, submitted: Submitted) -> EventStr
                             param: None,
                             retry_after: None,
                         };
-                        return Some((vec![Err(error)], (submitted, completion_tokens, true)));
+                        return Some((vec![Err(error)], (submitted, completion_tokens, cached_tokens, true)));
                     }
                 };
-                return Some((out, (submitted, completion_tokens, false)));
+                return Some((out, (submitted, completion_tokens, cached_tokens, false)));
             }
         }
     })
@@ -266,7 +278,7 @@ fn completion(answer: ChatResponse, id: String, model: String) -> ChatCompletion
         created: unix_now(),
         model,
         choices,
-        usage: usage(answer.usage.prompt_tokens as usize, answer.usage.completion_tokens as usize),
+        usage: neutral_usage(&answer.usage),
         system_fingerprint: None,
     }
 }
@@ -321,7 +333,7 @@ fn stream(
             vec![delta_chunk(choice, ChatDelta::default(), None, Some(reason.openai().to_string()))]
         }
         Ok(ChatEvent::Usage(u)) => {
-            let u = usage(u.prompt_tokens as usize, u.completion_tokens as usize);
+            let u = neutral_usage(&u);
             include_usage.then(|| chunk(vec![], Some(Some(u)))).into_iter().collect()
         }
         Err(e) => {

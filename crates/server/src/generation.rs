@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use ferry_api::openai::{ChatTokenLogprob, ChatTopLogprob, Usage};
+use ferry_api::openai::{ChatTokenLogprob, ChatTopLogprob, PromptTokensDetails, Usage};
 use ferry_engine::{Event, FinishReason, GenerateRequest, LocalModel, TokenId, TokenInfo};
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -50,8 +50,11 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
                 crate::telemetry::inter_token(&model_id, now.duration_since(last).as_secs_f64());
             }
         }
-        Event::Finished { completion_tokens, timings, .. } => {
+        Event::Finished { choice, completion_tokens, cached_tokens, timings, .. } => {
             meter.add_completion_tokens(*completion_tokens as u64);
+            if *choice == 0 {
+                meter.add_cached_tokens(*cached_tokens as u64);
+            }
             meter.engine_timings(timings);
         }
         _ => {}
@@ -83,6 +86,7 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
     let mut choices: Vec<CollectedChoice> =
         (0..n * submitted.n_prompts).map(|_| CollectedChoice::default()).collect();
     let mut completion_tokens = 0;
+    let mut cached_tokens = 0;
     let mut open = choices.len();
     while open > 0 {
         let Some((prompt_idx, event)) = submitted.events.next().await else {
@@ -99,7 +103,18 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
                 c.text.push_str(&text);
                 c.tokens.extend(tokens);
             }
-            Event::Finished { choice, reason, stop_sequence, completion_tokens: used, .. } => {
+            Event::Finished {
+                choice,
+                reason,
+                stop_sequence,
+                completion_tokens: used,
+                cached_tokens: cached,
+                ..
+            } => {
+                // Each prompt's cache hit once, as OpenAI counts it (its choices share the prompt).
+                if choice == 0 {
+                    cached_tokens += cached;
+                }
                 let c = &mut choices[prompt_idx * n + choice];
                 c.finish_reason = Some(reason);
                 c.stop_sequence = stop_sequence;
@@ -109,7 +124,19 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
             Event::Error(message) => return Err(ApiError::Internal(message)),
         }
     }
-    Ok(Collected { choices, usage: usage(submitted.prompt_tokens, completion_tokens) })
+    let mut usage = usage(submitted.prompt_tokens, completion_tokens);
+    usage.prompt_tokens_details =
+        (cached_tokens > 0).then_some(PromptTokensDetails { cached_tokens: cached_tokens as u64 });
+    Ok(Collected { choices, usage })
+}
+
+/// OpenAI's usage from the neutral one, with `prompt_tokens_details` when part of the prompt
+/// was cached.
+pub fn neutral_usage(u: &ferry_providers::Usage) -> Usage {
+    let mut out = usage(u.prompt_tokens as usize, u.completion_tokens as usize);
+    out.prompt_tokens_details =
+        (u.cached_tokens > 0).then_some(PromptTokensDetails { cached_tokens: u.cached_tokens });
+    out
 }
 
 pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
@@ -117,6 +144,7 @@ pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
         prompt_tokens: prompt_tokens as u64,
         completion_tokens: completion_tokens as u64,
         total_tokens: (prompt_tokens + completion_tokens) as u64,
+        prompt_tokens_details: None,
     }
 }
 

@@ -472,6 +472,11 @@ impl Meter {
         self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Prompt tokens served from the local prefix cache.
+    pub fn add_cached_tokens(&self, n: u64) {
+        self.cached_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn add_completion_tokens(&self, n: u64) {
         self.completion_tokens.fetch_add(n, Ordering::Relaxed);
     }
