@@ -15,6 +15,7 @@
 
 pub mod audit;
 pub mod content;
+mod filter;
 pub mod keys;
 pub mod reports;
 pub mod tenants;

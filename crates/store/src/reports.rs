@@ -6,6 +6,7 @@ use futures::TryStreamExt;
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::filter::Filter;
 use crate::{Result, Store, StoreError};
 
 /// Most buckets one series may have (a minute series over a day is 1440).
@@ -145,41 +146,19 @@ impl Store {
 
     /// Traces newest first, filtered by tenant, time and request-id prefix.
     pub async fn traces(&self, query: &TraceQuery) -> Result<Vec<TraceSummary>> {
-        let mut conditions = Vec::new();
-        let mut params: Vec<Param> = Vec::new();
-        if let Some(tenant) = &query.tenant_id {
-            params.push(Param::Text(tenant.clone()));
-            conditions.push(format!("tenant_id = ${}", params.len()));
-        }
-        if let Some(from) = query.from_ms {
-            params.push(Param::Int(from));
-            conditions.push(format!("created_at >= ${}", params.len()));
-        }
-        if let Some(to) = query.to_ms {
-            params.push(Param::Int(to));
-            conditions.push(format!("created_at < ${}", params.len()));
-        }
+        let mut scope = Filter::scope(query.tenant_id.as_deref(), "created_at", query.from_ms, query.to_ms);
         if let Some(prefix) = query.id_prefix.as_deref().filter(|p| !p.is_empty()) {
             // `\` escapes LIKE's wildcards in both databases when named in ESCAPE.
             let escaped = prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
-            params.push(Param::Text(format!("{escaped}%")));
-            conditions.push(format!("request_id LIKE ${} ESCAPE '\\'", params.len()));
+            scope.text("request_id LIKE {} ESCAPE '\\'", format!("{escaped}%"));
         }
-        let filter =
-            if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+        let filter = scope.clause();
         let sql = format!(
             "SELECT request_id, tenant_id, created_at, trace FROM traces {filter} \
              ORDER BY created_at DESC, request_id DESC LIMIT {}",
             query.limit.clamp(1, 1000)
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for p in params {
-            q = match p {
-                Param::Text(t) => q.bind(t),
-                Param::Int(i) => q.bind(i),
-            };
-        }
-        let rows = q.fetch_all(self.pool()).await?;
+        let rows = scope.bind(sqlx::query(AssertSqlSafe(sql))).fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let text: String = row.try_get("trace")?;
@@ -209,11 +188,6 @@ fn set_percentiles(point: &mut SeriesPoint, latencies: &mut [i64], ttfts: &mut [
     point.latency_p95_ms = percentile(latencies, 95.0);
     point.latency_p99_ms = percentile(latencies, 99.0);
     point.ttft_p50_ms = percentile(ttfts, 50.0);
-}
-
-enum Param {
-    Text(String),
-    Int(i64),
 }
 
 /// The nearest-rank percentile of sorted values: the smallest value with at least `p` percent

@@ -16,6 +16,7 @@ mod journal;
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::filter::Filter;
 use crate::{Result, Store, StoreError, now_ms};
 
 /// What is known when a request is admitted.
@@ -261,22 +262,8 @@ impl Store {
 
     /// Aggregates records by the asked-for fields, in a stable order.
     pub async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageGroup>> {
-        let mut conditions = Vec::new();
-        let mut params: Vec<Param> = Vec::new();
-        if let Some(tenant) = &query.tenant_id {
-            params.push(Param::Text(tenant.clone()));
-            conditions.push(format!("tenant_id = ${}", params.len()));
-        }
-        if let Some(from) = query.from_ms {
-            params.push(Param::Int(from));
-            conditions.push(format!("started_at >= ${}", params.len()));
-        }
-        if let Some(to) = query.to_ms {
-            params.push(Param::Int(to));
-            conditions.push(format!("started_at < ${}", params.len()));
-        }
-        let filter =
-            if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+        let scope = Filter::scope(query.tenant_id.as_deref(), "started_at", query.from_ms, query.to_ms);
+        let filter = scope.clause();
         let keys: Vec<String> =
             query.group_by.iter().enumerate().map(|(i, g)| format!("{} AS g{i}", g.column())).collect();
         let select_keys = if keys.is_empty() { String::new() } else { format!("{}, ", keys.join(", ")) };
@@ -295,14 +282,7 @@ impl Store {
              CAST(COALESCE(SUM(cost), 0) AS DOUBLE PRECISION) AS cost \
              FROM usage_records {filter} {group}"
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for p in params {
-            q = match p {
-                Param::Text(t) => q.bind(t),
-                Param::Int(i) => q.bind(i),
-            };
-        }
-        let rows = q.fetch_all(self.pool()).await?;
+        let rows = scope.bind(sqlx::query(AssertSqlSafe(sql))).fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let mut g = UsageGroup {
@@ -702,11 +682,6 @@ async fn commit_group(store: &Store, journal: Option<&journal::Journal>, group: 
     for ack in flushes {
         let _ = ack.send(());
     }
-}
-
-enum Param {
-    Text(String),
-    Int(i64),
 }
 
 /// Days since the epoch as a UTC date (civil-from-days, after Howard Hinnant).
