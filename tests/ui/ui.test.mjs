@@ -205,6 +205,19 @@ test('models show their state and provenance', async () => {
   assert.match(text, /llama/);
   assert.match(text, /[0-9a-f]{64}/, 'the file sha256');
   await shot('06-models');
+  // Unload it, then load it again, from its card; the API agrees on each state.
+  await card.locator('.model-unload').click();
+  await page.locator(`.model-card[data-model="${MODEL_ID}"][data-state="on_disk"]`).waitFor();
+  let listed = await call(ADMIN_KEY, 'GET', `/v1/models/${MODEL_ID}`);
+  assert.equal(listed.json.state, 'on_disk');
+  await shot('06b-models-unloaded');
+  await page.locator(`.model-card[data-model="${MODEL_ID}"] .model-load`).click();
+  await page.locator(`.model-card[data-model="${MODEL_ID}"][data-state="loaded"]`).waitFor({ timeout: 60000 });
+  listed = await call(ADMIN_KEY, 'GET', `/v1/models/${MODEL_ID}`);
+  assert.equal(listed.json.state, 'loaded');
+  const audit = await call(ADMIN_KEY, 'GET', '/admin/v1/audit?limit=5');
+  const actions = audit.json.data.map((e) => e.action);
+  assert.ok(actions.includes('model.unload') && actions.includes('model.load'), JSON.stringify(actions));
 });
 
 test('playground: a streamed chat with token probabilities', async () => {

@@ -170,6 +170,16 @@ pub enum AuditCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ServerModelCommand {
+    /// The running server's local models and their state (loaded, loading, on disk)
+    Ps,
+    /// Load a configured model now (unloading least-recently-used ones if the limits ask)
+    Load { name: String },
+    /// Unload a model (its requests in flight finish first)
+    Unload { name: String },
+}
+
 struct Client {
     http: reqwest::Client,
     remote: Remote,
@@ -260,6 +270,36 @@ fn date_ms(date: &str) -> anyhow::Result<i64> {
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     Ok((era * 146_097 + doe - 719_468) * 86_400_000)
+}
+
+/// `ferry models ps|load|unload`: the local models of a running server.
+pub async fn models(remote: Remote, command: ServerModelCommand) -> anyhow::Result<()> {
+    let client = Client::new(remote)?;
+    let card = match &command {
+        ServerModelCommand::Ps => {
+            let mut list = client.json(reqwest::Method::GET, "/v1/models", None).await?;
+            if let Some(items) = list["data"].as_array_mut() {
+                items.retain(|m| m["owned_by"] == "ferry");
+                for m in items.iter_mut() {
+                    m["memory_mib"] = m["memory_bytes"].as_u64().map_or(Value::Null, |b| json!(b >> 20));
+                }
+            }
+            client.print_list(&list, &["id", "state", "architecture", "quantization", "memory_mib", "file"]);
+            return Ok(());
+        }
+        ServerModelCommand::Load { name } => {
+            client.json(reqwest::Method::POST, &format!("/admin/v1/models/{name}/load"), None).await?
+        }
+        ServerModelCommand::Unload { name } => {
+            client.json(reqwest::Method::POST, &format!("/admin/v1/models/{name}/unload"), None).await?
+        }
+    };
+    if client.remote.json {
+        client.print_one(&card);
+    } else {
+        println!("{} is {}", cell(&card["id"]), cell(&card["state"]).replace('_', " "));
+    }
+    Ok(())
 }
 
 pub async fn tenants(remote: Remote, command: TenantCommand) -> anyhow::Result<()> {

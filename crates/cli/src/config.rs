@@ -91,6 +91,77 @@ pub struct ServeArgs {
     /// Write no usage records (limits still apply; budgets then only count this process)
     #[arg(long, env = "FERRY_NO_METERING")]
     pub no_metering: bool,
+    /// Most local models loaded at once; loading another unloads the least recently used
+    #[arg(long, env = "FERRY_MAX_LOADED_MODELS")]
+    pub max_loaded_models: Option<usize>,
+    /// Most memory for loaded models' weights and KV caches (e.g. 8G, 512M; binary units);
+    /// loading past it unloads the least recently used
+    #[arg(long, env = "FERRY_MEMORY_BUDGET", value_parser = parse_bytes)]
+    pub memory_budget: Option<u64>,
+    /// Seconds a request waits for its model to load before a 503
+    #[arg(long, env = "FERRY_LOAD_TIMEOUT_S")]
+    pub load_timeout_s: Option<u64>,
+}
+
+/// `512M`, `8G`, `1.5GiB`, `1048576`: binary units (K = 1024).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("'{text}' is not a size such as 512M or 8G"))?;
+    let shift =
+        match unit.trim().trim_end_matches(['B', 'b']).trim_end_matches('i').to_ascii_uppercase().as_str() {
+            "" => 0,
+            "K" => 10,
+            "M" => 20,
+            "G" => 30,
+            "T" => 40,
+            _ => return Err(format!("'{text}': the unit must be K, M, G or T")),
+        };
+    Ok((number * (1u64 << shift) as f64) as u64)
+}
+
+/// One entry of the TOML file's `models`: a path or hub reference (loaded at start), or a
+/// table with its own name, limits and sampling defaults (loaded on first use unless
+/// `preload = true`).
+#[derive(Debug, Clone)]
+pub enum ModelEntry {
+    Source(String),
+    Table(Box<ModelTable>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTable {
+    /// The name clients use; the file's name without `.gguf` if unset.
+    pub name: Option<String>,
+    /// A GGUF path, or `hf:OWNER/REPO/FILE.gguf`.
+    pub path: String,
+    pub ctx_size: Option<usize>,
+    pub parallel: Option<usize>,
+    pub prefix_cache: Option<bool>,
+    /// Load at start instead of on the first request.
+    #[serde(default)]
+    pub preload: bool,
+    /// Sampling parameters used where a request sets none.
+    #[serde(default)]
+    pub defaults: ferry_engine::ModelDefaults,
+}
+
+impl<'de> Deserialize<'de> for ModelEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match toml::Value::deserialize(deserializer)? {
+            toml::Value::String(source) => Ok(ModelEntry::Source(source)),
+            table @ toml::Value::Table(_) => ModelTable::deserialize(table)
+                .map(|t| ModelEntry::Table(Box::new(t)))
+                .map_err(D::Error::custom),
+            other => Err(D::Error::custom(format!(
+                "a model is a path string or a table with `path`, not a {}",
+                other.type_str()
+            ))),
+        }
+    }
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -99,7 +170,11 @@ pub struct ServeArgs {
 struct FileConfig {
     host: Option<String>,
     port: Option<u16>,
-    models: Option<Vec<String>>,
+    models: Option<Vec<ModelEntry>>,
+    max_loaded_models: Option<usize>,
+    /// Bytes, or a string such as "8G".
+    memory_budget: Option<toml::Value>,
+    load_timeout_s: Option<u64>,
     models_dir: Option<PathBuf>,
     embedding_model: Option<PathBuf>,
     threads: Option<usize>,
@@ -145,7 +220,10 @@ struct FileConfig {
 pub struct ServeConfig {
     pub host: String,
     pub port: u16,
-    pub models: Vec<String>,
+    pub models: Vec<ModelEntry>,
+    pub max_loaded_models: Option<usize>,
+    pub memory_budget: Option<u64>,
+    pub load_timeout_s: u64,
     pub models_dir: PathBuf,
     /// Served on `/v1/embeddings` only when given: never picked up from `models_dir` implicitly.
     pub embedding_model: Option<PathBuf>,
@@ -190,7 +268,24 @@ impl ServeArgs {
         let config = ServeConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into()),
             port: self.port.or(file.port).unwrap_or(8080),
-            models: if self.models.is_empty() { file.models.unwrap_or_default() } else { self.models },
+            models: if self.models.is_empty() {
+                file.models.unwrap_or_default()
+            } else {
+                self.models.into_iter().map(ModelEntry::Source).collect()
+            },
+            max_loaded_models: self.max_loaded_models.or(file.max_loaded_models),
+            memory_budget: match (self.memory_budget, file.memory_budget) {
+                (Some(bytes), _) => Some(bytes),
+                (None, Some(toml::Value::Integer(bytes))) => Some(u64::try_from(bytes).unwrap_or(0)),
+                (None, Some(toml::Value::String(text))) => {
+                    Some(parse_bytes(&text).map_err(anyhow::Error::msg)?)
+                }
+                (None, Some(other)) => {
+                    bail!("memory_budget must be a number of bytes or a size such as \"8G\", not {other}")
+                }
+                (None, None) => None,
+            },
+            load_timeout_s: self.load_timeout_s.or(file.load_timeout_s).unwrap_or(300),
             models_dir: self.models_dir.or(file.models_dir).unwrap_or_else(|| PathBuf::from("models")),
             embedding_model: self.embedding_model.or(file.embedding_model),
             threads: self.threads.or(file.threads).unwrap_or(threads_default),
@@ -265,6 +360,9 @@ impl ServeArgs {
                 );
             }
         }
+        if config.max_loaded_models == Some(0) {
+            bail!("--max-loaded-models must be at least 1");
+        }
         if config.batch_size < config.parallel {
             bail!("--batch-size ({}) must be at least --parallel ({})", config.batch_size, config.parallel);
         }
@@ -273,17 +371,77 @@ impl ServeArgs {
 }
 
 impl ServeConfig {
-    /// The model files to serve: the given ones, or the default model in the models
+    /// The local models to serve: the given ones, or the default model in the models
     /// directory (unless the server only routes to upstream providers).
-    pub fn model_specs(&self) -> Vec<String> {
+    pub fn model_specs(&self) -> anyhow::Result<Vec<ferry_server::ModelSpec>> {
         if self.models.is_empty() && !self.gateway.aliases.is_empty() && self.gateway.presets.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        if self.models.is_empty() {
-            vec![self.models_dir.join(DEFAULT_MODEL_FILE).display().to_string()]
-        } else {
-            self.models.clone()
+        let default = [ModelEntry::Source(self.models_dir.join(DEFAULT_MODEL_FILE).display().to_string())];
+        let entries = if self.models.is_empty() { &default[..] } else { &self.models[..] };
+        entries.iter().map(|entry| self.spec(entry)).collect()
+    }
+
+    fn spec(&self, entry: &ModelEntry) -> anyhow::Result<ferry_server::ModelSpec> {
+        let table = match entry {
+            ModelEntry::Source(source) => ModelTable {
+                name: None,
+                path: source.clone(),
+                ctx_size: None,
+                parallel: None,
+                prefix_cache: None,
+                preload: true,
+                defaults: Default::default(),
+            },
+            ModelEntry::Table(table) => (**table).clone(),
+        };
+        let hub = crate::hub::HubFile::parse(&table.path);
+        let file = match &hub {
+            Some(hub) => hub.file.clone(),
+            None => table.path.clone(),
+        };
+        let stem = Path::new(&file).file_stem().map(|s| s.to_string_lossy().into_owned());
+        let name = table.name.clone().or(stem).unwrap_or_else(|| table.path.clone());
+        // A missing local file is a mistake to hear about now, not at the first request.
+        let path = match hub {
+            Some(_) => None,
+            None => {
+                let path = PathBuf::from(&table.path);
+                if !path.is_file() {
+                    if path.file_name().is_some_and(|n| n == DEFAULT_MODEL_FILE) {
+                        bail!(missing_default_model(&path));
+                    }
+                    bail!(
+                        "model file {} does not exist (give a GGUF path, or hf:OWNER/REPO/FILE.gguf to download one)",
+                        path.display()
+                    );
+                }
+                Some(path)
+            }
+        };
+        let parallel = table.parallel.unwrap_or(self.parallel);
+        let ctx_size = table.ctx_size.unwrap_or(self.ctx_size);
+        if parallel == 0 || ctx_size == 0 {
+            bail!("the model '{name}' needs parallel and ctx_size of at least 1");
         }
+        Ok(ferry_server::ModelSpec {
+            name,
+            source: table.path.clone(),
+            path,
+            scheduler: ferry_engine::SchedulerConfig {
+                session: ferry_engine::SessionConfig {
+                    n_sequences: parallel,
+                    ctx_per_sequence: ctx_size,
+                    batch_tokens: self.batch_size.max(parallel),
+                    threads: self.threads,
+                },
+                prefill_chunk: self.prefill_chunk,
+                max_waiting: self.max_queue,
+                prefix_cache: table.prefix_cache.unwrap_or(self.prefix_cache),
+            },
+            defaults: table.defaults,
+            preload: table.preload,
+        })
     }
 }
 
@@ -304,4 +462,62 @@ pub fn missing_default_model(path: &Path) -> String {
         "the default model {} is missing; fetch it with:\n    python3 scripts/fetch-models.py smollm2\nor serve another GGUF file with --model PATH",
         path.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("8G"), Ok(8 << 30));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("2kb"), Ok(2048));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3Q").is_err());
+    }
+
+    #[test]
+    fn models_are_paths_or_tables_with_their_own_settings() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.gguf"), dir.join("b.gguf"));
+        std::fs::write(&a, b"").unwrap();
+        std::fs::write(&b, b"").unwrap();
+        let config = dir.join("ferry.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "memory_budget = \"6G\"\nmax_loaded_models = 1\nparallel = 3\n\
+                 models = [\"{}\", {{ name = \"bee\", path = \"{}\", ctx_size = 512, defaults = {{ max_tokens = 7 }} }}]\n",
+                a.display(),
+                b.display()
+            ),
+        )
+        .unwrap();
+        let resolved = ServeArgs { config: Some(config.clone()), ..Default::default() }.resolve().unwrap();
+        assert_eq!(resolved.memory_budget, Some(6 << 30));
+        assert_eq!(resolved.max_loaded_models, Some(1));
+        let specs = resolved.model_specs().unwrap();
+        assert_eq!(specs[0].name, "a");
+        assert!(specs[0].preload, "a plain path loads at start");
+        assert_eq!(specs[0].scheduler.session.n_sequences, 3);
+        assert_eq!(specs[1].name, "bee");
+        assert!(!specs[1].preload, "a table loads on first use");
+        assert_eq!(specs[1].scheduler.session.ctx_per_sequence, 512);
+        assert_eq!(specs[1].defaults.max_tokens, Some(7));
+
+        std::fs::write(&config, "[[models]]\nname = \"x\"\npath = \"/nope/x.gguf\"\n").unwrap();
+        let resolved = ServeArgs { config: Some(config.clone()), ..Default::default() }.resolve().unwrap();
+        let err = resolved.model_specs().unwrap_err().to_string();
+        assert!(err.contains("/nope/x.gguf does not exist"), "{err}");
+
+        std::fs::write(&config, "[[models]]\npath = \"x.gguf\"\ncolour = \"red\"\n").unwrap();
+        let err =
+            format!("{:#}", ServeArgs { config: Some(config), ..Default::default() }.resolve().unwrap_err());
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -27,7 +27,8 @@ enum Command {
     Serve(config::ServeArgs),
     /// Chat in the terminal with a local model or a running server
     Chat(chat::ChatArgs),
-    /// List the models on disk: architecture, parameters, quantization, size, sha256
+    /// List the models on disk (architecture, parameters, quantization, size, sha256), or
+    /// a running server's: `ferry models ps|load|unload`
     Models(models::ModelsArgs),
     /// Measure the engine on one sequence, as llama-bench does (for bench/)
     Bench(bench::BenchArgs),
@@ -79,6 +80,10 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve::run(args.resolve()?))
         }
         Command::Chat(args) => runtime.block_on(chat::run(args)),
+        Command::Models(models::ModelsArgs { command: Some(command), .. }) => {
+            let (remote, command) = command.split();
+            runtime.block_on(admin::models(remote, command))
+        }
         Command::Models(args) => models::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Tenants { command, remote } => runtime.block_on(admin::tenants(remote, command)),

@@ -1,4 +1,5 @@
-//! `ferry models`: what is on disk, with the facts a user checks before serving a file.
+//! `ferry models`: what is on disk, with the facts a user checks before serving a file; and
+//! `ferry models ps|load|unload` against a running server.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +8,10 @@ use ferry_engine::llama::LlamaCppModel;
 use ferry_engine::model_info::sha256_file;
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ModelsArgs {
+    #[command(subcommand)]
+    pub command: Option<ServerModels>,
     /// Directory to scan (recursively) for GGUF files
     #[arg(long, env = "FERRY_MODELS_DIR", default_value = "models")]
     dir: PathBuf,
@@ -19,6 +23,39 @@ pub struct ModelsArgs {
     no_hash: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum ServerModels {
+    /// A running server's local models and their state
+    Ps {
+        #[command(flatten)]
+        remote: crate::admin::Remote,
+    },
+    /// Load a configured model on a running server
+    Load {
+        name: String,
+        #[command(flatten)]
+        remote: crate::admin::Remote,
+    },
+    /// Unload a model on a running server
+    Unload {
+        name: String,
+        #[command(flatten)]
+        remote: crate::admin::Remote,
+    },
+}
+
+impl ServerModels {
+    pub fn split(self) -> (crate::admin::Remote, crate::admin::ServerModelCommand) {
+        use crate::admin::ServerModelCommand as C;
+        match self {
+            ServerModels::Ps { remote } => (remote, C::Ps),
+            ServerModels::Load { name, remote } => (remote, C::Load { name }),
+            ServerModels::Unload { name, remote } => (remote, C::Unload { name }),
+        }
+    }
+}
+
+/// Lists the GGUF files of a directory (no subcommand).
 pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     let mut files = Vec::new();
     find_gguf(&args.dir, &mut files);

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use ferry_engine::{LocalModel, SchedulerConfig, SessionConfig};
+use ferry_engine::LocalModel;
 use ferry_server::{AppState, HttpConfig};
 
 use crate::config::ServeConfig;
@@ -22,44 +22,26 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             config.host
         );
     }
-    let mut models = Vec::new();
-    for spec in config.model_specs() {
-        let path = hub::resolve(&spec, &config.models_dir).await?;
-        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone());
-        let scheduler = SchedulerConfig {
-            session: SessionConfig {
-                n_sequences: config.parallel,
-                ctx_per_sequence: config.ctx_size,
-                batch_tokens: config.batch_size,
-                threads: config.threads,
-            },
-            prefill_chunk: config.prefill_chunk,
-            max_waiting: config.max_queue,
-            prefix_cache: config.prefix_cache,
-        };
-        tracing::info!(model = %id, path = %path.display(), "loading");
-        let model = tokio::task::spawn_blocking(move || {
-            let name = id.clone();
-            let mut last_decile = -1;
-            LocalModel::load(&id, &path, scheduler, move |p| {
-                let decile = (p * 10.0) as i32;
-                if decile != last_decile {
-                    last_decile = decile;
-                    tracing::info!(model = %name, "loading {}%", decile * 10);
-                }
-            })
-        })
-        .await??;
-        let info = model.info();
-        tracing::info!(
-            model = %info.id, architecture = %info.architecture, parameters = info.n_params,
-            quantization = %info.quantization, "loaded"
-        );
-        models.push(Arc::new(model));
-    }
+    // Installed before any model loads, so that loads at start are counted too.
+    let metrics = ferry_server::telemetry::install()
+        .inspect_err(|e| tracing::warn!(error = %e, "metrics are off: the recorder could not be installed"))
+        .ok();
+    let specs = config.model_specs()?;
+    let limits = ferry_server::RegistryLimits {
+        max_loaded: config.max_loaded_models,
+        memory_budget: config.memory_budget,
+        load_timeout: std::time::Duration::from_secs(config.load_timeout_s),
+        max_waiting: config.max_queue,
+    };
+    let registry = Arc::new(
+        ferry_server::Registry::new(specs, loader(&config, &tenancy), limits).map_err(anyhow::Error::msg)?,
+    );
+    // Models marked to preload (every --model) load now, as far as the limits allow;
+    // the others load on their first request.
+    registry.preload().await.map_err(anyhow::Error::msg)?;
     // The embedding model is served only when asked for, never found in the models directory.
     let embeddings = match &config.embedding_model {
-        Some(dir) => Some(load_embedding_model(dir, &models).await?),
+        Some(dir) => Some(load_embedding_model(dir, &registry).await?),
         None => None,
     };
 
@@ -88,16 +70,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         loader
     });
     let http = HttpConfig { max_body_bytes: config.max_body_bytes };
-    let mut state = AppState::new(models, gateway, loader, http, tenancy);
+    let mut state = AppState::new(registry, gateway, loader, http, tenancy);
     if let Some(service) = embeddings {
         state = state.with_embeddings(service);
     }
-    match ferry_server::telemetry::install() {
-        Ok(handle) => state = state.with_metrics(handle),
-        Err(e) => tracing::warn!(error = %e, "metrics are off: the recorder could not be installed"),
+    if let Some(handle) = metrics {
+        state = state.with_metrics(handle);
     }
     spawn_reload_on_sighup(state.clone());
-    spawn_model_hashes(state.clone());
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
@@ -149,12 +129,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 /// Loads a sentence-embedding model (off the async threads) and starts its batching thread.
 async fn load_embedding_model(
     dir: &std::path::Path,
-    models: &[Arc<LocalModel>],
+    models: &ferry_server::Registry,
 ) -> anyhow::Result<ferry_embed::EmbedService> {
     tracing::info!(path = %dir.display(), "loading the embedding model");
     let path = dir.to_path_buf();
     let embedder = tokio::task::spawn_blocking(move || ferry_embed::Embedder::load(&path)).await??;
-    if models.iter().any(|m| m.info().id == embedder.name()) {
+    if models.contains(embedder.name()) {
         anyhow::bail!("the embedding model and a --model are both named `{}`", embedder.name());
     }
     let (name, dims, max_tokens) = (embedder.name().to_string(), embedder.dims(), embedder.max_tokens());
@@ -220,23 +200,53 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
     Ok(tenancy)
 }
 
-/// Hashes each local model file in the background, for traces and model cards.
-fn spawn_model_hashes(state: AppState) {
-    for model in state.models().to_vec() {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let path = model.info().path.clone();
-            let id = model.info().id.clone();
-            match tokio::task::spawn_blocking(move || ferry_engine::model_info::sha256_file(&path)).await {
-                Ok(Ok(sha)) => {
-                    if let Ok(mut shas) = state.tenancy().model_sha256.write() {
-                        shas.insert(id, sha);
+/// How the registry loads a model: resolve the file (downloading a hub reference), load it
+/// off the async threads with its progress in the log, then hash the file in the background
+/// (once) for traces and model cards.
+fn loader(config: &ServeConfig, tenancy: &ferry_server::Tenancy) -> ferry_server::Loader {
+    let models_dir = config.models_dir.clone();
+    let hashes = tenancy.model_sha256.clone();
+    Arc::new(move |spec: ferry_server::ModelSpec| {
+        let models_dir = models_dir.clone();
+        let hashes = hashes.clone();
+        Box::pin(async move {
+            let path = hub::resolve(&spec.source, &models_dir).await.map_err(|e| format!("{e:#}"))?;
+            let name = spec.name.clone();
+            let load_path = path.clone();
+            let model = tokio::task::spawn_blocking(move || {
+                let id = name.clone();
+                let mut last_decile = -1;
+                LocalModel::load(&id, &load_path, spec.scheduler, move |p| {
+                    let decile = (p * 10.0) as i32;
+                    if decile != last_decile {
+                        last_decile = decile;
+                        tracing::info!(model = %name, "loading {}%", decile * 10);
                     }
-                }
-                other => tracing::warn!(model = %id, ?other, "could not hash the model file"),
+                })
+            })
+            .await
+            .map_err(|e| format!("the loading thread failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+            let model = LocalModel { defaults: spec.defaults, ..model };
+            let id = model.info().id.clone();
+            let hashed = hashes.read().is_ok_and(|h| h.contains_key(&id));
+            if !hashed {
+                tokio::spawn(async move {
+                    match tokio::task::spawn_blocking(move || ferry_engine::model_info::sha256_file(&path))
+                        .await
+                    {
+                        Ok(Ok(sha)) => {
+                            if let Ok(mut shas) = hashes.write() {
+                                shas.insert(id, sha);
+                            }
+                        }
+                        other => tracing::warn!(model = %id, ?other, "could not hash the model file"),
+                    }
+                });
             }
-        });
-    }
+            Ok(model)
+        })
+    })
 }
 
 /// Deletes retained request content past its tenant's retention, now and then periodically.

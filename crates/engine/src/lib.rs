@@ -43,11 +43,31 @@ pub enum EngineError {
     Template(#[from] TemplateError),
 }
 
-/// A model served locally: its weights, its chat template and its scheduler.
+/// A model served locally: its weights, its chat template, its scheduler, and the sampling
+/// defaults its configuration sets.
 pub struct LocalModel {
     pub backend: Arc<dyn Backend>,
     pub template: Option<ChatTemplate>,
     pub scheduler: Scheduler,
+    pub defaults: ModelDefaults,
+}
+
+/// Sampling parameters a model's configuration sets (as Ollama's Modelfile `PARAMETER`s do),
+/// used wherever a request leaves them unset.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDefaults {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<i64>,
+    /// Completion tokens when a request names no maximum (otherwise the rest of the context).
+    pub max_tokens: Option<i64>,
+    pub stop: Option<Vec<String>>,
 }
 
 impl LocalModel {
@@ -69,11 +89,18 @@ impl LocalModel {
             None => None,
         };
         let scheduler = Scheduler::start(backend.clone(), config)?;
-        Ok(LocalModel { backend, template, scheduler })
+        Ok(LocalModel { backend, template, scheduler, defaults: ModelDefaults::default() })
     }
 
     pub fn info(&self) -> &ModelInfo {
         self.backend.info()
+    }
+
+    /// Memory this model holds, estimated: its file (mapped weights) and its KV cache.
+    pub fn memory_bytes(&self) -> u64 {
+        let session = &self.scheduler.config().session;
+        let info = self.info();
+        info.file_size + info.kv_cache_bytes(session.n_sequences * session.ctx_per_sequence)
     }
 
     /// Renders a conversation with the model's chat template and tokenizes it.

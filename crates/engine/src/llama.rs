@@ -66,10 +66,13 @@ impl LlamaCppModel {
             eog.push(vocab.is_eog(token));
         }
         let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let architecture = meta("general.architecture").unwrap_or_else(|| "unknown".into());
+        let n_head = model.n_head();
+        let n_head_kv = model.n_head_kv();
         let info = ModelInfo {
             id: id.to_string(),
             path: path.to_path_buf(),
-            architecture: meta("general.architecture").unwrap_or_else(|| "unknown".into()),
+            architecture,
             name: meta("general.name"),
             n_params: model.n_params(),
             file_size,
@@ -81,6 +84,8 @@ impl LlamaCppModel {
             n_vocab,
             n_layer: model.n_layer(),
             n_embd: usize::try_from(model.n_embd()).unwrap_or(0),
+            n_head,
+            n_head_kv,
             chat_template: model.chat_template(None).ok().and_then(|t| t.to_string().ok()),
             bos_token: token_text(vocab.bos()),
             eos_token: token_text(vocab.eos()),

@@ -19,6 +19,9 @@ pub struct ModelInfo {
     pub n_vocab: usize,
     pub n_layer: u32,
     pub n_embd: usize,
+    /// Attention heads, and the key/value heads they share (fewer with grouped-query attention).
+    pub n_head: u32,
+    pub n_head_kv: u32,
     #[serde(skip)]
     pub chat_template: Option<String>,
     #[serde(skip)]
@@ -27,6 +30,16 @@ pub struct ModelInfo {
     pub eos_token: String,
     pub license: Option<String>,
     pub source: Option<String>,
+}
+
+impl ModelInfo {
+    /// Bytes of an F16 KV cache holding `cells` tokens (keys and values of every layer): what a
+    /// session of this model adds to the weights' memory.
+    pub fn kv_cache_bytes(&self, cells: usize) -> u64 {
+        let heads = u64::from(self.n_head.max(1));
+        let kv_width = self.n_embd as u64 * u64::from(self.n_head_kv.max(1)).min(heads) / heads;
+        2 * u64::from(self.n_layer) * cells as u64 * kv_width * 2
+    }
 }
 
 /// llama.cpp's `llama_ftype` numbers, as stored in `general.file_type`.

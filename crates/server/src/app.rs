@@ -12,7 +12,6 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use ferry_api::openai::{Model, ModelList};
 use ferry_engine::LocalModel;
 use serde_json::json;
 
@@ -42,7 +41,8 @@ pub struct AppState {
 pub type GatewayLoader = Arc<dyn Fn() -> Result<Option<ferry_gateway::Gateway>, String> + Send + Sync>;
 
 struct Inner {
-    models: Vec<Arc<LocalModel>>,
+    /// The local models: configured, loaded on demand, unloaded least-recently-used.
+    registry: Arc<crate::registry::Registry>,
     tenancy: Arc<crate::tenancy::Tenancy>,
     /// Swapped whole on reload; requests in flight keep the `Arc` they started with.
     gateway: RwLock<Option<Arc<ferry_gateway::Gateway>>>,
@@ -59,7 +59,7 @@ impl AppState {
     /// `loader` rebuilds the gateway from the config file on reload (SIGHUP,
     /// `POST /admin/v1/reload`); without one, reloading is refused.
     pub fn new(
-        models: Vec<Arc<LocalModel>>,
+        registry: Arc<crate::registry::Registry>,
         gateway: Option<Arc<ferry_gateway::Gateway>>,
         loader: Option<GatewayLoader>,
         http: HttpConfig,
@@ -71,7 +71,7 @@ impl AppState {
         let embeddings = std::sync::OnceLock::new();
         let metrics = std::sync::OnceLock::new();
         AppState {
-            inner: Arc::new(Inner { models, tenancy, gateway, loader, http, created, embeddings, metrics }),
+            inner: Arc::new(Inner { registry, tenancy, gateway, loader, http, created, embeddings, metrics }),
         }
     }
 
@@ -128,22 +128,24 @@ impl AppState {
         Ok(aliases)
     }
 
-    pub fn model(&self, id: &str) -> Result<Arc<LocalModel>, ApiError> {
+    /// The local model `id`, loaded first if it is on disk (the request waits for it).
+    pub async fn model(&self, id: &str) -> Result<Arc<LocalModel>, ApiError> {
         if let Some(service) = self.embeddings()
             && service.embedder().name() == id
         {
             return Err(crate::embeddings::not_generative(id));
         }
-        self.inner
-            .models
-            .iter()
-            .find(|m| m.info().id == id)
-            .cloned()
-            .ok_or_else(|| ApiError::ModelNotFound(id.to_string()))
+        self.inner.registry.get(id).await
     }
 
-    pub fn models(&self) -> &[Arc<LocalModel>] {
-        &self.inner.models
+    /// The local models, loaded or not.
+    pub fn registry(&self) -> &Arc<crate::registry::Registry> {
+        &self.inner.registry
+    }
+
+    /// When this server started (the `created` of its model cards).
+    pub(crate) fn created(&self) -> u64 {
+        self.inner.created
     }
 
     /// Identifies the build serving the answer (OpenAI's `system_fingerprint`).
@@ -167,8 +169,8 @@ pub fn app(state: AppState) -> Router {
     let limit = state.inner.http.max_body_bytes;
     // Every /v1 route needs a key once the server has keys, and is admitted and metered.
     let v1 = Router::new()
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{*id}", get(get_model))
+        .route("/v1/models", get(crate::models::list_models))
+        .route("/v1/models/{*id}", get(crate::models::get_model))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/responses", post(responses::responses))
@@ -185,6 +187,7 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::admin::routes())
         .merge(crate::ui::routes())
         .route("/admin/v1/reload", post(reload))
+        .route("/admin/v1/models/{*name}", post(crate::models::admin_model))
         .route("/metrics", get(crate::telemetry::render))
         .route("/openapi.json", get(crate::openapi::serve))
         .fallback(fallback)
@@ -228,9 +231,9 @@ struct Health {
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
 struct Ready {
-    /// Always `ready` (a server with no model answers 503).
+    /// Always `ready` (a server with no model and no alias answers 503).
     status: &'static str,
-    /// Generation models loaded.
+    /// Local generation models loaded now (others load on their first request).
     models: usize,
 }
 
@@ -243,104 +246,10 @@ async fn health() -> axum::Json<Health> {
 #[utoipa::path(get, path = "/ready", tag = "Operations", summary = "Readiness: a model is loaded", security(()),
     responses((status = 200, body = inline(Ready))))]
 async fn ready(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    if state.models().is_empty() && state.embeddings().is_none() {
-        return Err(ApiError::NotReady("no model is loaded".into()));
+    if state.registry().is_empty() && state.embeddings().is_none() && state.gateway().is_none() {
+        return Err(ApiError::NotReady("no model is configured".into()));
     }
-    Ok(axum::Json(Ready { status: "ready", models: state.models().len() }))
-}
-
-fn model_card(state: &AppState, model: &LocalModel) -> Model {
-    let info = model.info();
-    let config = model.scheduler.config();
-    let details = json!({
-        "architecture": info.architecture,
-        "parameters": info.n_params,
-        "quantization": info.quantization,
-        "file_size": info.file_size,
-        "context_length": config.session.ctx_per_sequence,
-        "parallel_sequences": config.session.n_sequences,
-        "has_chat_template": model.template.is_some(),
-        "license": info.license,
-        "source": info.source,
-        "name": info.name,
-        "n_layer": info.n_layer,
-        "n_embd": info.n_embd,
-        "n_vocab": info.n_vocab,
-        "n_ctx_train": info.n_ctx_train,
-        // Hashed in the background at start: null until that finishes.
-        "sha256": state.tenancy().model_sha256.read().ok().and_then(|s| s.get(&info.id).cloned()),
-        "state": "loaded",
-    });
-    Model {
-        id: info.id.clone(),
-        object: "model".into(),
-        created: state.inner.created,
-        owned_by: "ferry".into(),
-        details: serde_json::from_value(details).unwrap_or_default(),
-    }
-}
-
-#[utoipa::path(get, path = "/v1/models", tag = "OpenAI", summary = "List models",
-    responses((status = 200, body = ModelList)))]
-/// The models this caller may use: all of them, or those its key is limited to.
-async fn list_models(
-    State(state): State<AppState>,
-    axum::Extension(identity): axum::Extension<crate::tenancy::Identity>,
-) -> impl IntoResponse {
-    let mut data: Vec<Model> = state.models().iter().map(|m| model_card(&state, m)).collect();
-    data.extend(state.embeddings().map(|e| embeddings::model_card(e, state.inner.created)));
-    if let Some(gateway) = state.gateway().as_deref() {
-        let mut aliases: Vec<&str> = gateway.alias_names().collect();
-        aliases.sort_unstable();
-        data.extend(aliases.into_iter().map(|alias| Model {
-            id: alias.to_string(),
-            object: "model".into(),
-            created: state.inner.created,
-            owned_by: "ferry-gateway".into(),
-            details: Default::default(),
-        }));
-        let mut presets: Vec<_> = gateway.presets().collect();
-        presets.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        data.extend(presets.into_iter().map(|p| {
-            Model {
-                id: p.name.clone(),
-                object: "model".into(),
-                created: state.inner.created,
-                owned_by: "ferry-preset".into(),
-                details: serde_json::from_value(json!({
-                    "base": p.base,
-                    "description": p.description,
-                    "guardrail_policy": p.guardrail_policy,
-                }))
-                .unwrap_or_default(),
-            }
-        }));
-    }
-    if let Some(key) = &identity.key {
-        data.retain(|m| key.allows_model(&m.id));
-    }
-    axum::Json(ModelList { object: "list".into(), data })
-}
-
-#[utoipa::path(get, path = "/v1/models/{id}", tag = "OpenAI",
-    summary = "Retrieve a model, with its provenance (Ferry extensions)",
-    params(("id" = String, Path, description = "The model's id")),
-    responses((status = 200, body = Model)))]
-async fn get_model(
-    State(state): State<AppState>,
-    axum::Extension(identity): axum::Extension<crate::tenancy::Identity>,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    if identity.key.as_ref().is_some_and(|k| !k.allows_model(&id)) {
-        return Err(ApiError::ModelNotFound(id));
-    }
-    if let Some(service) = state.embeddings()
-        && service.embedder().name() == id
-    {
-        return Ok(axum::Json(embeddings::model_card(service, state.inner.created)));
-    }
-    let model = state.model(&id)?;
-    Ok(axum::Json(model_card(&state, &model)))
+    Ok(axum::Json(Ready { status: "ready", models: state.registry().loaded().len() }))
 }
 
 #[utoipa::path(get, path = "/v1/traces/{id}", tag = "Ferry",

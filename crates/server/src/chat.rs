@@ -58,7 +58,7 @@ pub async fn chat_completions(
     {
         return upstream(gateway, request, fields, cache_choice(&headers), client_model).await;
     }
-    let model = state.model(&request.model)?;
+    let model = state.model(&request.model).await?;
     local(state, model, request, fields, client_model).await
 }
 

@@ -35,7 +35,7 @@ pub async fn completions(
     let body = validate::parse_body(&body)?;
     let request: CompletionRequest = validate::parse_json(&body)?;
     let sampling_fields: SamplingFields = validate::parse_json(&body)?;
-    let model = state.model(&request.model)?;
+    let model = state.model(&request.model).await?;
     let sampling = validate::sampling(&sampling_fields, &model)?;
     let logprobs = match request.logprobs {
         None => None,

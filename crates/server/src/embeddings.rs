@@ -88,7 +88,7 @@ fn embedding_model(state: &AppState, id: &str) -> Result<EmbedService, ApiError>
     {
         return Ok(service.clone());
     }
-    let generative = state.models().iter().any(|m| m.info().id == id)
+    let generative = state.registry().contains(id)
         || state.gateway().is_some_and(|g| g.has_alias(id) || g.preset(id).is_some());
     if !generative {
         return Err(ApiError::ModelNotFound(id.to_string()));

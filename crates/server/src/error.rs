@@ -29,6 +29,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("The server is not ready: {0}")]
     NotReady(String),
+    /// A configured local model that could not be made ready in time (loading, or failed to load).
+    #[error("{0}")]
+    ModelUnavailable(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -93,6 +96,12 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), None)
             }
             NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready"), None),
+            ModelUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("model_unavailable"),
+                Some("model".into()),
+            ),
             Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", Some("forbidden"), None),
             Unauthorized(_) => {
                 (StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), None)
@@ -208,6 +217,9 @@ impl IntoResponse for ApiError {
             && let Ok(value) = HeaderValue::from_str(&retry_after.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        if let ApiError::ModelUnavailable(_) = &self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         if let ApiError::RateLimited { headers, .. } = &self {
             response.headers_mut().extend((**headers).clone());

@@ -378,7 +378,7 @@ pub async fn explanations(
     let body = read_body(body, &state)?;
     let body = crate::validate::parse_body(&body)?;
     let request: ExplainRequest = crate::validate::parse_json(&body)?;
-    let model = state.model(&request.model)?;
+    let model = state.model(&request.model).await?;
     let (messages, completion) = match (&request.request_id, request.messages, request.completion) {
         (Some(id), None, None) => retained(&state, &identity, id).await?,
         (None, Some(messages), Some(completion)) => (messages, completion),

@@ -15,9 +15,11 @@ mod generation;
 mod guard;
 mod limits;
 mod messages;
+mod models;
 pub mod openapi;
 pub mod otel;
 mod presets;
+pub mod registry;
 mod responses;
 pub mod telemetry;
 pub mod tenancy;
@@ -26,4 +28,5 @@ mod ui;
 mod validate;
 
 pub use app::{AppState, GatewayLoader, HttpConfig, app};
+pub use registry::{Loader, ModelSpec, Registry, RegistryLimits};
 pub use tenancy::{Price, Tenancy};

@@ -150,7 +150,7 @@ pub async fn messages(
     {
         return upstream(gateway, request, crate::chat::cache_choice(&headers)).await;
     }
-    let model = state.model(&request.model)?;
+    let model = state.model(&request.model).await?;
     refuse_tools(&request.tools)?;
     let messages = conversation(request.system.as_ref(), &request.messages)?;
     if let Some(t) = request.temperature
@@ -428,7 +428,7 @@ pub async fn count_tokens(
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
     let request: CountTokensRequest = validate::parse_json(&body)?;
-    let model: SharedModel = state.model(&request.model)?;
+    let model: SharedModel = state.model(&request.model).await?;
     refuse_tools(&request.tools)?;
     let messages = conversation(request.system.as_ref(), &request.messages)?;
     let prompt = generation::chat_prompt(&model, messages).await?;

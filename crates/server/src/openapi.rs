@@ -30,8 +30,9 @@ use utoipa::{Modify, OpenApi, ToSchema};
         crate::completions::completions,
         crate::responses::responses,
         crate::embeddings::embeddings,
-        crate::app::list_models,
-        crate::app::get_model,
+        crate::models::list_models,
+        crate::models::get_model,
+        crate::models::admin_model,
         crate::messages::messages,
         crate::messages::count_tokens,
         crate::explain::explanations,
@@ -198,7 +199,7 @@ fn add_errors(operation: &mut Operation, path: &str, anthropic: bool, public: bo
             ("403", "The key may not do this (role, or a model it is not allowed)"),
             ("404", "No such model, route or record (also for another tenant's)"),
             ("413", "The body is larger than the server's limit"),
-            ("503", "The server is not ready"),
+            ("503", "The server is not ready, or the model could not be loaded in time (see `Retry-After`)"),
         ]);
     }
     if path.starts_with("/v1/") {
@@ -210,6 +211,9 @@ fn add_errors(operation: &mut Operation, path: &str, anthropic: bool, public: bo
     }
     if path.starts_with("/admin/") {
         statuses.push(("409", "The change conflicts with what is stored"));
+    }
+    if path.starts_with("/admin/v1/models/") {
+        statuses.push(("429", "Too many requests are already waiting for this model to load"));
     }
     for (status, description) in statuses {
         if operation.responses.responses.contains_key(status) {

@@ -206,7 +206,7 @@ pub async fn responses(
     {
         return upstream(gateway, &request, messages, envelope).await;
     }
-    let model = state.model(&request.model)?;
+    let model = state.model(&request.model).await?;
     let fields = SamplingFields {
         temperature: request.temperature,
         top_p: request.top_p,

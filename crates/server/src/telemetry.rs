@@ -97,9 +97,18 @@ pub async fn render(
         return Err(ApiError::NotReady("metrics are not recorded by this server".into()));
     };
     // Gauges read at scrape time.
-    gauge!("ferry_loaded_models").set(state.models().len() as f64);
-    for model in state.models() {
-        let id = model.info().id.clone();
+    let models = state.registry().list();
+    gauge!("ferry_loaded_models").set(models.iter().filter(|m| m.model.is_some()).count() as f64);
+    for status in &models {
+        let id = status.spec.name.clone();
+        gauge!("ferry_model_loaded", "model" => id.clone()).set(f64::from(u8::from(status.model.is_some())));
+        let Some(model) = &status.model else {
+            // An unloaded model holds no sequences and no cache.
+            for name in ["ferry_queue_depth", "ferry_running_sequences", "ferry_kv_cache_tokens"] {
+                gauge!(name, "model" => id.clone()).set(0.0);
+            }
+            continue;
+        };
         let stats = model.scheduler.stats();
         use std::sync::atomic::Ordering::Relaxed;
         gauge!("ferry_queue_depth", "model" => id.clone()).set(stats.waiting.load(Relaxed) as f64);

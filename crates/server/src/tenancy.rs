@@ -78,7 +78,7 @@ pub struct Tenancy {
     /// Whether usage records and traces are written (on unless `--no-metering`).
     pub metering: bool,
     /// The sha256 of each local model file by model id, filled in after loading.
-    pub model_sha256: std::sync::RwLock<HashMap<String, String>>,
+    pub model_sha256: Arc<std::sync::RwLock<HashMap<String, String>>>,
     /// On when an admin key exists; until then the server is a single local user's.
     auth_required: AtomicBool,
     keys: Mutex<HashMap<String, Arc<KeyContext>>>,

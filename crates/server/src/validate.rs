@@ -75,7 +75,26 @@ fn check_range(param: &str, value: Option<f64>, min: f64, max: f64) -> Result<()
     }
 }
 
+/// The request's sampling fields, with the model's configured defaults where it sets none.
+fn with_defaults(fields: &SamplingFields, model: &LocalModel) -> SamplingFields {
+    let d = &model.defaults;
+    let mut fields = fields.clone();
+    fields.temperature = fields.temperature.or(d.temperature);
+    fields.top_p = fields.top_p.or(d.top_p);
+    fields.top_k = fields.top_k.or(d.top_k);
+    fields.min_p = fields.min_p.or(d.min_p);
+    fields.repetition_penalty = fields.repetition_penalty.or(d.repetition_penalty);
+    fields.presence_penalty = fields.presence_penalty.or(d.presence_penalty);
+    fields.frequency_penalty = fields.frequency_penalty.or(d.frequency_penalty);
+    fields.seed = fields.seed.or(d.seed);
+    if fields.stop.is_none() {
+        fields.stop = d.stop.clone().map(ferry_api::openai::Stop::Many);
+    }
+    fields
+}
+
 pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSampling, ApiError> {
+    let fields = &with_defaults(fields, model);
     check_range("temperature", fields.temperature, 0.0, 2.0)?;
     check_range("top_p", fields.top_p, 0.0, 1.0)?;
     check_range("min_p", fields.min_p, 0.0, 1.0)?;
@@ -170,7 +189,10 @@ pub fn max_tokens(
             completion: completion.unwrap_or(1),
         });
     }
-    Ok(completion.unwrap_or(ctx - prompt_len))
+    // The model's configured default, where the request names none, within what is left.
+    let rest = ctx - prompt_len;
+    let default = model.defaults.max_tokens.and_then(|m| usize::try_from(m).ok()).filter(|&m| m > 0);
+    Ok(completion.unwrap_or_else(|| default.map_or(rest, |m| m.min(rest))))
 }
 
 /// The conversation of a chat request in the template's terms.
