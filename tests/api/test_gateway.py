@@ -22,13 +22,16 @@ def dead_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
-def gateway(tmp_path, providers, aliases, extra="", env=None):
-    """A Ferry whose config routes aliases to `providers`: name -> url, or name -> (kind, url)."""
+def gateway(tmp_path, providers, aliases, extra="", env=None, real=()):
+    """A Ferry whose config routes aliases to `providers`: name -> url, or name -> (kind, url).
+    Mocks answer at once (3 s to the first byte is plenty); the providers named in `real` are a
+    real Ferry computing its answers on a shared machine, and get 60 s."""
     lines = [extra]
     for name, url in providers.items():
         kind, url = url if isinstance(url, tuple) else ("openai", url)
+        first_byte = 60000 if name in real else 3000
         lines += [f"[providers.{name}]", f'kind = "{kind}"', f'base_url = "{url}"', "api_key_env = \"MOCK_KEY\"",
-                  "first_byte_timeout_ms = 3000", ""]
+                  f"first_byte_timeout_ms = {first_byte}", ""]
     for alias in aliases:
         targets = ", ".join(f'{{ provider = "{p}", model = "{m}" }}' for p, m in alias["targets"])
         lines += ["[[aliases]]", f'name = "{alias["name"]}"', f'retries = {alias.get("retries", 1)}',
@@ -49,7 +52,7 @@ def mock():
 
 
 def test_ferry_chained_behind_ferry(server, client, tmp_path):
-    b = gateway(tmp_path, {"a": server.url + "/v1"}, [{"name": "chained", "targets": [("a", MODEL_ID)]}])
+    b = gateway(tmp_path, {"a": server.url + "/v1"}, [{"name": "chained", "targets": [("a", MODEL_ID)]}], real=("a",))
     try:
         via = b.client(max_retries=0)
         assert "chained" in [m.id for m in via.models.list().data]
@@ -289,7 +292,7 @@ def test_anthropic_sdk_through_aliases(server, tmp_path):
     upstream = MockUpstream("anthropic")
     b = gateway(tmp_path, {"a": server.url + "/v1", "claude": ("anthropic", upstream.url)},
                 [{"name": "chained", "targets": [("a", MODEL_ID)]},
-                 {"name": "claude-alias", "targets": [("claude", "claude-sonnet-4-5")]}])
+                 {"name": "claude-alias", "targets": [("claude", "claude-sonnet-4-5")]}], real=("a",))
     try:
         claude = anthropic.Anthropic(base_url=b.url, api_key="unused", max_retries=0)
         direct = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
@@ -359,6 +362,61 @@ def test_exact_response_cache(mock, tmp_path):
         httpx.post(b.url + "/v1/messages", json=anthropic_body, timeout=30)
         r = httpx.post(b.url + "/v1/messages", json=anthropic_body, timeout=30)
         assert r.headers["x-ferry-cache"] == "hit" and r.json()["content"][0]["text"] == "Hello from the mock."
+    finally:
+        b.stop()
+
+
+def test_streamed_answers_are_cached_and_replayed(mock, tmp_path):
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "cached", "cache_ttl_s": 60, "targets": [("m", "x")]}])
+    try:
+        client = b.client(max_retries=0)
+
+        def streamed(**extra):
+            raw = client.chat.completions.with_raw_response.create(
+                model="cached", messages=HELLO, stream=True, stream_options={"include_usage": True}, **extra
+            )
+            chunks = list(raw.parse())
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            usage = [c.usage.model_dump() for c in chunks if c.usage]
+            return raw.headers.get("x-ferry-cache"), text, finish, usage
+
+        first = streamed()
+        calls = len(mock.requests)
+        again = streamed()
+        assert first[0] is None and again[0] == "hit"
+        assert again[1:] == first[1:] and first[1], "the same deltas, finish reason and usage"
+        assert len(mock.requests) == calls, "a hit costs no upstream call"
+        # A plain request is cached apart from the stream, and a stream can opt out.
+        plain = client.chat.completions.with_raw_response.create(model="cached", messages=HELLO)
+        assert plain.headers.get("x-ferry-cache") is None and len(mock.requests) == calls + 1
+        assert streamed(extra_headers={"x-ferry-cache": "off"})[0] is None
+        assert len(mock.requests) == calls + 2
+        # Anthropic's dialect streams from the same cache (its own request, its own entry).
+        body = {"model": "cached", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+        first = httpx.post(b.url + "/v1/messages", json=body, timeout=30)
+        again = httpx.post(b.url + "/v1/messages", json=body, timeout=30)
+        assert "x-ferry-cache" not in first.headers and again.headers["x-ferry-cache"] == "hit"
+        text = lambda r: "".join(  # noqa: E731
+            json.loads(line[6:]).get("delta", {}).get("text", "") for line in r.text.splitlines() if line.startswith("data: ")
+        )
+        assert text(again) == text(first) and text(first).startswith("Hello from the mock.")
+    finally:
+        b.stop()
+
+
+def test_a_failed_stream_is_not_cached(mock, tmp_path):
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "cached", "cache_ttl_s": 60, "retries": 0,
+                                             "targets": [("m", "x")]}])
+    try:
+        body = {"model": "cached", "messages": HELLO, "stream": True}
+        mock.script.append(("error", 503, {"error": {"message": "overloaded", "type": "server_error"}}, {}))
+        failed = httpx.post(b.url + "/v1/chat/completions", json=body, timeout=30)
+        assert failed.status_code == 503
+        ok = httpx.post(b.url + "/v1/chat/completions", json=body, timeout=30)
+        assert ok.status_code == 200 and "x-ferry-cache" not in ok.headers
+        hit = httpx.post(b.url + "/v1/chat/completions", json=body, timeout=30)
+        assert hit.headers["x-ferry-cache"] == "hit" and hit.text.count("data: ") == ok.text.count("data: ")
     finally:
         b.stop()
 
@@ -462,7 +520,7 @@ def test_presets(server, tmp_path):
 
 
 def test_responses_api_through_an_alias(server, client, tmp_path):
-    b = gateway(tmp_path, {"a": server.url + "/v1"}, [{"name": "chained", "targets": [("a", MODEL_ID)]}])
+    b = gateway(tmp_path, {"a": server.url + "/v1"}, [{"name": "chained", "targets": [("a", MODEL_ID)]}], real=("a",))
     try:
         via = b.client(max_retries=0)
         kwargs = dict(instructions="You are a helpful assistant.", input="What is the capital of France?",

@@ -1,16 +1,25 @@
-//! The exact response cache: answers keyed on the normalised request (alias plus the whole
-//! neutral request), kept for a TTL within a memory bound, oldest evicted first. A hit costs
-//! no upstream call.
+//! The exact response cache: answers keyed on the normalised request (alias, whether it
+//! streams, and the whole neutral request), kept for a TTL within a memory bound, oldest
+//! evicted first. A plain answer is kept whole; a streamed one as its events, replayed in
+//! order. A hit costs no upstream call.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_providers::{ChatRequest, ChatResponse};
+use ferry_providers::{ChatEvent, ChatRequest, ChatResponse};
 use sha2::{Digest, Sha256};
 
+/// What a hit gives back.
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum Cached {
+    Response(ChatResponse),
+    /// A complete stream (it ended with every choice finished), in order.
+    Events(Vec<ChatEvent>),
+}
+
 struct Entry {
-    response: ChatResponse,
+    response: Cached,
     expires: Instant,
     bytes: usize,
 }
@@ -35,15 +44,15 @@ impl ResponseCache {
 
     /// The key of a request to an alias. The neutral request serialises its fields in a fixed
     /// order, so equal requests give equal keys whatever the client's JSON looked like.
-    pub fn key(alias: &str, request: &ChatRequest) -> [u8; 32] {
+    pub fn key(alias: &str, request: &ChatRequest, stream: bool) -> [u8; 32] {
         let mut hasher = Sha256::new();
         hasher.update(alias.as_bytes());
-        hasher.update([0]);
+        hasher.update([0, u8::from(stream)]);
         hasher.update(serde_json::to_vec(request).unwrap_or_default());
         hasher.finalize().into()
     }
 
-    pub fn get(&self, key: &[u8; 32]) -> Option<ChatResponse> {
+    pub fn get(&self, key: &[u8; 32]) -> Option<Cached> {
         let mut inner = self.inner.lock().ok()?;
         match inner.entries.get(key) {
             Some(entry) if entry.expires > Instant::now() => Some(entry.response.clone()),
@@ -57,7 +66,7 @@ impl ResponseCache {
         }
     }
 
-    pub fn put(&self, key: [u8; 32], response: &ChatResponse, ttl: Duration) {
+    pub fn put(&self, key: [u8; 32], response: &Cached, ttl: Duration) {
         let bytes = serde_json::to_vec(response).map(|v| v.len()).unwrap_or(0) + 64;
         if bytes > self.max_bytes {
             return;
@@ -99,22 +108,29 @@ mod tests {
         }
     }
 
-    fn response(text: &str) -> ChatResponse {
-        ChatResponse { id: text.into(), model: "m".into(), choices: vec![], usage: Usage::default() }
+    fn response(text: &str) -> Cached {
+        Cached::Response(ChatResponse {
+            id: text.into(),
+            model: "m".into(),
+            choices: vec![],
+            usage: Usage::default(),
+        })
     }
 
     #[test]
     fn hits_expire_and_the_bound_evicts_the_oldest() {
         let cache = ResponseCache::new(400);
-        let (a, b) = (ResponseCache::key("x", &request("a")), ResponseCache::key("x", &request("b")));
-        assert_ne!(a, ResponseCache::key("y", &request("a")));
+        let (a, b) =
+            (ResponseCache::key("x", &request("a"), false), ResponseCache::key("x", &request("b"), false));
+        assert_ne!(a, ResponseCache::key("y", &request("a"), false));
+        assert_ne!(a, ResponseCache::key("x", &request("a"), true), "a stream is kept apart");
         cache.put(a, &response("A"), Duration::from_secs(60));
-        assert_eq!(cache.get(&a).map(|r| r.id), Some("A".into()));
+        assert!(matches!(cache.get(&a), Some(Cached::Response(r)) if r.id == "A"));
         cache.put(b, &response("B"), Duration::from_millis(0));
         assert!(cache.get(&b).is_none(), "expired");
         for i in 0..20 {
             cache.put(
-                ResponseCache::key("x", &request(&i.to_string())),
+                ResponseCache::key("x", &request(&i.to_string()), false),
                 &response("filler"),
                 Duration::from_secs(60),
             );

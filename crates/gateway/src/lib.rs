@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use ferry_providers::anthropic::AnthropicProvider;
 use ferry_providers::gemini::GeminiProvider;
 use ferry_providers::openai::OpenAiProvider;
-use ferry_providers::{ChatRequest, ChatResponse, EventStream, Provider, ProviderError, Timeouts};
+use ferry_providers::{ChatEvent, ChatRequest, ChatResponse, EventStream, Provider, ProviderError, Timeouts};
+use futures::StreamExt;
 use futures::future::BoxFuture;
 
 pub use config::{
@@ -107,7 +108,7 @@ pub struct Gateway {
     presets: HashMap<String, PresetConfig>,
     reliability: Reliability,
     counter: AtomicU64,
-    cache: cache::ResponseCache,
+    cache: Arc<cache::ResponseCache>,
     /// TTL of entries cached because a request asked for it.
     request_cache_ttl: Duration,
 }
@@ -181,7 +182,7 @@ impl Gateway {
             presets,
             reliability,
             counter: AtomicU64::new(0),
-            cache: cache::ResponseCache::new(config.cache_max_bytes),
+            cache: Arc::new(cache::ResponseCache::new(config.cache_max_bytes)),
             request_cache_ttl: Duration::from_secs(config.cache_ttl_s),
         })
     }
@@ -202,6 +203,17 @@ impl Gateway {
         self.presets.values()
     }
 
+    /// How long an answer for `alias` is cached: the request's own choice (`x-ferry-cache`)
+    /// first, then the alias's.
+    fn cache_ttl(&self, alias: &str, use_cache: Option<bool>) -> Option<Duration> {
+        let alias_ttl = self.aliases.get(alias).and_then(|a| a.cache_ttl);
+        match use_cache {
+            Some(false) => None,
+            Some(true) => Some(alias_ttl.unwrap_or(self.request_cache_ttl)),
+            None => alias_ttl,
+        }
+    }
+
     /// A plain answer. `use_cache` is the request's own choice (`None`: the alias decides).
     pub async fn chat(
         &self,
@@ -209,30 +221,64 @@ impl Gateway {
         request: ChatRequest,
         use_cache: Option<bool>,
     ) -> Result<Routed<ChatResponse>, GatewayError> {
-        let alias_ttl = self.aliases.get(alias).and_then(|a| a.cache_ttl);
-        let ttl = match use_cache {
-            Some(false) => None,
-            Some(true) => Some(alias_ttl.unwrap_or(self.request_cache_ttl)),
-            None => alias_ttl,
-        };
-        let Some(ttl) = ttl else {
+        let Some(ttl) = self.cache_ttl(alias, use_cache) else {
             return self.route(alias, request, |provider, request| provider.chat(request)).await;
         };
-        let key = cache::ResponseCache::key(alias, &request);
-        if let Some(value) = self.cache.get(&key) {
+        let key = cache::ResponseCache::key(alias, &request, false);
+        if let Some(cache::Cached::Response(value)) = self.cache.get(&key) {
             return Ok(Routed { value, route: Route { cache_hit: true, ..Route::default() } });
         }
         let routed = self.route(alias, request, |provider, request| provider.chat(request)).await?;
-        self.cache.put(key, &routed.value, ttl);
+        self.cache.put(key, &cache::Cached::Response(routed.value.clone()), ttl);
         Ok(routed)
     }
 
+    /// A streamed answer. With the cache on, a hit replays a stream recorded earlier; a miss
+    /// is recorded as it passes and kept only if it ends with every choice finished (a stream
+    /// cut short by an error or by the client is never kept).
     pub async fn chat_stream(
         &self,
         alias: &str,
         request: ChatRequest,
+        use_cache: Option<bool>,
     ) -> Result<Routed<EventStream>, GatewayError> {
-        self.route(alias, request, |provider, request| provider.chat_stream(request)).await
+        let Some(ttl) = self.cache_ttl(alias, use_cache) else {
+            return self.route(alias, request, |provider, request| provider.chat_stream(request)).await;
+        };
+        let key = cache::ResponseCache::key(alias, &request, true);
+        if let Some(cache::Cached::Events(events)) = self.cache.get(&key) {
+            let replay = futures::stream::iter(events.into_iter().map(Ok));
+            return Ok(Routed {
+                value: Box::pin(replay),
+                route: Route { cache_hit: true, ..Route::default() },
+            });
+        }
+        let routed = self.route(alias, request, |provider, request| provider.chat_stream(request)).await?;
+        let cache = self.cache.clone();
+        let recorded = Arc::new(Mutex::new(Some(Vec::new())));
+        let tape = recorded.clone();
+        let events = routed.value.inspect(move |event| {
+            let Ok(mut tape) = tape.lock() else { return };
+            match (event, tape.as_mut()) {
+                (Ok(event), Some(events)) => events.push(event.clone()),
+                (Err(_), _) => *tape = None,
+                _ => {}
+            }
+        });
+        let keep = futures::stream::once(async move {
+            let events = recorded.lock().ok().and_then(|mut r| r.take()).unwrap_or_default();
+            let finished: std::collections::HashSet<u32> = events
+                .iter()
+                .filter_map(|e| if let ChatEvent::Finish { choice, .. } = e { Some(*choice) } else { None })
+                .collect();
+            let choices: std::collections::HashSet<u32> = events.iter().filter_map(event_choice).collect();
+            if !finished.is_empty() && choices.is_subset(&finished) {
+                cache.put(key, &cache::Cached::Events(events), ttl);
+            }
+            None
+        })
+        .filter_map(futures::future::ready);
+        Ok(Routed { value: Box::pin(events.chain(keep)), route: routed.route })
     }
 
     /// Targets in the order to try them.
@@ -351,5 +397,15 @@ impl Gateway {
             }
             c.open_until = Some(Instant::now() + self.reliability.open_for);
         }
+    }
+}
+
+/// The choice an event belongs to (usage belongs to none).
+fn event_choice(event: &ChatEvent) -> Option<u32> {
+    match event {
+        ChatEvent::Text { choice, .. }
+        | ChatEvent::ToolCall { choice, .. }
+        | ChatEvent::Finish { choice, .. } => Some(*choice),
+        ChatEvent::Usage(_) => None,
     }
 }

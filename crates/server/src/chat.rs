@@ -208,7 +208,7 @@ async fn upstream(
     let neutral = translate::from_openai_chat(&request, &fields)?;
     let id = request_id("chatcmpl");
     if request.stream {
-        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral).await?;
+        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral, use_cache).await?;
         let n = fields.n.unwrap_or(1).max(1) as usize;
         let include_usage = include_usage(&request);
         let mut response = stream(routed.value, n, id, display_model, include_usage).into_response();

@@ -130,14 +130,17 @@ pub async fn chat_stream(
     gateway: &Gateway,
     alias: &str,
     mut request: ChatRequest,
+    use_cache: Option<bool>,
 ) -> Result<Routed<EventStream>, ApiError> {
     let policy = policy();
     let redactor = match &policy {
         Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
-    let routed =
-        gateway.chat_stream(alias, request).await.inspect_err(|_| crate::telemetry::upstream_error(alias))?;
+    let routed = gateway
+        .chat_stream(alias, request, use_cache)
+        .await
+        .inspect_err(|_| crate::telemetry::upstream_error(alias))?;
     let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
     let value = match (policy, redactor) {
         (Some(policy), Some(redactor)) if policy.apply_to_responses => {

@@ -204,8 +204,10 @@ async fn upstream(
     let neutral = translate::from_anthropic(&request)?;
     let id = request_id("msg");
     if request.stream {
-        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral).await?;
-        return Ok(upstream_stream(routed.value, id, request.model).into_response());
+        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral, use_cache).await?;
+        let mut response = upstream_stream(routed.value, id, request.model).into_response();
+        crate::chat::route_headers(&mut response, &routed.route);
+        return Ok(response);
     }
     let routed = crate::guard::chat(&gateway, &request.model, neutral, use_cache).await?;
     let route = routed.route;

@@ -268,7 +268,7 @@ async fn upstream(
         response_format: None,
     };
     if request.stream {
-        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral).await?;
+        let routed = crate::guard::chat_stream(&gateway, &request.model, neutral, None).await?;
         return Ok(stream(routed.value, envelope).into_response());
     }
     let routed = crate::guard::chat(&gateway, &request.model, neutral, None).await?;
