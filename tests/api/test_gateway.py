@@ -515,6 +515,24 @@ def test_presets(server, tmp_path):
                                                 messages=[{"role": "system", "content": "Answer in French."}, *ask])
         assert alone.usage.completion_tokens <= 4
         assert joined.usage.prompt_tokens > alone.usage.prompt_tokens
+        # The Responses and Messages dialects apply the same preset.
+        answer = client.responses.create(model="smart-home-control", input=ask[0]["content"])
+        assert answer.model == "smart-home-control" and answer.instructions is None
+        assert answer.output_text == base.choices[0].message.content
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="smart-home-control", input="hi", temperature=0.9)
+        assert e.value.param == "temperature"
+        anthropic_body = {"model": "smart-home-control", "max_tokens": 24, "messages": ask}
+        r = httpx.post(s.url + "/v1/messages", json=anthropic_body, timeout=120)
+        assert r.status_code == 200 and r.json()["model"] == "smart-home-control"
+        assert r.json()["content"][0]["text"] == base.choices[0].message.content
+        assert r.json()["usage"]["input_tokens"] == base.usage.prompt_tokens
+        r = httpx.post(s.url + "/v1/messages", json={**anthropic_body, "temperature": 0.9}, timeout=120)
+        assert r.status_code == 400 and "locked" in r.json()["error"]["message"]
+        # Legacy completions have no system prompt to carry a preset: refused by name.
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="smart-home-control", prompt="hi")
+        assert e.value.param == "model" and "/v1/chat/completions" in e.value.message
     finally:
         s.stop()
 

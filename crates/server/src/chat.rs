@@ -46,11 +46,7 @@ pub async fn chat_completions(
         && let Some(preset) = gateway.preset(&request.model)
     {
         crate::presets::apply(preset, &mut request, &mut fields)?;
-        if let Some(name) = &preset.guardrail_policy
-            && let Some(meter) = crate::tenancy::current()
-        {
-            meter.tighten(&state.tenancy().policy(name)?);
-        }
+        crate::presets::tighten_policy(&state, preset)?;
     }
     // A preset answers under its own name, as the client asked for it.
     if let Some(gateway) = state.gateway()

@@ -35,6 +35,18 @@ pub async fn completions(
     let body = validate::parse_body(&body)?;
     let request: CompletionRequest = validate::parse_json(&body)?;
     let sampling_fields: SamplingFields = validate::parse_json(&body)?;
+    if let Some(gateway) = state.gateway()
+        && (gateway.has_alias(&request.model) || gateway.preset(&request.model).is_some())
+    {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "'{}' is a gateway alias or preset: legacy completions are served by local models only; \
+                 use /v1/chat/completions, /v1/responses or /v1/messages for it",
+                request.model
+            ),
+        ));
+    }
     let model = state.model(&request.model).await?;
     let sampling = validate::sampling(&sampling_fields, &model)?;
     let logprobs = match request.logprobs {

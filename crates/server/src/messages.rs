@@ -144,11 +144,18 @@ pub async fn messages(
 ) -> Result<Response, AnthropicError> {
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
-    let request: MessagesRequest = validate::parse_json(&body)?;
+    let mut request: MessagesRequest = validate::parse_json(&body)?;
+    let client_model = request.model.clone();
+    if let Some(gateway) = state.gateway()
+        && let Some(preset) = gateway.preset(&request.model)
+    {
+        crate::presets::apply_messages(preset, &mut request)?;
+        crate::presets::tighten_policy(&state, preset)?;
+    }
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(gateway, request, crate::chat::cache_choice(&headers)).await;
+        return upstream(gateway, request, crate::chat::cache_choice(&headers), client_model).await;
     }
     let model = state.model(&request.model).await?;
     refuse_tools(&request.tools)?;
@@ -177,7 +184,7 @@ pub async fn messages(
     )?;
     let id = request_id("msg");
     if request.stream {
-        return Ok(stream(submitted, id, request.model, input_tokens).into_response());
+        return Ok(stream(submitted, id, client_model, input_tokens).into_response());
     }
     let collected = generation::collect(submitted).await?;
     let choice = collected.choices.into_iter().next().unwrap_or_default();
@@ -185,7 +192,7 @@ pub async fn messages(
         id,
         kind: "message".into(),
         role: "assistant".into(),
-        model: request.model,
+        model: client_model,
         content: vec![ResponseBlock::Text { text: choice.text }],
         stop_reason: choice.finish_reason.map(|r| stop_reason(r, choice.stop_sequence.as_deref()).into()),
         stop_sequence: choice.stop_sequence,
@@ -200,12 +207,13 @@ async fn upstream(
     gateway: Arc<Gateway>,
     request: MessagesRequest,
     use_cache: Option<bool>,
+    display_model: String,
 ) -> Result<Response, AnthropicError> {
     let neutral = translate::from_anthropic(&request)?;
     let id = request_id("msg");
     if request.stream {
         let routed = crate::guard::chat_stream(&gateway, &request.model, neutral, use_cache).await?;
-        let mut response = upstream_stream(routed.value, id, request.model).into_response();
+        let mut response = upstream_stream(routed.value, id, display_model).into_response();
         crate::chat::route_headers(&mut response, &routed.route);
         return Ok(response);
     }
@@ -230,7 +238,7 @@ async fn upstream(
         id,
         kind: "message".into(),
         role: "assistant".into(),
-        model: request.model,
+        model: display_model,
         content,
         stop_reason: Some(reason.into()),
         stop_sequence: None,

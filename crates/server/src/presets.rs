@@ -3,7 +3,9 @@
 //! set nothing, and its locked parameters enforced (a client asking otherwise gets a 400
 //! naming the parameter).
 
+use ferry_api::anthropic::{ContentBlock, MessagesRequest, SystemPrompt};
 use ferry_api::openai::{ChatCompletionRequest, ChatMessage, MessageContent, SamplingFields, Stop};
+use ferry_api::responses::ResponsesRequest;
 use ferry_gateway::{PresetConfig, PresetParams};
 
 use crate::error::ApiError;
@@ -44,6 +46,91 @@ pub fn apply(
     if max_tokens_slot != max_tokens {
         request.max_tokens = max_tokens_slot;
         request.max_completion_tokens = None;
+    }
+    Ok(())
+}
+
+/// A preset named in Anthropic's Messages dialect: its system prompt before the client's, and
+/// its parameters where Messages has them (`temperature`, `top_p`, `stop_sequences`,
+/// `max_tokens`, which that dialect always sets). Penalties and `seed` have no field there.
+pub fn apply_messages(preset: &PresetConfig, request: &mut MessagesRequest) -> Result<(), ApiError> {
+    request.model = preset.base.clone();
+    if let Some(system) = &preset.system_prompt {
+        request.system = Some(match request.system.take() {
+            Some(SystemPrompt::Text(client)) if !client.is_empty() => {
+                SystemPrompt::Text(format!("{system}\n\n{client}"))
+            }
+            Some(SystemPrompt::Blocks(mut blocks)) if !blocks.is_empty() => {
+                blocks.insert(0, text_block(system));
+                SystemPrompt::Blocks(blocks)
+            }
+            _ => SystemPrompt::Text(system.clone()),
+        });
+    }
+    let mut fields = SamplingFields {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        stop: request.stop_sequences.clone().map(Stop::Many),
+        ..SamplingFields::default()
+    };
+    let mut max_tokens = Some(request.max_tokens);
+    apply_params(&preset.name, &preset.locked, &mut fields, &mut max_tokens, true)?;
+    apply_params(&preset.name, &preset.defaults, &mut fields, &mut max_tokens, false)?;
+    request.temperature = fields.temperature;
+    request.top_p = fields.top_p;
+    request.stop_sequences = fields.stop.map(Stop::into_vec);
+    request.max_tokens = max_tokens.unwrap_or(request.max_tokens);
+    Ok(())
+}
+
+/// A preset named in the Responses dialect: its system prompt before the client's
+/// `instructions`, and its parameters. Those Responses has fields for (`temperature`,
+/// `top_p`, `max_output_tokens`) are set on the request; the sampling fields returned carry
+/// them and the rest (`stop`, `seed`, penalties) to the model or upstream.
+pub fn apply_responses(
+    preset: &PresetConfig,
+    request: &mut ResponsesRequest,
+) -> Result<SamplingFields, ApiError> {
+    request.model = preset.base.clone();
+    if let Some(system) = &preset.system_prompt {
+        request.instructions = Some(match request.instructions.take() {
+            Some(client) if !client.is_empty() => format!("{system}\n\n{client}"),
+            _ => system.clone(),
+        });
+    }
+    let mut fields = SamplingFields {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        ..SamplingFields::default()
+    };
+    let mut max_tokens = request.max_output_tokens;
+    apply_params(&preset.name, &preset.locked, &mut fields, &mut max_tokens, true)?;
+    apply_params(&preset.name, &preset.defaults, &mut fields, &mut max_tokens, false)?;
+    request.temperature = fields.temperature;
+    request.top_p = fields.top_p;
+    request.max_output_tokens = max_tokens;
+    Ok(fields)
+}
+
+fn text_block(text: &str) -> ContentBlock {
+    ContentBlock {
+        kind: "text".into(),
+        text: Some(text.to_string()),
+        source: None,
+        id: None,
+        name: None,
+        input: None,
+        tool_use_id: None,
+        content: None,
+    }
+}
+
+/// The preset's guardrail policy tightens the request's (a preset never loosens one).
+pub fn tighten_policy(state: &crate::app::AppState, preset: &PresetConfig) -> Result<(), ApiError> {
+    if let Some(name) = &preset.guardrail_policy
+        && let Some(meter) = crate::tenancy::current()
+    {
+        meter.tighten(&state.tenancy().policy(name)?);
     }
     Ok(())
 }

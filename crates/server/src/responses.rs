@@ -188,14 +188,29 @@ pub async fn responses(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
-    let request: ResponsesRequest = validate::parse_json(&body)?;
+    let mut request: ResponsesRequest = validate::parse_json(&body)?;
+    // The response names the model and repeats the instructions as the client sent them,
+    // never a preset's.
+    let client_model = request.model.clone();
+    let client_instructions = request.instructions.clone();
+    let mut fields = SamplingFields {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        ..SamplingFields::default()
+    };
+    if let Some(gateway) = state.gateway()
+        && let Some(preset) = gateway.preset(&request.model)
+    {
+        fields = crate::presets::apply_responses(preset, &mut request)?;
+        crate::presets::tighten_policy(&state, preset)?;
+    }
     refuse_unsupported(&request)?;
     let messages = conversation(&request)?;
     let envelope = Envelope {
         id: request_id("resp"),
         created_at: unix_now(),
-        model: request.model.clone(),
-        instructions: request.instructions.clone(),
+        model: client_model,
+        instructions: client_instructions,
         max_output_tokens: request.max_output_tokens,
         temperature: request.temperature,
         top_p: request.top_p,
@@ -204,14 +219,9 @@ pub async fn responses(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(gateway, &request, messages, envelope).await;
+        return upstream(gateway, &request, &fields, messages, envelope).await;
     }
     let model = state.model(&request.model).await?;
-    let fields = SamplingFields {
-        temperature: request.temperature,
-        top_p: request.top_p,
-        ..SamplingFields::default()
-    };
     let sampling = validate::sampling(&fields, &model)?;
     let prompt = generation::chat_prompt(&model, messages).await?;
     let max_tokens =
@@ -236,6 +246,7 @@ pub async fn responses(
 async fn upstream(
     gateway: std::sync::Arc<ferry_gateway::Gateway>,
     request: &ResponsesRequest,
+    fields: &SamplingFields,
     messages: Vec<ChatMessage>,
     envelope: Envelope,
 ) -> Result<HttpResponse, ApiError> {
@@ -258,9 +269,14 @@ async fn upstream(
             })
             .collect(),
         params: Params {
-            temperature: request.temperature,
-            top_p: request.top_p,
+            temperature: fields.temperature,
+            top_p: fields.top_p,
             max_tokens: request.max_output_tokens.map(|m| m as u64),
+            // Only a preset sets these here: Responses has no fields for them.
+            stop: fields.stop.clone().map(ferry_api::openai::Stop::into_vec).unwrap_or_default(),
+            seed: fields.seed,
+            presence_penalty: fields.presence_penalty,
+            frequency_penalty: fields.frequency_penalty,
             ..Params::default()
         },
         tools: vec![],
