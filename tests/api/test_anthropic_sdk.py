@@ -83,8 +83,9 @@ def test_errors_are_anthropic_shaped(claude, server):
     assert "temperature" in str(e.value)
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model=MODEL_ID, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
-                               tools=[{"name": "f", "description": "d", "input_schema": {"type": "object"}}])
-    assert "tools" in str(e.value)
+                               tools=[{"name": "f", "description": "d", "input_schema": {"type": "object"}}],
+                               tool_choice={"type": "tool", "name": "g"})
+    assert "tool_choice" in str(e.value)
     r = httpx.post(server.url + "/v1/messages", content=b"{oops", timeout=30)
     assert r.status_code == 400
     body = r.json()

@@ -45,7 +45,29 @@ pub struct ChatCompletionRequest {
     pub user: Option<String>,
     pub tools: Option<Vec<ToolDefinition>>,
     pub tool_choice: Option<serde_json::Value>,
+    /// Several calls in one answer (default true).
+    pub parallel_tool_calls: Option<bool>,
+    #[schema(value_type = Option<ResponseFormat>)]
     pub response_format: Option<serde_json::Value>,
+}
+
+/// `response_format`: free text, any JSON object, or JSON that follows a schema.
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    pub description: Option<String>,
+    /// The JSON schema the output must follow (an empty schema when absent).
+    #[schema(value_type = Object)]
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]

@@ -124,5 +124,6 @@ fn greedy_ignoring_eos(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         logprobs: None,
         prompt_logprobs: false,
         ignore_eos: true,
+        constraint: None,
     }
 }

@@ -71,7 +71,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     eprintln!("Chatting with {model_id}. Type /reset to start over, /exit or Ctrl-D to leave.");
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(system) = &args.system {
-        history.push(ChatMessage { role: "system".into(), content: system.clone() });
+        history.push(ChatMessage::new("system", system.clone()));
     }
     let stdin = std::io::stdin();
     loop {
@@ -91,10 +91,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             }
             _ => {}
         }
-        history.push(ChatMessage { role: "user".into(), content: line.to_string() });
+        history.push(ChatMessage::new("user", line.to_string()));
         let answer = backend.answer(&model_id, &history, &args).await?;
         println!();
-        history.push(ChatMessage { role: "assistant".into(), content: answer });
+        history.push(ChatMessage::new("assistant", answer));
     }
     Ok(())
 }
@@ -130,6 +130,7 @@ impl Backend {
                     logprobs: None,
                     prompt_logprobs: false,
                     ignore_eos: false,
+                    constraint: None,
                 };
                 let mut events = model.scheduler.submit(request)?;
                 while let Some(event) = events.recv().await {

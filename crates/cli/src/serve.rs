@@ -227,7 +227,8 @@ fn loader(config: &ServeConfig, tenancy: &ferry_server::Tenancy) -> ferry_server
             .await
             .map_err(|e| format!("the loading thread failed: {e}"))?
             .map_err(|e| e.to_string())?;
-            let model = LocalModel { defaults: spec.defaults, ..model };
+            let mut model = model;
+            model.defaults = spec.defaults;
             let id = model.info().id.clone();
             let hashed = hashes.read().is_ok_and(|h| h.contains_key(&id));
             if !hashed {

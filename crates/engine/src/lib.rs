@@ -6,6 +6,7 @@
 //! between requests.
 
 pub mod backend;
+pub mod grammar;
 pub mod llama;
 pub mod model_info;
 pub mod sampler;
@@ -13,16 +14,19 @@ pub mod scheduler;
 pub mod scoring;
 pub mod template;
 pub mod text;
+pub mod tools;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use backend::{Backend, SessionConfig};
+pub use grammar::{Constraint, Grammar, GrammarCompiler};
 pub use model_info::ModelInfo;
 pub use sampler::SamplingParams;
 pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, Timings, TokenInfo};
 pub use scoring::{ScoreEvent, ScoreRequest, ScoreVariant};
-pub use template::{ChatMessage, ChatTemplate, TemplateError};
+pub use template::{ChatMessage, ChatTemplate, TemplateError, TemplateFunction, TemplateToolCall};
+pub use tools::{ToolCallParser, ToolMode, ToolOutput, ToolSpec};
 
 /// A token id in the model's vocabulary.
 pub type TokenId = u32;
@@ -41,6 +45,9 @@ pub enum EngineError {
     Stopped,
     #[error(transparent)]
     Template(#[from] TemplateError),
+    /// The grammar or schema a request constrains its output to cannot be compiled.
+    #[error("{0}")]
+    Grammar(String),
 }
 
 /// A model served locally: its weights, its chat template, its scheduler, and the sampling
@@ -50,6 +57,8 @@ pub struct LocalModel {
     pub template: Option<ChatTemplate>,
     pub scheduler: Scheduler,
     pub defaults: ModelDefaults,
+    /// The grammar compiler over this model's vocabulary, built on first use.
+    grammar: OnceLock<Result<GrammarCompiler, String>>,
 }
 
 /// Sampling parameters a model's configuration sets (as Ollama's Modelfile `PARAMETER`s do),
@@ -89,7 +98,7 @@ impl LocalModel {
             None => None,
         };
         let scheduler = Scheduler::start(backend.clone(), config)?;
-        Ok(LocalModel { backend, template, scheduler, defaults: ModelDefaults::default() })
+        Ok(LocalModel { backend, template, scheduler, defaults: ModelDefaults::default(), grammar: OnceLock::new() })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -105,10 +114,38 @@ impl LocalModel {
 
     /// Renders a conversation with the model's chat template and tokenizes it.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EngineError> {
+        self.chat_prompt_with_tools(messages, &[])
+    }
+
+    /// Renders a conversation that offers `tools`, through the template where it renders
+    /// them itself and with the tools written into the system message where it does not.
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> Result<Vec<TokenId>, EngineError> {
         let template = self.template.as_ref().ok_or(TemplateError::Missing)?;
-        let text = template.render(messages, true)?;
+        let has_tool_turns = messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        let text = if template.supports_tools() {
+            let listed: Vec<serde_json::Value> = tools.iter().map(ToolSpec::to_openai).collect();
+            template.render_with_tools(messages, &listed, true)?
+        } else if tools.is_empty() && !has_tool_turns {
+            template.render(messages, true)?
+        } else {
+            template.render(&tools::inline_tools(messages, tools), true)?
+        };
         // The template writes BOS itself where the model wants one.
         Ok(self.backend.tokenize(&text, false))
+    }
+
+    /// Compiles a grammar into a constraint for `GenerateRequest::constraint`. The first call
+    /// builds the vocabulary's token trie (tens of milliseconds); call it off the async runtime.
+    pub fn compile_grammar(&self, grammar: &Grammar) -> Result<Constraint, EngineError> {
+        let compiler = self.grammar.get_or_init(|| GrammarCompiler::new(self.backend.as_ref()));
+        match compiler {
+            Ok(compiler) => compiler.compile(grammar).map_err(EngineError::Grammar),
+            Err(e) => Err(EngineError::Load(format!("grammar compiler: {e}"))),
+        }
     }
 
     /// The text of a token for logprobs (lossy where it holds part of a character).

@@ -23,6 +23,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::backend::{Backend, BatchEntry, Session, SessionConfig};
+use crate::grammar::Constraint;
 use crate::sampler::{Sampler, SamplingParams, TokenLogprob, logprobs};
 use crate::scoring::{ScoreEvent, ScoreRequest};
 use crate::text::{StopMatcher, Utf8Stream};
@@ -44,6 +45,9 @@ pub struct GenerateRequest {
     pub prompt_logprobs: bool,
     /// Keep generating past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// A grammar the output must follow (compiled by `LocalModel::compile_grammar`); each
+    /// choice gets its own copy. The generation ends where the grammar is complete.
+    pub constraint: Option<Constraint>,
 }
 
 /// A token with its logprob and the most likely alternatives at its position.
@@ -289,6 +293,10 @@ struct Generation {
     prompt_logprobs: Option<Vec<TokenInfo>>,
     /// Prompt tokens found in the slot's cache and not recomputed.
     cached_tokens: usize,
+    /// The grammar state of this choice, when the request has one.
+    constraint: Option<Constraint>,
+    /// Logits with the grammar's mask applied (reused between steps).
+    masked: Vec<f32>,
 }
 
 /// The base or a variant of a scoring job.
@@ -593,6 +601,8 @@ impl<'m> Worker<'m> {
                     unsent: Vec::new(),
                     prompt_logprobs: want_prompt.then(Vec::new),
                     cached_tokens: reuse,
+                    constraint: request.constraint.clone(),
+                    masked: Vec::new(),
                 })),
             });
             self.stats.running.fetch_add(1, Ordering::SeqCst);
@@ -813,7 +823,29 @@ impl<'m> Worker<'m> {
             let _ = events.send(Event::PromptLogprobs { first_token: seq.tokens[0], rest });
         }
         let request = &g.request.request;
-        let token = g.sampler.sample(logits);
+        // The grammar's mask applies to what is drawn; logprobs stay those of the model.
+        let drawn = match g.constraint.as_mut() {
+            None => Ok(g.sampler.sample(logits)),
+            Some(constraint) => {
+                g.masked.clear();
+                g.masked.extend_from_slice(logits);
+                constraint.mask(&mut g.masked).map(|()| g.sampler.sample(&g.masked))
+            }
+        };
+        let eog = |t: TokenId| !request.ignore_eos && backend.is_end_of_generation(t);
+        let drawn = drawn.and_then(|token| match g.constraint.as_mut() {
+            Some(constraint) if !eog(token) => constraint.accept(token).map(|()| token),
+            _ => Ok(token),
+        });
+        let token = match drawn {
+            Ok(token) => token,
+            Err(e) => {
+                let _ = events.send(Event::Error(format!("grammar: {e}")));
+                self.free(slot);
+                return;
+            }
+        };
+        let grammar_done = g.constraint.as_ref().is_some_and(Constraint::is_finished);
         let now = Instant::now();
         let first_token = *g.first_token_at.get_or_insert(now);
         g.sampler.accept(token);
@@ -828,14 +860,14 @@ impl<'m> Worker<'m> {
         let mut finish = None;
         let mut text = String::new();
         let mut stop_sequence = None;
-        if !request.ignore_eos && backend.is_end_of_generation(token) {
+        if eog(token) {
             finish = Some(FinishReason::Stop);
         } else {
             let piece = g.utf8.push(backend.token_bytes(token));
             let released = g.stops.push(&piece);
             text = released.text;
             stop_sequence = released.stopped;
-            if stop_sequence.is_some() {
+            if stop_sequence.is_some() || grammar_done {
                 finish = Some(FinishReason::Stop);
             }
         }

@@ -8,10 +8,38 @@ use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde::Serialize;
 
 /// One chat message as the template sees it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The calls an assistant message made, as Hugging Face templates expect them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<TemplateToolCall>,
+    /// On a `tool` message: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into(), ..ChatMessage::default() }
+    }
+}
+
+/// `{"id", "type": "function", "function": {"name", "arguments"}}` with the arguments as a
+/// JSON value (templates write them with `tojson`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TemplateToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: TemplateFunction,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TemplateFunction {
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +57,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template renders `tools` and assistant `tool_calls` itself, in the
+    /// `<tool_call>` format (Qwen2.5, Hermes); see `crate::tools`.
+    supports_tools: bool,
 }
 
 impl ChatTemplate {
@@ -46,7 +77,19 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TemplateError::Compile(describe(&e)))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        let supports_tools =
+            source.contains("tools") && source.contains("tool_calls") && source.contains("<tool_call>");
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            supports_tools,
+        })
+    }
+
+    /// Whether the template renders tool definitions and calls in the `<tool_call>` format.
+    pub fn supports_tools(&self) -> bool {
+        self.supports_tools
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends where the
@@ -56,10 +99,23 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders with `tools` (OpenAI's `{"type": "function", "function": {...}}` objects, as
+    /// Hugging Face passes them); an empty list is no tools.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let template = self.env.get_template("chat").map_err(|e| TemplateError::Render(describe(&e)))?;
+        let tools = (!tools.is_empty()).then(|| Value::from(minijinja::value::Serde(tools)));
         template
             .render(minijinja::context! {
                 messages => Value::from(minijinja::value::Serde(messages)),
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
@@ -176,7 +232,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage::new(role, content)
     }
 
     #[test]

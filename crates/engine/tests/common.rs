@@ -60,6 +60,7 @@ pub fn request(prompt: Vec<TokenId>, max_tokens: usize, sampling: SamplingParams
         logprobs: Some(0),
         prompt_logprobs: false,
         ignore_eos: false,
+        constraint: None,
     }
 }
 

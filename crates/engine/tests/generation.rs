@@ -8,7 +8,7 @@ use ferry_engine::{ChatMessage, FinishReason, SamplingParams};
 use serde_json::Value;
 
 fn user(content: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage { role: "user".into(), content: content.into() }]
+    vec![ChatMessage::new("user", content)]
 }
 
 /// data/greedy_reference.json holds prompt token ids and the greedy continuation that
@@ -43,8 +43,8 @@ fn a_repeated_prompt_reuses_its_cached_prefix() {
     assert_eq!(again.tokens, first.tokens);
     // A follow-up turn shares the first turn's prompt and answer.
     let mut turn = user("Name three colours of the rainbow.");
-    turn.push(ChatMessage { role: "assistant".into(), content: first.text.clone() });
-    turn.push(ChatMessage { role: "user".into(), content: "And one more?".into() });
+    turn.push(ChatMessage::new("assistant", first.text.clone()));
+    turn.push(ChatMessage::new("user", "And one more?"));
     let follow = model.chat_prompt(&turn).expect("prompt");
     let next = &run(&model, request(follow.clone(), 8, SamplingParams::greedy()))[0];
     let fresh_model = load(SMOLLM2, 1);

@@ -19,7 +19,7 @@ const FACTS: &str = "Alice lives in Paris. Bob lives in Rome. Carol lives in Osl
 
 /// The chat prompt of `content` followed by `completion`'s tokens, and the completion's length.
 fn conversation(model: &LocalModel, content: &str, completion: &str) -> (Vec<TokenId>, usize) {
-    let messages = vec![ChatMessage { role: "user".into(), content: content.into() }];
+    let messages = vec![ChatMessage::new("user", content)];
     let mut tokens = model.chat_prompt(&messages).expect("prompt");
     let completion = model.backend.tokenize(completion, false);
     tokens.extend_from_slice(&completion);
@@ -145,7 +145,7 @@ fn a_cancelled_job_frees_its_slots_and_cells() {
     }
     // Every slot starts empty again: a cell left behind would make llama.cpp refuse a new
     // sequence at position 0, or change what it computes.
-    let prompt = model.chat_prompt(&[ChatMessage { role: "user".into(), content: "Name a colour.".into() }]);
+    let prompt = model.chat_prompt(&[ChatMessage::new("user", "Name a colour.")]);
     let prompt = prompt.expect("prompt");
     let mut all = request(prompt.clone(), 8, SamplingParams::greedy());
     all.n = 4;

@@ -21,9 +21,11 @@ fn chat_templates_match_hugging_face() {
                 .as_array()
                 .expect("messages")
                 .iter()
-                .map(|m| ChatMessage {
-                    role: m["role"].as_str().unwrap_or_default().into(),
-                    content: m["content"].as_str().unwrap_or_default().into(),
+                .map(|m| {
+                    ChatMessage::new(
+                        m["role"].as_str().unwrap_or_default(),
+                        m["content"].as_str().unwrap_or_default(),
+                    )
                 })
                 .collect();
             let add = case["add_generation_prompt"].as_bool().unwrap_or(false);
@@ -42,7 +44,7 @@ fn chat_templates_match_hugging_face() {
 #[test]
 fn rendered_prompt_tokenizes_special_tokens() {
     let model = common::load(common::SMOLLM2, 1);
-    let messages = [ChatMessage { role: "user".into(), content: "Hi".into() }];
+    let messages = [ChatMessage::new("user", "Hi")];
     let tokens = model.chat_prompt(&messages).expect("prompt");
     // <|im_start|> is one special token (id 1 in SmolLM2's vocabulary), not text.
     assert_eq!(tokens[0], 1, "{tokens:?}");

@@ -23,9 +23,9 @@ use futures::{Stream, StreamExt};
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
 use crate::generation::{self, SharedModel, Submitted, chat_logprob, neutral_usage, request_id, unix_now};
-use crate::{translate, validate};
+use crate::{structured, translate, validate};
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
+pub(crate) type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI",
     summary = "Create a chat completion",
@@ -65,34 +65,27 @@ async fn local(
     fields: SamplingFields,
     display_model: String,
 ) -> Result<Response, ApiError> {
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::invalid("tools", "Tool calling is not supported by local models yet"));
-    }
-    if let Some(kind) = request.response_format.as_ref().and_then(|f| f["type"].as_str())
-        && kind != "text"
-    {
-        return Err(ApiError::invalid(
-            "response_format",
-            format!("response_format '{kind}' is not supported by local models yet"),
-        ));
-    }
+    let plan = structured::plan(&request)?;
     let messages = validate::chat_messages(&request)?;
     let sampling = validate::sampling(&fields, &model)?;
     let logprobs = validate::chat_logprobs(&request)?;
-    let prompt = generation::chat_prompt(&model, messages).await?;
+    let constraint = structured::compile(&model, &plan).await?;
+    let prompt = generation::chat_prompt_with_tools(&model, messages, plan.tools.clone()).await?;
     let (param, requested) = match request.max_completion_tokens {
         Some(m) => ("max_completion_tokens", Some(m)),
         None => ("max_tokens", request.max_tokens),
     };
     let max_tokens = validate::max_tokens(requested, param, prompt.len(), &model)?;
-    let submitted = generation::submit(
-        &model,
-        vec![validate::generate_request(prompt, max_tokens, &sampling, logprobs, false)],
-    )?;
+    let mut generate = validate::generate_request(prompt, max_tokens, &sampling, logprobs, false);
+    generate.constraint = constraint;
+    let submitted = generation::submit(&model, vec![generate])?;
     let id = request_id("chatcmpl");
     if request.stream {
         let n = submitted.n;
-        let events = local_events(model, submitted);
+        let mut events = local_events(model, submitted);
+        if plan.calls_tools() {
+            events = structured::tool_call_events(events);
+        }
         let include_usage = include_usage(&request);
         return Ok(stream(events, n, id, display_model, include_usage).into_response());
     }
@@ -101,13 +94,25 @@ async fn local(
         .choices
         .into_iter()
         .enumerate()
-        .map(|(index, c)| ChatChoice {
-            index: index as u32,
-            message: AssistantMessage { role: "assistant".into(), content: Some(c.text), tool_calls: None },
-            logprobs: logprobs.map(|_| ChatLogprobs {
-                content: c.tokens.iter().map(|t| chat_logprob(&model, t)).collect(),
-            }),
-            finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
+        .map(|(index, c)| {
+            let (content, tool_calls) =
+                if plan.calls_tools() { structured::split_calls(&c.text) } else { (Some(c.text), Vec::new()) };
+            let finish_reason = match c.finish_reason {
+                Some(ferry_engine::FinishReason::Stop) if !tool_calls.is_empty() => Some("tool_calls".to_string()),
+                other => other.map(|r| r.as_str().to_string()),
+            };
+            ChatChoice {
+                index: index as u32,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content,
+                    tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                },
+                logprobs: logprobs.map(|_| ChatLogprobs {
+                    content: c.tokens.iter().map(|t| chat_logprob(&model, t)).collect(),
+                }),
+                finish_reason,
+            }
         })
         .collect();
     Ok(axum::Json(ChatCompletion {

@@ -413,7 +413,7 @@ pub async fn explanations(
         let completion_tokens = model.backend.tokenize(&completion_text, false);
         let chat: Vec<ChatMessage> = messages
             .iter()
-            .map(|m| ChatMessage { role: m.role.clone(), content: m.content.clone() })
+            .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
             .collect();
         let mut segments = Vec::new();
         for (index, message) in messages.iter().enumerate() {

@@ -187,9 +187,18 @@ pub async fn chat_prompt(
     model: &SharedModel,
     messages: Vec<ferry_engine::ChatMessage>,
 ) -> Result<Vec<TokenId>, ApiError> {
+    chat_prompt_with_tools(model, messages, Vec::new()).await
+}
+
+/// `chat_prompt` for a conversation that offers tools (and may hold earlier calls and results).
+pub async fn chat_prompt_with_tools(
+    model: &SharedModel,
+    messages: Vec<ferry_engine::ChatMessage>,
+    tools: Vec<ferry_engine::ToolSpec>,
+) -> Result<Vec<TokenId>, ApiError> {
     crate::guard::check_local(messages.iter().map(|m| m.content.as_str()))?;
     let model = model.clone();
-    tokio::task::spawn_blocking(move || model.chat_prompt(&messages))
+    tokio::task::spawn_blocking(move || model.chat_prompt_with_tools(&messages, &tools))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::from)

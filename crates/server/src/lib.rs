@@ -21,6 +21,7 @@ pub mod otel;
 mod presets;
 pub mod registry;
 mod responses;
+mod structured;
 pub mod telemetry;
 pub mod tenancy;
 mod translate;

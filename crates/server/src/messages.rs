@@ -83,10 +83,10 @@ fn conversation(system: Option<&SystemPrompt>, messages: &[Message]) -> Result<V
     let mut out = Vec::with_capacity(messages.len() + 1);
     match system {
         Some(SystemPrompt::Text(text)) => {
-            out.push(ChatMessage { role: "system".into(), content: text.clone() })
+            out.push(ChatMessage::new("system", text.clone()))
         }
         Some(SystemPrompt::Blocks(blocks)) => {
-            out.push(ChatMessage { role: "system".into(), content: block_text(blocks, "system")? })
+            out.push(ChatMessage::new("system", block_text(blocks, "system")?))
         }
         None => {}
     }
@@ -101,7 +101,7 @@ fn conversation(system: Option<&SystemPrompt>, messages: &[Message]) -> Result<V
             MessageContent::Text(text) => text.clone(),
             MessageContent::Blocks(blocks) => block_text(blocks, &format!("messages.{i}.content"))?,
         };
-        out.push(ChatMessage { role: message.role.clone(), content });
+        out.push(ChatMessage::new(message.role.clone(), content));
     }
     Ok(out)
 }
@@ -120,16 +120,6 @@ fn block_text(blocks: &[ContentBlock], path: &str) -> Result<String, ApiError> {
         }
     }
     Ok(text)
-}
-
-/// Features a local model cannot honour yet are refused by name, never dropped.
-fn refuse_tools(tools: &Option<Vec<serde_json::Value>>) -> Result<(), ApiError> {
-    match tools {
-        Some(tools) if !tools.is_empty() => {
-            Err(ApiError::invalid("tools", "tools: tool use is not supported by local models yet"))
-        }
-        _ => Ok(()),
-    }
 }
 
 #[utoipa::path(post, path = "/v1/messages", tag = "Anthropic",
@@ -158,8 +148,6 @@ pub async fn messages(
         return upstream(gateway, request, crate::chat::cache_choice(&headers), client_model).await;
     }
     let model = state.model(&request.model).await?;
-    refuse_tools(&request.tools)?;
-    let messages = conversation(request.system.as_ref(), &request.messages)?;
     if let Some(t) = request.temperature
         && !(0.0..=1.0).contains(&t)
     {
@@ -167,6 +155,21 @@ pub async fn messages(
             ApiError::invalid("temperature", format!("temperature: {t} is not between 0 and 1")).into()
         );
     }
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        // Tool use goes the neutral way: translated as for an upstream, generated under the
+        // tool grammar, rendered back by the same code as an upstream's answer.
+        let mut translatable = request.clone();
+        let top_k = translatable.top_k.take();
+        let neutral = translate::from_anthropic(&translatable)?;
+        let events = crate::structured::local_tool_events(&model, neutral, top_k).await?;
+        let id = request_id("msg");
+        if request.stream {
+            return Ok(upstream_stream(events, id, client_model).into_response());
+        }
+        let answer = crate::structured::collect_events(events).await?;
+        return Ok(answer_response(answer, id, client_model));
+    }
+    let messages = conversation(request.system.as_ref(), &request.messages)?;
     let fields = SamplingFields {
         temperature: request.temperature,
         top_p: request.top_p,
@@ -218,8 +221,13 @@ async fn upstream(
         return Ok(response);
     }
     let routed = crate::guard::chat(&gateway, &request.model, neutral, use_cache).await?;
-    let route = routed.route;
-    let answer = routed.value;
+    let mut response = answer_response(routed.value, id, display_model);
+    crate::chat::route_headers(&mut response, &routed.route);
+    Ok(response)
+}
+
+/// A neutral answer in Anthropic's format (tool calls as `tool_use` blocks).
+fn answer_response(answer: ferry_providers::ChatResponse, id: String, model: String) -> Response {
     let choice = answer.choices.into_iter().next();
     let mut content = Vec::new();
     let mut reason = "end_turn";
@@ -234,11 +242,11 @@ async fn upstream(
         }
         reason = choice.finish_reason.map_or("end_turn", upstream_stop_reason);
     }
-    let mut response = axum::Json(MessagesResponse {
+    axum::Json(MessagesResponse {
         id,
         kind: "message".into(),
         role: "assistant".into(),
-        model: display_model,
+        model,
         content,
         stop_reason: Some(reason.into()),
         stop_sequence: None,
@@ -247,9 +255,7 @@ async fn upstream(
             output_tokens: answer.usage.completion_tokens,
         },
     })
-    .into_response();
-    crate::chat::route_headers(&mut response, &route);
-    Ok(response)
+    .into_response()
 }
 
 fn upstream_stop_reason(reason: ferry_providers::FinishReason) -> &'static str {
@@ -425,6 +431,16 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
         .chain(events.flat_map(futures::stream::iter))
         .map(|event| Ok::<_, Infallible>(sse(event)));
     Sse::new(all).keep_alive(KeepAlive::default())
+}
+
+/// Counting the tokens of a conversation with tools is not done yet: refused by name.
+fn refuse_tools(tools: &Option<Vec<serde_json::Value>>) -> Result<(), ApiError> {
+    match tools {
+        Some(tools) if !tools.is_empty() => {
+            Err(ApiError::invalid("tools", "tools: counting tokens with tools is not supported by local models yet"))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "Anthropic",

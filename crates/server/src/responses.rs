@@ -28,10 +28,10 @@ use crate::validate;
 fn conversation(request: &ResponsesRequest) -> Result<Vec<ChatMessage>, ApiError> {
     let mut out = Vec::new();
     if let Some(instructions) = &request.instructions {
-        out.push(ChatMessage { role: "system".into(), content: instructions.clone() });
+        out.push(ChatMessage::new("system", instructions.clone()));
     }
     match &request.input {
-        Input::Text(text) => out.push(ChatMessage { role: "user".into(), content: text.clone() }),
+        Input::Text(text) => out.push(ChatMessage::new("user", text.clone())),
         Input::Items(items) => {
             for (i, item) in items.iter().enumerate() {
                 if let Some(kind) = item.kind.as_deref()
@@ -74,7 +74,7 @@ fn conversation(request: &ResponsesRequest) -> Result<Vec<ChatMessage>, ApiError
                         text
                     }
                 };
-                out.push(ChatMessage { role: role.into(), content });
+                out.push(ChatMessage::new(role, content));
             }
         }
     }
@@ -95,15 +95,35 @@ fn refuse_unsupported(request: &ResponsesRequest) -> Result<(), ApiError> {
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid("tools", "Tools are not supported by local models yet"));
     }
-    if let Some(kind) = request.text.as_ref().and_then(|t| t.format.as_ref()).map(|f| f.kind.as_str())
-        && kind != "text"
-    {
-        return Err(ApiError::invalid(
-            "text.format",
-            format!("text.format of type '{kind}' is not supported by local models yet"),
-        ));
-    }
     Ok(())
+}
+
+/// The request's `text.format`: `text` when absent.
+fn text_format(request: &ResponsesRequest) -> TextFormat {
+    request.text.as_ref().and_then(|t| t.format.clone()).unwrap_or(TextFormat {
+        kind: "text".into(),
+        name: None,
+        schema: None,
+        strict: None,
+        description: None,
+    })
+}
+
+/// `text.format` as chat completions' `response_format`, so that one check and one grammar
+/// serve both APIs.
+fn response_format(format: &TextFormat) -> Option<serde_json::Value> {
+    match format.kind.as_str() {
+        "text" => None,
+        "json_schema" => Some(serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {
+                "name": format.name.clone().unwrap_or_default(),
+                "schema": format.schema,
+                "strict": format.strict,
+            },
+        })),
+        other => Some(serde_json::json!({ "type": other })),
+    }
 }
 
 /// What every response object repeats from the request.
@@ -116,6 +136,7 @@ struct Envelope {
     temperature: Option<f64>,
     top_p: Option<f64>,
     metadata: serde_json::Value,
+    format: TextFormat,
 }
 
 impl Envelope {
@@ -136,7 +157,7 @@ impl Envelope {
             previous_response_id: None,
             store: false,
             temperature: self.temperature,
-            text: TextConfig { format: Some(TextFormat { kind: "text".into() }) },
+            text: TextConfig { format: Some(self.format.clone()) },
             tool_choice: "auto".into(),
             tools: vec![],
             top_p: self.top_p,
@@ -215,6 +236,7 @@ pub async fn responses(
         temperature: request.temperature,
         top_p: request.top_p,
         metadata: request.metadata.clone().unwrap_or_else(|| serde_json::json!({})),
+        format: text_format(&request),
     };
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
@@ -223,13 +245,14 @@ pub async fn responses(
     }
     let model = state.model(&request.model).await?;
     let sampling = validate::sampling(&fields, &model)?;
+    let plan = crate::structured::format_plan(response_format(&envelope.format).as_ref(), "text.format")?;
+    let constraint = crate::structured::compile(&model, &plan).await?;
     let prompt = generation::chat_prompt(&model, messages).await?;
     let max_tokens =
         validate::max_tokens(request.max_output_tokens, "max_output_tokens", prompt.len(), &model)?;
-    let submitted = generation::submit(
-        &model,
-        vec![validate::generate_request(prompt, max_tokens, &sampling, None, false)],
-    )?;
+    let mut generate = validate::generate_request(prompt, max_tokens, &sampling, None, false);
+    generate.constraint = constraint;
+    let submitted = generation::submit(&model, vec![generate])?;
     if request.stream {
         let events = crate::chat::local_events(model, submitted);
         return Ok(stream(events, envelope).into_response());
@@ -250,6 +273,12 @@ async fn upstream(
     messages: Vec<ChatMessage>,
     envelope: Envelope,
 ) -> Result<HttpResponse, ApiError> {
+    if envelope.format.kind != "text" {
+        return Err(ApiError::invalid(
+            "text.format",
+            format!("text.format of type '{}' is not supported for gateway aliases yet", envelope.format.kind),
+        ));
+    }
     if let Some(m) = request.max_output_tokens
         && m < 1
     {

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use ferry_api::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields};
-use ferry_engine::{ChatMessage, GenerateRequest, LocalModel, SamplingParams, TokenId};
+use ferry_engine::{
+    ChatMessage, GenerateRequest, LocalModel, SamplingParams, TemplateFunction, TemplateToolCall, TokenId,
+};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -236,7 +238,19 @@ pub fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>
                     text
                 }
             };
-            Ok(ChatMessage { role: role.to_string(), content })
+            let mut message = ChatMessage::new(role.to_string(), content);
+            message.tool_call_id = m.tool_call_id.clone();
+            for call in m.tool_calls.iter().flatten() {
+                // Templates write arguments with `tojson`: give them the value, not its text.
+                let arguments = serde_json::from_str(&call.function.arguments)
+                    .unwrap_or_else(|_| serde_json::Value::String(call.function.arguments.clone()));
+                message.tool_calls.push(TemplateToolCall {
+                    id: call.id.clone(),
+                    kind: "function",
+                    function: TemplateFunction { name: call.function.name.clone(), arguments },
+                });
+            }
+            Ok(message)
         })
         .collect()
 }
@@ -313,5 +327,6 @@ pub fn generate_request(
         logprobs,
         prompt_logprobs,
         ignore_eos: sampling.ignore_eos,
+        constraint: None,
     }
 }

@@ -1,0 +1,419 @@
+//! Structured output and tool calling on local models: `response_format` and
+//! `tools`/`tool_choice` checked and turned into the engine's grammar and tool list, and the
+//! generated text turned back into OpenAI's `tool_calls`, whole or as stream deltas.
+
+use std::collections::HashMap;
+
+use ferry_api::openai::{ChatCompletionRequest, FunctionCall, ResponseFormat, ToolCall};
+use ferry_engine::{Constraint, EngineError, Grammar, ToolCallParser, ToolMode, ToolOutput, ToolSpec};
+use ferry_providers::{ChatEvent, FinishReason};
+use futures::StreamExt;
+
+use crate::error::ApiError;
+use crate::generation::{SharedModel, request_id};
+
+/// What a chat request asks of the output beyond plain text.
+#[derive(Default)]
+pub struct OutputPlan {
+    /// Tools offered to the model (rendered into the prompt); none with `tool_choice: none`.
+    pub tools: Vec<ToolSpec>,
+    /// `Some` when the model may or must call them.
+    pub mode: Option<ToolMode>,
+    /// The grammar the output must follow, and the parameter that asked for it.
+    pub grammar: Option<(Grammar, &'static str)>,
+}
+
+impl OutputPlan {
+    /// Whether the output is parsed for tool calls.
+    pub fn calls_tools(&self) -> bool {
+        self.mode.is_some()
+    }
+}
+
+/// Checks `response_format`, `tools`, `tool_choice` and `parallel_tool_calls`.
+pub fn plan(request: &ChatCompletionRequest) -> Result<OutputPlan, ApiError> {
+    let tools = tool_specs(request)?;
+    let mode = tool_mode(request, &tools)?;
+    let schema = response_schema(request.response_format.as_ref(), "response_format")?;
+    let grammar = match (&mode, schema) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "A JSON 'response_format' together with 'tools' is not supported by local models; use tool_choice 'none' or leave out one of them",
+            ));
+        }
+        (Some(mode), None) => {
+            let parallel = request.parallel_tool_calls.unwrap_or(true);
+            Some((ferry_engine::tools::tool_grammar(&tools, mode, parallel), "tools"))
+        }
+        (None, Some(schema)) => Some((Grammar::JsonSchema(schema), "response_format")),
+        (None, None) => None,
+    };
+    // With `tool_choice: none` the tools are not offered at all: a model shown them may
+    // try to call one in plain text.
+    let tools = if mode.is_some() { tools } else { Vec::new() };
+    Ok(OutputPlan { tools, mode, grammar })
+}
+
+/// The plan of a request that only asks for a `response_format` (the Responses API's
+/// `text.format`, mapped to chat's shape); `param` names it in errors.
+pub fn format_plan(format: Option<&serde_json::Value>, param: &'static str) -> Result<OutputPlan, ApiError> {
+    let grammar = response_schema(format, param)?.map(|schema| (Grammar::JsonSchema(schema), param));
+    Ok(OutputPlan { grammar, ..OutputPlan::default() })
+}
+
+/// The JSON schema a `response_format` asks for; `None` for text. Errors name `param`
+/// (`response_format`, or `text.format` for the Responses API) and the field within it.
+fn response_schema(
+    format: Option<&serde_json::Value>,
+    param: &'static str,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    // Where the Responses API keeps name and schema: directly in `text.format`.
+    let field = |name: &str| {
+        if param == "response_format" { format!("{param}.json_schema.{name}") } else { format!("{param}.{name}") }
+    };
+    let format = match format {
+        None => ResponseFormat::Text,
+        Some(value) => crate::validate::parse_json::<ResponseFormat>(value).map_err(|e| {
+            let message = match e {
+                ApiError::InvalidParameter { message, .. } | ApiError::InvalidJson(message) => message,
+                other => other.to_string(),
+            };
+            ApiError::invalid(
+                param,
+                format!("Invalid '{param}': {message}; expected type text, json_object or json_schema"),
+            )
+        })?,
+    };
+    match format {
+        ResponseFormat::Text => Ok(None),
+        ResponseFormat::JsonObject => Ok(Some(serde_json::json!({ "type": "object" }))),
+        ResponseFormat::JsonSchema { json_schema } => {
+            let name = &json_schema.name;
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !name_ok {
+                let field = field("name");
+                return Err(ApiError::invalid(
+                    field.clone(),
+                    format!("Invalid '{field}': use 1 to 64 letters, digits, '_' or '-'"),
+                ));
+            }
+            match json_schema.schema {
+                None => Ok(Some(serde_json::json!({}))),
+                Some(schema) if schema.is_object() => Ok(Some(schema)),
+                Some(_) => {
+                    let field = field("schema");
+                    Err(ApiError::invalid(field.clone(), format!("Invalid '{field}': a JSON schema is an object")))
+                }
+            }
+        }
+    }
+}
+
+fn tool_specs(request: &ChatCompletionRequest) -> Result<Vec<ToolSpec>, ApiError> {
+    let mut specs: Vec<ToolSpec> = Vec::new();
+    for (i, tool) in request.tools.iter().flatten().enumerate() {
+        if tool.kind != "function" {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].type"),
+                format!("Invalid 'tools[{i}].type': '{}'; only 'function' tools are supported", tool.kind),
+            ));
+        }
+        let name = &tool.function.name;
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !name_ok {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].function.name"),
+                format!("Invalid 'tools[{i}].function.name': '{name}'; use 1 to 64 letters, digits, '_' or '-'"),
+            ));
+        }
+        if specs.iter().any(|s| &s.name == name) {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].function.name"),
+                format!("Duplicate function name '{name}' in 'tools'"),
+            ));
+        }
+        let parameters = match &tool.function.parameters {
+            // No parameters: the function takes none.
+            None => serde_json::json!({ "type": "object", "properties": {}, "additionalProperties": false }),
+            Some(p) if p.is_object() => p.clone(),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].function.parameters"),
+                    format!("Invalid 'tools[{i}].function.parameters': a JSON schema is an object"),
+                ));
+            }
+        };
+        specs.push(ToolSpec { name: name.clone(), description: tool.function.description.clone(), parameters });
+    }
+    Ok(specs)
+}
+
+fn tool_mode(request: &ChatCompletionRequest, tools: &[ToolSpec]) -> Result<Option<ToolMode>, ApiError> {
+    let Some(choice) = &request.tool_choice else {
+        return Ok((!tools.is_empty()).then_some(ToolMode::Auto));
+    };
+    let mode = match (choice.as_str(), choice["type"].as_str(), choice["function"]["name"].as_str()) {
+        (Some("none"), _, _) => return Ok(None),
+        (Some("auto"), _, _) => ToolMode::Auto,
+        (Some("required"), _, _) => ToolMode::Required,
+        (None, Some("function"), Some(name)) => {
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("Invalid 'tool_choice': function '{name}' is not in 'tools'"),
+                ));
+            }
+            ToolMode::Named(name.to_string())
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "Invalid 'tool_choice': expected 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            ));
+        }
+    };
+    if tools.is_empty() {
+        return Err(ApiError::invalid("tool_choice", "'tool_choice' is only allowed when 'tools' are specified"));
+    }
+    Ok(Some(mode))
+}
+
+/// Compiles the plan's grammar against the model's vocabulary, off the async runtime. A
+/// schema or grammar the compiler cannot take is the client's mistake, named by parameter.
+pub async fn compile(model: &SharedModel, plan: &OutputPlan) -> Result<Option<Constraint>, ApiError> {
+    let Some((grammar, param)) = plan.grammar.clone() else {
+        return Ok(None);
+    };
+    let model = model.clone();
+    let compiled = tokio::task::spawn_blocking(move || model.compile_grammar(&grammar))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    match compiled {
+        Ok(constraint) => Ok(Some(constraint)),
+        Err(EngineError::Grammar(message)) => Err(ApiError::invalid(
+            param,
+            format!("Invalid '{param}': the schema cannot be used for constrained decoding: {message}"),
+        )),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// A whole answer's text split into content and calls (`None` content when it is only calls).
+pub fn split_calls(text: &str) -> (Option<String>, Vec<ToolCall>) {
+    let mut parser = ToolCallParser::default();
+    let mut pieces = parser.push(text);
+    pieces.extend(parser.finish());
+    let mut content = String::new();
+    let mut calls: Vec<ToolCall> = Vec::new();
+    for piece in pieces {
+        match piece {
+            ToolOutput::Text(t) => content.push_str(&t),
+            ToolOutput::CallStart { name, .. } => calls.push(ToolCall {
+                id: request_id("call"),
+                kind: "function".into(),
+                function: FunctionCall { name, arguments: String::new() },
+            }),
+            ToolOutput::Arguments { index, text } => {
+                if let Some(call) = calls.get_mut(index) {
+                    call.function.arguments.push_str(&text);
+                }
+            }
+        }
+    }
+    let content = if calls.is_empty() || !content.trim().is_empty() { Some(content) } else { None };
+    (content, calls)
+}
+
+/// Rewrites a local model's neutral events: each choice's text goes through a tool-call
+/// parser, calls come out as OpenAI streams them (id, type and name first with empty
+/// arguments, then argument pieces), and a choice that called tools finishes with
+/// `tool_calls`.
+pub fn tool_call_events(events: crate::chat::EventStream) -> crate::chat::EventStream {
+    let mut parsers: HashMap<u32, ToolCallParser> = HashMap::new();
+    events
+        .flat_map(move |event| {
+            let out: Vec<_> = match event {
+                Ok(ChatEvent::Text { choice, text, logprobs }) => {
+                    let parser = parsers.entry(choice).or_default();
+                    let mut out = render(choice, parser.push(&text));
+                    // Logprobs ride on the text they belong to; calls carry none, as OpenAI's.
+                    if let Some(Ok(ChatEvent::Text { logprobs: slot, .. })) = out.first_mut() {
+                        *slot = logprobs;
+                    }
+                    out
+                }
+                Ok(ChatEvent::Finish { choice, reason }) => {
+                    let parser = parsers.entry(choice).or_default();
+                    let mut out = render(choice, parser.finish());
+                    let reason =
+                        if parser.calls() > 0 && reason == FinishReason::Stop { FinishReason::ToolCalls } else { reason };
+                    out.push(Ok(ChatEvent::Finish { choice, reason }));
+                    out
+                }
+                other => vec![other],
+            };
+            futures::stream::iter(out)
+        })
+        .boxed()
+}
+
+fn render(
+    choice: u32,
+    pieces: Vec<ToolOutput>,
+) -> Vec<Result<ChatEvent, ferry_providers::ProviderError>> {
+    pieces
+        .into_iter()
+        .map(|piece| {
+            Ok(match piece {
+                ToolOutput::Text(text) => ChatEvent::Text { choice, text, logprobs: None },
+                ToolOutput::CallStart { index, name } => ChatEvent::ToolCall {
+                    choice,
+                    index: index as u32,
+                    id: Some(request_id("call")),
+                    name: Some(name),
+                    arguments: String::new(),
+                },
+                ToolOutput::Arguments { index, text } => {
+                    ChatEvent::ToolCall { choice, index: index as u32, id: None, name: None, arguments: text }
+                }
+            })
+        })
+        .collect()
+}
+
+/// A neutral request (Anthropic's Messages with tools, translated) run on a local model:
+/// the same tool grammar and parser as chat completions, answered as neutral events so the
+/// dialect's own renderer writes them. `top_k` is the dialect's, outside the neutral params.
+pub async fn local_tool_events(
+    model: &SharedModel,
+    request: ferry_providers::ChatRequest,
+    top_k: Option<i64>,
+) -> Result<crate::chat::EventStream, ApiError> {
+    use ferry_providers::{Part, Role, ToolChoice};
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for (i, message) in request.messages.iter().enumerate() {
+        if message.content.iter().any(|p| matches!(p, Part::Image { .. })) {
+            return Err(ApiError::invalid(
+                format!("messages.{i}.content"),
+                "Image content is not supported by this model",
+            ));
+        }
+        let role = match message.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        };
+        let mut out = ferry_engine::ChatMessage::new(role, message.joined_text());
+        out.tool_call_id = message.tool_call_id.clone();
+        for call in &message.tool_calls {
+            let arguments = serde_json::from_str(&call.arguments)
+                .unwrap_or_else(|_| serde_json::Value::String(call.arguments.clone()));
+            out.tool_calls.push(ferry_engine::TemplateToolCall {
+                id: call.id.clone(),
+                kind: "function",
+                function: ferry_engine::TemplateFunction { name: call.name.clone(), arguments },
+            });
+        }
+        messages.push(out);
+    }
+    let mut tools = Vec::new();
+    for (i, tool) in request.tools.iter().enumerate() {
+        if !tool.parameters.is_object() {
+            return Err(ApiError::invalid(
+                format!("tools.{i}.input_schema"),
+                format!("tools.{i}.input_schema: a JSON schema object is required"),
+            ));
+        }
+        tools.push(ToolSpec {
+            name: tool.name.clone(),
+            description: tool.description.clone(),
+            parameters: tool.parameters.clone(),
+        });
+    }
+    let mode = match &request.tool_choice {
+        None | Some(ToolChoice::Auto) => Some(ToolMode::Auto),
+        Some(ToolChoice::None) => None,
+        Some(ToolChoice::Required) => Some(ToolMode::Required),
+        Some(ToolChoice::Function(name)) => {
+            if !tools.iter().any(|t| &t.name == name) {
+                return Err(ApiError::invalid("tool_choice", format!("tool_choice: no tool named '{name}'")));
+            }
+            Some(ToolMode::Named(name.clone()))
+        }
+    };
+    let plan = match mode {
+        Some(mode) => OutputPlan {
+            grammar: Some((ferry_engine::tools::tool_grammar(&tools, &mode, true), "tools")),
+            tools,
+            mode: Some(mode),
+        },
+        None => OutputPlan::default(),
+    };
+    let fields = ferry_api::openai::SamplingFields {
+        temperature: request.params.temperature,
+        top_p: request.params.top_p,
+        top_k,
+        stop: Some(ferry_api::openai::Stop::Many(request.params.stop.clone())),
+        ..ferry_api::openai::SamplingFields::default()
+    };
+    let sampling = crate::validate::sampling(&fields, model)?;
+    let constraint = compile(model, &plan).await?;
+    let prompt = crate::generation::chat_prompt_with_tools(model, messages, plan.tools.clone()).await?;
+    let requested = request.params.max_tokens.map(|m| m as i64);
+    let max_tokens = crate::validate::max_tokens(requested, "max_tokens", prompt.len(), model)?;
+    let mut generate = crate::validate::generate_request(prompt, max_tokens, &sampling, None, false);
+    generate.constraint = constraint;
+    let submitted = crate::generation::submit(model, vec![generate])?;
+    let events = crate::chat::local_events(model.clone(), submitted);
+    Ok(if plan.calls_tools() { tool_call_events(events) } else { events })
+}
+
+/// Collects neutral events into a whole neutral answer (one choice).
+pub async fn collect_events(
+    mut events: crate::chat::EventStream,
+) -> Result<ferry_providers::ChatResponse, ApiError> {
+    use ferry_providers::{ChatResponse, Choice, Message, Part, Role, ToolCall as NeutralCall};
+    let mut text = String::new();
+    let mut calls: Vec<NeutralCall> = Vec::new();
+    let mut finish = None;
+    let mut usage = ferry_providers::Usage::default();
+    while let Some(event) = events.next().await {
+        match event.map_err(ApiError::from)? {
+            ChatEvent::Text { text: t, .. } => text.push_str(&t),
+            ChatEvent::ToolCall { index, id, name, arguments, .. } => {
+                let index = index as usize;
+                if index >= calls.len() {
+                    calls.resize(index + 1, NeutralCall { id: String::new(), name: String::new(), arguments: String::new() });
+                }
+                let call = &mut calls[index];
+                if let Some(id) = id {
+                    call.id = id;
+                }
+                if let Some(name) = name {
+                    call.name = name;
+                }
+                call.arguments.push_str(&arguments);
+            }
+            ChatEvent::Finish { reason, .. } => finish = Some(reason),
+            ChatEvent::Usage(u) => usage = u,
+        }
+    }
+    let content = if text.is_empty() { Vec::new() } else { vec![Part::Text(text)] };
+    Ok(ChatResponse {
+        id: request_id("msg"),
+        model: String::new(),
+        choices: vec![Choice {
+            index: 0,
+            message: Message { role: Role::Assistant, content, tool_calls: calls, tool_call_id: None },
+            finish_reason: finish,
+            logprobs: None,
+        }],
+        usage,
+    })
+}

@@ -1,0 +1,356 @@
+"""Structured output and tool calling on local models through the official `openai` SDK:
+`chat.completions.parse` with pydantic models, tool calls (plain and streamed) with a full round
+trip, every `tool_choice`, and schemas the grammar compiler refuses."""
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Literal
+
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from conftest import MODEL_ID, MODELS_DIR, Server
+
+QWEN_FILE = os.path.join(MODELS_DIR, "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf")
+QWEN_ID = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M"
+
+
+class Review(BaseModel):
+    topic: str = Field(max_length=40)
+    sentiment: Literal["positive", "negative", "neutral"]
+    score: int = Field(ge=0, le=10)
+    keywords: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)
+
+
+PROMPTS = [
+    "The pizza was cold and the waiter ignored us.",
+    "I loved the new phone: fast, light and the battery lasts two days.",
+    "The train was on time.",
+    "This book changed my life. Beautiful writing.",
+    "The hotel room smelled of smoke and the sheets were dirty.",
+    "Average movie, nothing special, popcorn was fine.",
+    "Best concert I have been to in years!",
+    "The software update broke my printer driver.",
+    "Our hike up the mountain had gorgeous views.",
+    "The museum was closed without notice.",
+    "My new running shoes are comfortable but wear out quickly.",
+    "The coffee here is strong and cheap.",
+    "Customer support hung up on me twice.",
+    "The garden is blooming with tulips this spring.",
+    "The exam was hard but fair.",
+    "Delivery took three weeks and the box was crushed.",
+    "The violin lesson went well today.",
+    "A quiet day at the office.",
+    "The cake recipe worked perfectly on the first try.",
+    "Traffic was terrible and I missed the meeting.",
+]
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The city, e.g. Paris"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the current local time in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    s = Server("--parallel", "8", "--ctx-size", "1024")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    if not os.path.exists(QWEN_FILE):
+        pytest.skip("run python3 scripts/fetch-models.py qwen2.5")
+    s = Server("--model", QWEN_FILE, "--parallel", "8", "--ctx-size", "1024", model=False)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(params=["smollm2", "qwen"])
+def target(request):
+    server = request.getfixturevalue(request.param)
+    model = MODEL_ID if request.param == "smollm2" else QWEN_ID
+    return server.client(max_retries=0, timeout=300), model
+
+
+def parse_review(client, model, text, seed):
+    completion = client.chat.completions.parse(
+        model=model,
+        messages=[
+            {"role": "system", "content": "Summarise the review as JSON."},
+            {"role": "user", "content": text},
+        ],
+        response_format=Review,
+        max_tokens=120,
+        temperature=0.7,
+        seed=seed,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice
+    return choice.message.parsed
+
+
+def test_parse_twenty_prompts_all_validate(target):
+    client, model = target
+    with ThreadPoolExecutor(8) as pool:
+        parsed = list(pool.map(lambda item: parse_review(client, model, item[1], item[0]), enumerate(PROMPTS)))
+    assert len(parsed) == 20
+    for review in parsed:
+        assert isinstance(review, Review)
+        # pydantic validated it already; the bounds are the schema's.
+        assert 0 <= review.score <= 10 and len(review.keywords) <= 3
+
+
+def test_json_object_mode_gives_an_object_and_logprobs_stay_on(smollm2):
+    client = smollm2.client(max_retries=0, timeout=120)
+    completion = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    choice = completion.choices[0]
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    else:
+        assert choice.message.content.startswith("{")
+    tokens = choice.logprobs.content
+    assert len(tokens) == completion.usage.completion_tokens
+    assert "".join(t.token for t in tokens).startswith("{")
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
+
+
+def test_streamed_structured_output_parses(smollm2):
+    client = smollm2.client(max_retries=0, timeout=120)
+    with client.chat.completions.stream(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Review: the soup was great."}],
+        response_format=Review,
+        max_tokens=120,
+    ) as stream:
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Review)
+
+
+def test_bad_schemas_and_formats_are_400s_naming_the_parameter(smollm2):
+    client = smollm2.client(max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Hi"}]
+    cases = [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "array", "items": {"type": "string"}, "uniqueItems": True}}},
+         "response_format", "uniqueItems"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strung"}}},
+         "response_format", "strung"),
+        ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
+         "response_format.json_schema.name", "name"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+         "response_format.json_schema.schema", "object"),
+        ({"type": "xml"}, "response_format", "json_schema"),
+    ]
+    for response_format, param, word in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL_ID, messages=messages, response_format=response_format,
+                                           max_tokens=5)
+        error = e.value.body
+        assert e.value.status_code == 400
+        assert error["param"] == param, error
+        assert word in error["message"], error
+        assert error["type"] == "invalid_request_error"
+
+
+def test_tool_choice_errors_are_400s(smollm2):
+    client = smollm2.client(max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Hi"}]
+    bad = [
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools[1].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "string", "format": "no-such-format"}}}}}]}, "tools"),
+    ]
+    for extra, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=5, **extra)
+        assert e.value.body["param"] == param, (extra, e.value.body)
+
+
+def weather_question():
+    return [{"role": "user", "content": "What is the weather like in Paris right now? Use celsius."}]
+
+
+def check_weather_call(call):
+    assert call.type == "function"
+    assert call.id.startswith("call")
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "unit"}
+    assert arguments["unit"] in ("celsius", "fahrenheit")
+    return arguments
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_round_trip(target, stream):
+    client, model = target
+    messages = weather_question()
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    if stream:
+        chunks = list(client.chat.completions.create(
+            model=model, messages=messages, tools=tools, tool_choice="required", max_tokens=80, stream=True,
+            parallel_tool_calls=False))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        call_deltas = [d.tool_calls[0] for d in deltas if d.tool_calls]
+        # OpenAI's streaming shape: the first delta has id, type and name with empty arguments,
+        # later ones add argument text only.
+        first = call_deltas[0]
+        assert first.index == 0 and first.id and first.type == "function"
+        assert first.function.name == "get_weather" and first.function.arguments == ""
+        assert all(d.id is None and d.function.name is None for d in call_deltas[1:])
+        assert len(call_deltas) >= 2
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        arguments = "".join(d.function.arguments for d in call_deltas)
+        assert json.loads(arguments)["unit"] in ("celsius", "fahrenheit")
+        call = openai.types.chat.ChatCompletionMessageToolCall(
+            id=first.id, type="function", function={"name": "get_weather", "arguments": arguments})
+        assistant = {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}
+    else:
+        completion = client.chat.completions.create(
+            model=model, messages=messages, tools=tools, tool_choice="required", max_tokens=80,
+            parallel_tool_calls=False)
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        check_weather_call(call)
+        assistant = choice.message.model_dump(exclude_none=True)
+    # The tool's result goes back; the model answers in text.
+    messages = messages + [
+        assistant,
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})},
+    ]
+    final = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="none",
+                                           max_tokens=60, temperature=0)
+    choice = final.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert choice.message.tool_calls is None
+    assert choice.message.content and "<tool_call>" not in choice.message.content
+    if "qwen" in model.lower():
+        # Qwen reads the tool's answer.
+        assert "21" in choice.message.content, choice.message.content
+
+
+def test_tool_choice_variants_on_qwen(qwen):
+    client = qwen.client(max_retries=0, timeout=300)
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    question = [{"role": "user", "content": "What time is it in Tokyo?"}]
+    named = client.chat.completions.create(
+        model=QWEN_ID, messages=question, tools=tools, max_tokens=80,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    calls = named.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather"]
+    check_weather_call(calls[0])
+    # auto: the model picks the right tool by itself here.
+    auto = client.chat.completions.create(model=QWEN_ID, messages=question, tools=tools, max_tokens=80,
+                                          temperature=0)
+    choice = auto.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.tool_calls[0].function.name == "get_time"
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["city"]
+    # auto with nothing to call: plain text.
+    chat = client.chat.completions.create(
+        model=QWEN_ID, messages=[{"role": "user", "content": "Say hello in French, one word."}], tools=tools,
+        max_tokens=20, temperature=0)
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.choices[0].message.tool_calls is None and chat.choices[0].message.content
+    # none: never a call.
+    none = client.chat.completions.create(model=QWEN_ID, messages=question, tools=tools, tool_choice="none",
+                                          max_tokens=30, temperature=0)
+    assert none.choices[0].message.tool_calls is None
+
+
+def test_parallel_tool_calls_on_qwen(qwen):
+    client = qwen.client(max_retries=0, timeout=300)
+    completion = client.chat.completions.create(
+        model=QWEN_ID,
+        messages=[{"role": "user", "content": "What is the weather in Paris and in Rome? Use celsius."}],
+        tools=[WEATHER_TOOL], tool_choice="required", max_tokens=120, temperature=0)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    cities = [json.loads(c.function.arguments)["city"] for c in choice.message.tool_calls]
+    assert len(cities) >= 1
+    assert len({c.id for c in choice.message.tool_calls}) == len(cities)
+    for call in choice.message.tool_calls:
+        check_weather_call(call)
+
+
+def test_responses_api_text_format_parses(smollm2):
+    client = smollm2.client(max_retries=0, timeout=120)
+    response = client.responses.parse(
+        model=MODEL_ID,
+        input="Review: the museum was wonderful.",
+        text_format=Review,
+        max_output_tokens=120,
+    )
+    assert isinstance(response.output_parsed, Review)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL_ID, input="Hi", max_output_tokens=5,
+                                text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "strung"}}})
+    assert e.value.body["param"] == "text.format"
+
+
+def test_anthropic_tool_use_round_trip_on_qwen(qwen):
+    anthropic = pytest.importorskip("anthropic")
+    claude = anthropic.Anthropic(base_url=qwen.url, api_key="unused", max_retries=0, timeout=300)
+    tools = [{"name": "get_weather", "description": "Get the current weather in a city",
+              "input_schema": WEATHER_TOOL["function"]["parameters"]}]
+    messages = [{"role": "user", "content": "What is the weather in Paris? Use celsius."}]
+    message = claude.messages.create(model=QWEN_ID, max_tokens=80, messages=messages, tools=tools,
+                                     tool_choice={"type": "any"})
+    assert message.stop_reason == "tool_use"
+    use = [b for b in message.content if b.type == "tool_use"][0]
+    assert use.name == "get_weather" and use.input["unit"] in ("celsius", "fahrenheit")
+    # Streamed: the SDK assembles the tool_use block from input_json deltas.
+    with claude.messages.stream(model=QWEN_ID, max_tokens=80, messages=messages, tools=tools,
+                                tool_choice={"type": "any"}) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "tool_use"
+    assert [b.input for b in streamed.content if b.type == "tool_use"] == [use.input]
+    # The result goes back as a tool_result block; the answer is text.
+    messages += [
+        {"role": "assistant", "content": [b.model_dump() for b in message.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "21 degrees, sunny"}]},
+    ]
+    final = claude.messages.create(model=QWEN_ID, max_tokens=60, messages=messages, tools=tools,
+                                   tool_choice={"type": "none"}, temperature=0)
+    assert final.stop_reason in ("end_turn", "max_tokens")
+    text = "".join(b.text for b in final.content if b.type == "text")
+    assert "21" in text, text
