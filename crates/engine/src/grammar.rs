@@ -52,7 +52,8 @@ impl GrammarCompiler {
     pub fn new(backend: &dyn Backend) -> Result<Self, String> {
         let n_vocab = backend.info().n_vocab;
         let words: Vec<Vec<u8>> = (0..n_vocab as TokenId).map(|t| backend.token_bytes(t).to_vec()).collect();
-        let eog: Vec<TokenId> = (0..n_vocab as TokenId).filter(|&t| backend.is_end_of_generation(t)).collect();
+        let eog: Vec<TokenId> =
+            (0..n_vocab as TokenId).filter(|&t| backend.is_end_of_generation(t)).collect();
         let first_eog = eog.first().copied().ok_or("the model has no end-of-generation token")?;
         let info = TokRxInfo::new(n_vocab as u32, first_eog);
         let trie = TokTrie::from(&info, &words).with_eos_tokens(&eog);
@@ -89,14 +90,15 @@ impl GrammarCompiler {
         if let Some(error) = matcher.get_error() {
             return Err(error);
         }
-        Ok(Constraint { matcher })
+        Ok(Constraint { matcher: Box::new(matcher) })
     }
 }
 
 /// The grammar state of one sequence. Cloning gives an independent copy (one per choice).
 #[derive(Clone)]
 pub struct Constraint {
-    matcher: Matcher,
+    /// Boxed: a matcher is large, and requests carrying one move through channels.
+    matcher: Box<Matcher>,
 }
 
 impl fmt::Debug for Constraint {
@@ -191,7 +193,8 @@ mod tests {
 
     #[test]
     fn unsupported_schema_features_are_named() {
-        let schema = serde_json::json!({ "type": "array", "items": { "type": "string" }, "uniqueItems": true });
+        let schema =
+            serde_json::json!({ "type": "array", "items": { "type": "string" }, "uniqueItems": true });
         let error = compiler().compile(&Grammar::JsonSchema(schema)).err().unwrap_or_default();
         assert!(error.contains("uniqueItems"), "{error}");
         let schema = serde_json::json!({ "type": "string", "format": "no-such-format" });
@@ -224,7 +227,8 @@ mod tests {
         assert_eq!(accepted(&mut c, text), text.len());
         assert!(can_end(&mut c));
 
-        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let call =
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
         let mut c = compile(auto.clone());
         assert_eq!(accepted(&mut c, &format!("Let me look.{call}\n{call}")), 12 + 2 * call.len() + 1);
         assert!(can_end(&mut c));

@@ -83,7 +83,9 @@ pub fn tool_grammar(tools: &[ToolSpec], mode: &ToolMode, parallel: bool) -> Gram
         ),
         ToolMode::Required | ToolMode::Named(_) => format!("start: call{more}\n"),
     };
-    Grammar::Lark(format!("%llguidance {{}}\n{start}call: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {body}\n"))
+    Grammar::Lark(format!(
+        "%llguidance {{}}\n{start}call: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {body}\n"
+    ))
 }
 
 /// The conversation for a template that does not render tools itself: the tool list and
@@ -123,7 +125,9 @@ pub fn inline_tools(messages: &[ChatMessage], tools: &[ToolSpec]) -> Vec<ChatMes
                     }
                     let name = Value::String(call.function.name.clone());
                     let arguments = &call.function.arguments;
-                    text.push_str(&format!("{OPEN}\n{{\"name\": {name}, \"arguments\": {arguments}}}\n{CLOSE}"));
+                    text.push_str(&format!(
+                        "{OPEN}\n{{\"name\": {name}, \"arguments\": {arguments}}}\n{CLOSE}"
+                    ));
                 }
                 out.push(ChatMessage::new("assistant", text));
             }
@@ -204,7 +208,7 @@ impl ToolCallParser {
     pub fn finish(&mut self) -> Vec<ToolOutput> {
         let rest = std::mem::take(&mut self.buffer);
         match self.state {
-            State::Text if !rest.is_empty() && !(self.calls > 0 && rest.trim().is_empty()) => {
+            State::Text if !(rest.is_empty() || self.calls > 0 && rest.trim().is_empty()) => {
                 vec![ToolOutput::Text(rest)]
             }
             _ => Vec::new(),
@@ -241,7 +245,10 @@ impl ToolCallParser {
         // Keep any tail that could still grow into `<tool_call>`.
         let keep = (1..OPEN.len().min(self.buffer.len() + 1))
             .rev()
-            .find(|&n| self.buffer.is_char_boundary(self.buffer.len() - n) && OPEN.starts_with(&self.buffer[self.buffer.len() - n..]))
+            .find(|&n| {
+                self.buffer.is_char_boundary(self.buffer.len() - n)
+                    && OPEN.starts_with(&self.buffer[self.buffer.len() - n..])
+            })
             .unwrap_or(0);
         let send = self.buffer.len() - keep;
         if send > 0 {
@@ -382,7 +389,10 @@ mod tests {
     fn a_bare_json_call_is_a_call() {
         let text = " {\"name\": \"f\", \"arguments\": {\"a\": \"}\"}}";
         for step in [1, 5, 1000] {
-            assert_eq!(parse(text, step), (String::new(), vec![("f".to_string(), "{\"a\": \"}\"}".to_string())]));
+            assert_eq!(
+                parse(text, step),
+                (String::new(), vec![("f".to_string(), "{\"a\": \"}\"}".to_string())])
+            );
         }
         // Only at the start: later braces are text.
         assert_eq!(parse("x {\"name\": 1}", 1), ("x {\"name\": 1}".to_string(), vec![]));

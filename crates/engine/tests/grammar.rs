@@ -1,12 +1,18 @@
 //! Constrained decoding on the real models: what a schema or a tool grammar allows is all
 //! that comes out, sampled or greedy, with constrained and free sequences in one batch.
-#![allow(clippy::expect_used, clippy::unwrap_used, reason = "tests: a failure stops the test with its message")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failure stops the test with its message"
+)]
 
 mod common;
 
 use common::{QWEN, SMOLLM2, load, request, run};
 use ferry_engine::tools::tool_grammar;
-use ferry_engine::{ChatMessage, FinishReason, Grammar, SamplingParams, ToolCallParser, ToolMode, ToolOutput, ToolSpec};
+use ferry_engine::{
+    ChatMessage, FinishReason, Grammar, SamplingParams, ToolCallParser, ToolMode, ToolOutput, ToolSpec,
+};
 use serde_json::{Value, json};
 
 fn person_schema() -> Value {
@@ -38,7 +44,8 @@ fn check_person(text: &str) {
 fn schema_constrained_choices_validate_while_a_free_sequence_shares_the_batch() {
     let model = load(SMOLLM2, 4);
     let constraint = model.compile_grammar(&Grammar::JsonSchema(person_schema())).expect("compiles");
-    let prompt = model.chat_prompt(&[ChatMessage::new("user", "Describe a person as JSON.")]).expect("prompt");
+    let prompt =
+        model.chat_prompt(&[ChatMessage::new("user", "Describe a person as JSON.")]).expect("prompt");
     let sampled = SamplingParams { temperature: 1.0, seed: Some(3), ..SamplingParams::default() };
     let mut constrained = request(prompt.clone(), 256, sampled);
     constrained.n = 3;

@@ -95,10 +95,15 @@ async fn local(
         .into_iter()
         .enumerate()
         .map(|(index, c)| {
-            let (content, tool_calls) =
-                if plan.calls_tools() { structured::split_calls(&c.text) } else { (Some(c.text), Vec::new()) };
+            let (content, tool_calls) = if plan.calls_tools() {
+                structured::split_calls(&c.text)
+            } else {
+                (Some(c.text), Vec::new())
+            };
             let finish_reason = match c.finish_reason {
-                Some(ferry_engine::FinishReason::Stop) if !tool_calls.is_empty() => Some("tool_calls".to_string()),
+                Some(ferry_engine::FinishReason::Stop) if !tool_calls.is_empty() => {
+                    Some("tool_calls".to_string())
+                }
                 other => other.map(|r| r.as_str().to_string()),
             };
             ChatChoice {

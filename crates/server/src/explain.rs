@@ -411,10 +411,8 @@ pub async fn explanations(
     let work = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let model = tokenizer;
         let completion_tokens = model.backend.tokenize(&completion_text, false);
-        let chat: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect();
+        let chat: Vec<ChatMessage> =
+            messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect();
         let mut segments = Vec::new();
         for (index, message) in messages.iter().enumerate() {
             for (start, end) in split(&model, &message.content, granularity) {

@@ -82,9 +82,7 @@ fn conversation(system: Option<&SystemPrompt>, messages: &[Message]) -> Result<V
     }
     let mut out = Vec::with_capacity(messages.len() + 1);
     match system {
-        Some(SystemPrompt::Text(text)) => {
-            out.push(ChatMessage::new("system", text.clone()))
-        }
+        Some(SystemPrompt::Text(text)) => out.push(ChatMessage::new("system", text.clone())),
         Some(SystemPrompt::Blocks(blocks)) => {
             out.push(ChatMessage::new("system", block_text(blocks, "system")?))
         }
@@ -436,9 +434,10 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
 /// Counting the tokens of a conversation with tools is not done yet: refused by name.
 fn refuse_tools(tools: &Option<Vec<serde_json::Value>>) -> Result<(), ApiError> {
     match tools {
-        Some(tools) if !tools.is_empty() => {
-            Err(ApiError::invalid("tools", "tools: counting tokens with tools is not supported by local models yet"))
-        }
+        Some(tools) if !tools.is_empty() => Err(ApiError::invalid(
+            "tools",
+            "tools: counting tokens with tools is not supported by local models yet",
+        )),
         _ => Ok(()),
     }
 }

@@ -276,7 +276,10 @@ async fn upstream(
     if envelope.format.kind != "text" {
         return Err(ApiError::invalid(
             "text.format",
-            format!("text.format of type '{}' is not supported for gateway aliases yet", envelope.format.kind),
+            format!(
+                "text.format of type '{}' is not supported for gateway aliases yet",
+                envelope.format.kind
+            ),
         ));
     }
     if let Some(m) = request.max_output_tokens

@@ -70,7 +70,11 @@ fn response_schema(
 ) -> Result<Option<serde_json::Value>, ApiError> {
     // Where the Responses API keeps name and schema: directly in `text.format`.
     let field = |name: &str| {
-        if param == "response_format" { format!("{param}.json_schema.{name}") } else { format!("{param}.{name}") }
+        if param == "response_format" {
+            format!("{param}.json_schema.{name}")
+        } else {
+            format!("{param}.{name}")
+        }
     };
     let format = match format {
         None => ResponseFormat::Text,
@@ -105,7 +109,10 @@ fn response_schema(
                 Some(schema) if schema.is_object() => Ok(Some(schema)),
                 Some(_) => {
                     let field = field("schema");
-                    Err(ApiError::invalid(field.clone(), format!("Invalid '{field}': a JSON schema is an object")))
+                    Err(ApiError::invalid(
+                        field.clone(),
+                        format!("Invalid '{field}': a JSON schema is an object"),
+                    ))
                 }
             }
         }
@@ -128,7 +135,9 @@ fn tool_specs(request: &ChatCompletionRequest) -> Result<Vec<ToolSpec>, ApiError
         if !name_ok {
             return Err(ApiError::invalid(
                 format!("tools[{i}].function.name"),
-                format!("Invalid 'tools[{i}].function.name': '{name}'; use 1 to 64 letters, digits, '_' or '-'"),
+                format!(
+                    "Invalid 'tools[{i}].function.name': '{name}'; use 1 to 64 letters, digits, '_' or '-'"
+                ),
             ));
         }
         if specs.iter().any(|s| &s.name == name) {
@@ -148,7 +157,11 @@ fn tool_specs(request: &ChatCompletionRequest) -> Result<Vec<ToolSpec>, ApiError
                 ));
             }
         };
-        specs.push(ToolSpec { name: name.clone(), description: tool.function.description.clone(), parameters });
+        specs.push(ToolSpec {
+            name: name.clone(),
+            description: tool.function.description.clone(),
+            parameters,
+        });
     }
     Ok(specs)
 }
@@ -178,7 +191,10 @@ fn tool_mode(request: &ChatCompletionRequest, tools: &[ToolSpec]) -> Result<Opti
         }
     };
     if tools.is_empty() {
-        return Err(ApiError::invalid("tool_choice", "'tool_choice' is only allowed when 'tools' are specified"));
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "'tool_choice' is only allowed when 'tools' are specified",
+        ));
     }
     Ok(Some(mode))
 }
@@ -250,8 +266,11 @@ pub fn tool_call_events(events: crate::chat::EventStream) -> crate::chat::EventS
                 Ok(ChatEvent::Finish { choice, reason }) => {
                     let parser = parsers.entry(choice).or_default();
                     let mut out = render(choice, parser.finish());
-                    let reason =
-                        if parser.calls() > 0 && reason == FinishReason::Stop { FinishReason::ToolCalls } else { reason };
+                    let reason = if parser.calls() > 0 && reason == FinishReason::Stop {
+                        FinishReason::ToolCalls
+                    } else {
+                        reason
+                    };
                     out.push(Ok(ChatEvent::Finish { choice, reason }));
                     out
                 }
@@ -262,10 +281,7 @@ pub fn tool_call_events(events: crate::chat::EventStream) -> crate::chat::EventS
         .boxed()
 }
 
-fn render(
-    choice: u32,
-    pieces: Vec<ToolOutput>,
-) -> Vec<Result<ChatEvent, ferry_providers::ProviderError>> {
+fn render(choice: u32, pieces: Vec<ToolOutput>) -> Vec<Result<ChatEvent, ferry_providers::ProviderError>> {
     pieces
         .into_iter()
         .map(|piece| {
@@ -389,7 +405,10 @@ pub async fn collect_events(
             ChatEvent::ToolCall { index, id, name, arguments, .. } => {
                 let index = index as usize;
                 if index >= calls.len() {
-                    calls.resize(index + 1, NeutralCall { id: String::new(), name: String::new(), arguments: String::new() });
+                    calls.resize(
+                        index + 1,
+                        NeutralCall { id: String::new(), name: String::new(), arguments: String::new() },
+                    );
                 }
                 let call = &mut calls[index];
                 if let Some(id) = id {
