@@ -98,7 +98,13 @@ impl LocalModel {
             None => None,
         };
         let scheduler = Scheduler::start(backend.clone(), config)?;
-        Ok(LocalModel { backend, template, scheduler, defaults: ModelDefaults::default(), grammar: OnceLock::new() })
+        Ok(LocalModel {
+            backend,
+            template,
+            scheduler,
+            defaults: ModelDefaults::default(),
+            grammar: OnceLock::new(),
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
