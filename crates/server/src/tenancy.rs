@@ -809,8 +809,9 @@ impl Finish {
             cost: finish.cost,
             model_card: card.as_ref(),
         };
-        // Sized for a typical trace, so the buffer isn't regrown (and copied) while it is written.
-        let mut json = Vec::with_capacity(1024);
+        // Sized for a typical trace (600-700 bytes), so the buffer isn't regrown (and copied)
+        // while it is written; under 1 KiB, the allocator serves it from its per-thread cache.
+        let mut json = Vec::with_capacity(768);
         serde_json::to_writer(&mut json, &doc).ok()?;
         let json = String::from_utf8(json).ok()?;
         Some(ferry_store::traces::TraceText {
