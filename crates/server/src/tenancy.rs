@@ -57,7 +57,7 @@ const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 /// A key as admission needs it: with its project and tenant, and the scopes its requests
 /// count against (made once per key, not per request).
 struct KeyContext {
-    key: ApiKey,
+    key: Arc<ApiKey>,
     project: Option<Project>,
     tenant: Option<Tenant>,
     subjects: Vec<Subject>,
@@ -87,7 +87,8 @@ pub struct Tenancy {
 /// The caller of a request: a key, or the local user of a server without keys.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    pub key: Option<ApiKey>,
+    /// Shared with the key cache: an identity is cloned into every request's extensions.
+    pub key: Option<Arc<ApiKey>>,
 }
 
 impl Identity {
@@ -208,7 +209,8 @@ impl Tenancy {
         let mut subjects = vec![Subject::new(ScopeKind::Key, &key.id, &key.limits)];
         subjects.extend(project.as_ref().map(|p| Subject::new(ScopeKind::Project, &p.id, &p.limits)));
         subjects.extend(tenant.as_ref().map(|t| Subject::new(ScopeKind::Tenant, &t.id, &t.limits)));
-        let context = Arc::new(KeyContext { key, project, tenant, subjects, fetched: Instant::now() });
+        let context =
+            Arc::new(KeyContext { key: Arc::new(key), project, tenant, subjects, fetched: Instant::now() });
         if let Ok(mut keys) = self.keys.lock() {
             if keys.len() > 100_000 {
                 keys.clear();
@@ -807,7 +809,11 @@ impl Finish {
             cost: finish.cost,
             model_card: card.as_ref(),
         };
-        let json = serde_json::to_string(&doc).ok()?;
+        // Sized for a typical trace (600-700 bytes), so the buffer isn't regrown (and copied)
+        // while it is written; under 1 KiB, the allocator serves it from its per-thread cache.
+        let mut json = Vec::with_capacity(768);
+        serde_json::to_writer(&mut json, &doc).ok()?;
+        let json = String::from_utf8(json).ok()?;
         Some(ferry_store::traces::TraceText {
             request_id: m.request_id.clone(),
             tenant_id: self.owner.tenant_id.clone(),
