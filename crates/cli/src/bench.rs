@@ -42,6 +42,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         prefill_chunk: batch,
         max_waiting: args.concurrent.iter().copied().max().unwrap_or(1).max(1),
         prefix_cache: false,
+        request_timeout: None,
     };
     let model = LocalModel::load("bench", &args.model, config, |_| {})?;
     let n_vocab = model.info().n_vocab as u32;

@@ -55,6 +55,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 prefill_chunk: 512,
                 max_waiting: 1,
                 prefix_cache: true,
+                request_timeout: None,
             };
             let model =
                 tokio::task::spawn_blocking(move || LocalModel::load(&id, &path, config, |_| {})).await??;
@@ -141,6 +142,7 @@ impl Backend {
                         }
                         Event::Finished { .. } => break,
                         Event::Error(e) => bail!(e),
+                        Event::DeadlineExceeded { .. } => bail!("the answer passed its deadline"),
                         Event::PromptLogprobs { .. } => {}
                     }
                 }

@@ -9,6 +9,12 @@
 //! - Cancellation: a request whose receiver is gone (client disconnected) has its
 //!   sequences dropped and their KV cache cleared at the next step.
 //! - The queue is bounded: `submit` fails with `QueueFull` instead of growing it.
+//! - Fairness: requests are admitted first come first served, and prompts are prefilled
+//!   oldest first within a bounded chunk per step, so no request waits behind later ones and
+//!   running streams keep one token per step while long prompts are prefilled.
+//! - Deadlines (`Scheduler::submit_until`, or the config's `request_timeout`): a request
+//!   still waiting or running when its deadline passes gets `Event::DeadlineExceeded` and
+//!   its sequences are freed at the next step, like a cancelled one.
 //! - Scoring jobs (`Scheduler::score`): one base sequence prefilled once, then variants
 //!   forked from its KV cache into free slots (a copy, minus the cells the variant drops),
 //!   each decoding only its own tokens; see [`ScoreRequest`].
@@ -18,7 +24,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -62,6 +68,9 @@ pub struct Timings {
     /// The first token was sampled (prefill done).
     pub first_token: Instant,
     pub finished: Instant,
+    /// The longest gap between two consecutive sampled tokens (zero for one token). The mean
+    /// gap is `(finished - first_token) / (completion_tokens - 1)`.
+    pub max_inter_token: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +111,10 @@ pub enum Event {
     },
     /// The request failed inside the engine; no more events follow.
     Error(String),
+    /// The request's deadline passed before every choice finished; its sequences are freed
+    /// and no more events follow. `admitted` says whether it had left the queue;
+    /// `completion_tokens` counts the tokens its unfinished choices had sampled.
+    DeadlineExceeded { admitted: bool, completion_tokens: usize },
 }
 
 /// Scheduler limits and sizes.
@@ -117,6 +130,8 @@ pub struct SchedulerConfig {
     /// so cells computed in another batch differ in their last bits and a greedy answer can
     /// drift from the uncached one after some tokens.
     pub prefix_cache: bool,
+    /// A request's deadline when it brings none: this long after `submit`.
+    pub request_timeout: Option<Duration>,
 }
 
 /// Counters read by tests, metrics and the benchmark.
@@ -132,6 +147,10 @@ pub struct SchedulerStats {
     pub kv_tokens: AtomicUsize,
     /// Prompt tokens found in a slot's cache (prefix cache hits), not recomputed.
     pub cached_tokens: AtomicU64,
+    /// Requests ended by their deadline.
+    pub expired: AtomicU64,
+    /// Requests admitted from the queue (generation and scoring).
+    pub admitted: AtomicU64,
 }
 
 /// A cheap handle to the scheduler thread.
@@ -151,6 +170,13 @@ enum Job {
 struct Pending {
     request: GenerateRequest,
     events: UnboundedSender<Event>,
+    deadline: Option<Instant>,
+}
+
+impl Pending {
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
 }
 
 struct ScorePending {
@@ -208,6 +234,21 @@ impl Scheduler {
 
     /// Queues a request. Events arrive on the returned receiver; dropping it cancels the request.
     pub fn submit(&self, request: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+        self.submit_until(request, None)
+    }
+
+    /// `submit` with a deadline: past it the request ends with `Event::DeadlineExceeded`
+    /// (the earlier of `deadline` and the config's `request_timeout` from now).
+    pub fn submit_until(
+        &self,
+        request: GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<UnboundedReceiver<Event>, EngineError> {
+        let default = self.config.request_timeout.and_then(|t| Instant::now().checked_add(t));
+        let deadline = match (deadline, default) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if request.n == 0 || request.n > self.config.session.n_sequences {
             return Err(EngineError::InvalidRequest(format!(
                 "n must be between 1 and {} (the parallel sequences of this model)",
@@ -215,7 +256,7 @@ impl Scheduler {
             )));
         }
         let (events, receiver) = unbounded_channel();
-        self.enqueue(Job::Generate(Pending { request, events }))?;
+        self.enqueue(Job::Generate(Pending { request, events, deadline }))?;
         Ok(receiver)
     }
 
@@ -280,6 +321,8 @@ struct Generation {
     choice: usize,
     admitted_at: Instant,
     first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    max_inter_token: Duration,
     sampler: Sampler,
     utf8: Utf8Stream,
     stops: StopMatcher,
@@ -410,6 +453,7 @@ impl<'m> Worker<'m> {
                 self.waiting.push_back(p);
             }
             self.drop_cancelled();
+            self.expire(Instant::now());
             self.fork_variants();
             self.admit();
             self.step();
@@ -429,6 +473,48 @@ impl<'m> Worker<'m> {
             }
         }
         self.jobs.retain(|j| !j.events.is_closed());
+    }
+
+    /// Ends the generation requests whose deadline has passed: waiting ones leave the queue,
+    /// running ones free every sequence of theirs (as a cancellation does). Each gets one
+    /// `DeadlineExceeded`, then its channel closes.
+    fn expire(&mut self, now: Instant) {
+        let before = self.waiting.len();
+        self.waiting.retain(|job| match job {
+            Job::Generate(p) if p.expired(now) => {
+                let _ = p.events.send(Event::DeadlineExceeded { admitted: false, completion_tokens: 0 });
+                false
+            }
+            _ => true,
+        });
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
+            self.stats.expired.fetch_add(gone as u64, Ordering::Relaxed);
+        }
+        // Expired requests holding slots, each once with the tokens its choices sampled.
+        let mut expired: Vec<(Arc<Pending>, usize)> = Vec::new();
+        for slot in 0..self.slots.len() {
+            let Some(seq) = self.slots[slot].as_ref() else {
+                continue;
+            };
+            let Work::Generate(g) = &seq.work else {
+                continue;
+            };
+            if !g.request.expired(now) {
+                continue;
+            }
+            let sampled = seq.tokens.len().saturating_sub(seq.n_prompt);
+            match expired.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &g.request)) {
+                Some((_, tokens)) => *tokens += sampled,
+                None => expired.push((g.request.clone(), sampled)),
+            }
+            self.free(slot);
+        }
+        self.stats.expired.fetch_add(expired.len() as u64, Ordering::Relaxed);
+        for (pending, completion_tokens) in expired {
+            let _ = pending.events.send(Event::DeadlineExceeded { admitted: true, completion_tokens });
+        }
     }
 
     /// Frees a slot. A generation's cells stay for the next prompt that shares their
@@ -549,6 +635,7 @@ impl<'m> Worker<'m> {
                 break;
             };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.stats.admitted.fetch_add(1, Ordering::Relaxed);
             self.admissions += 1;
             match job {
                 Job::Generate(pending) => self.admit_generation(pending, &free),
@@ -587,6 +674,8 @@ impl<'m> Worker<'m> {
                     choice,
                     admitted_at: Instant::now(),
                     first_token_at: None,
+                    last_token_at: None,
+                    max_inter_token: Duration::ZERO,
                     sampler: Sampler::new(request.sampling.clone(), choice as u64),
                     utf8: Utf8Stream::default(),
                     stops: StopMatcher::new(request.stop.clone()),
@@ -816,6 +905,9 @@ impl<'m> Worker<'m> {
         let token = g.sampler.sample(logits);
         let now = Instant::now();
         let first_token = *g.first_token_at.get_or_insert(now);
+        if let Some(last) = g.last_token_at.replace(now) {
+            g.max_inter_token = g.max_inter_token.max(now.saturating_duration_since(last));
+        }
         g.sampler.accept(token);
         seq.tokens.push(token);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -865,7 +957,12 @@ impl<'m> Worker<'m> {
                 stop_sequence,
                 completion_tokens: generated,
                 cached_tokens: g.cached_tokens,
-                timings: Timings { admitted: g.admitted_at, first_token, finished: now },
+                timings: Timings {
+                    admitted: g.admitted_at,
+                    first_token,
+                    finished: now,
+                    max_inter_token: g.max_inter_token,
+                },
             });
             self.free(slot);
         }

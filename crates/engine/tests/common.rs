@@ -33,6 +33,7 @@ pub fn load_with(file: &str, n_sequences: usize, prefix_cache: bool) -> LocalMod
         prefill_chunk: 256,
         max_waiting: 64,
         prefix_cache,
+        request_timeout: None,
     };
     LocalModel::load(file, &model_path(file), config, |_| {}).expect("model loads")
 }
@@ -87,6 +88,7 @@ pub fn collect(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usi
                 open -= 1;
             }
             Event::Error(e) => panic!("engine error: {e}"),
+            Event::DeadlineExceeded { .. } => panic!("deadline exceeded"),
             Event::PromptLogprobs { .. } => {}
         }
     }

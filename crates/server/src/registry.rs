@@ -512,6 +512,7 @@ mod tests {
                 prefill_chunk: 256,
                 max_waiting: 8,
                 prefix_cache: false,
+                request_timeout: None,
             },
             defaults: Default::default(),
             preload: false,

@@ -118,8 +118,9 @@ pub async fn render(
         gauge!("ferry_kv_cache_tokens", "model" => id.clone()).set(stats.kv_tokens.load(Relaxed) as f64);
         gauge!("ferry_kv_cache_capacity_tokens", "model" => id.clone())
             .set((session.n_sequences * session.ctx_per_sequence) as f64);
-        gauge!("ferry_engine_generated_tokens", "model" => id)
+        gauge!("ferry_engine_generated_tokens", "model" => id.clone())
             .set(stats.generated_tokens.load(Relaxed) as f64);
+        gauge!("ferry_engine_expired_requests", "model" => id).set(stats.expired.load(Relaxed) as f64);
     }
     let mut response = handle.render().into_response();
     response
