@@ -119,7 +119,9 @@ def level(server, model, prompts, concurrency, gen):
     ttfts, tokens, errors = [], [], []
 
     def client_loop():
-        with httpx.Client() as client:
+        # A fresh connection per request: llama-server closes idle keep-alive connections,
+        # which a pooled client would only find out when reusing one.
+        with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
             while True:
                 with lock:
                     if not queue:
@@ -146,6 +148,10 @@ def level(server, model, prompts, concurrency, gen):
     q = statistics.quantiles(ttfts, n=100, method="inclusive") if len(ttfts) > 1 else ttfts * 99
     return {"tok_s": sum(tokens) / wall, "ttft_p50": q[49], "ttft_p99": q[98], "rss_mb": server.peak_rss_mb(),
             "tokens": sum(tokens), "wall_s": wall, "errors": errors}
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main():
@@ -182,8 +188,12 @@ def main():
             LLAMA_SERVER, "-m", args.model, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
             "-tb", str(args.threads), "-np", str(args.parallel), "-c", str(args.parallel * args.ctx_per_seq),
             "--no-webui", *args.llama_args.split()], url=f"http://127.0.0.1:{port}"))
-    running = [start() for start in servers]
+    running = []
+    # SIGTERM (a timeout, or a user) stops the servers too.
+    signal.signal(signal.SIGTERM, interrupted)
     try:
+        for start in servers:
+            running.append(start())
         warm = workload(args.seed + 1000, 2, args.min_prompt, args.min_prompt)
         for s in running:
             level(s, model_id, warm, 2, 8)

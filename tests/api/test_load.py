@@ -97,3 +97,24 @@ def test_the_server_wide_deadline_answers_a_whole_response_with_504(timed_server
     assert e.value.status_code == 504
     assert e.value.response.json()["error"]["code"] == "deadline_exceeded"
     assert running_sequences(timed_server) == 0
+
+
+def test_a_kv_budget_below_two_contexts_is_refused_at_start():
+    with pytest.raises(RuntimeError, match="kv-budget"):
+        Server("--parallel", "4", "--ctx-size", "512", "--kv-budget", "1000")
+
+
+def test_under_a_kv_budget_a_request_that_can_never_fit_is_refused():
+    s = Server("--parallel", "4", "--ctx-size", "512", "--kv-budget", "1024")
+    try:
+        client = s.client(max_retries=0, timeout=120)
+        answer = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=8)
+        assert answer.usage.completion_tokens >= 1
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=400, n=3)
+        error = e.value.response.json()["error"]
+        assert error["param"] == "n" and "KV budget" in error["message"]
+        m = metrics(s)
+        assert value(m, "ferry_kv_cache_capacity_tokens", model=MODEL_ID) == 1024
+    finally:
+        s.stop()

@@ -38,6 +38,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             ctx_per_sequence: args.prompt.max(args.gen_tokens) + 8,
             batch_tokens: batch,
             threads: args.threads,
+            kv_budget: None,
         },
         prefill_chunk: batch,
         max_waiting: args.concurrent.iter().copied().max().unwrap_or(1).max(1),

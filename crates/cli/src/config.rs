@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Most requests waiting for a sequence; past it the answer is 429
     #[arg(long, env = "FERRY_MAX_QUEUE")]
     pub max_queue: Option<usize>,
+    /// KV-cache cells of each model, shared by its sequences, when fewer than ctx-size ×
+    /// parallel (the default: one full context per sequence); at least twice ctx-size
+    #[arg(long, env = "FERRY_KV_BUDGET")]
+    pub kv_budget: Option<usize>,
     /// Seconds a request to a local model may take from reaching its queue to its last token;
     /// past it the request is cancelled and answered 504 (`x-ferry-timeout` may shorten it)
     #[arg(long, env = "FERRY_REQUEST_TIMEOUT")]
@@ -188,6 +192,7 @@ struct FileConfig {
     prefill_chunk: Option<usize>,
     max_queue: Option<usize>,
     request_timeout: Option<f64>,
+    kv_budget: Option<usize>,
     max_body_bytes: Option<usize>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
@@ -240,6 +245,8 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// `None`: requests have no deadline unless they ask for one.
     pub request_timeout: Option<std::time::Duration>,
+    /// `None`: `ctx_size * parallel` cells, one context per sequence.
+    pub kv_budget: Option<usize>,
     pub max_body_bytes: usize,
     /// The SQLite file, or a postgres:// URL.
     pub database: String,
@@ -310,6 +317,7 @@ impl ServeArgs {
                     bail!("--request-timeout must be a number of seconds above 0 and at most 86400, not {s}")
                 }
             },
+            kv_budget: self.kv_budget.or(file.kv_budget),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024),
             database: match self.database_url.or(file.database_url) {
                 Some(url) => url,
@@ -378,6 +386,12 @@ impl ServeArgs {
         }
         if config.max_loaded_models == Some(0) {
             bail!("--max-loaded-models must be at least 1");
+        }
+        if let Some(budget) = config.kv_budget
+            && budget < 2 * config.ctx_size
+            && budget < config.ctx_size * config.parallel
+        {
+            bail!("--kv-budget ({budget}) must be at least twice --ctx-size ({})", config.ctx_size);
         }
         if config.batch_size < config.parallel {
             bail!("--batch-size ({}) must be at least --parallel ({})", config.batch_size, config.parallel);
@@ -450,6 +464,7 @@ impl ServeConfig {
                     ctx_per_sequence: ctx_size,
                     batch_tokens: self.batch_size.max(parallel),
                     threads: self.threads,
+                    kv_budget: self.kv_budget,
                 },
                 prefill_chunk: self.prefill_chunk,
                 max_waiting: self.max_queue,

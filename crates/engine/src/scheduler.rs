@@ -12,6 +12,11 @@
 //! - Fairness: requests are admitted first come first served, and prompts are prefilled
 //!   oldest first within a bounded chunk per step, so no request waits behind later ones and
 //!   running streams keep one token per step while long prompts are prefilled.
+//! - KV budget (`SessionConfig::kv_budget` below one full context per sequence): the
+//!   sequences share one pool of cells. Each sequence reserves the most cells it can hold
+//!   (prompt plus `max_tokens`); a job is admitted only when its reservation fits beside the
+//!   others' and the prefix cache's cells, evicting cached prefixes least recently used first,
+//!   else it waits (and nothing overtakes it).
 //! - Deadlines (`Scheduler::submit_until`, or the config's `request_timeout`): a request
 //!   still waiting or running when its deadline passes gets `Event::DeadlineExceeded` and
 //!   its sequences are freed at the next step, like a cancelled one.
@@ -151,6 +156,8 @@ pub struct SchedulerStats {
     pub expired: AtomicU64,
     /// Requests admitted from the queue (generation and scoring).
     pub admitted: AtomicU64,
+    /// Prefix-cache entries dropped to make room under the KV budget.
+    pub evicted_prefixes: AtomicU64,
 }
 
 /// A cheap handle to the scheduler thread.
@@ -192,6 +199,14 @@ impl Job {
         }
     }
 
+    /// KV cells the job reserves when it is admitted (see `Sequence::reserve`).
+    fn cells_needed(&self, ctx: usize) -> usize {
+        match self {
+            Job::Generate(p) => p.request.n * generation_reserve(&p.request, ctx),
+            Job::Score(p) => p.request.tokens.len(),
+        }
+    }
+
     /// Free slots the job needs to be admitted. A scoring job with variants waits for two,
     /// so that bases never hold every slot while their variants wait for one.
     fn slots_needed(&self) -> usize {
@@ -202,9 +217,24 @@ impl Job {
     }
 }
 
+/// The most KV cells one choice of `request` can hold: its prompt and every token it may
+/// generate (the last one sampled is never fed back), within the context.
+fn generation_reserve(request: &GenerateRequest, ctx: usize) -> usize {
+    (request.prompt.len() + request.max_tokens).min(ctx)
+}
+
 impl Scheduler {
     /// Starts the scheduler thread; fails if the backend cannot create its session.
     pub fn start(backend: Arc<dyn Backend>, config: SchedulerConfig) -> Result<Self, EngineError> {
+        if let Some(cells) = config.session.shared_kv_cells()
+            && cells < 2 * config.session.ctx_per_sequence
+        {
+            // A scoring job holds its base while a variant forks beside it: two contexts.
+            return Err(EngineError::Load(format!(
+                "a KV budget of {cells} tokens is less than two contexts of {} tokens",
+                config.session.ctx_per_sequence
+            )));
+        }
         let (commands, inbox) = mpsc::channel::<Job>();
         let stats = Arc::new(SchedulerStats::default());
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -249,11 +279,20 @@ impl Scheduler {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if request.n == 0 || request.n > self.config.session.n_sequences {
+        let session = &self.config.session;
+        if request.n == 0 || request.n > session.n_sequences {
             return Err(EngineError::InvalidRequest(format!(
                 "n must be between 1 and {} (the parallel sequences of this model)",
-                self.config.session.n_sequences
+                session.n_sequences
             )));
+        }
+        if let Some(cells) = session.shared_kv_cells() {
+            let needed = request.n * generation_reserve(&request, session.ctx_per_sequence);
+            if needed > cells {
+                return Err(EngineError::InvalidRequest(format!(
+                    "n choices of the prompt and max_tokens need {needed} KV cells, more than this model's KV budget of {cells}"
+                )));
+            }
         }
         let (events, receiver) = unbounded_channel();
         self.enqueue(Job::Generate(Pending { request, events, deadline }))?;
@@ -265,6 +304,14 @@ impl Scheduler {
     pub fn score(&self, request: ScoreRequest) -> Result<UnboundedReceiver<ScoreEvent>, EngineError> {
         let session = &self.config.session;
         request.check(session.n_sequences, session.ctx_per_sequence).map_err(EngineError::InvalidRequest)?;
+        if session.shared_kv_cells().is_some() && !request.variants.is_empty() {
+            // Variants read the base's cells; in llama.cpp's shared pool their scores came out
+            // up to 0.1 nats off the same tokens computed whole (see tests/load.rs).
+            return Err(EngineError::InvalidRequest(
+                "scoring variants needs one KV stream per sequence: serve this model without --kv-budget"
+                    .into(),
+            ));
+        }
         let (events, receiver) = unbounded_channel();
         self.enqueue(Job::Score(ScorePending { request, events }))?;
         Ok(receiver)
@@ -307,6 +354,10 @@ struct Sequence {
     n_prompt: usize,
     /// Tokens of `tokens` already in the KV cache.
     n_cached: usize,
+    /// The most KV cells this sequence can hold, counted against a KV budget: a generation's
+    /// prompt and `max_tokens`; a scoring sequence's kept cells and tokens (cells a variant
+    /// shares with its base are counted again: an overestimate, never an underestimate).
+    reserve: usize,
     work: Work,
 }
 
@@ -406,6 +457,8 @@ struct Worker<'m> {
     /// longest prefix with it and recomputes only the rest (the prefix cache); a slot with
     /// nothing to share goes to the oldest cache.
     cached: Vec<(Vec<TokenId>, u64)>,
+    /// A scoring variant waits for room under the KV budget: admit nothing until it forks.
+    variant_waits: bool,
 }
 
 /// What one batch entry's logits are for.
@@ -437,6 +490,7 @@ impl<'m> Worker<'m> {
             jobs: Vec::new(),
             admissions: 0,
             cached,
+            variant_waits: false,
         }
     }
 
@@ -534,6 +588,35 @@ impl<'m> Worker<'m> {
         }
     }
 
+    /// Makes room for `cells` more reserved KV cells under the KV budget, evicting cached
+    /// prefixes least recently used first; `false` (evicting nothing) when the reservations of
+    /// the running sequences leave too little even with no cache. Always `true` without a
+    /// budget (each slot has its own context).
+    fn make_room(&mut self, cells: usize) -> bool {
+        let Some(budget) = self.config.session.shared_kv_cells() else {
+            return true;
+        };
+        let reserved: usize = self.slots.iter().flatten().map(|s| s.reserve).sum();
+        if reserved + cells > budget {
+            return false;
+        }
+        loop {
+            let cached: usize = self.cached.iter().map(|(tokens, _)| tokens.len()).sum();
+            if reserved + cells + cached <= budget {
+                return true;
+            }
+            // Cached prefixes live only in free slots (admission clears a slot's).
+            let Some(oldest) = (0..self.slots.len())
+                .filter(|&slot| self.slots[slot].is_none() && !self.cached[slot].0.is_empty())
+                .min_by_key(|&slot| self.cached[slot].1)
+            else {
+                return false;
+            };
+            self.forget(oldest);
+            self.stats.evicted_prefixes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Clears a free slot's cells and forgets what they held.
     fn forget(&mut self, slot: usize) {
         self.session.clear_sequence(slot);
@@ -565,15 +648,21 @@ impl<'m> Worker<'m> {
     fn fork_variants(&mut self) {
         let mut free = self.free_slots().into_iter();
         let mut failed = Vec::new();
+        self.variant_waits = false;
         'jobs: for j in 0..self.jobs.len() {
-            let job = &mut self.jobs[j];
-            let Some(base_slot) = job.base_slot.filter(|_| job.base_done) else {
+            let Some(base_slot) = self.jobs[j].base_slot.filter(|_| self.jobs[j].base_done) else {
                 continue;
             };
-            while job.next_variant < job.request.variants.len() {
+            while let Some(variant) = self.jobs[j].request.variants.get(self.jobs[j].next_variant) {
+                let reserve = variant.first_position() + variant.tokens.len();
+                if !self.make_room(reserve) {
+                    self.variant_waits = true;
+                    break 'jobs;
+                }
                 let Some(slot) = free.next() else {
                     break 'jobs;
                 };
+                let job = &mut self.jobs[j];
                 let index = job.next_variant;
                 let variant = &job.request.variants[index];
                 self.cached[slot].0.clear();
@@ -599,6 +688,7 @@ impl<'m> Worker<'m> {
                     first_pos: variant.first_position(),
                     n_prompt: tokens.len() - 1,
                     n_cached: 0,
+                    reserve,
                     work: Work::Score(Scoring {
                         job: job.id,
                         variant: Some(index),
@@ -612,7 +702,7 @@ impl<'m> Worker<'m> {
             }
             // Every variant has forked: the base's cells are no longer needed. (The copies
             // are made at the next decode, before anything else is written to its slot.)
-            job.base_slot = None;
+            self.jobs[j].base_slot = None;
             if self.slots[base_slot].take().is_some() {
                 self.session.clear_sequence(base_slot);
                 self.stats.running.fetch_sub(1, Ordering::SeqCst);
@@ -626,9 +716,14 @@ impl<'m> Worker<'m> {
     /// Moves waiting jobs into free slots, first come first served: a job needing more
     /// slots than are free waits, and nothing behind it overtakes it.
     fn admit(&mut self) {
+        if self.variant_waits {
+            return;
+        }
+        let ctx = self.config.session.ctx_per_sequence;
         while let Some(front) = self.waiting.front() {
             let free = self.free_slots();
-            if free.len() < front.slots_needed() {
+            let cells = front.cells_needed(ctx);
+            if free.len() < front.slots_needed() || !self.make_room(cells) {
                 break;
             }
             let Some(job) = self.waiting.pop_front() else {
@@ -647,6 +742,7 @@ impl<'m> Worker<'m> {
     fn admit_generation(&mut self, pending: Pending, free: &[usize]) {
         let pending = Arc::new(pending);
         let request = &pending.request;
+        let reserve = generation_reserve(request, self.config.session.ctx_per_sequence);
         // The slots sharing the longest prefix first; among equals, the oldest cache.
         let mut order: Vec<(usize, usize)> =
             free.iter().map(|&slot| (slot, self.shared_prefix(slot, &request.prompt))).collect();
@@ -669,6 +765,7 @@ impl<'m> Worker<'m> {
                 first_pos: 0,
                 n_prompt: request.prompt.len(),
                 n_cached: reuse,
+                reserve,
                 work: Work::Generate(Box::new(Generation {
                     request: pending.clone(),
                     choice,
@@ -699,6 +796,7 @@ impl<'m> Worker<'m> {
             first_pos: 0,
             n_prompt: request.tokens.len() - 1,
             n_cached: 0,
+            reserve: request.tokens.len(),
             work: Work::Score(Scoring {
                 job: id,
                 variant: None,

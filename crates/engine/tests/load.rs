@@ -139,3 +139,85 @@ fn a_long_prompt_among_short_ones_is_admitted_in_turn_and_finishes() {
     assert!(first.first_token <= long.first_token && long.first_token <= first.finished);
     assert_eq!(model.scheduler.stats().waiting.load(Ordering::SeqCst), 0);
 }
+
+/// Two sequences of 256 tokens sharing a pool of 512 cells, prefix cache on.
+fn budgeted(n_sequences: usize) -> LocalModel {
+    let mut config = common::config(n_sequences, true);
+    config.session.ctx_per_sequence = 256;
+    config.session.kv_budget = Some(512);
+    common::load_config(SMOLLM2, config)
+}
+
+/// A prompt of plain tokens starting with `first` (distinct first tokens share no prefix).
+fn plain_prompt(first: TokenId, len: usize) -> Vec<TokenId> {
+    (0..len as TokenId).map(|i| first + i).collect()
+}
+
+#[test]
+fn under_a_kv_budget_cached_prefixes_are_evicted_to_admit_requests() {
+    let model = budgeted(4);
+    let stats = model.scheduler.stats();
+    let a = plain_prompt(1000, 20);
+    let _ = common::run(&model, request(a.clone(), 4, SamplingParams::greedy()));
+    // The prefix cache works in the shared pool: the same prompt again reuses all but one token.
+    let again = common::run(&model, request(a.clone(), 4, SamplingParams::greedy()));
+    assert_eq!(again[0].cached_tokens, a.len() - 1);
+
+    // Two requests reserving 250 cells each do not fit beside the cached prefix (500 + 23
+    // > 512): it is evicted, though its slot was never needed (fresh slots go first).
+    let big = |first| request(plain_prompt(first, 20), 230, SamplingParams::greedy());
+    let receivers = [2000, 3000].map(|first| model.scheduler.submit(big(first)).expect("submitted"));
+    for r in receivers {
+        let out = collect(r, 1);
+        assert!(out[0].finish.is_some());
+    }
+    assert_eq!(stats.evicted_prefixes.load(Ordering::Relaxed), 1);
+    let evicted = common::run(&model, request(a, 4, SamplingParams::greedy()));
+    assert_eq!(evicted[0].cached_tokens, 0);
+
+    // A request that could never fit the budget is refused rather than queued forever.
+    let mut too_big = big(4000);
+    too_big.n = 3;
+    assert!(model.scheduler.submit(too_big).is_err());
+}
+
+#[test]
+fn under_a_kv_budget_requests_wait_for_room_in_order() {
+    let model = budgeted(4);
+    // Four free slots, but room for two reservations of 240 cells at a time.
+    let mut receivers: Vec<_> = (0..4)
+        .map(|i| {
+            let mut r = request(plain_prompt(5000 + 1000 * i, 20), 220, SamplingParams::greedy());
+            r.ignore_eos = true;
+            model.scheduler.submit(r).expect("submitted")
+        })
+        .collect();
+    let results: Vec<(Timings, usize)> = receivers.iter_mut().map(finished).collect();
+    assert!(results.iter().all(|r| r.1 == 220));
+    for pair in results.windows(2) {
+        assert!(pair[0].0.admitted <= pair[1].0.admitted, "admitted out of order");
+    }
+    // The third waited for one of the first two to finish, the fourth for a second one.
+    let mut done: Vec<Instant> = results[..3].iter().map(|r| r.0.finished).collect();
+    done.sort();
+    assert!(results[2].0.admitted >= results[0].0.finished.min(results[1].0.finished));
+    assert!(results[3].0.admitted >= done[1]);
+}
+
+/// Forked variants read cells another sequence computed; in llama.cpp's shared pool their
+/// scores came out up to 0.1 nats off the same tokens computed whole (while a variant that
+/// keeps nothing matched exactly), so under a budget the scheduler refuses them plainly.
+#[test]
+fn under_a_kv_budget_scoring_variants_are_refused_and_a_lone_base_is_scored() {
+    use ferry_engine::{ScoreEvent, ScoreRequest, ScoreVariant};
+    let model = budgeted(4);
+    let tokens = plain_prompt(1000, 200);
+    let variant = ScoreVariant { keep: 150, masked: Vec::new(), tokens: tokens[150..].to_vec(), n_scored: 5 };
+    let job = |variants| ScoreRequest { tokens: tokens.clone(), n_scored: 5, top_logprobs: 0, variants };
+    assert!(model.scheduler.score(job(vec![variant])).is_err());
+    let mut receiver = model.scheduler.score(job(Vec::new())).expect("submitted");
+    let Some(ScoreEvent::Base(scored)) = receiver.blocking_recv() else {
+        panic!("expected the base's scores");
+    };
+    assert_eq!(scored.len(), 5);
+}

@@ -508,6 +508,7 @@ mod tests {
                     ctx_per_sequence: 256,
                     batch_tokens: 256,
                     threads: 2,
+                    kv_budget: None,
                 },
                 prefill_chunk: 256,
                 max_waiting: 8,
