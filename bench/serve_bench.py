@@ -32,7 +32,7 @@ FERRY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "fer
 LLAMA_SERVER = os.path.join(ROOT, "bench", "peers", "bin", "llama-server")
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # Requests per level: enough for each client to send at least one, few enough for two cores.
-REQUESTS = {1: 4, 4: 8, 16: 32, 64: 64}
+REQUESTS = {1: 2, 4: 4, 16: 16, 64: 64}
 
 
 def workload(seed, n, min_len, max_len, vocab=(1000, 40000)):
@@ -165,7 +165,7 @@ def main():
     p.add_argument("--min-prompt", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=1024)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 4, 8, 32, 64)")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 2, 4, 16, 64)")
     p.add_argument("--ferry-args", default="", help="extra flags for ferry serve")
     p.add_argument("--llama-args", default="", help="extra flags for llama-server")
     p.add_argument("--only", choices=["ferry", "llama-server"], help="run one server (profiling)")
