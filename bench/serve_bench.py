@@ -204,8 +204,11 @@ def main():
             for s in running:
                 r = level(s, model_id, prompts, c, args.gen)
                 results[(s.name, c)] = r
-                print(f"# {s.name} c={c}: {len(prompts)} requests, {r['tokens']} tokens in {r['wall_s']:.1f} s"
-                      + (f", errors: {r['errors'][:3]}" if r["errors"] else ""), flush=True)
+                # Each level as it ends, so that an interrupted run still tells something.
+                print(f"# {s.name} c={c}: {len(prompts)} requests, {r['tokens']} tokens in {r['wall_s']:.1f} s, "
+                      f"{r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.2f} s p99 {r['ttft_p99']:.2f} s, "
+                      f"peak RSS {r['rss_mb']:.0f} MB" + (f", errors: {r['errors'][:3]}" if r["errors"] else ""),
+                      flush=True)
     finally:
         for s in running:
             s.stop()
