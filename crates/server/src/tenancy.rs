@@ -437,6 +437,9 @@ struct TraceParts {
     route: Option<ferry_gateway::Route>,
     /// (queue, prefill, decode) in milliseconds, from the engine.
     engine_ms: Option<(f64, f64, f64)>,
+    /// (mean, max) gap between consecutive tokens of a choice in milliseconds, from the
+    /// engine (the choice with the largest maximum).
+    inter_token_ms: Option<(f64, f64)>,
     model: Option<serde_json::Value>,
     sampling: Sampling,
 }
@@ -514,15 +517,23 @@ impl Meter {
         }
     }
 
-    /// Records the engine's timings of a finished choice (the slowest choice wins).
-    pub fn engine_timings(&self, t: &ferry_engine::Timings) {
+    /// Records the engine's timings of a finished choice that sampled `completion_tokens`
+    /// (the slowest choice wins; inter-token gaps need two tokens).
+    pub fn engine_timings(&self, t: &ferry_engine::Timings, completion_tokens: usize) {
         let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
         let timings =
             (ms(self.started, t.admitted), ms(t.admitted, t.first_token), ms(t.first_token, t.finished));
-        if let Ok(mut parts) = self.trace.lock()
-            && parts.engine_ms.is_none_or(|(q, p, d)| q + p + d < timings.0 + timings.1 + timings.2)
-        {
-            parts.engine_ms = Some(timings);
+        let gaps = (completion_tokens > 1)
+            .then(|| (timings.2 / (completion_tokens - 1) as f64, t.max_inter_token.as_secs_f64() * 1000.0));
+        if let Ok(mut parts) = self.trace.lock() {
+            if parts.engine_ms.is_none_or(|(q, p, d)| q + p + d < timings.0 + timings.1 + timings.2) {
+                parts.engine_ms = Some(timings);
+            }
+            if let Some(gaps) = gaps
+                && parts.inter_token_ms.is_none_or(|(_, max)| max < gaps.1)
+            {
+                parts.inter_token_ms = Some(gaps);
+            }
         }
     }
 
@@ -772,6 +783,7 @@ impl Finish {
         }
         let route = parts.route.as_ref();
         let engine = parts.engine_ms;
+        let gaps = parts.inter_token_ms;
         let doc = TraceDoc {
             request_id: &m.request_id,
             route: &self.owner.route,
@@ -798,6 +810,8 @@ impl Finish {
                 queue_ms: engine.map(|e| e.0),
                 prefill_ms: engine.map(|e| e.1),
                 decode_ms: engine.map(|e| e.2),
+                inter_token_mean_ms: gaps.map(|g| g.0),
+                inter_token_max_ms: gaps.map(|g| g.1),
                 upstream_ms: route.filter(|r| !r.cache_hit).map(|_| finish.latency_ms),
             },
             sampling: &parts.sampling,
@@ -878,6 +892,10 @@ struct TraceTimings {
     prefill_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     decode_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inter_token_mean_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inter_token_max_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_ms: Option<u64>,
 }
