@@ -92,10 +92,17 @@ def http_throughput(model, threads, concurrencies, gen):
                 tokens = sum(pool.map(one, range(c)))
             elapsed = time.perf_counter() - start
             results[c] = tokens / elapsed
+        results["peak_rss_mb"] = peak_rss_mb(proc.pid)
         return results
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait()
+
+
+def peak_rss_mb(pid):
+    """The process's peak resident memory (VmHWM) in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), float("nan"))
 
 
 def main():
@@ -129,11 +136,13 @@ def main():
         print(f"{c:>10}{lbb[c]:15.1f}{f_agg[c]:10.1f}{f_agg[c] / lbb[c]:8.2f}{f_agg[c] / f_agg[concurrencies[0]]:12.2f}")
 
     http = http_throughput(args.model, args.threads, concurrencies, args.gen)
+    peak = http.pop("peak_rss_mb")
     base = http[concurrencies[0]]
     print(f"\nHTTP API, aggregate decode ({args.gen} tokens per stream)")
     print(f"{'streams':>8}{'tok/s':>12}{'vs 1 stream':>14}")
     for c, tps in http.items():
         print(f"{c:>8}{tps:12.1f}{tps / base:14.2f}")
+    print(f"peak RSS of the server: {peak:.0f} MB")
 
 
 if __name__ == "__main__":

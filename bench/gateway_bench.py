@@ -28,8 +28,9 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-FERRY = os.path.join(ROOT, "target", "release", "ferry")
-MOCK = os.path.join(ROOT, "target", "release", "ferry-mock-upstream")
+# FERRY_BIN and FERRY_MOCK_BIN name other builds (a worktree's own target directory).
+FERRY = os.environ.get("FERRY_BIN") or os.path.join(ROOT, "target", "release", "ferry")
+MOCK = os.environ.get("FERRY_MOCK_BIN") or os.path.join(ROOT, "target", "release", "ferry-mock-upstream")
 BODY = '{"model": "bench", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}'
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -188,9 +189,13 @@ def main():
         wait_ready(tenancy_url + "/v1/chat/completions", key=member)
 
         rows = measure("mock alone", mock_url + "/v1/chat/completions", mock.pid, concurrencies, args.duration)
-        rows += measure("ferry", ferry_url + "/v1/chat/completions", ferry.pid, concurrencies, args.duration)
-        tenancy_rows = measure("ferry+tenancy", tenancy_url + "/v1/chat/completions", tenancy.pid, concurrencies,
-                               args.duration, key=member)
+        # The two Ferry rows alternate at each concurrency, so that their ratio compares runs
+        # seconds apart on a machine whose load drifts.
+        tenancy_rows = []
+        for c in concurrencies:
+            rows += measure("ferry", ferry_url + "/v1/chat/completions", ferry.pid, [c], args.duration)
+            tenancy_rows += measure("ferry+tenancy", tenancy_url + "/v1/chat/completions", tenancy.pid, [c],
+                                    args.duration, key=member)
         rows += tenancy_rows
         # wrk's count plus the readiness probe.
         check_tenancy(tenancy_url, admin, member, sum(r["requests"] for _, _, r in tenancy_rows) + 1)

@@ -56,6 +56,12 @@ def turn(url, model, messages):
     return first, text, cached
 
 
+def peak_rss_mb(pid):
+    """The process's peak resident memory (VmHWM) in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), float("nan"))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -83,6 +89,7 @@ def main():
         for i in range(len(QUESTIONS)):
             a, b = statistics.median(times["plain"][i]), statistics.median(times["cache"][i])
             print(f"{i + 1:5d}   {a * 1000:11.1f}   {b * 1000:17.1f}   {b / a:5.2f}   {cached_tokens[i]:13d}")
+        print(f"peak RSS: no cache {peak_rss_mb(plain.pid):.0f} MB, --prefix-cache {peak_rss_mb(cache.pid):.0f} MB")
     finally:
         for server in (plain, cache):
             server.terminate()

@@ -66,6 +66,10 @@ def test_local_request_trace(ferry):
     assert t["sampling"] == {"temperature": 0.3, "seed": 11}
     for timing in ("total_ms", "first_token_ms", "queue_ms", "prefill_ms", "decode_ms"):
         assert t["timings"][timing] is not None and t["timings"][timing] >= 0, timing
+    if r.json()["usage"]["completion_tokens"] > 1:
+        # The mean gap between tokens can't exceed the longest one.
+        mean, longest = t["timings"]["inter_token_mean_ms"], t["timings"]["inter_token_max_ms"]
+        assert 0 <= mean <= longest + 1e-6
     card = t["model_card"]
     assert (card["architecture"], card["quantization"], card["sha256"]) == ("llama", "Q4_1", SMOLLM2_SHA256)
     assert card["n_params"] > 100_000_000

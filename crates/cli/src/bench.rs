@@ -38,10 +38,12 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             ctx_per_sequence: args.prompt.max(args.gen_tokens) + 8,
             batch_tokens: batch,
             threads: args.threads,
+            kv_budget: None,
         },
         prefill_chunk: batch,
         max_waiting: args.concurrent.iter().copied().max().unwrap_or(1).max(1),
         prefix_cache: false,
+        request_timeout: None,
     };
     let model = LocalModel::load("bench", &args.model, config, |_| {})?;
     let n_vocab = model.info().n_vocab as u32;

@@ -51,10 +51,17 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let config = SchedulerConfig {
-                session: SessionConfig { n_sequences: 1, ctx_per_sequence: 4096, batch_tokens: 512, threads },
+                session: SessionConfig {
+                    n_sequences: 1,
+                    ctx_per_sequence: 4096,
+                    batch_tokens: 512,
+                    threads,
+                    kv_budget: None,
+                },
                 prefill_chunk: 512,
                 max_waiting: 1,
                 prefix_cache: true,
+                request_timeout: None,
             };
             let model =
                 tokio::task::spawn_blocking(move || LocalModel::load(&id, &path, config, |_| {})).await??;
@@ -142,6 +149,7 @@ impl Backend {
                         }
                         Event::Finished { .. } => break,
                         Event::Error(e) => bail!(e),
+                        Event::DeadlineExceeded { .. } => bail!("the answer passed its deadline"),
                         Event::PromptLogprobs { .. } => {}
                     }
                 }

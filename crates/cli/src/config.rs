@@ -49,6 +49,14 @@ pub struct ServeArgs {
     /// Most requests waiting for a sequence; past it the answer is 429
     #[arg(long, env = "FERRY_MAX_QUEUE")]
     pub max_queue: Option<usize>,
+    /// KV-cache cells of each model, shared by its sequences, when fewer than ctx-size ×
+    /// parallel (the default: one full context per sequence); at least twice ctx-size
+    #[arg(long, env = "FERRY_KV_BUDGET")]
+    pub kv_budget: Option<usize>,
+    /// Seconds a request to a local model may take from reaching its queue to its last token;
+    /// past it the request is cancelled and answered 504 (`x-ferry-timeout` may shorten it)
+    #[arg(long, env = "FERRY_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<f64>,
     /// Largest request body in bytes; past it the answer is 413
     #[arg(long, env = "FERRY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -183,6 +191,8 @@ struct FileConfig {
     batch_size: Option<usize>,
     prefill_chunk: Option<usize>,
     max_queue: Option<usize>,
+    request_timeout: Option<f64>,
+    kv_budget: Option<usize>,
     max_body_bytes: Option<usize>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
@@ -233,6 +243,10 @@ pub struct ServeConfig {
     pub batch_size: usize,
     pub prefill_chunk: usize,
     pub max_queue: usize,
+    /// `None`: requests have no deadline unless they ask for one.
+    pub request_timeout: Option<std::time::Duration>,
+    /// `None`: `ctx_size * parallel` cells, one context per sequence.
+    pub kv_budget: Option<usize>,
     pub max_body_bytes: usize,
     /// The SQLite file, or a postgres:// URL.
     pub database: String,
@@ -294,6 +308,16 @@ impl ServeArgs {
             batch_size: self.batch_size.or(file.batch_size).unwrap_or(512),
             prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(256),
             max_queue: self.max_queue.or(file.max_queue).unwrap_or(256),
+            request_timeout: match self.request_timeout.or(file.request_timeout) {
+                None => None,
+                Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
+                    Some(std::time::Duration::from_secs_f64(s))
+                }
+                Some(s) => {
+                    bail!("--request-timeout must be a number of seconds above 0 and at most 86400, not {s}")
+                }
+            },
+            kv_budget: self.kv_budget.or(file.kv_budget),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024),
             database: match self.database_url.or(file.database_url) {
                 Some(url) => url,
@@ -362,6 +386,12 @@ impl ServeArgs {
         }
         if config.max_loaded_models == Some(0) {
             bail!("--max-loaded-models must be at least 1");
+        }
+        if let Some(budget) = config.kv_budget
+            && budget < 2 * config.ctx_size
+            && budget < config.ctx_size * config.parallel
+        {
+            bail!("--kv-budget ({budget}) must be at least twice --ctx-size ({})", config.ctx_size);
         }
         if config.batch_size < config.parallel {
             bail!("--batch-size ({}) must be at least --parallel ({})", config.batch_size, config.parallel);
@@ -434,10 +464,12 @@ impl ServeConfig {
                     ctx_per_sequence: ctx_size,
                     batch_tokens: self.batch_size.max(parallel),
                     threads: self.threads,
+                    kv_budget: self.kv_budget,
                 },
                 prefill_chunk: self.prefill_chunk,
                 max_waiting: self.max_queue,
                 prefix_cache: table.prefix_cache.unwrap_or(self.prefix_cache),
+                request_timeout: self.request_timeout,
             },
             defaults: table.defaults,
             preload: table.preload,

@@ -22,6 +22,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start; boxing buys nothing")]
 enum Command {
     /// Serve models over the OpenAI API
     Serve(config::ServeArgs),

@@ -28,6 +28,22 @@ pub struct SessionConfig {
     /// Most tokens in one forward pass (chunked prefill uses what decoding leaves).
     pub batch_tokens: usize,
     pub threads: usize,
+    /// Cells of the KV cache when fewer than `n_sequences * ctx_per_sequence`: the sequences
+    /// then share one pool of cells (less memory; each token attends over the pool's used
+    /// cells, masked to its own sequence), and the scheduler keeps what they may hold within it.
+    pub kv_budget: Option<usize>,
+}
+
+impl SessionConfig {
+    /// The KV budget when it is smaller than one full context per sequence.
+    pub fn shared_kv_cells(&self) -> Option<usize> {
+        self.kv_budget.filter(|&b| b < self.n_sequences.saturating_mul(self.ctx_per_sequence))
+    }
+
+    /// Cells the KV cache holds.
+    pub fn kv_capacity(&self) -> usize {
+        self.shared_kv_cells().unwrap_or(self.n_sequences.saturating_mul(self.ctx_per_sequence))
+    }
 }
 
 /// One token of a batch.

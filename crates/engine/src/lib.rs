@@ -115,7 +115,7 @@ impl LocalModel {
     pub fn memory_bytes(&self) -> u64 {
         let session = &self.scheduler.config().session;
         let info = self.info();
-        info.file_size + info.kv_cache_bytes(session.n_sequences * session.ctx_per_sequence)
+        info.file_size + info.kv_cache_bytes(session.kv_capacity())
     }
 
     /// Renders a conversation with the model's chat template and tokenizes it.

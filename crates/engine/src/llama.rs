@@ -123,16 +123,18 @@ impl Backend for LlamaCppModel {
     fn new_session(&self, config: &SessionConfig) -> Result<Box<dyn Session + '_>, EngineError> {
         let backend = llama_backend()?;
         let n_seq = config.n_sequences.max(1);
-        let n_ctx = config.ctx_per_sequence.saturating_mul(n_seq);
+        let shared = config.shared_kv_cells();
+        let n_ctx = shared.unwrap_or(config.ctx_per_sequence.saturating_mul(n_seq));
         let threads = i32::try_from(config.threads.max(1)).unwrap_or(1);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx as u32))
             .with_n_batch(config.batch_tokens as u32)
             .with_n_ubatch(config.batch_tokens as u32)
             .with_n_seq_max(n_seq as u32)
-            // One KV stream per sequence: a token attends only to its own sequence's cells.
-            // (A unified cache measured slower here for 16 concurrent sequences.)
-            .with_kv_unified(false)
+            // By default one KV stream per sequence: a token attends only to its own
+            // sequence's cells (a unified cache measured slower here for 16 concurrent
+            // sequences). Under a KV budget smaller than that, one pool shared by all.
+            .with_kv_unified(shared.is_some())
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let context = self

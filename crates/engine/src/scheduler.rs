@@ -9,6 +9,17 @@
 //! - Cancellation: a request whose receiver is gone (client disconnected) has its
 //!   sequences dropped and their KV cache cleared at the next step.
 //! - The queue is bounded: `submit` fails with `QueueFull` instead of growing it.
+//! - Fairness: requests are admitted first come first served, and prompts are prefilled
+//!   oldest first within a bounded chunk per step, so no request waits behind later ones and
+//!   running streams keep one token per step while long prompts are prefilled.
+//! - KV budget (`SessionConfig::kv_budget` below one full context per sequence): the
+//!   sequences share one pool of cells. Each sequence reserves the most cells it can hold
+//!   (prompt plus `max_tokens`); a job is admitted only when its reservation fits beside the
+//!   others' and the prefix cache's cells, evicting cached prefixes least recently used first,
+//!   else it waits (and nothing overtakes it).
+//! - Deadlines (`Scheduler::submit_until`, or the config's `request_timeout`): a request
+//!   still waiting or running when its deadline passes gets `Event::DeadlineExceeded` and
+//!   its sequences are freed at the next step, like a cancelled one.
 //! - Scoring jobs (`Scheduler::score`): one base sequence prefilled once, then variants
 //!   forked from its KV cache into free slots (a copy, minus the cells the variant drops),
 //!   each decoding only its own tokens; see [`ScoreRequest`].
@@ -18,7 +29,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -66,6 +77,9 @@ pub struct Timings {
     /// The first token was sampled (prefill done).
     pub first_token: Instant,
     pub finished: Instant,
+    /// The longest gap between two consecutive sampled tokens (zero for one token). The mean
+    /// gap is `(finished - first_token) / (completion_tokens - 1)`.
+    pub max_inter_token: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +120,10 @@ pub enum Event {
     },
     /// The request failed inside the engine; no more events follow.
     Error(String),
+    /// The request's deadline passed before every choice finished; its sequences are freed
+    /// and no more events follow. `admitted` says whether it had left the queue;
+    /// `completion_tokens` counts the tokens its unfinished choices had sampled.
+    DeadlineExceeded { admitted: bool, completion_tokens: usize },
 }
 
 /// Scheduler limits and sizes.
@@ -121,6 +139,8 @@ pub struct SchedulerConfig {
     /// so cells computed in another batch differ in their last bits and a greedy answer can
     /// drift from the uncached one after some tokens.
     pub prefix_cache: bool,
+    /// A request's deadline when it brings none: this long after `submit`.
+    pub request_timeout: Option<Duration>,
 }
 
 /// Counters read by tests, metrics and the benchmark.
@@ -136,6 +156,12 @@ pub struct SchedulerStats {
     pub kv_tokens: AtomicUsize,
     /// Prompt tokens found in a slot's cache (prefix cache hits), not recomputed.
     pub cached_tokens: AtomicU64,
+    /// Requests ended by their deadline.
+    pub expired: AtomicU64,
+    /// Requests admitted from the queue (generation and scoring).
+    pub admitted: AtomicU64,
+    /// Prefix-cache entries dropped to make room under the KV budget.
+    pub evicted_prefixes: AtomicU64,
 }
 
 /// A cheap handle to the scheduler thread.
@@ -155,6 +181,13 @@ enum Job {
 struct Pending {
     request: GenerateRequest,
     events: UnboundedSender<Event>,
+    deadline: Option<Instant>,
+}
+
+impl Pending {
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
 }
 
 struct ScorePending {
@@ -170,6 +203,14 @@ impl Job {
         }
     }
 
+    /// KV cells the job reserves when it is admitted (see `Sequence::reserve`).
+    fn cells_needed(&self, ctx: usize) -> usize {
+        match self {
+            Job::Generate(p) => p.request.n * generation_reserve(&p.request, ctx),
+            Job::Score(p) => p.request.tokens.len(),
+        }
+    }
+
     /// Free slots the job needs to be admitted. A scoring job with variants waits for two,
     /// so that bases never hold every slot while their variants wait for one.
     fn slots_needed(&self) -> usize {
@@ -180,9 +221,24 @@ impl Job {
     }
 }
 
+/// The most KV cells one choice of `request` can hold: its prompt and every token it may
+/// generate (the last one sampled is never fed back), within the context.
+fn generation_reserve(request: &GenerateRequest, ctx: usize) -> usize {
+    (request.prompt.len() + request.max_tokens).min(ctx)
+}
+
 impl Scheduler {
     /// Starts the scheduler thread; fails if the backend cannot create its session.
     pub fn start(backend: Arc<dyn Backend>, config: SchedulerConfig) -> Result<Self, EngineError> {
+        if let Some(cells) = config.session.shared_kv_cells()
+            && cells < 2 * config.session.ctx_per_sequence
+        {
+            // A scoring job holds its base while a variant forks beside it: two contexts.
+            return Err(EngineError::Load(format!(
+                "a KV budget of {cells} tokens is less than two contexts of {} tokens",
+                config.session.ctx_per_sequence
+            )));
+        }
         let (commands, inbox) = mpsc::channel::<Job>();
         let stats = Arc::new(SchedulerStats::default());
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -212,14 +268,38 @@ impl Scheduler {
 
     /// Queues a request. Events arrive on the returned receiver; dropping it cancels the request.
     pub fn submit(&self, request: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
-        if request.n == 0 || request.n > self.config.session.n_sequences {
+        self.submit_until(request, None)
+    }
+
+    /// `submit` with a deadline: past it the request ends with `Event::DeadlineExceeded`
+    /// (the earlier of `deadline` and the config's `request_timeout` from now).
+    pub fn submit_until(
+        &self,
+        request: GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<UnboundedReceiver<Event>, EngineError> {
+        let default = self.config.request_timeout.and_then(|t| Instant::now().checked_add(t));
+        let deadline = match (deadline, default) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let session = &self.config.session;
+        if request.n == 0 || request.n > session.n_sequences {
             return Err(EngineError::InvalidRequest(format!(
                 "n must be between 1 and {} (the parallel sequences of this model)",
-                self.config.session.n_sequences
+                session.n_sequences
             )));
         }
+        if let Some(cells) = session.shared_kv_cells() {
+            let needed = request.n * generation_reserve(&request, session.ctx_per_sequence);
+            if needed > cells {
+                return Err(EngineError::InvalidRequest(format!(
+                    "n choices of the prompt and max_tokens need {needed} KV cells, more than this model's KV budget of {cells}"
+                )));
+            }
+        }
         let (events, receiver) = unbounded_channel();
-        self.enqueue(Job::Generate(Pending { request, events }))?;
+        self.enqueue(Job::Generate(Pending { request, events, deadline }))?;
         Ok(receiver)
     }
 
@@ -228,6 +308,14 @@ impl Scheduler {
     pub fn score(&self, request: ScoreRequest) -> Result<UnboundedReceiver<ScoreEvent>, EngineError> {
         let session = &self.config.session;
         request.check(session.n_sequences, session.ctx_per_sequence).map_err(EngineError::InvalidRequest)?;
+        if session.shared_kv_cells().is_some() && !request.variants.is_empty() {
+            // Variants read the base's cells; in llama.cpp's shared pool their scores came out
+            // up to 0.1 nats off the same tokens computed whole (see tests/load.rs).
+            return Err(EngineError::InvalidRequest(
+                "scoring variants needs one KV stream per sequence: serve this model without --kv-budget"
+                    .into(),
+            ));
+        }
         let (events, receiver) = unbounded_channel();
         self.enqueue(Job::Score(ScorePending { request, events }))?;
         Ok(receiver)
@@ -270,6 +358,10 @@ struct Sequence {
     n_prompt: usize,
     /// Tokens of `tokens` already in the KV cache.
     n_cached: usize,
+    /// The most KV cells this sequence can hold, counted against a KV budget: a generation's
+    /// prompt and `max_tokens`; a scoring sequence's kept cells and tokens (cells a variant
+    /// shares with its base are counted again: an overestimate, never an underestimate).
+    reserve: usize,
     work: Work,
 }
 
@@ -284,6 +376,8 @@ struct Generation {
     choice: usize,
     admitted_at: Instant,
     first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    max_inter_token: Duration,
     sampler: Sampler,
     utf8: Utf8Stream,
     stops: StopMatcher,
@@ -371,6 +465,8 @@ struct Worker<'m> {
     /// longest prefix with it and recomputes only the rest (the prefix cache); a slot with
     /// nothing to share goes to the oldest cache.
     cached: Vec<(Vec<TokenId>, u64)>,
+    /// A scoring variant waits for room under the KV budget: admit nothing until it forks.
+    variant_waits: bool,
 }
 
 /// What one batch entry's logits are for.
@@ -402,6 +498,7 @@ impl<'m> Worker<'m> {
             jobs: Vec::new(),
             admissions: 0,
             cached,
+            variant_waits: false,
         }
     }
 
@@ -418,6 +515,7 @@ impl<'m> Worker<'m> {
                 self.waiting.push_back(p);
             }
             self.drop_cancelled();
+            self.expire(Instant::now());
             self.fork_variants();
             self.admit();
             self.step();
@@ -439,6 +537,48 @@ impl<'m> Worker<'m> {
         self.jobs.retain(|j| !j.events.is_closed());
     }
 
+    /// Ends the generation requests whose deadline has passed: waiting ones leave the queue,
+    /// running ones free every sequence of theirs (as a cancellation does). Each gets one
+    /// `DeadlineExceeded`, then its channel closes.
+    fn expire(&mut self, now: Instant) {
+        let before = self.waiting.len();
+        self.waiting.retain(|job| match job {
+            Job::Generate(p) if p.expired(now) => {
+                let _ = p.events.send(Event::DeadlineExceeded { admitted: false, completion_tokens: 0 });
+                false
+            }
+            _ => true,
+        });
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
+            self.stats.expired.fetch_add(gone as u64, Ordering::Relaxed);
+        }
+        // Expired requests holding slots, each once with the tokens its choices sampled.
+        let mut expired: Vec<(Arc<Pending>, usize)> = Vec::new();
+        for slot in 0..self.slots.len() {
+            let Some(seq) = self.slots[slot].as_ref() else {
+                continue;
+            };
+            let Work::Generate(g) = &seq.work else {
+                continue;
+            };
+            if !g.request.expired(now) {
+                continue;
+            }
+            let sampled = seq.tokens.len().saturating_sub(seq.n_prompt);
+            match expired.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &g.request)) {
+                Some((_, tokens)) => *tokens += sampled,
+                None => expired.push((g.request.clone(), sampled)),
+            }
+            self.free(slot);
+        }
+        self.stats.expired.fetch_add(expired.len() as u64, Ordering::Relaxed);
+        for (pending, completion_tokens) in expired {
+            let _ = pending.events.send(Event::DeadlineExceeded { admitted: true, completion_tokens });
+        }
+    }
+
     /// Frees a slot. A generation's cells stay for the next prompt that shares their
     /// prefix; anything else (a scoring sequence, with copied or masked cells) is cleared.
     fn free(&mut self, slot: usize) {
@@ -453,6 +593,35 @@ impl<'m> Worker<'m> {
             self.cached[slot] = (tokens, self.admissions);
         } else {
             self.forget(slot);
+        }
+    }
+
+    /// Makes room for `cells` more reserved KV cells under the KV budget, evicting cached
+    /// prefixes least recently used first; `false` (evicting nothing) when the reservations of
+    /// the running sequences leave too little even with no cache. Always `true` without a
+    /// budget (each slot has its own context).
+    fn make_room(&mut self, cells: usize) -> bool {
+        let Some(budget) = self.config.session.shared_kv_cells() else {
+            return true;
+        };
+        let reserved: usize = self.slots.iter().flatten().map(|s| s.reserve).sum();
+        if reserved + cells > budget {
+            return false;
+        }
+        loop {
+            let cached: usize = self.cached.iter().map(|(tokens, _)| tokens.len()).sum();
+            if reserved + cells + cached <= budget {
+                return true;
+            }
+            // Cached prefixes live only in free slots (admission clears a slot's).
+            let Some(oldest) = (0..self.slots.len())
+                .filter(|&slot| self.slots[slot].is_none() && !self.cached[slot].0.is_empty())
+                .min_by_key(|&slot| self.cached[slot].1)
+            else {
+                return false;
+            };
+            self.forget(oldest);
+            self.stats.evicted_prefixes.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -487,15 +656,21 @@ impl<'m> Worker<'m> {
     fn fork_variants(&mut self) {
         let mut free = self.free_slots().into_iter();
         let mut failed = Vec::new();
+        self.variant_waits = false;
         'jobs: for j in 0..self.jobs.len() {
-            let job = &mut self.jobs[j];
-            let Some(base_slot) = job.base_slot.filter(|_| job.base_done) else {
+            let Some(base_slot) = self.jobs[j].base_slot.filter(|_| self.jobs[j].base_done) else {
                 continue;
             };
-            while job.next_variant < job.request.variants.len() {
+            while let Some(variant) = self.jobs[j].request.variants.get(self.jobs[j].next_variant) {
+                let reserve = variant.first_position() + variant.tokens.len();
+                if !self.make_room(reserve) {
+                    self.variant_waits = true;
+                    break 'jobs;
+                }
                 let Some(slot) = free.next() else {
                     break 'jobs;
                 };
+                let job = &mut self.jobs[j];
                 let index = job.next_variant;
                 let variant = &job.request.variants[index];
                 self.cached[slot].0.clear();
@@ -521,6 +696,7 @@ impl<'m> Worker<'m> {
                     first_pos: variant.first_position(),
                     n_prompt: tokens.len() - 1,
                     n_cached: 0,
+                    reserve,
                     work: Work::Score(Scoring {
                         job: job.id,
                         variant: Some(index),
@@ -534,7 +710,7 @@ impl<'m> Worker<'m> {
             }
             // Every variant has forked: the base's cells are no longer needed. (The copies
             // are made at the next decode, before anything else is written to its slot.)
-            job.base_slot = None;
+            self.jobs[j].base_slot = None;
             if self.slots[base_slot].take().is_some() {
                 self.session.clear_sequence(base_slot);
                 self.stats.running.fetch_sub(1, Ordering::SeqCst);
@@ -548,15 +724,21 @@ impl<'m> Worker<'m> {
     /// Moves waiting jobs into free slots, first come first served: a job needing more
     /// slots than are free waits, and nothing behind it overtakes it.
     fn admit(&mut self) {
+        if self.variant_waits {
+            return;
+        }
+        let ctx = self.config.session.ctx_per_sequence;
         while let Some(front) = self.waiting.front() {
             let free = self.free_slots();
-            if free.len() < front.slots_needed() {
+            let cells = front.cells_needed(ctx);
+            if free.len() < front.slots_needed() || !self.make_room(cells) {
                 break;
             }
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.stats.admitted.fetch_add(1, Ordering::Relaxed);
             self.admissions += 1;
             match job {
                 Job::Generate(pending) => self.admit_generation(pending, &free),
@@ -568,6 +750,7 @@ impl<'m> Worker<'m> {
     fn admit_generation(&mut self, pending: Pending, free: &[usize]) {
         let pending = Arc::new(pending);
         let request = &pending.request;
+        let reserve = generation_reserve(request, self.config.session.ctx_per_sequence);
         // The slots sharing the longest prefix first; among equals, the oldest cache.
         let mut order: Vec<(usize, usize)> =
             free.iter().map(|&slot| (slot, self.shared_prefix(slot, &request.prompt))).collect();
@@ -590,11 +773,14 @@ impl<'m> Worker<'m> {
                 first_pos: 0,
                 n_prompt: request.prompt.len(),
                 n_cached: reuse,
+                reserve,
                 work: Work::Generate(Box::new(Generation {
                     request: pending.clone(),
                     choice,
                     admitted_at: Instant::now(),
                     first_token_at: None,
+                    last_token_at: None,
+                    max_inter_token: Duration::ZERO,
                     sampler: Sampler::new(request.sampling.clone(), choice as u64),
                     utf8: Utf8Stream::default(),
                     stops: StopMatcher::new(request.stop.clone()),
@@ -620,6 +806,7 @@ impl<'m> Worker<'m> {
             first_pos: 0,
             n_prompt: request.tokens.len() - 1,
             n_cached: 0,
+            reserve: request.tokens.len(),
             work: Work::Score(Scoring {
                 job: id,
                 variant: None,
@@ -848,6 +1035,9 @@ impl<'m> Worker<'m> {
         let grammar_done = g.constraint.as_ref().is_some_and(Constraint::is_finished);
         let now = Instant::now();
         let first_token = *g.first_token_at.get_or_insert(now);
+        if let Some(last) = g.last_token_at.replace(now) {
+            g.max_inter_token = g.max_inter_token.max(now.saturating_duration_since(last));
+        }
         g.sampler.accept(token);
         seq.tokens.push(token);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -897,7 +1087,12 @@ impl<'m> Worker<'m> {
                 stop_sequence,
                 completion_tokens: generated,
                 cached_tokens: g.cached_tokens,
-                timings: Timings { admitted: g.admitted_at, first_token, finished: now },
+                timings: Timings {
+                    admitted: g.admitted_at,
+                    first_token,
+                    finished: now,
+                    max_inter_token: g.max_inter_token,
+                },
             });
             self.free(slot);
         }

@@ -28,12 +28,27 @@ pub fn load(file: &str, n_sequences: usize) -> LocalModel {
 
 /// `load` with the prefix cache on or off.
 pub fn load_with(file: &str, n_sequences: usize, prefix_cache: bool) -> LocalModel {
-    let config = SchedulerConfig {
-        session: SessionConfig { n_sequences, ctx_per_sequence: 1024, batch_tokens: 512, threads: 2 },
+    load_config(file, config(n_sequences, prefix_cache))
+}
+
+/// The tests' scheduler config: 1024 tokens per sequence, no KV budget, no deadline.
+pub fn config(n_sequences: usize, prefix_cache: bool) -> SchedulerConfig {
+    SchedulerConfig {
+        session: SessionConfig {
+            n_sequences,
+            ctx_per_sequence: 1024,
+            batch_tokens: 512,
+            threads: 2,
+            kv_budget: None,
+        },
         prefill_chunk: 256,
         max_waiting: 64,
         prefix_cache,
-    };
+        request_timeout: None,
+    }
+}
+
+pub fn load_config(file: &str, config: SchedulerConfig) -> LocalModel {
     LocalModel::load(file, &model_path(file), config, |_| {}).expect("model loads")
 }
 
@@ -88,6 +103,7 @@ pub fn collect(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usi
                 open -= 1;
             }
             Event::Error(e) => panic!("engine error: {e}"),
+            Event::DeadlineExceeded { .. } => panic!("deadline exceeded"),
             Event::PromptLogprobs { .. } => {}
         }
     }

@@ -136,7 +136,7 @@ async fn whoami(State(state): State<AppState>, caller: Caller) -> Json<WhoAmI> {
         role: caller.0.role(),
         tenant_id: caller.0.tenant_id().map(String::from),
         auth_required: state.tenancy().auth_required(),
-        key: caller.0.key,
+        key: caller.0.key.as_deref().cloned(),
     })
 }
 

@@ -189,6 +189,18 @@ pub(crate) fn local_events(model: SharedModel, submitted: Submitted) -> EventStr
                         };
                         return Some((vec![Err(error)], (submitted, completion_tokens, cached_tokens, true)));
                     }
+                    Event::DeadlineExceeded { admitted, completion_tokens: used } => {
+                        let error = ApiError::DeadlineExceeded { admitted, completion_tokens: used };
+                        let error = ProviderError::Status {
+                            status: error.status().as_u16(),
+                            message: error.to_string(),
+                            code: Some("deadline_exceeded".into()),
+                            param: None,
+                            retry_after: None,
+                        };
+                        completion_tokens += used;
+                        return Some((vec![Err(error)], (submitted, completion_tokens, cached_tokens, true)));
+                    }
                 };
                 return Some((out, (submitted, completion_tokens, cached_tokens, false)));
             }

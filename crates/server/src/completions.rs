@@ -210,6 +210,16 @@ pub async fn completions(
                                 None,
                             )]
                         }
+                        Event::DeadlineExceeded { admitted, completion_tokens } => {
+                            st.done = true;
+                            st.completion_tokens += completion_tokens;
+                            let body = ApiError::DeadlineExceeded { admitted, completion_tokens }.body();
+                            vec![
+                                SseEvent::default()
+                                    .json_data(body)
+                                    .unwrap_or_else(|_| SseEvent::default().data("{}")),
+                            ]
+                        }
                         Event::Error(message) => {
                             st.done = true;
                             let body = ApiError::Internal(message).body();

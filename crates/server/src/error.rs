@@ -58,6 +58,19 @@ pub enum ApiError {
     BadGateway(String),
     #[error("The upstream provider timed out: {0}")]
     GatewayTimeout(String),
+    /// The request's deadline (`--request-timeout`, or its `x-ferry-timeout` header) passed.
+    #[error("{}", deadline_message(*.admitted, *.completion_tokens))]
+    DeadlineExceeded { admitted: bool, completion_tokens: usize },
+}
+
+fn deadline_message(admitted: bool, completion_tokens: usize) -> String {
+    if admitted {
+        format!(
+            "The request did not finish before its deadline and was cancelled after {completion_tokens} generated tokens"
+        )
+    } else {
+        "The request did not finish before its deadline: it was still waiting for a free sequence".to_string()
+    }
 }
 
 impl ApiError {
@@ -134,6 +147,7 @@ impl ApiError {
                     Some("context_length_exceeded") => "context_length_exceeded",
                     Some("queue_full") => "queue_full",
                     Some("invalid_value") => "invalid_value",
+                    Some("deadline_exceeded") => "deadline_exceeded",
                     _ => "upstream_error",
                 };
                 (status, kind, Some(code), param.clone())
@@ -141,6 +155,9 @@ impl ApiError {
             BadGateway(_) => (StatusCode::BAD_GATEWAY, "server_error", Some("upstream_unreachable"), None),
             GatewayTimeout(_) => {
                 (StatusCode::GATEWAY_TIMEOUT, "server_error", Some("upstream_timeout"), None)
+            }
+            DeadlineExceeded { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, "server_error", Some("deadline_exceeded"), None)
             }
         }
     }

@@ -325,7 +325,11 @@ async fn score(
     request: ScoreRequest,
 ) -> Result<(Vec<TokenInfo>, Vec<Vec<TokenInfo>>), ApiError> {
     let n_variants = request.variants.len();
-    let mut events = model.scheduler.score(request)?;
+    let mut events = model.scheduler.score(request).map_err(|e| match e {
+        // What the model's setup cannot score (a KV budget), named by the model.
+        ferry_engine::EngineError::InvalidRequest(message) => ApiError::invalid("model", message),
+        other => ApiError::from(other),
+    })?;
     let mut base = None;
     let mut variants = vec![None; n_variants];
     while let Some(event) = events.recv().await {

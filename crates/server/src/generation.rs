@@ -29,7 +29,7 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
     let mut streams = Vec::with_capacity(requests.len());
     for (prompt_idx, request) in requests.into_iter().enumerate() {
         // A failure drops the receivers already made, which cancels those requests.
-        let receiver = model.scheduler.submit(request)?;
+        let receiver = model.scheduler.submit_until(request, crate::deadline::current())?;
         streams.push(UnboundedReceiverStream::new(receiver).map(move |e| (prompt_idx, e)));
     }
     let events = futures::stream::select_all(streams);
@@ -55,7 +55,11 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
             if *choice == 0 {
                 meter.add_cached_tokens(*cached_tokens as u64);
             }
-            meter.engine_timings(timings);
+            meter.engine_timings(timings, *completion_tokens);
+        }
+        // The tokens were computed: they count, though the answer is an error.
+        Event::DeadlineExceeded { completion_tokens, .. } => {
+            meter.add_completion_tokens(*completion_tokens as u64)
         }
         _ => {}
     });
@@ -122,6 +126,9 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
                 open -= 1;
             }
             Event::Error(message) => return Err(ApiError::Internal(message)),
+            Event::DeadlineExceeded { admitted, completion_tokens } => {
+                return Err(ApiError::DeadlineExceeded { admitted, completion_tokens });
+            }
         }
     }
     let mut usage = usage(submitted.prompt_tokens, completion_tokens);

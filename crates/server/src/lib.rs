@@ -8,6 +8,7 @@ mod admin;
 pub mod app;
 mod chat;
 mod completions;
+mod deadline;
 mod embeddings;
 pub mod error;
 mod explain;

@@ -421,6 +421,10 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
                     let error = error_body(&ApiError::Internal(message)).error;
                     return Some((vec![StreamEvent::Error { error }], None));
                 }
+                Event::DeadlineExceeded { admitted, completion_tokens } => {
+                    let error = error_body(&ApiError::DeadlineExceeded { admitted, completion_tokens }).error;
+                    return Some((vec![StreamEvent::Error { error }], None));
+                }
             };
             return Some((out, Some(submitted)));
         }

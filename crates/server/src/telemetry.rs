@@ -116,10 +116,13 @@ pub async fn render(
         gauge!("ferry_engine_steps", "model" => id.clone()).set(stats.steps.load(Relaxed) as f64);
         let session = &model.scheduler.config().session;
         gauge!("ferry_kv_cache_tokens", "model" => id.clone()).set(stats.kv_tokens.load(Relaxed) as f64);
-        gauge!("ferry_kv_cache_capacity_tokens", "model" => id.clone())
-            .set((session.n_sequences * session.ctx_per_sequence) as f64);
-        gauge!("ferry_engine_generated_tokens", "model" => id)
+        gauge!("ferry_kv_cache_capacity_tokens", "model" => id.clone()).set(session.kv_capacity() as f64);
+        gauge!("ferry_engine_generated_tokens", "model" => id.clone())
             .set(stats.generated_tokens.load(Relaxed) as f64);
+        gauge!("ferry_engine_expired_requests", "model" => id.clone())
+            .set(stats.expired.load(Relaxed) as f64);
+        gauge!("ferry_prefix_cache_evictions", "model" => id)
+            .set(stats.evicted_prefixes.load(Relaxed) as f64);
     }
     let mut response = handle.render().into_response();
     response

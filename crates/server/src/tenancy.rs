@@ -57,7 +57,7 @@ const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 /// A key as admission needs it: with its project and tenant, and the scopes its requests
 /// count against (made once per key, not per request).
 struct KeyContext {
-    key: ApiKey,
+    key: Arc<ApiKey>,
     project: Option<Project>,
     tenant: Option<Tenant>,
     subjects: Vec<Subject>,
@@ -87,7 +87,8 @@ pub struct Tenancy {
 /// The caller of a request: a key, or the local user of a server without keys.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    pub key: Option<ApiKey>,
+    /// Shared with the key cache: an identity is cloned into every request's extensions.
+    pub key: Option<Arc<ApiKey>>,
 }
 
 impl Identity {
@@ -208,7 +209,8 @@ impl Tenancy {
         let mut subjects = vec![Subject::new(ScopeKind::Key, &key.id, &key.limits)];
         subjects.extend(project.as_ref().map(|p| Subject::new(ScopeKind::Project, &p.id, &p.limits)));
         subjects.extend(tenant.as_ref().map(|t| Subject::new(ScopeKind::Tenant, &t.id, &t.limits)));
-        let context = Arc::new(KeyContext { key, project, tenant, subjects, fetched: Instant::now() });
+        let context =
+            Arc::new(KeyContext { key: Arc::new(key), project, tenant, subjects, fetched: Instant::now() });
         if let Ok(mut keys) = self.keys.lock() {
             if keys.len() > 100_000 {
                 keys.clear();
@@ -435,6 +437,9 @@ struct TraceParts {
     route: Option<ferry_gateway::Route>,
     /// (queue, prefill, decode) in milliseconds, from the engine.
     engine_ms: Option<(f64, f64, f64)>,
+    /// (mean, max) gap between consecutive tokens of a choice in milliseconds, from the
+    /// engine (the choice with the largest maximum).
+    inter_token_ms: Option<(f64, f64)>,
     model: Option<serde_json::Value>,
     sampling: Sampling,
 }
@@ -512,15 +517,23 @@ impl Meter {
         }
     }
 
-    /// Records the engine's timings of a finished choice (the slowest choice wins).
-    pub fn engine_timings(&self, t: &ferry_engine::Timings) {
+    /// Records the engine's timings of a finished choice that sampled `completion_tokens`
+    /// (the slowest choice wins; inter-token gaps need two tokens).
+    pub fn engine_timings(&self, t: &ferry_engine::Timings, completion_tokens: usize) {
         let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
         let timings =
             (ms(self.started, t.admitted), ms(t.admitted, t.first_token), ms(t.first_token, t.finished));
-        if let Ok(mut parts) = self.trace.lock()
-            && parts.engine_ms.is_none_or(|(q, p, d)| q + p + d < timings.0 + timings.1 + timings.2)
-        {
-            parts.engine_ms = Some(timings);
+        let gaps = (completion_tokens > 1)
+            .then(|| (timings.2 / (completion_tokens - 1) as f64, t.max_inter_token.as_secs_f64() * 1000.0));
+        if let Ok(mut parts) = self.trace.lock() {
+            if parts.engine_ms.is_none_or(|(q, p, d)| q + p + d < timings.0 + timings.1 + timings.2) {
+                parts.engine_ms = Some(timings);
+            }
+            if let Some(gaps) = gaps
+                && parts.inter_token_ms.is_none_or(|(_, max)| max < gaps.1)
+            {
+                parts.inter_token_ms = Some(gaps);
+            }
         }
     }
 
@@ -770,6 +783,7 @@ impl Finish {
         }
         let route = parts.route.as_ref();
         let engine = parts.engine_ms;
+        let gaps = parts.inter_token_ms;
         let doc = TraceDoc {
             request_id: &m.request_id,
             route: &self.owner.route,
@@ -796,6 +810,8 @@ impl Finish {
                 queue_ms: engine.map(|e| e.0),
                 prefill_ms: engine.map(|e| e.1),
                 decode_ms: engine.map(|e| e.2),
+                inter_token_mean_ms: gaps.map(|g| g.0),
+                inter_token_max_ms: gaps.map(|g| g.1),
                 upstream_ms: route.filter(|r| !r.cache_hit).map(|_| finish.latency_ms),
             },
             sampling: &parts.sampling,
@@ -807,7 +823,11 @@ impl Finish {
             cost: finish.cost,
             model_card: card.as_ref(),
         };
-        let json = serde_json::to_string(&doc).ok()?;
+        // Sized for a typical trace (600-700 bytes), so the buffer isn't regrown (and copied)
+        // while it is written; under 1 KiB, the allocator serves it from its per-thread cache.
+        let mut json = Vec::with_capacity(768);
+        serde_json::to_writer(&mut json, &doc).ok()?;
+        let json = String::from_utf8(json).ok()?;
         Some(ferry_store::traces::TraceText {
             request_id: m.request_id.clone(),
             tenant_id: self.owner.tenant_id.clone(),
@@ -872,6 +892,10 @@ struct TraceTimings {
     prefill_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     decode_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inter_token_mean_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inter_token_max_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_ms: Option<u64>,
 }

@@ -47,7 +47,8 @@ pub(crate) async fn insert_many<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>
         "INSERT INTO traces (request_id, tenant_id, created_at, trace) VALUES {}",
         crate::usage::values_clause(backend, 4, traces.len())
     );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    let mut q =
+        sqlx::query_with(sqlx::AssertSqlSafe(sql), crate::usage::reserved_arguments(traces.len() * 4));
     for t in traces {
         q = q
             .bind(t.request_id.as_str())

@@ -416,6 +416,14 @@ pub(crate) fn values_clause(backend: crate::Backend, columns: usize, rows: usize
     sql
 }
 
+/// Arguments with room for `n` values: a multi-row statement's thousand-odd values are pushed
+/// without the buffer being regrown (and copied) a dozen times.
+pub(crate) fn reserved_arguments(n: usize) -> sqlx::any::AnyArguments {
+    let mut arguments = sqlx::any::AnyArguments::default();
+    sqlx::Arguments::reserve(&mut arguments, n, 0);
+    arguments
+}
+
 /// Inserts whole records in one statement; with `skip_existing`, a record already there is
 /// left as it is (journal ingestion). Returns how many were inserted.
 async fn insert_records<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
@@ -429,7 +437,7 @@ async fn insert_records<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
         "INSERT INTO usage_records ({FULL_COLUMNS}) VALUES {}{conflict}",
         values_clause(backend, N_FULL_COLUMNS, rows.len())
     );
-    let mut q = sqlx::query(AssertSqlSafe(sql));
+    let mut q = sqlx::query_with(AssertSqlSafe(sql), reserved_arguments(rows.len() * N_FULL_COLUMNS));
     for (start, finish, finished_at) in rows {
         q = q
             .bind(start.request_id.as_str())
@@ -684,8 +692,14 @@ async fn commit_group(store: &Store, journal: Option<&journal::Journal>, group: 
     }
 }
 
-/// Days since the epoch as a UTC date (civil-from-days, after Howard Hinnant).
+/// Days since the epoch as a UTC date.
 pub fn format_day(days: i64) -> String {
+    let (year, month, day) = civil_from_days(days);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Days since the epoch as (year, month, day), UTC (civil-from-days, after Howard Hinnant).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -695,14 +709,14 @@ pub fn format_day(days: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    (year, month, day)
 }
 
 /// The start of the UTC day and month containing `ms`, in milliseconds (for budgets).
 pub fn day_and_month_start(ms: i64) -> (i64, i64) {
     const DAY: i64 = 86_400_000;
     let day_start = ms.div_euclid(DAY) * DAY;
-    let date = format_day(ms.div_euclid(DAY));
-    let day_of_month: i64 = date[8..].parse().unwrap_or(1);
+    // Arithmetic only: the limiter asks for every scope of every request.
+    let (_, _, day_of_month) = civil_from_days(ms.div_euclid(DAY));
     (day_start, day_start - (day_of_month - 1) * DAY)
 }

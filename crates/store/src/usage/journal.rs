@@ -69,7 +69,9 @@ impl Journal {
 
     /// Appends an admission; once this returns, a crash cannot lose the record.
     pub(crate) fn admit(&self, start: UsageStart) -> Result<()> {
-        let mut line = serde_json::to_vec(&start).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        // Sized for a typical line, so the buffer isn't regrown while it is written.
+        let mut line = Vec::with_capacity(512);
+        serde_json::to_writer(&mut line, &start).map_err(|e| StoreError::Invalid(e.to_string()))?;
         line.push(b'\n');
         let mut state = self.state.lock().map_err(|_| poisoned())?;
         if state.open.contains_key(&start.request_id) {
