@@ -13,7 +13,7 @@ use ferry_engine::{ChatMessage, Event, LocalModel, SamplingParams, Timings, Toke
 use tokio::sync::mpsc::UnboundedReceiver;
 
 fn prompt(model: &LocalModel, text: &str) -> Vec<TokenId> {
-    model.chat_prompt(&[ChatMessage { role: "user".into(), content: text.into() }]).expect("prompt")
+    model.chat_prompt(&[ChatMessage::new("user", text)]).expect("prompt")
 }
 
 /// Waits for the request's last event, counting the tokens its deltas carried.

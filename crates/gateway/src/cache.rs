@@ -48,7 +48,9 @@ impl ResponseCache {
         let mut hasher = Sha256::new();
         hasher.update(alias.as_bytes());
         hasher.update([0, u8::from(stream)]);
-        hasher.update(serde_json::to_vec(request).unwrap_or_default());
+        let mut value = serde_json::to_value(request).unwrap_or_default();
+        sort_keys(&mut value);
+        hasher.update(serde_json::to_vec(&value).unwrap_or_default());
         hasher.finalize().into()
     }
 
@@ -89,6 +91,20 @@ impl ResponseCache {
             let Inner { entries, order, .. } = &mut *inner;
             order.retain(|k| entries.contains_key(k));
         }
+    }
+}
+
+/// Objects in key order, at every depth: JSON maps keep the client's order (serde_json's
+/// `preserve_order`), and a tool schema or `response_format` written in another order is the
+/// same request.
+fn sort_keys(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.sort_keys();
+            map.values_mut().for_each(sort_keys);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
     }
 }
 
@@ -136,5 +152,14 @@ mod tests {
             );
         }
         assert!(cache.get(&a).is_none(), "the oldest entry was evicted");
+    }
+
+    #[test]
+    fn nested_key_order_does_not_change_the_key() {
+        let mut one = request("a");
+        let mut two = request("a");
+        one.response_format = serde_json::from_str(r#"{"type": "json_object", "x": {"b": 1, "a": 2}}"#).ok();
+        two.response_format = serde_json::from_str(r#"{"x": {"a": 2, "b": 1}, "type": "json_object"}"#).ok();
+        assert_eq!(ResponseCache::key("x", &one, false), ResponseCache::key("x", &two, false));
     }
 }
