@@ -24,6 +24,8 @@ import time
 
 import httpx
 
+from procstat import peak_rss_mb
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FERRY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "ferry"))
 MODEL_DIR = os.path.join(ROOT, "models", "all-MiniLM-L6-v2")
@@ -47,14 +49,6 @@ def rate(fn, batches, seconds):
         done += len(batch)
         i += 1
     return done / (time.perf_counter() - started)
-
-
-def peak_rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main():

@@ -22,6 +22,8 @@ import time
 
 import httpx
 
+from procstat import peak_rss_mb
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FERRY = os.path.join(ROOT, "target", "release", "ferry")
 LLAMA_BENCH = os.path.join(ROOT, "bench", "peers", "bin", "llama-bench")
@@ -97,12 +99,6 @@ def http_throughput(model, threads, concurrencies, gen):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait()
-
-
-def peak_rss_mb(pid):
-    """The process's peak resident memory (VmHWM) in MB."""
-    with open(f"/proc/{pid}/status") as f:
-        return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), float("nan"))
 
 
 def main():

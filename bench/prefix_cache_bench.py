@@ -19,6 +19,8 @@ import time
 
 import httpx
 
+from procstat import peak_rss_mb
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FERRY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "ferry"))
 SYSTEM = ("You are the support assistant of a company that rents bicycles in a large city. Answer in one "
@@ -54,12 +56,6 @@ def turn(url, model, messages):
             usage = chunk.get("usage") or {}
             cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", cached)
     return first, text, cached
-
-
-def peak_rss_mb(pid):
-    """The process's peak resident memory (VmHWM) in MB."""
-    with open(f"/proc/{pid}/status") as f:
-        return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), float("nan"))
 
 
 def main():

@@ -27,6 +27,8 @@ import time
 
 import httpx
 
+from procstat import peak_rss_mb, reset_peak_rss
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FERRY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "ferry"))
 LLAMA_SERVER = os.path.join(ROOT, "bench", "peers", "bin", "llama-server")
@@ -68,18 +70,10 @@ class Proc:
             raise RuntimeError(f"{name} did not become ready; log in {self.log.name}")
 
     def reset_peak_rss(self):
-        try:
-            with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+        reset_peak_rss(self.proc.pid)
 
     def peak_rss_mb(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        return peak_rss_mb(self.proc.pid)
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
