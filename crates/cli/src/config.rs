@@ -435,19 +435,7 @@ impl ServeConfig {
         // A missing local file is a mistake to hear about now, not at the first request.
         let path = match hub {
             Some(_) => None,
-            None => {
-                let path = PathBuf::from(&table.path);
-                if !path.is_file() {
-                    if path.file_name().is_some_and(|n| n == DEFAULT_MODEL_FILE) {
-                        bail!(missing_default_model(&path));
-                    }
-                    bail!(
-                        "model file {} does not exist (give a GGUF path, or hf:OWNER/REPO/FILE.gguf to download one)",
-                        path.display()
-                    );
-                }
-                Some(path)
-            }
+            None => Some(crate::hub::local_file(&table.path)?),
         };
         let parallel = table.parallel.unwrap_or(self.parallel);
         let ctx_size = table.ctx_size.unwrap_or(self.ctx_size);

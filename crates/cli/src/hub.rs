@@ -47,6 +47,11 @@ pub async fn resolve(spec: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
         download(&hub, &path).await?;
         return Ok(path);
     }
+    local_file(spec)
+}
+
+/// A model reference that is not a hub file: the file itself, which must exist.
+pub fn local_file(spec: &str) -> anyhow::Result<PathBuf> {
     let path = PathBuf::from(spec);
     if path.is_file() {
         return Ok(path);

@@ -151,41 +151,25 @@ pub async fn admin_model(
     if identity.role() != ferry_store::Role::Admin {
         return Err(ApiError::Forbidden("Loading and unloading models needs an admin key.".into()));
     }
-    let (name, action) = path.rsplit_once('/').ok_or_else(|| ApiError::RouteNotFound {
-        method: "POST".into(),
-        path: format!("/admin/v1/models/{path}"),
-    })?;
-    let before = state.registry().list().iter().find(|s| s.spec.name == name).map(|s| s.state);
-    let Some(before) = before else { return Err(ApiError::ModelNotFound(name.to_string())) };
+    let unknown =
+        || ApiError::RouteNotFound { method: "POST".into(), path: format!("/admin/v1/models/{path}") };
+    let (name, action) = path.rsplit_once('/').ok_or_else(unknown)?;
+    let before = state.registry().state(name).ok_or_else(|| ApiError::ModelNotFound(name.to_string()))?;
     match action {
         "load" => {
-            state.registry().load(name).await?;
+            state.registry().get(name).await?;
         }
         "unload" => {
             state.registry().unload(name)?;
         }
-        _ => {
-            return Err(ApiError::RouteNotFound {
-                method: "POST".into(),
-                path: format!("/admin/v1/models/{path}"),
-            });
-        }
+        _ => return Err(unknown()),
     }
     let after = card(&state, name)?;
-    let state_after = after.details.get("state").cloned();
-    if Some(&json!(before)) != state_after.as_ref() {
-        let change = |s: serde_json::Value| json!({"state": s});
-        state
-            .tenancy()
-            .store
-            .audit(
-                &identity.actor(),
-                &format!("model.{action}"),
-                name,
-                Some(&change(json!(before))),
-                Some(&change(state_after.unwrap_or_default())),
-            )
-            .await?;
+    let now = state.registry().state(name);
+    if now != Some(before) {
+        let store = &state.tenancy().store;
+        let (before, now) = (json!({"state": before}), json!({"state": now}));
+        store.audit(&identity.actor(), &format!("model.{action}"), name, Some(&before), Some(&now)).await?;
     }
     Ok(axum::Json(after))
 }

@@ -69,16 +69,6 @@ pub enum ModelState {
     Loaded,
 }
 
-impl ModelState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelState::OnDisk => "on_disk",
-            ModelState::Loading => "loading",
-            ModelState::Loaded => "loaded",
-        }
-    }
-}
-
 /// A load's outcome, shared with every request waiting for it.
 type LoadResult = Option<Result<Arc<LocalModel>, String>>;
 
@@ -99,6 +89,16 @@ struct Entry {
     last_error: Option<String>,
     /// Requests waiting for the load in progress.
     waiting: usize,
+}
+
+impl Entry {
+    fn state(&self) -> ModelState {
+        match self.slot {
+            Slot::OnDisk => ModelState::OnDisk,
+            Slot::Loading(_) => ModelState::Loading,
+            Slot::Loaded(_) => ModelState::Loaded,
+        }
+    }
 }
 
 /// A model as `GET /v1/models` shows it.
@@ -122,7 +122,7 @@ pub struct Registry {
     /// One load at a time: room is made, then the file loaded, before the next starts.
     loading: tokio::sync::Mutex<()>,
     /// Models unloaded while requests still held them, with their memory, until those end.
-    releasing: Mutex<Vec<(String, Weak<LocalModel>, u64)>>,
+    releasing: Mutex<Vec<(Weak<LocalModel>, u64)>>,
 }
 
 impl Registry {
@@ -362,22 +362,17 @@ impl Registry {
         let weak = Arc::downgrade(&model);
         drop(model);
         let mut releasing = self.releasing.lock().unwrap_or_else(|p| p.into_inner());
-        releasing.retain(|(_, w, _)| w.strong_count() > 0);
+        releasing.retain(|(w, _)| w.strong_count() > 0);
         if weak.strong_count() > 0 {
-            releasing.push((name, weak, memory));
+            releasing.push((weak, memory));
         }
     }
 
     /// How many unloaded models still have requests running, and their memory.
     fn releasing(&self) -> (usize, u64) {
         let mut releasing = self.releasing.lock().unwrap_or_else(|p| p.into_inner());
-        releasing.retain(|(_, w, _)| w.strong_count() > 0);
-        (releasing.len(), releasing.iter().map(|(_, _, bytes)| bytes).sum())
-    }
-
-    /// Loads `name` now (waiting for it), as `ferry models load` asks.
-    pub async fn load(self: &Arc<Self>, name: &str) -> Result<Arc<LocalModel>, ApiError> {
-        self.get(name).await
+        releasing.retain(|(w, _)| w.strong_count() > 0);
+        (releasing.len(), releasing.iter().map(|(_, bytes)| bytes).sum())
     }
 
     /// Unloads `name`; false if it was not loaded. A model still loading cannot be unloaded.
@@ -414,17 +409,18 @@ impl Registry {
         Ok(())
     }
 
+    /// Where the model `name` is, if it is configured.
+    pub fn state(&self, name: &str) -> Option<ModelState> {
+        self.lock().iter().find(|e| e.spec.name == name).map(|e| e.state())
+    }
+
     /// Every configured model, in configuration order.
     pub fn list(&self) -> Vec<ModelStatus> {
         self.lock()
             .iter()
             .map(|e| ModelStatus {
                 spec: e.spec.clone(),
-                state: match e.slot {
-                    Slot::OnDisk => ModelState::OnDisk,
-                    Slot::Loading(_) => ModelState::Loading,
-                    Slot::Loaded(_) => ModelState::Loaded,
-                },
+                state: e.state(),
                 model: match &e.slot {
                     Slot::Loaded(model) => Some(model.clone()),
                     _ => None,
@@ -447,20 +443,8 @@ impl Registry {
             .collect()
     }
 
-    /// The model `name` if it is loaded now, without loading it or counting a use.
-    pub fn peek(&self, name: &str) -> Option<Arc<LocalModel>> {
-        self.lock().iter().find(|e| e.spec.name == name).and_then(|e| match &e.slot {
-            Slot::Loaded(model) => Some(model.clone()),
-            _ => None,
-        })
-    }
-
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
-    }
-
-    pub fn limits(&self) -> &RegistryLimits {
-        &self.limits
     }
 }
 
@@ -540,7 +524,7 @@ mod tests {
     }
 
     fn state(registry: &Registry, name: &str) -> ModelState {
-        registry.list().into_iter().find(|s| s.spec.name == name).unwrap().state
+        registry.state(name).unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
