@@ -27,24 +27,19 @@ import time
 import urllib.error
 import urllib.request
 
+from procstat import cpu_seconds
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # FERRY_BIN and FERRY_MOCK_BIN name other builds (a worktree's own target directory).
 FERRY = os.environ.get("FERRY_BIN") or os.path.join(ROOT, "target", "release", "ferry")
 MOCK = os.environ.get("FERRY_MOCK_BIN") or os.path.join(ROOT, "target", "release", "ferry-mock-upstream")
 BODY = '{"model": "bench", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}'
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process and its children that were waited for."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / TICKS
 
 
 def wait_ready(url, timeout=120, key="sk-bench"):

@@ -1,4 +1,14 @@
-"""Memory figures of a running process, from Linux's /proc (shared by the benchmarks)."""
+"""Memory and CPU figures of a running process, from Linux's /proc (shared by the benchmarks)."""
+import os
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process and its children that were waited for."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / TICKS
 
 
 def peak_rss_mb(pid):

@@ -402,6 +402,8 @@ struct Scoring {
     scored_from: usize,
     top_n: usize,
     scored: Vec<TokenInfo>,
+    /// Leading tokens taken from a slot's cache (only a base reuses any).
+    cached: usize,
 }
 
 impl Sequence {
@@ -579,14 +581,19 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Frees a slot. A generation's cells stay for the next prompt that shares their
-    /// prefix; anything else (a scoring sequence, with copied or masked cells) is cleared.
+    /// Frees a slot. The cells of a generation or of a scoring job's base stay for the next
+    /// prompt or base that shares their prefix; a variant's (copied, with cells dropped) are
+    /// cleared.
     fn free(&mut self, slot: usize) {
         let Some(seq) = self.slots[slot].take() else {
             return;
         };
         self.stats.running.fetch_sub(1, Ordering::SeqCst);
-        if self.config.prefix_cache && matches!(seq.work, Work::Generate(_)) && seq.first_pos == 0 {
+        let whole = match &seq.work {
+            Work::Generate(_) => true,
+            Work::Score(s) => s.variant.is_none(),
+        };
+        if self.config.prefix_cache && whole && seq.first_pos == 0 {
             let cells = seq.kv_cells();
             let mut tokens = seq.tokens;
             tokens.truncate(cells);
@@ -641,10 +648,14 @@ impl<'m> Worker<'m> {
     }
 
     /// Ends a scoring job: frees every slot it holds (its base included) and forgets it.
-    fn end_job(&mut self, id: u64) {
+    /// `keep_cache: false` after a failed decode, when the KV state of its cells is unknown.
+    fn end_job(&mut self, id: u64, keep_cache: bool) {
         for slot in 0..self.slots.len() {
             if self.slots[slot].as_ref().is_some_and(|s| s.score_job() == Some(id)) {
                 self.free(slot);
+                if !keep_cache {
+                    self.forget(slot);
+                }
             }
         }
         self.jobs.retain(|j| j.id != id);
@@ -654,7 +665,11 @@ impl<'m> Worker<'m> {
     /// job first (admitted jobs go before waiting ones). A base is freed once its last
     /// variant has forked.
     fn fork_variants(&mut self) {
-        let mut free = self.free_slots().into_iter();
+        // Empty slots first, then the oldest caches: the prefixes most likely to be asked
+        // for again stay.
+        let mut free = self.free_slots();
+        free.sort_by_key(|&slot| (!self.cached[slot].0.is_empty(), self.cached[slot].1));
+        let mut free = free.into_iter();
         let mut failed = Vec::new();
         self.variant_waits = false;
         'jobs: for j in 0..self.jobs.len() {
@@ -703,21 +718,20 @@ impl<'m> Worker<'m> {
                         scored_from: tokens.len() - variant.n_scored,
                         top_n: 0,
                         scored: Vec::new(),
+                        cached: 0,
                     }),
                     tokens,
                 });
                 self.stats.running.fetch_add(1, Ordering::SeqCst);
             }
-            // Every variant has forked: the base's cells are no longer needed. (The copies
-            // are made at the next decode, before anything else is written to its slot.)
+            // Every variant has forked: the base's slot is free, its cells cached for a
+            // later prompt or explanation of the same conversation. (The copies are made at
+            // the next decode, before anything else is written to its slot.)
             self.jobs[j].base_slot = None;
-            if self.slots[base_slot].take().is_some() {
-                self.session.clear_sequence(base_slot);
-                self.stats.running.fetch_sub(1, Ordering::SeqCst);
-            }
+            self.free(base_slot);
         }
         for id in failed {
-            self.end_job(id);
+            self.end_job(id, true);
         }
     }
 
@@ -742,7 +756,7 @@ impl<'m> Worker<'m> {
             self.admissions += 1;
             match job {
                 Job::Generate(pending) => self.admit_generation(pending, &free),
-                Job::Score(pending) => self.admit_scoring(pending, free[0]),
+                Job::Score(pending) => self.admit_scoring(pending, &free),
             }
         }
     }
@@ -795,24 +809,42 @@ impl<'m> Worker<'m> {
         }
     }
 
-    fn admit_scoring(&mut self, pending: ScorePending, slot: usize) {
-        self.forget(slot);
-        let id = self.admissions;
+    /// Starts a scoring job's base in the free slot whose cache shares the longest prefix
+    /// with it (a generation of the same conversation, an earlier explanation of it): the
+    /// shared cells are reused up to the token before the first scored one.
+    fn admit_scoring(&mut self, pending: ScorePending, free: &[usize]) {
         let request = pending.request;
+        let Some((slot, shared)) = free
+            .iter()
+            .map(|&slot| (slot, self.shared_prefix(slot, &request.tokens)))
+            .min_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].1))
+        else {
+            return;
+        };
+        let scored_from = request.tokens.len() - request.n_scored;
+        let mut reuse = shared.min(scored_from - 1);
+        if reuse == 0 || !self.session.remove_range(slot, reuse, None) {
+            self.forget(slot);
+            reuse = 0;
+        }
+        self.cached[slot].0.clear();
+        self.stats.cached_tokens.fetch_add(reuse as u64, Ordering::Relaxed);
+        let id = self.admissions;
         self.slots[slot] = Some(Sequence {
             slot,
             admitted: id,
             tokens: request.tokens.clone(),
             first_pos: 0,
             n_prompt: request.tokens.len() - 1,
-            n_cached: 0,
+            n_cached: reuse,
             reserve: request.tokens.len(),
             work: Work::Score(Scoring {
                 job: id,
                 variant: None,
-                scored_from: request.tokens.len() - request.n_scored,
+                scored_from,
                 top_n: request.top_logprobs,
                 scored: Vec::new(),
+                cached: reuse,
             }),
         });
         self.stats.running.fetch_add(1, Ordering::SeqCst);
@@ -909,7 +941,7 @@ impl<'m> Worker<'m> {
                         if let Some(job) = self.jobs.iter().find(|j| j.id == id) {
                             let _ = job.events.send(ScoreEvent::Error(e.to_string()));
                         }
-                        self.end_job(id);
+                        self.end_job(id, false);
                     }
                     _ => {}
                 }
@@ -966,13 +998,13 @@ impl<'m> Worker<'m> {
         let Work::Score(s) = &mut seq.work else {
             return;
         };
-        let (id, variant, tokens) = (s.job, s.variant, std::mem::take(&mut s.scored));
+        let (id, variant, tokens, cached) = (s.job, s.variant, std::mem::take(&mut s.scored), s.cached);
         let Some(job) = self.jobs.iter_mut().find(|j| j.id == id) else {
             return;
         };
         let free_now = match variant {
             None => {
-                let _ = job.events.send(ScoreEvent::Base(tokens));
+                let _ = job.events.send(ScoreEvent::Base { tokens, cached });
                 job.base_done = true;
                 let alone = job.request.variants.is_empty();
                 if alone {
@@ -991,7 +1023,7 @@ impl<'m> Worker<'m> {
             self.free(slot);
         }
         if finished {
-            self.end_job(id);
+            self.end_job(id, true);
         }
     }
 

@@ -60,8 +60,13 @@ impl ScoreVariant {
 /// order), then the channel closes. After an `Error` nothing follows.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ScoreEvent {
-    /// The base's scored tokens with their logprobs and alternatives.
-    Base(Vec<TokenInfo>),
+    /// The base's scored tokens with their logprobs and alternatives, and how many of its
+    /// leading tokens were found in a slot's cache (a generation or an earlier job that
+    /// shared them) rather than computed.
+    Base {
+        tokens: Vec<TokenInfo>,
+        cached: usize,
+    },
     /// Variant `index`'s scored tokens (logprobs only).
     Variant {
         index: usize,

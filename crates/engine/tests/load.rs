@@ -216,7 +216,7 @@ fn under_a_kv_budget_scoring_variants_are_refused_and_a_lone_base_is_scored() {
     let job = |variants| ScoreRequest { tokens: tokens.clone(), n_scored: 5, top_logprobs: 0, variants };
     assert!(model.scheduler.score(job(vec![variant])).is_err());
     let mut receiver = model.scheduler.score(job(Vec::new())).expect("submitted");
-    let Some(ScoreEvent::Base(scored)) = receiver.blocking_recv() else {
+    let Some(ScoreEvent::Base { tokens: scored, .. }) = receiver.blocking_recv() else {
         panic!("expected the base's scores");
     };
     assert_eq!(scored.len(), 5);

@@ -9,7 +9,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{SMOLLM2, load, request, run};
+use common::{SMOLLM2, load, load_with, request, run};
 use ferry_engine::{
     ChatMessage, Event, LocalModel, SamplingParams, ScoreEvent, ScoreRequest, ScoreVariant, TokenId,
     TokenInfo,
@@ -28,19 +28,26 @@ fn conversation(model: &LocalModel, content: &str, completion: &str) -> (Vec<Tok
 
 /// Runs a job to its end: the base's scored tokens and each variant's.
 fn score(model: &LocalModel, request: ScoreRequest) -> (Vec<TokenInfo>, Vec<Vec<TokenInfo>>) {
+    let (base, _, variants) = score_cached(model, request);
+    (base, variants)
+}
+
+/// As [`score`], with how many of the base's tokens came from the cache.
+fn score_cached(model: &LocalModel, request: ScoreRequest) -> (Vec<TokenInfo>, usize, Vec<Vec<TokenInfo>>) {
     let n_variants = request.variants.len();
     let mut receiver = model.scheduler.score(request).expect("submitted");
     let mut base = None;
     let mut variants = vec![None; n_variants];
     while let Some(event) = receiver.blocking_recv() {
         match event {
-            ScoreEvent::Base(tokens) => base = Some(tokens),
+            ScoreEvent::Base { tokens, cached } => base = Some((tokens, cached)),
             ScoreEvent::Variant { index, tokens } => variants[index] = Some(tokens),
             ScoreEvent::Error(e) => panic!("engine error: {e}"),
         }
     }
     let variants = variants.into_iter().map(|v| v.expect("every variant reports")).collect();
-    (base.expect("the base reports"), variants)
+    let (base, cached) = base.expect("the base reports");
+    (base, cached, variants)
 }
 
 fn alone(tokens: &[TokenId], n_scored: usize) -> ScoreRequest {
@@ -136,7 +143,7 @@ fn a_cancelled_job_frees_its_slots_and_cells() {
     let variants: Vec<ScoreVariant> = (0..40).map(|_| tail_from(&tokens, 1, Vec::new(), n)).collect();
     let mut receiver =
         model.scheduler.score(ScoreRequest { variants, ..alone(&tokens, n) }).expect("submitted");
-    assert!(matches!(receiver.blocking_recv(), Some(ScoreEvent::Base(_))));
+    assert!(matches!(receiver.blocking_recv(), Some(ScoreEvent::Base { .. })));
     drop(receiver);
     let deadline = Instant::now() + Duration::from_secs(60);
     while model.scheduler.stats().running.load(Ordering::SeqCst) > 0 {
@@ -161,4 +168,30 @@ fn a_cancelled_job_frees_its_slots_and_cells() {
     for s in &scored {
         assert_close(&fresh, s, "variant after the cancellation");
     }
+}
+
+#[test]
+fn with_the_prefix_cache_a_base_starts_from_the_generation_it_explains() {
+    let model = load_with(SMOLLM2, 4, true);
+    let (tokens, n) = conversation(&model, FACTS, "Paris");
+    let prompt = tokens[..tokens.len() - n].to_vec();
+    let generated = run(&model, request(prompt.clone(), 2, SamplingParams::greedy()));
+    assert_eq!(generated.len(), 1);
+    let variant = || tail_from(&tokens, tokens.len() - n - 1, vec![2..6], n);
+    let job = || ScoreRequest { variants: vec![variant()], ..alone(&tokens, n) };
+    // The generation's cells hold the prompt: all of it but its last token is reused (that
+    // token's logits score the completion's first).
+    let (base, cached, scored) = score_cached(&model, job());
+    assert_eq!(cached, prompt.len() - 1);
+    // An explanation of the same conversation again starts from the first job's base.
+    let (again, cached_again, scored_again) = score_cached(&model, job());
+    assert_eq!(cached_again, prompt.len() - 1);
+    // The same scores as computing everything (within llama.cpp's batch-shape drift).
+    let fresh_model = load(SMOLLM2, 4);
+    let (fresh, cached_fresh, fresh_scored) = score_cached(&fresh_model, job());
+    assert_eq!(cached_fresh, 0);
+    assert_close(&fresh, &base, "base from the generation's cells vs computed");
+    assert_close(&fresh, &again, "base from the last job's cells vs computed");
+    assert_close(&fresh_scored[0], &scored[0], "variant forked from a reused base");
+    assert_close(&fresh_scored[0], &scored_again[0], "variant forked from a reused base, again");
 }

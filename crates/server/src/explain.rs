@@ -17,8 +17,8 @@
 //!   segment on average.
 //! - `mask`: the segment's token cells are dropped from a copy of the whole conversation's
 //!   KV cache (later tokens keep their positions) and only the tail is recomputed: the
-//!   template's text after the last message's content, and the completion. A few tokens per
-//!   segment, so a 20-sentence explanation costs about two generations of the completion
+//!   prompt's last token and the completion. The completion's length plus one per segment,
+//!   so a 20-sentence explanation costs 2–3.5 generations of the completion on a CPU
 //!   (`bench/explain_bench.py`). It is an approximation: the cells after a masked segment
 //!   were computed while it was there and still carry some of it, so a fact near the
 //!   question can score lower than it would removed, and masking the first sentence of a
@@ -158,6 +158,8 @@ pub(crate) struct Explanation {
     engine_steps: u64,
     /// Tokens the engine computed: the conversation once, then each variant's own.
     computed_tokens: usize,
+    /// Leading tokens of the conversation found in the cache instead of computed.
+    cached_tokens: usize,
     elapsed_ms: f64,
 }
 
@@ -273,8 +275,8 @@ impl Boundaries<'_> {
 }
 
 /// The masking variants: each drops its segment's token cells from a copy of the full
-/// conversation's KV cache and recomputes the tail (the template's text after the last
-/// message's content, and the completion). A segment whose text cannot be found in the
+/// conversation's KV cache and recomputes the tail (the prompt's last token and the
+/// completion). A segment whose text cannot be found in the
 /// rendered prompt (a template that rewrites content) falls back to removal.
 fn maskings(
     model: &LocalModel,
@@ -297,10 +299,12 @@ fn maskings(
         located.push(at);
     }
     let mut boundaries = Boundaries { model, rendered: &rendered, prompt, known: HashMap::new() };
-    // The tail starts after the last content found, and holds at least the token before
-    // the completion. (Starting it at the last sentence, the question, to let the text
-    // that reads the context see the mask, measured worse on SmolLM2: 7 of 10.)
-    let tail = boundaries.start(cursor).min(prompt.len().saturating_sub(1));
+    // The tail is the token before the completion and the completion: the cells of the
+    // template's text after the last message (its turn end, the assistant's header) are
+    // kept too. Recomputing them as well cost 4 more tokens per segment for the same
+    // faithfulness (8 of 10 cases on SmolLM2, 10 of 10 on Qwen2.5, 2026-11-29); starting
+    // the tail at the question measured worse (7 of 10 on SmolLM2).
+    let tail = prompt.len().saturating_sub(1);
     let mut variants = Vec::with_capacity(segments.len());
     for &(index, start, end) in segments {
         let Some(at) = located[index] else {
@@ -319,11 +323,16 @@ fn maskings(
     Ok(variants)
 }
 
-/// Runs the scoring job: the full sequence's scored tokens and each variant's.
-async fn score(
-    model: &Arc<LocalModel>,
-    request: ScoreRequest,
-) -> Result<(Vec<TokenInfo>, Vec<Vec<TokenInfo>>), ApiError> {
+/// What a scoring job gave: the full sequence's scored tokens, how many of its leading tokens
+/// came from the cache, and each variant's scored tokens.
+struct Scored {
+    base: Vec<TokenInfo>,
+    cached: usize,
+    variants: Vec<Vec<TokenInfo>>,
+}
+
+/// Runs the scoring job.
+async fn score(model: &Arc<LocalModel>, request: ScoreRequest) -> Result<Scored, ApiError> {
     let n_variants = request.variants.len();
     let mut events = model.scheduler.score(request).map_err(|e| match e {
         // What the model's setup cannot score (a KV budget), named by the model.
@@ -334,14 +343,15 @@ async fn score(
     let mut variants = vec![None; n_variants];
     while let Some(event) = events.recv().await {
         match event {
-            ScoreEvent::Base(tokens) => base = Some(tokens),
+            ScoreEvent::Base { tokens, cached } => base = Some((tokens, cached)),
             ScoreEvent::Variant { index, tokens } => variants[index] = Some(tokens),
             ScoreEvent::Error(message) => return Err(ApiError::Internal(message)),
         }
     }
     let missing = || ApiError::Internal("the engine ended the scoring job early".into());
     let variants = variants.into_iter().map(|v| v.ok_or_else(missing)).collect::<Result<_, _>>()?;
-    Ok((base.ok_or_else(missing)?, variants))
+    let (base, cached) = base.ok_or_else(missing)?;
+    Ok(Scored { base, cached, variants })
 }
 
 /// The conversation and completion of a request whose content was retained.
@@ -460,13 +470,14 @@ pub async fn explanations(
         });
     }
     // Tokens the engine decodes: the full sequence once, then each variant's own (a
-    // sequence's last token is only scored, never decoded).
-    let computed_tokens =
-        full_sequence.len() - 1 + variants.iter().map(|v| v.tokens.len() - 1).sum::<usize>();
+    // sequence's last token is only scored, never decoded), less what the full sequence
+    // found in the cache (with `--prefix-cache`: the generation being explained).
+    let decoded = full_sequence.len() - 1 + variants.iter().map(|v| v.tokens.len() - 1).sum::<usize>();
     let tail = completion_tokens.len();
     let job =
         ScoreRequest { tokens: full_sequence.clone(), n_scored: tail, top_logprobs: TOP_LOGPROBS, variants };
-    let (full_scored, scored) = score(&model, job).await?;
+    let Scored { base: full_scored, cached: cached_tokens, variants: scored } = score(&model, job).await?;
+    let computed_tokens = decoded - cached_tokens;
     let total = |tokens: &[TokenInfo]| tokens.iter().map(|t| f64::from(t.logprob)).sum::<f64>();
     let baseline = total(&full_scored);
     let scores: Vec<f64> = scored.iter().map(|s| baseline - total(s)).collect();
@@ -497,7 +508,8 @@ pub async fn explanations(
         .collect();
     if let Some(meter) = crate::tenancy::current() {
         meter.set_provider("local");
-        meter.add_prompt_tokens(computed_tokens as u64);
+        meter.add_prompt_tokens(decoded as u64);
+        meter.add_cached_tokens(cached_tokens as u64);
     }
     let steps = model.scheduler.stats().steps.load(Ordering::Relaxed) - steps_before;
     Ok(axum::Json(Explanation {
@@ -515,6 +527,7 @@ pub async fn explanations(
         scored_token_ids: full_sequence,
         engine_steps: steps,
         computed_tokens,
+        cached_tokens,
         elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
     }))
 }
