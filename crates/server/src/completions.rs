@@ -28,6 +28,10 @@ const MAX_LOGPROBS: i64 = 20;
 
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI",
     summary = "Create a completion (legacy)",
+    description = "A local model, or a gateway alias: an OpenAI-compatible target gets the request on its own \
+        `/completions`; Anthropic and Gemini targets get the prompt as one user message, and refuse by name what \
+        a chat cannot carry (several prompts or token ids, `logprobs`, `suffix`, `best_of` other than `n`). \
+        Presets are refused: a raw prompt has no place for their system prompt.",
     request_body(content = ref("#/components/schemas/CreateCompletionRequest")),
     responses((status = 200, description = "The completion; with `stream: true`, `text_completion` chunks",
         content((Completion = "application/json"), (Completion = "text/event-stream")))))]

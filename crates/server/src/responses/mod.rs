@@ -36,6 +36,10 @@ fn refuse_unsupported(request: &ResponsesRequest) -> Result<(), ApiError> {
 
 #[utoipa::path(post, path = "/v1/responses", tag = "OpenAI",
     summary = "Create a model response (stateless)",
+    description = "Input items are messages (text, and `input_image` through gateway aliases), `function_call` \
+        and `function_call_output`; function `tools` with `tool_choice` and `parallel_tool_calls`; `text.format` \
+        `json_object` or `json_schema`. Calls come back as `function_call` output items, streamed with \
+        `response.function_call_arguments.delta`/`.done`. What a target cannot honour is a 400 naming it.",
     request_body = ResponsesRequest,
     responses((status = 200, description = "The response; with `stream: true`, its typed events",
         content((ferry_api::responses::Response = "application/json"), (ferry_api::responses::StreamEvent = "text/event-stream")))))]
