@@ -1,5 +1,6 @@
 """A mock OpenAI-compatible upstream on 127.0.0.1, port 0, speaking OpenAI's real wire
-format (chat completions, plain and SSE, with tool calls and usage). Tests script its
+format (chat completions, plain and SSE, with tool calls and usage; legacy text completions
+with echo, logprobs and several prompts). Tests script its
 answers and read back the requests it received. Only the network edge Ferry doesn't own
 is mocked here."""
 import json
@@ -14,6 +15,7 @@ class MockUpstream:
 
     def __init__(self, dialect="openai"):
         self.requests = []  # (headers, body) as received
+        self.paths = []  # the path of each request, in the same order
         self.script = []  # per request: ("error", status, body, headers) or ("ok", text or tool call)
         self.default = ("ok", "Hello from the mock.")
         mock = self
@@ -26,6 +28,7 @@ class MockUpstream:
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length))
                 mock.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                mock.paths.append(self.path)
                 step = mock.script.pop(0) if mock.script else mock.default
                 if step[0] == "error":
                     _, status, payload, headers = step
@@ -47,6 +50,8 @@ class MockUpstream:
                     (self.gemini_stream if streaming else self.gemini_plain)(body, step)
                 elif dialect == "anthropic":
                     (self.anthropic_stream if body.get("stream") else self.anthropic_plain)(body, step)
+                elif self.path.endswith("/v1/completions"):
+                    (self.text_stream if body.get("stream") else self.text_plain)(body, step)
                 elif body.get("stream"):
                     self.stream(body, step)
                 else:
@@ -151,6 +156,56 @@ class MockUpstream:
                                      "top_logprobs": [{"token": w, "logprob": -0.25 * (i + 1),
                                                        "bytes": list(w.encode())}][:k]}
                                     for i, w in enumerate(words)]}
+
+            def text_choices(self, body, step):
+                """(index, text, logprobs) of each choice of a legacy completion: `n` per prompt,
+                the prompt first with `echo`, logprobs word by word when asked for."""
+                prompts = body["prompt"] if isinstance(body["prompt"], list) and body["prompt"] \
+                    and not isinstance(body["prompt"][0], int) else [body["prompt"]]
+                out = []
+                for p in prompts:
+                    prefix = (p if isinstance(p, str) else "") if body.get("echo") else ""
+                    words = [w + " " for w in step[1].split(" ")]
+                    for _ in range(body.get("n") or 1):
+                        logprobs = None
+                        if body.get("logprobs") is not None:
+                            offsets = [len(prefix) + sum(len(x) for x in words[:i]) for i in range(len(words))]
+                            logprobs = {"tokens": words, "token_logprobs": [-0.5] * len(words),
+                                        "top_logprobs": [{w: -0.5} if body["logprobs"] else {} for w in words],
+                                        "text_offset": offsets}
+                        out.append((len(out), prefix, words, logprobs))
+                return out
+
+            def text_plain(self, body, step):
+                choices = [{"index": i, "text": prefix + "".join(words), "logprobs": logprobs, "finish_reason": "stop"}
+                           for i, prefix, words, logprobs in self.text_choices(body, step)]
+                self.send_json({"id": "cmpl-mock", "object": "text_completion", "created": 1700000000,
+                                "model": body["model"], "choices": choices,
+                                "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}})
+
+            def text_stream(self, body, step):
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+
+                def send(choices, usage=None):
+                    chunk = {"id": "cmpl-mock", "object": "text_completion", "created": 1700000000,
+                             "model": body["model"], "choices": choices}
+                    if usage:
+                        chunk["usage"] = usage
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    self.wfile.flush()
+
+                for i, prefix, words, logprobs in self.text_choices(body, step):
+                    if prefix:
+                        send([{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}])
+                    for j, word in enumerate(words):
+                        lp = None if logprobs is None else {k: v[j:j + 1] for k, v in logprobs.items()}
+                        send([{"index": i, "text": word, "logprobs": lp, "finish_reason": None}])
+                    send([{"index": i, "text": "", "logprobs": None, "finish_reason": "stop"}])
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    send([], {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9})
+                self.wfile.write(b"data: [DONE]\n\n")
 
             def plain(self, body, step):
                 message = {"role": "assistant", "content": None}

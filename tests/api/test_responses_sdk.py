@@ -54,9 +54,14 @@ def test_responses_refuses_what_it_cannot_do(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL_ID, input="hi", previous_response_id="resp_123")
     assert e.value.param == "previous_response_id"
+    # The local models read text only: an image part is named, never dropped.
     with pytest.raises(openai.BadRequestError) as e:
-        client.responses.create(model=MODEL_ID, input="hi",
-                                tools=[{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}])
-    assert e.value.param == "tools"
+        client.responses.create(model=MODEL_ID, input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is this?"},
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=", "detail": "auto"}]}])
+    assert e.value.param == "input[0].content[1]"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL_ID, input="hi", tools=[{"type": "file_search", "vector_store_ids": ["v"]}])
+    assert e.value.param == "tools[0].type"
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="nope", input="hi")

@@ -114,3 +114,30 @@ def test_only_the_tenant_and_admins_see_a_trace(ferry):
     # The openai SDK's generic GET reaches it too.
     client = openai.OpenAI(base_url=ferry.url + "/v1", api_key=owner, max_retries=0)
     assert client.get(f"/traces/{rid}", cast_to=object)["request_id"] == rid
+
+
+def test_legacy_completion_and_responses_through_an_alias(ferry, mock):
+    """Legacy completions and the Responses API through an alias are routed, redacted,
+    metered and traced like chat: the upstream never sees the value, the client gets it back."""
+    key = member(ferry, policy="redact")
+    headers = {"Authorization": f"Bearer {key}", "x-ferry-cache": "off"}
+    r = httpx.post(ferry.url + "/v1/completions", headers=headers, timeout=60,
+                   json={"model": "remote", "prompt": "Mail bob@example.com", "echo": True, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert mock.paths[-1] == "/v1/completions"
+    assert "bob@example.com" not in json.dumps(mock.requests[-1][1])
+    assert r.json()["choices"][0]["text"].startswith("Mail bob@example.com"), "echo restores the value"
+    t = trace(ferry, r.headers["x-request-id"], key).json()
+    assert (t["status"], t["route"]) == ("ok", "/v1/completions")
+    assert t["routing"]["target"] == "mock/up" and t["guardrails"]["counts"] == {"email": 1}
+    assert t["tokens"]["prompt"] == 5 and t["tokens"]["completion"] == 4
+    mock.script.append(("tool", "send_mail", {"to": "[EMAIL_1]"}))
+    r = httpx.post(ferry.url + "/v1/responses", headers=headers, timeout=60, json={
+        "model": "remote", "input": "Mail bob@example.com",
+        "tools": [{"type": "function", "name": "send_mail", "parameters": {"type": "object"}}]})
+    assert r.status_code == 200, r.text
+    assert "bob@example.com" not in json.dumps(mock.requests[-1][1])
+    (call_item,) = r.json()["output"]
+    assert json.loads(call_item["arguments"]) == {"to": "bob@example.com"}, "placeholders restored in arguments"
+    t = trace(ferry, r.headers["x-request-id"], key).json()
+    assert (t["route"], t["routing"]["target"]) == ("/v1/responses", "mock/up")

@@ -298,8 +298,9 @@ pub struct ChatCompletionChunk {
     pub system_fingerprint: Option<String>,
 }
 
-/// Logprobs in the legacy completions format.
+/// Logprobs in the legacy completions format (a field an upstream left out reads as empty).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default, utoipa::ToSchema)]
+#[serde(default)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Option<f32>>,

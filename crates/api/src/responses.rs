@@ -15,8 +15,11 @@ pub struct ResponsesRequest {
     #[serde(default)]
     pub stream: bool,
     pub text: Option<TextConfig>,
-    pub tools: Option<Vec<serde_json::Value>>,
+    pub tools: Option<Vec<Tool>>,
+    /// `none`, `auto`, `required`, or `{"type": "function", "name": ...}`.
     pub tool_choice: Option<serde_json::Value>,
+    /// Several function calls in one answer (default true).
+    pub parallel_tool_calls: Option<bool>,
     pub previous_response_id: Option<String>,
     pub store: Option<bool>,
     pub metadata: Option<serde_json::Value>,
@@ -29,14 +32,38 @@ pub enum Input {
     Items(Vec<InputItem>),
 }
 
-/// An input item. Messages carry `role` and `content`; other item types (function calls,
-/// their outputs, reasoning) carry `type` and are named in errors when unsupported.
+/// A tool the model may call. Only `function` tools are served; other types are named in
+/// errors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The JSON schema of the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub parameters: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// An input item: a message (`role` and `content`, `type` absent or `message`), a
+/// `function_call` the model made (`call_id`, `name`, `arguments`), or a
+/// `function_call_output` (`call_id`, `output`). Other types are named in errors.
 #[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct InputItem {
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub role: Option<String>,
     pub content: Option<InputContent>,
+    pub call_id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: Option<String>,
+    /// A function's result: text, or a list of `input_text` parts.
+    pub output: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -51,6 +78,10 @@ pub struct InputPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    /// `input_image`: a URL, or the image inline as a `data:` URL (base64).
+    pub image_url: Option<String>,
+    /// `input_image` by uploaded file: not served (Ferry stores no files).
+    pub file_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -86,12 +117,31 @@ pub struct OutputText {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OutputMessage {
-    #[serde(rename = "type")]
-    pub kind: String,
     pub id: String,
     pub status: String,
     pub role: String,
     pub content: Vec<OutputText>,
+}
+
+/// A call of a function tool the model made; the client answers it with a
+/// `function_call_output` input item carrying the same `call_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct FunctionCall {
+    pub id: String,
+    pub call_id: String,
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+    /// `in_progress`, `completed` or `incomplete`.
+    pub status: String,
+}
+
+/// An item of a response's `output`, tagged by `type`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutputItem {
+    Message(OutputMessage),
+    FunctionCall(FunctionCall),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -130,14 +180,15 @@ pub struct Response {
     pub instructions: Option<String>,
     pub max_output_tokens: Option<i64>,
     pub model: String,
-    pub output: Vec<OutputMessage>,
+    pub output: Vec<OutputItem>,
     pub parallel_tool_calls: bool,
     pub previous_response_id: Option<String>,
     pub store: bool,
     pub temperature: Option<f64>,
     pub text: TextConfig,
-    pub tool_choice: String,
-    pub tools: Vec<serde_json::Value>,
+    /// As the request set it (`auto` when it did not).
+    pub tool_choice: serde_json::Value,
+    pub tools: Vec<Tool>,
     pub top_p: Option<f64>,
     pub usage: Option<ResponseUsage>,
     pub metadata: serde_json::Value,
@@ -153,7 +204,7 @@ pub enum StreamEvent {
     #[serde(rename = "response.in_progress")]
     InProgress { sequence_number: u64, response: Response },
     #[serde(rename = "response.output_item.added")]
-    OutputItemAdded { sequence_number: u64, output_index: u32, item: OutputMessage },
+    OutputItemAdded { sequence_number: u64, output_index: u32, item: OutputItem },
     #[serde(rename = "response.content_part.added")]
     ContentPartAdded {
         sequence_number: u64,
@@ -188,8 +239,12 @@ pub enum StreamEvent {
         content_index: u32,
         part: OutputText,
     },
+    #[serde(rename = "response.function_call_arguments.delta")]
+    FunctionCallArgumentsDelta { sequence_number: u64, item_id: String, output_index: u32, delta: String },
+    #[serde(rename = "response.function_call_arguments.done")]
+    FunctionCallArgumentsDone { sequence_number: u64, item_id: String, output_index: u32, arguments: String },
     #[serde(rename = "response.output_item.done")]
-    OutputItemDone { sequence_number: u64, output_index: u32, item: OutputMessage },
+    OutputItemDone { sequence_number: u64, output_index: u32, item: OutputItem },
     #[serde(rename = "response.completed")]
     Completed { sequence_number: u64, response: Response },
     #[serde(rename = "response.incomplete")]
@@ -209,6 +264,8 @@ impl StreamEvent {
             StreamEvent::OutputTextDelta { .. } => "response.output_text.delta",
             StreamEvent::OutputTextDone { .. } => "response.output_text.done",
             StreamEvent::ContentPartDone { .. } => "response.content_part.done",
+            StreamEvent::FunctionCallArgumentsDelta { .. } => "response.function_call_arguments.delta",
+            StreamEvent::FunctionCallArgumentsDone { .. } => "response.function_call_arguments.done",
             StreamEvent::OutputItemDone { .. } => "response.output_item.done",
             StreamEvent::Completed { .. } => "response.completed",
             StreamEvent::Incomplete { .. } => "response.incomplete",

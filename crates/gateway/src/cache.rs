@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_providers::{ChatEvent, ChatRequest, ChatResponse};
+use ferry_providers::{ChatEvent, ChatResponse};
 use sha2::{Digest, Sha256};
 
 /// What a hit gives back.
@@ -44,10 +44,12 @@ impl ResponseCache {
 
     /// The key of a request to an alias. The neutral request serialises its fields in a fixed
     /// order, so equal requests give equal keys whatever the client's JSON looked like.
-    pub fn key(alias: &str, request: &ChatRequest, stream: bool) -> [u8; 32] {
+    pub fn key<R: crate::Routable>(alias: &str, request: &R, stream: bool) -> [u8; 32] {
         let mut hasher = Sha256::new();
         hasher.update(alias.as_bytes());
         hasher.update([0, u8::from(stream)]);
+        hasher.update(R::KIND.as_bytes());
+        hasher.update([0]);
         let mut value = serde_json::to_value(request).unwrap_or_default();
         sort_keys(&mut value);
         hasher.update(serde_json::to_vec(&value).unwrap_or_default());
@@ -111,7 +113,7 @@ fn sort_keys(value: &mut serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_providers::{Message, Params, Role, Usage};
+    use ferry_providers::{ChatRequest, Message, Params, Role, Usage};
 
     fn request(text: &str) -> ChatRequest {
         ChatRequest {

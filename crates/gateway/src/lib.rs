@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use ferry_providers::anthropic::AnthropicProvider;
 use ferry_providers::gemini::GeminiProvider;
 use ferry_providers::openai::OpenAiProvider;
-use ferry_providers::{ChatEvent, ChatRequest, ChatResponse, EventStream, Provider, ProviderError, Timeouts};
+use ferry_providers::{
+    ChatEvent, ChatRequest, ChatResponse, CompletionRequest, EventStream, Provider, ProviderError, Timeouts,
+};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
@@ -221,16 +223,7 @@ impl Gateway {
         request: ChatRequest,
         use_cache: Option<bool>,
     ) -> Result<Routed<ChatResponse>, GatewayError> {
-        let Some(ttl) = self.cache_ttl(alias, use_cache) else {
-            return self.route(alias, request, |provider, request| provider.chat(request)).await;
-        };
-        let key = cache::ResponseCache::key(alias, &request, false);
-        if let Some(cache::Cached::Response(value)) = self.cache.get(&key) {
-            return Ok(Routed { value, route: Route { cache_hit: true, ..Route::default() } });
-        }
-        let routed = self.route(alias, request, |provider, request| provider.chat(request)).await?;
-        self.cache.put(key, &cache::Cached::Response(routed.value.clone()), ttl);
-        Ok(routed)
+        self.answer(alias, request, use_cache, |provider, request| provider.chat(request)).await
     }
 
     /// A streamed answer. With the cache on, a hit replays a stream recorded earlier; a miss
@@ -242,8 +235,65 @@ impl Gateway {
         request: ChatRequest,
         use_cache: Option<bool>,
     ) -> Result<Routed<EventStream>, GatewayError> {
+        self.stream(alias, request, use_cache, |provider, request| provider.chat_stream(request)).await
+    }
+
+    /// A legacy text completion, routed, retried, cached and fallen back like a chat.
+    pub async fn completion(
+        &self,
+        alias: &str,
+        request: CompletionRequest,
+        use_cache: Option<bool>,
+    ) -> Result<Routed<ChatResponse>, GatewayError> {
+        self.answer(alias, request, use_cache, |provider, request| provider.completion(request)).await
+    }
+
+    /// A streamed legacy text completion.
+    pub async fn completion_stream(
+        &self,
+        alias: &str,
+        request: CompletionRequest,
+        use_cache: Option<bool>,
+    ) -> Result<Routed<EventStream>, GatewayError> {
+        self.stream(alias, request, use_cache, |provider, request| provider.completion_stream(request)).await
+    }
+
+    async fn answer<R, F>(
+        &self,
+        alias: &str,
+        request: R,
+        use_cache: Option<bool>,
+        call: F,
+    ) -> Result<Routed<ChatResponse>, GatewayError>
+    where
+        R: Routable,
+        F: for<'a> Fn(&'a dyn Provider, R) -> BoxFuture<'a, Result<ChatResponse, ProviderError>>,
+    {
         let Some(ttl) = self.cache_ttl(alias, use_cache) else {
-            return self.route(alias, request, |provider, request| provider.chat_stream(request)).await;
+            return self.route(alias, request, call).await;
+        };
+        let key = cache::ResponseCache::key(alias, &request, false);
+        if let Some(cache::Cached::Response(value)) = self.cache.get(&key) {
+            return Ok(Routed { value, route: Route { cache_hit: true, ..Route::default() } });
+        }
+        let routed = self.route(alias, request, call).await?;
+        self.cache.put(key, &cache::Cached::Response(routed.value.clone()), ttl);
+        Ok(routed)
+    }
+
+    async fn stream<R, F>(
+        &self,
+        alias: &str,
+        request: R,
+        use_cache: Option<bool>,
+        call: F,
+    ) -> Result<Routed<EventStream>, GatewayError>
+    where
+        R: Routable,
+        F: for<'a> Fn(&'a dyn Provider, R) -> BoxFuture<'a, Result<EventStream, ProviderError>>,
+    {
+        let Some(ttl) = self.cache_ttl(alias, use_cache) else {
+            return self.route(alias, request, call).await;
         };
         let key = cache::ResponseCache::key(alias, &request, true);
         if let Some(cache::Cached::Events(events)) = self.cache.get(&key) {
@@ -253,7 +303,7 @@ impl Gateway {
                 route: Route { cache_hit: true, ..Route::default() },
             });
         }
-        let routed = self.route(alias, request, |provider, request| provider.chat_stream(request)).await?;
+        let routed = self.route(alias, request, call).await?;
         let cache = self.cache.clone();
         let recorded = Arc::new(Mutex::new(Some(Vec::new())));
         let tape = recorded.clone();
@@ -308,14 +358,10 @@ impl Gateway {
         targets
     }
 
-    async fn route<T, F>(
-        &self,
-        alias_name: &str,
-        request: ChatRequest,
-        call: F,
-    ) -> Result<Routed<T>, GatewayError>
+    async fn route<R, T, F>(&self, alias_name: &str, request: R, call: F) -> Result<Routed<T>, GatewayError>
     where
-        F: for<'a> Fn(&'a dyn Provider, ChatRequest) -> BoxFuture<'a, Result<T, ProviderError>>,
+        R: Routable,
+        F: for<'a> Fn(&'a dyn Provider, R) -> BoxFuture<'a, Result<T, ProviderError>>,
     {
         let Some(alias) = self.aliases.get(alias_name) else {
             return Err(GatewayError::NoTarget(alias_name.to_string()));
@@ -330,7 +376,7 @@ impl Gateway {
             for retry in 0..=alias.retries {
                 attempts += 1;
                 let mut upstream = request.clone();
-                upstream.model = target.model.clone();
+                upstream.set_model(&target.model);
                 target.outstanding.fetch_add(1, Ordering::Relaxed);
                 let result = call(target.provider.as_ref(), upstream).await;
                 target.outstanding.fetch_sub(1, Ordering::Relaxed);
@@ -397,6 +443,28 @@ impl Gateway {
             }
             c.open_until = Some(Instant::now() + self.reliability.open_for);
         }
+    }
+}
+
+/// A request the gateway routes: sent to each target under the target's model name, and
+/// hashed (with its kind) for the response cache.
+pub trait Routable: Clone + serde::Serialize + Send {
+    /// Keeps a chat and a text completion of the same JSON apart in the cache.
+    const KIND: &'static str;
+    fn set_model(&mut self, model: &str);
+}
+
+impl Routable for ChatRequest {
+    const KIND: &'static str = "chat";
+    fn set_model(&mut self, model: &str) {
+        self.model = model.to_string();
+    }
+}
+
+impl Routable for CompletionRequest {
+    const KIND: &'static str = "completion";
+    fn set_model(&mut self, model: &str) {
+        self.model = model.to_string();
     }
 }
 

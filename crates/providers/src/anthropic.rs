@@ -36,6 +36,10 @@ impl AnthropicProvider {
 }
 
 impl Provider for AnthropicProvider {
+    fn name(&self) -> &'static str {
+        "Anthropic"
+    }
+
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>> {
         async move {
             let body = request_body(&request, false)?;
@@ -153,6 +157,15 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
             ToolChoice::Required => json!({"type": "any"}),
             ToolChoice::Function(name) => json!({"type": "tool", "name": name}),
         };
+    }
+    // One call at a time is a flag of Anthropic's tool choice (`auto` when none was set).
+    if p.parallel_tool_calls == Some(false) && !request.tools.is_empty() {
+        if body["tool_choice"].is_null() {
+            body["tool_choice"] = json!({"type": "auto"});
+        }
+        if body["tool_choice"]["type"] != "none" {
+            body["tool_choice"]["disable_parallel_tool_use"] = json!(true);
+        }
     }
     if stream {
         body["stream"] = json!(true);
@@ -330,5 +343,70 @@ mod tests {
         assert!(
             matches!(request_body(&seeded, false), Err(ProviderError::Unsupported { param, .. }) if param == "n")
         );
+    }
+
+    #[test]
+    fn one_call_at_a_time_is_a_tool_choice_flag() {
+        let mut request = ChatRequest {
+            model: "claude".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            params: Params { parallel_tool_calls: Some(false), ..Params::default() },
+            tools: vec![crate::Tool {
+                name: "f".into(),
+                description: None,
+                parameters: json!({"type": "object"}),
+            }],
+            tool_choice: None,
+            response_format: None,
+        };
+        let body = request_body(&request, false).unwrap();
+        assert_eq!(body["tool_choice"], json!({"type": "auto", "disable_parallel_tool_use": true}));
+        request.tool_choice = Some(ToolChoice::Function("f".into()));
+        let body = request_body(&request, false).unwrap();
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "tool", "name": "f", "disable_parallel_tool_use": true})
+        );
+        request.params.parallel_tool_calls = None;
+        assert!(
+            request_body(&request, false).unwrap()["tool_choice"].get("disable_parallel_tool_use").is_none()
+        );
+    }
+
+    #[test]
+    fn a_legacy_completion_becomes_one_user_message() {
+        let mut completion = crate::CompletionRequest {
+            model: "claude".into(),
+            prompts: vec![crate::Prompt::Text("Once upon a time".into())],
+            params: Params { max_tokens: Some(16), n: Some(1), ..Params::default() },
+            echo: true,
+            logprobs: None,
+            suffix: None,
+            best_of: None,
+        };
+        let (chat, prompt) = crate::completion_as_chat(&completion, "Anthropic").unwrap();
+        assert_eq!(prompt, "Once upon a time");
+        assert_eq!(chat.messages, vec![Message::text(Role::User, "Once upon a time")]);
+        assert_eq!(request_body(&chat, false).unwrap()["max_tokens"], 16);
+        let refused = |c: &crate::CompletionRequest| match crate::completion_as_chat(c, "Anthropic") {
+            Err(ProviderError::Refused { param, message }) => {
+                assert!(message.contains("Anthropic"), "{message}");
+                param
+            }
+            other => panic!("{other:?}"),
+        };
+        completion.logprobs = Some(2);
+        assert_eq!(refused(&completion), "logprobs");
+        completion.logprobs = None;
+        completion.suffix = Some("The end.".into());
+        assert_eq!(refused(&completion), "suffix");
+        completion.suffix = None;
+        completion.prompts.push(crate::Prompt::Text("two".into()));
+        assert_eq!(refused(&completion), "prompt");
+        completion.prompts = vec![crate::Prompt::Tokens(vec![1, 2])];
+        assert_eq!(refused(&completion), "prompt");
+        completion.prompts = vec![crate::Prompt::Text("x".into())];
+        completion.best_of = Some(3);
+        assert_eq!(refused(&completion), "best_of");
     }
 }

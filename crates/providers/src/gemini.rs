@@ -34,6 +34,10 @@ impl GeminiProvider {
 }
 
 impl Provider for GeminiProvider {
+    fn name(&self) -> &'static str {
+        "Gemini"
+    }
+
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>> {
         async move {
             let body = request_body(&request)?;
@@ -80,6 +84,16 @@ pub fn request_body(request: &ChatRequest) -> Result<Value, ProviderError> {
     let p = &request.params;
     if p.top_logprobs.is_some_and(|t| t > 0) && p.logprobs != Some(true) {
         return Err(ProviderError::Unsupported { param: "top_logprobs".into(), provider: "Gemini" });
+    }
+    // Gemini has no switch for one call per answer.
+    if p.parallel_tool_calls == Some(false) && !request.tools.is_empty() {
+        return Err(ProviderError::Refused {
+            param: "parallel_tool_calls".into(),
+            message:
+                "'parallel_tool_calls: false' cannot be served by Gemini upstreams: they have no way to \
+                      limit an answer to one function call"
+                    .into(),
+        });
     }
     // Tool results name their function in Gemini; find it from the call's id.
     let call_names: std::collections::HashMap<&str, &str> = request
@@ -317,5 +331,28 @@ mod tests {
         assert_eq!(body["generationConfig"]["maxOutputTokens"], 20);
         assert_eq!(body["generationConfig"]["responseMimeType"], "application/json");
         assert_eq!(body["toolConfig"]["functionCallingConfig"]["allowedFunctionNames"][0], "weather");
+    }
+
+    #[test]
+    fn json_schema_becomes_a_response_schema_and_one_call_at_a_time_is_refused() {
+        let mut request = ChatRequest {
+            model: "g".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            params: Params::default(),
+            tools: vec![],
+            tool_choice: None,
+            response_format: Some(
+                json!({"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}}),
+            ),
+        };
+        let body = request_body(&request).unwrap();
+        assert_eq!(body["generationConfig"]["responseJsonSchema"], json!({"type": "object"}));
+        request.params.parallel_tool_calls = Some(false);
+        assert!(request_body(&request).is_ok(), "without tools there is nothing to limit");
+        request.tools =
+            vec![Tool { name: "f".into(), description: None, parameters: json!({"type": "object"}) }];
+        assert!(
+            matches!(request_body(&request), Err(ProviderError::Refused { param, .. }) if param == "parallel_tool_calls")
+        );
     }
 }

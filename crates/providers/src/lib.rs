@@ -39,6 +39,9 @@ pub enum ProviderError {
     /// A request parameter this provider cannot express.
     #[error("'{param}' is not supported by {provider} upstreams")]
     Unsupported { param: String, provider: &'static str },
+    /// A request this provider cannot express, with the reason.
+    #[error("{message}")]
+    Refused { param: String, message: String },
 }
 
 impl ProviderError {
@@ -48,7 +51,9 @@ impl ProviderError {
         match self {
             ProviderError::Status { status, .. } => *status == 429 || *status >= 500,
             ProviderError::Connect(_) | ProviderError::Timeout(_) => true,
-            ProviderError::Decode(_) | ProviderError::Unsupported { .. } => false,
+            ProviderError::Decode(_) | ProviderError::Unsupported { .. } | ProviderError::Refused { .. } => {
+                false
+            }
         }
     }
 
@@ -80,10 +85,88 @@ impl Default for Timeouts {
 }
 
 pub trait Provider: Send + Sync {
+    /// The upstream's name in errors (`OpenAI-compatible`, `Anthropic`, `Gemini`).
+    fn name(&self) -> &'static str;
+
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>>;
     /// Resolves once the upstream has answered with its first event, so a caller can still
     /// fall back before anything was sent to its client.
     fn chat_stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>>;
+
+    /// A legacy text completion. Upstreams without a completions endpoint answer it as a chat
+    /// of one user message (what [`completion_as_chat`] allows); `echo` is honoured by
+    /// putting the prompt before the answer.
+    fn completion(&self, request: CompletionRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>> {
+        Box::pin(async move {
+            let (chat, prompt) = completion_as_chat(&request, self.name())?;
+            let mut answer = self.chat(chat).await?;
+            if request.echo {
+                for choice in &mut answer.choices {
+                    choice.message.content.insert(0, Part::Text(prompt.clone()));
+                }
+            }
+            Ok(answer)
+        })
+    }
+
+    /// `completion`, streamed; with `echo`, each choice opens with the prompt.
+    fn completion_stream(
+        &self,
+        request: CompletionRequest,
+    ) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+        Box::pin(async move {
+            let (chat, prompt) = completion_as_chat(&request, self.name())?;
+            let events = self.chat_stream(chat).await?;
+            if !request.echo {
+                return Ok(events);
+            }
+            let n = request.params.n.unwrap_or(1).max(1);
+            let opening: Vec<Result<ChatEvent, ProviderError>> = (0..n)
+                .map(|choice| Ok(ChatEvent::Text { choice, text: prompt.clone(), logprobs: None }))
+                .collect();
+            Ok(futures::stream::iter(opening).chain(events).boxed())
+        })
+    }
+}
+
+/// A legacy completion as a chat request of one user message holding the prompt, for
+/// upstreams that only chat (as LiteLLM's `text_completion` does). What has no chat
+/// equivalent is refused by name: several prompts or token ids, `logprobs`, `suffix`,
+/// `best_of` above `n`. Also returns the prompt text, for `echo`.
+pub fn completion_as_chat(
+    request: &CompletionRequest,
+    provider: &'static str,
+) -> Result<(ChatRequest, String), ProviderError> {
+    let refuse = |param: &str, what: &str| ProviderError::Refused {
+        param: param.into(),
+        message: format!(
+            "{what} cannot be served by {provider} upstreams: they have no text completion endpoint, \
+             so a legacy completion reaches them as one chat message"
+        ),
+    };
+    let prompt = match request.prompts.as_slice() {
+        [Prompt::Text(text)] => text.clone(),
+        [_] => return Err(refuse("prompt", "A prompt of token ids")),
+        _ => return Err(refuse("prompt", "More than one prompt per request")),
+    };
+    if request.logprobs.is_some() {
+        return Err(refuse("logprobs", "'logprobs'"));
+    }
+    if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(refuse("suffix", "'suffix' (fill in the middle)"));
+    }
+    if request.best_of.is_some_and(|b| b != request.params.n.unwrap_or(1)) {
+        return Err(refuse("best_of", "'best_of' other than 'n'"));
+    }
+    let chat = ChatRequest {
+        model: request.model.clone(),
+        messages: vec![Message::text(Role::User, prompt.clone())],
+        params: request.params.clone(),
+        tools: vec![],
+        tool_choice: None,
+        response_format: None,
+    };
+    Ok((chat, prompt))
 }
 
 /// Replaces every occurrence of a secret in upstream text, so error messages that echo a

@@ -1,5 +1,6 @@
 //! Any OpenAI-compatible server: vLLM, Ollama, llama-server, DeepSeek, Qwen's compatible
-//! mode, OpenAI itself, another Ferry. Chat completions, plain and streamed.
+//! mode, OpenAI itself, another Ferry. Chat completions and legacy text completions, plain
+//! and streamed.
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -7,8 +8,8 @@ use serde_json::{Value, json};
 
 use crate::sse::messages;
 use crate::{
-    ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, Message, Part, Provider,
-    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
+    ChatEvent, ChatRequest, ChatResponse, Choice, CompletionRequest, EventStream, FinishReason, Message,
+    Part, Prompt, Provider, ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
 };
 
 pub struct OpenAiProvider {
@@ -21,8 +22,8 @@ impl OpenAiProvider {
         Ok(OpenAiProvider { http: Upstream::new(base_url, api_key, timeouts)? })
     }
 
-    async fn send(&self, body: Value) -> Result<reqwest::Response, ProviderError> {
-        let mut request = self.http.post("/chat/completions").json(&body);
+    async fn send(&self, path: &str, body: Value) -> Result<reqwest::Response, ProviderError> {
+        let mut request = self.http.post(path).json(&body);
         if let Some(key) = &self.http.api_key {
             request = request.bearer_auth(key);
         }
@@ -31,10 +32,14 @@ impl OpenAiProvider {
 }
 
 impl Provider for OpenAiProvider {
+    fn name(&self) -> &'static str {
+        "OpenAI-compatible"
+    }
+
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>> {
         async move {
             let body = request_body(&request, false)?;
-            let response = self.send(body).await?;
+            let response = self.send("/chat/completions", body).await?;
             parse_response(&self.http.json(response).await?)
         }
         .boxed()
@@ -43,14 +48,41 @@ impl Provider for OpenAiProvider {
     fn chat_stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
         async move {
             let body = request_body(&request, true)?;
-            let response = self.send(body).await?;
-            let events = messages(response.bytes_stream())
-                .take_while(|m| futures::future::ready(!matches!(m, Ok(m) if m.data == "[DONE]")))
-                .flat_map(|m| futures::stream::iter(parse_chunk(m)))
-                .boxed();
-            crate::after_first_event(events, self.http.timeouts.first_byte).await
+            let response = self.send("/chat/completions", body).await?;
+            self.events(response).await
         }
         .boxed()
+    }
+
+    /// The upstream's own `/completions`: prompts, `echo`, `logprobs`, `suffix` as they are.
+    fn completion(&self, request: CompletionRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>> {
+        async move {
+            let response = self.send("/completions", completion_body(&request, false)).await?;
+            parse_completion(&self.http.json(response).await?)
+        }
+        .boxed()
+    }
+
+    fn completion_stream(
+        &self,
+        request: CompletionRequest,
+    ) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
+        async move {
+            let response = self.send("/completions", completion_body(&request, true)).await?;
+            self.events(response).await
+        }
+        .boxed()
+    }
+}
+
+impl OpenAiProvider {
+    /// The neutral events of a streamed answer (chat or text completion chunks) up to `[DONE]`.
+    async fn events(&self, response: reqwest::Response) -> Result<EventStream, ProviderError> {
+        let events = messages(response.bytes_stream())
+            .take_while(|m| futures::future::ready(!matches!(m, Ok(m) if m.data == "[DONE]")))
+            .flat_map(|m| futures::stream::iter(parse_chunk(m)))
+            .boxed();
+        crate::after_first_event(events, self.http.timeouts.first_byte).await
     }
 }
 
@@ -119,6 +151,7 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
     set("logprobs", p.logprobs.map(|v| json!(v)));
     set("top_logprobs", p.top_logprobs.map(|v| json!(v)));
     set("response_format", request.response_format.clone());
+    set("parallel_tool_calls", p.parallel_tool_calls.filter(|_| !request.tools.is_empty()).map(|v| json!(v)));
     if !request.tools.is_empty() {
         set(
             "tools",
@@ -145,6 +178,66 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
         body["stream_options"] = json!({"include_usage": true});
     }
     Ok(body)
+}
+
+/// The `/completions` body of a legacy completion: one prompt as a string or token list,
+/// several as a list of them.
+pub fn completion_body(request: &CompletionRequest, stream: bool) -> Value {
+    let prompt_json = |p: &Prompt| match p {
+        Prompt::Text(t) => json!(t),
+        Prompt::Tokens(ids) => json!(ids),
+    };
+    let prompt = match request.prompts.as_slice() {
+        [one] => prompt_json(one),
+        many => Value::Array(many.iter().map(prompt_json).collect()),
+    };
+    let p = &request.params;
+    let mut body = json!({"model": request.model, "prompt": prompt});
+    let mut set = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            body[key] = v;
+        }
+    };
+    set("temperature", p.temperature.map(|v| json!(v)));
+    set("top_p", p.top_p.map(|v| json!(v)));
+    set("max_tokens", p.max_tokens.map(|v| json!(v)));
+    set("stop", (!p.stop.is_empty()).then(|| json!(p.stop)));
+    set("seed", p.seed.map(|v| json!(v)));
+    set("n", p.n.map(|v| json!(v)));
+    set("presence_penalty", p.presence_penalty.map(|v| json!(v)));
+    set("frequency_penalty", p.frequency_penalty.map(|v| json!(v)));
+    set("logprobs", request.logprobs.map(|v| json!(v)));
+    set("echo", request.echo.then(|| json!(true)));
+    set("suffix", request.suffix.clone().map(|v| json!(v)));
+    set("best_of", request.best_of.map(|v| json!(v)));
+    if stream {
+        set("stream", Some(json!(true)));
+        set("stream_options", Some(json!({"include_usage": true})));
+    }
+    body
+}
+
+/// A neutral answer from a text completion: each choice's `text`, its `logprobs` object as
+/// the upstream sent it.
+pub fn parse_completion(value: &Value) -> Result<ChatResponse, ProviderError> {
+    let choices = value["choices"]
+        .as_array()
+        .ok_or_else(|| ProviderError::Decode("the answer has no 'choices'".into()))?
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Choice {
+            index: c["index"].as_u64().unwrap_or(i as u64) as u32,
+            message: Message::text(Role::Assistant, c["text"].as_str().unwrap_or_default()),
+            finish_reason: finish_reason(&c["finish_reason"]),
+            logprobs: Some(c["logprobs"].clone()).filter(|v| !v.is_null()),
+        })
+        .collect();
+    Ok(ChatResponse {
+        id: value["id"].as_str().unwrap_or_default().to_string(),
+        model: value["model"].as_str().unwrap_or_default().to_string(),
+        choices,
+        usage: usage(&value["usage"]),
+    })
 }
 
 fn finish_reason(value: &Value) -> Option<FinishReason> {
@@ -237,7 +330,8 @@ fn parse_chunk(
     for c in value["choices"].as_array().into_iter().flatten() {
         let choice = c["index"].as_u64().unwrap_or(0) as u32;
         let delta = &c["delta"];
-        if let Some(text) = delta["content"].as_str()
+        // A text completion chunk carries `text` where a chat chunk has a delta.
+        if let Some(text) = delta["content"].as_str().or_else(|| c["text"].as_str())
             && !text.is_empty()
         {
             let logprobs = Some(c["logprobs"].clone()).filter(|v| !v.is_null());
@@ -296,5 +390,73 @@ mod tests {
         assert_eq!(body["tool_choice"]["function"]["name"], "look");
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["max_tokens"], 9);
+    }
+
+    #[test]
+    fn a_legacy_completion_goes_to_completions_as_it_is() {
+        let request = CompletionRequest {
+            model: "m".into(),
+            prompts: vec![Prompt::Text("a".into()), Prompt::Tokens(vec![1, 2])],
+            params: Params { max_tokens: Some(16), n: Some(2), stop: vec!["\n".into()], ..Params::default() },
+            echo: true,
+            logprobs: Some(3),
+            suffix: Some("z".into()),
+            best_of: Some(2),
+        };
+        let body = completion_body(&request, true);
+        assert_eq!(body["prompt"], json!(["a", [1, 2]]));
+        assert_eq!((body["echo"].clone(), body["logprobs"].clone()), (json!(true), json!(3)));
+        assert_eq!(
+            (body["suffix"].clone(), body["best_of"].clone(), body["n"].clone()),
+            (json!("z"), json!(2), json!(2))
+        );
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        let one = CompletionRequest { prompts: vec![Prompt::Text("a".into())], echo: false, ..request };
+        let body = completion_body(&one, false);
+        assert_eq!(body["prompt"], "a");
+        assert!(body.get("echo").is_none() && body.get("stream").is_none());
+    }
+
+    #[test]
+    fn text_completion_answers_and_chunks() {
+        let logprobs = json!({"tokens": [" b"], "token_logprobs": [-0.5], "top_logprobs": [{" b": -0.5}], "text_offset": [1]});
+        let answer = parse_completion(&json!({
+            "id": "cmpl-1", "object": "text_completion", "model": "m",
+            "choices": [{"index": 0, "text": "a b", "logprobs": logprobs, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        }))
+        .unwrap();
+        assert_eq!(answer.choices[0].message.joined_text(), "a b");
+        assert_eq!(answer.choices[0].finish_reason, Some(FinishReason::Length));
+        assert_eq!(answer.choices[0].logprobs, Some(logprobs.clone()));
+        assert_eq!(answer.usage.completion_tokens, 2);
+        let chunk = crate::sse::SseMessage {
+            event: None,
+            data: json!({"object": "text_completion", "choices": [{"index": 1, "text": " b", "logprobs": logprobs, "finish_reason": "stop"}]})
+                .to_string(),
+        };
+        let events: Vec<ChatEvent> = parse_chunk(Ok(chunk)).into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            events,
+            [
+                ChatEvent::Text { choice: 1, text: " b".into(), logprobs: Some(logprobs) },
+                ChatEvent::Finish { choice: 1, reason: FinishReason::Stop },
+            ]
+        );
+    }
+
+    #[test]
+    fn one_call_at_a_time_is_passed_only_with_tools() {
+        let mut request = ChatRequest {
+            model: "m".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            params: Params { parallel_tool_calls: Some(false), ..Params::default() },
+            tools: vec![],
+            tool_choice: None,
+            response_format: None,
+        };
+        assert!(request_body(&request, false).unwrap().get("parallel_tool_calls").is_none());
+        request.tools = vec![crate::Tool { name: "f".into(), description: None, parameters: json!({}) }];
+        assert_eq!(request_body(&request, false).unwrap()["parallel_tool_calls"], false);
     }
 }

@@ -85,6 +85,9 @@ pub struct Params {
     pub frequency_penalty: Option<f64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
+    /// `Some(false)`: at most one tool call per answer.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +100,35 @@ pub struct ChatRequest {
     pub tool_choice: Option<ToolChoice>,
     /// OpenAI's `response_format` object, passed where the provider has an equivalent.
     pub response_format: Option<serde_json::Value>,
+}
+
+/// One prompt of a legacy text completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    Text(String),
+    /// Token ids of the upstream's own tokenizer, passed as they are.
+    Tokens(Vec<i64>),
+}
+
+/// A legacy text completion (OpenAI's `/v1/completions`): raw prompts, no chat template.
+/// Upstreams with a completions endpoint take it as it is; the others answer it as one user
+/// message (see [`crate::completion_as_chat`]). The answer is a [`ChatResponse`] (or its
+/// events) whose choices carry the text, and `logprobs` in the completions format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionRequest {
+    /// The model name the provider knows.
+    pub model: String,
+    /// One or more prompts; each gets `n` choices, numbered prompt by prompt.
+    pub prompts: Vec<Prompt>,
+    /// `temperature`, `top_p`, `max_tokens`, `stop`, `seed`, `n` and the penalties.
+    pub params: Params,
+    /// The prompt is repeated before each choice's text.
+    pub echo: bool,
+    /// Top alternatives per token (the completions API's integer `logprobs`).
+    pub logprobs: Option<u32>,
+    /// Text after the completion (fill in the middle).
+    pub suffix: Option<String>,
+    pub best_of: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,7 @@
 //! `POST /v1/completions`: the legacy text completions API, with several prompts per
-//! request, `echo` and prompt logprobs.
+//! request, `echo` and prompt logprobs, on a local model or through a gateway alias (an
+//! OpenAI-compatible target's own `/completions`; other providers answer the prompt as one
+//! user message, see `ferry_providers::completion_as_chat`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -7,45 +9,58 @@ use std::convert::Infallible;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ferry_api::openai::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, SamplingFields,
 };
 use ferry_engine::{Event, LocalModel, TokenId, TokenInfo};
+use ferry_providers::{ChatEvent, EventStream};
 use futures::StreamExt;
 
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
-use crate::generation::{self, SharedModel, Submitted, request_id, unix_now, usage};
-use crate::validate;
+use crate::generation::{self, SharedModel, Submitted, neutral_usage, request_id, unix_now, usage};
+use crate::{translate, validate};
 
 const MAX_LOGPROBS: i64 = 20;
 
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI",
     summary = "Create a completion (legacy)",
+    description = "A local model, or a gateway alias: an OpenAI-compatible target gets the request on its own \
+        `/completions`; Anthropic and Gemini targets get the prompt as one user message, and refuse by name what \
+        a chat cannot carry (several prompts or token ids, `logprobs`, `suffix`, `best_of` other than `n`). \
+        Presets are refused: a raw prompt has no place for their system prompt.",
     request_body(content = ref("#/components/schemas/CreateCompletionRequest")),
     responses((status = 200, description = "The completion; with `stream: true`, `text_completion` chunks",
         content((Completion = "application/json"), (Completion = "text/event-stream")))))]
 pub async fn completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
     let request: CompletionRequest = validate::parse_json(&body)?;
     let sampling_fields: SamplingFields = validate::parse_json(&body)?;
-    if let Some(gateway) = state.gateway()
-        && (gateway.has_alias(&request.model) || gateway.preset(&request.model).is_some())
-    {
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "'{}' is a gateway alias or preset: legacy completions are served by local models only; \
-                 use /v1/chat/completions, /v1/responses or /v1/messages for it",
-                request.model
-            ),
-        ));
+    if let Some(gateway) = state.gateway() {
+        // A preset is a system prompt and parameters for a conversation; a raw prompt has no
+        // place for the system prompt, and dropping it would change what the preset means.
+        if gateway.preset(&request.model).is_some() {
+            return Err(ApiError::invalid(
+                "model",
+                format!(
+                    "'{}' is a preset: its system prompt has no place in a legacy completion's raw prompt; \
+                     use /v1/chat/completions, /v1/responses or /v1/messages for it",
+                    request.model
+                ),
+            ));
+        }
+        if gateway.has_alias(&request.model) {
+            let use_cache = crate::chat::cache_choice(&headers);
+            return upstream(gateway, &request, &sampling_fields, use_cache).await;
+        }
     }
     let model = state.model(&request.model).await?;
     let sampling = validate::sampling(&sampling_fields, &model)?;
@@ -275,6 +290,109 @@ pub async fn completions(
         system_fingerprint: Some(state.fingerprint()),
     })
     .into_response())
+}
+
+/// A legacy completion for a gateway alias: translated, routed like a chat (retries,
+/// fallbacks, cache, guardrails, metering), and the answer written as `text_completion`.
+async fn upstream(
+    gateway: std::sync::Arc<ferry_gateway::Gateway>,
+    request: &CompletionRequest,
+    fields: &SamplingFields,
+    use_cache: Option<bool>,
+) -> Result<Response, ApiError> {
+    let neutral = translate::from_openai_completion(request, fields)?;
+    let id = request_id("cmpl");
+    let created = unix_now();
+    if request.stream {
+        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let routed = crate::guard::completion_stream(&gateway, &request.model, neutral, use_cache).await?;
+        let events = upstream_stream(routed.value, id, request.model.clone(), created, include_usage);
+        let mut response = events.into_response();
+        crate::chat::route_headers(&mut response, &routed.route);
+        return Ok(response);
+    }
+    let routed = crate::guard::completion(&gateway, &request.model, neutral, use_cache).await?;
+    let answer = routed.value;
+    let choices = answer
+        .choices
+        .into_iter()
+        .map(|c| CompletionChoice {
+            index: c.index,
+            text: c.message.joined_text(),
+            logprobs: c.logprobs.and_then(|v| serde_json::from_value(v).ok()),
+            finish_reason: c.finish_reason.map(|r| r.openai().to_string()),
+        })
+        .collect();
+    let completion = Completion {
+        id,
+        object: "text_completion".into(),
+        created,
+        model: request.model.clone(),
+        choices,
+        usage: Some(neutral_usage(&answer.usage)),
+        system_fingerprint: None,
+    };
+    let mut response = axum::Json(completion).into_response();
+    crate::chat::route_headers(&mut response, &routed.route);
+    Ok(response)
+}
+
+/// `text_completion` chunks from an upstream's neutral events: one per text piece and per
+/// finished choice, the usage chunk when asked for, then `[DONE]`. An error after the
+/// headers went out is reported in the stream.
+fn upstream_stream(
+    events: EventStream,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+) -> impl IntoResponse {
+    let chunk = move |choices: Vec<CompletionChoice>, usage: Option<ferry_api::openai::Usage>| {
+        let body = Completion {
+            id: id.clone(),
+            object: "text_completion".into(),
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+            system_fingerprint: None,
+        };
+        SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))
+    };
+    let body = events.filter_map(move |event| {
+        let out = match event {
+            Ok(ChatEvent::Text { choice, text, logprobs }) => Some(chunk(
+                vec![CompletionChoice {
+                    index: choice,
+                    text,
+                    logprobs: logprobs.and_then(|v| serde_json::from_value(v).ok()),
+                    finish_reason: None,
+                }],
+                None,
+            )),
+            Ok(ChatEvent::Finish { choice, reason }) => Some(chunk(
+                vec![CompletionChoice {
+                    index: choice,
+                    text: String::new(),
+                    logprobs: None,
+                    finish_reason: Some(reason.openai().to_string()),
+                }],
+                None,
+            )),
+            Ok(ChatEvent::Usage(u)) => include_usage.then(|| chunk(vec![], Some(neutral_usage(&u)))),
+            // No tools are offered to a text completion.
+            Ok(ChatEvent::ToolCall { .. }) => None,
+            Err(e) => {
+                let body = ApiError::from(e).body();
+                Some(SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}")))
+            }
+        };
+        futures::future::ready(out)
+    });
+    let all = body
+        .chain(futures::stream::once(async { SseEvent::default().data("[DONE]") }))
+        .map(Ok::<_, Infallible>);
+    Sse::new(all).keep_alive(KeepAlive::default())
 }
 
 struct StreamState {

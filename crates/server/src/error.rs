@@ -214,6 +214,7 @@ impl From<ferry_providers::ProviderError> for ApiError {
             P::Timeout(what) => ApiError::GatewayTimeout(what.to_string()),
             P::Decode(m) => ApiError::BadGateway(m),
             P::Unsupported { param, .. } => ApiError::invalid(param, message),
+            P::Refused { param, message } => ApiError::invalid(param, message),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ferry_gateway::{Gateway, Routed};
 use ferry_guardrails::{Action, PiiKind, Policy, Redactor};
-use ferry_providers::{ChatEvent, ChatRequest, ChatResponse, EventStream, Part};
+use ferry_providers::{ChatEvent, ChatRequest, ChatResponse, CompletionRequest, EventStream, Part, Prompt};
 use futures::StreamExt;
 
 use crate::error::ApiError;
@@ -58,6 +58,11 @@ fn redact_request(policy: &Policy, request: &mut ChatRequest) -> Result<Redactor
             call.arguments = redactor.redact(policy, &call.arguments).map_err(blocked)?;
         }
     }
+    count_redactions(policy, &redactor);
+    Ok(redactor)
+}
+
+fn count_redactions(policy: &Policy, redactor: &Redactor) {
     let counts = redactor.counts();
     if !counts.is_empty() {
         tracing::info!(policy = %policy.name, ?counts, "guardrail redacted values before the upstream call");
@@ -65,7 +70,6 @@ fn redact_request(policy: &Policy, request: &mut ChatRequest) -> Result<Redactor
             meter.add_guardrail_counts(&counts);
         }
     }
-    Ok(redactor)
 }
 
 /// Puts the request's values back; with `apply_to_responses`, what the model itself wrote
@@ -111,17 +115,8 @@ pub async fn chat(
         Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
-    let mut routed = gateway
-        .chat(alias, request, use_cache)
-        .await
-        .inspect_err(|_| crate::telemetry::upstream_error(alias))?;
-    if let Some(meter) = crate::tenancy::current() {
-        meter.upstream(&routed.route, &routed.value.usage);
-    }
-    if let (Some(policy), Some(mut redactor)) = (policy, redactor) {
-        restore_response(&policy, &mut redactor, &mut routed.value)?;
-    }
-    Ok(routed)
+    let routed = gateway.chat(alias, request, use_cache).await;
+    answered(alias, policy, redactor, routed)
 }
 
 /// A streaming gateway call with the request's policy applied: placeholders are restored in
@@ -137,10 +132,82 @@ pub async fn chat_stream(
         Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
-    let routed = gateway
-        .chat_stream(alias, request, use_cache)
-        .await
-        .inspect_err(|_| crate::telemetry::upstream_error(alias))?;
+    let routed = gateway.chat_stream(alias, request, use_cache).await;
+    streamed(alias, policy, redactor, routed)
+}
+
+/// A legacy text completion through the gateway, its text prompts redacted like messages
+/// (token-id prompts carry no text to screen).
+pub async fn completion(
+    gateway: &Gateway,
+    alias: &str,
+    mut request: CompletionRequest,
+    use_cache: Option<bool>,
+) -> Result<Routed<ChatResponse>, ApiError> {
+    let policy = policy();
+    let redactor = match &policy {
+        Some(policy) => Some(redact_prompts(policy, &mut request)?),
+        None => None,
+    };
+    let routed = gateway.completion(alias, request, use_cache).await;
+    answered(alias, policy, redactor, routed)
+}
+
+/// `completion`, streamed.
+pub async fn completion_stream(
+    gateway: &Gateway,
+    alias: &str,
+    mut request: CompletionRequest,
+    use_cache: Option<bool>,
+) -> Result<Routed<EventStream>, ApiError> {
+    let policy = policy();
+    let redactor = match &policy {
+        Some(policy) => Some(redact_prompts(policy, &mut request)?),
+        None => None,
+    };
+    let routed = gateway.completion_stream(alias, request, use_cache).await;
+    streamed(alias, policy, redactor, routed)
+}
+
+fn redact_prompts(policy: &Policy, request: &mut CompletionRequest) -> Result<Redactor, ApiError> {
+    let mut redactor = Redactor::new();
+    for prompt in &mut request.prompts {
+        if let Prompt::Text(text) = prompt {
+            *text = redactor.redact(policy, text).map_err(blocked)?;
+        }
+    }
+    if let Some(suffix) = &mut request.suffix {
+        *suffix = redactor.redact(policy, suffix).map_err(blocked)?;
+    }
+    count_redactions(policy, &redactor);
+    Ok(redactor)
+}
+
+/// A plain answer metered and its values restored.
+fn answered(
+    alias: &str,
+    policy: Option<Arc<Policy>>,
+    redactor: Option<Redactor>,
+    routed: Result<Routed<ChatResponse>, ferry_gateway::GatewayError>,
+) -> Result<Routed<ChatResponse>, ApiError> {
+    let mut routed = routed.inspect_err(|_| crate::telemetry::upstream_error(alias))?;
+    if let Some(meter) = crate::tenancy::current() {
+        meter.upstream(&routed.route, &routed.value.usage);
+    }
+    if let (Some(policy), Some(mut redactor)) = (policy, redactor) {
+        restore_response(&policy, &mut redactor, &mut routed.value)?;
+    }
+    Ok(routed)
+}
+
+/// A stream metered as it passes, its values restored (or screened whole).
+fn streamed(
+    alias: &str,
+    policy: Option<Arc<Policy>>,
+    redactor: Option<Redactor>,
+    routed: Result<Routed<EventStream>, ferry_gateway::GatewayError>,
+) -> Result<Routed<EventStream>, ApiError> {
+    let routed = routed.inspect_err(|_| crate::telemetry::upstream_error(alias))?;
     let events = crate::tenancy::tap_upstream(&routed.route, routed.value);
     let value = match (policy, redactor) {
         (Some(policy), Some(redactor)) if policy.apply_to_responses => {

@@ -35,18 +35,30 @@ pub fn plan(request: &ChatCompletionRequest) -> Result<OutputPlan, ApiError> {
     let tools = tool_specs(request)?;
     let mode = tool_mode(request, &tools)?;
     let schema = response_schema(request.response_format.as_ref(), "response_format")?;
+    let parallel = request.parallel_tool_calls.unwrap_or(true);
+    plan_of(tools, mode, schema, parallel, "response_format")
+}
+
+/// The plan of checked tools, tool mode and output schema; `format_param` names the
+/// request's format parameter in errors.
+fn plan_of(
+    tools: Vec<ToolSpec>,
+    mode: Option<ToolMode>,
+    schema: Option<serde_json::Value>,
+    parallel: bool,
+    format_param: &'static str,
+) -> Result<OutputPlan, ApiError> {
     let grammar = match (&mode, schema) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
-                "response_format",
-                "A JSON 'response_format' together with 'tools' is not supported by local models; use tool_choice 'none' or leave out one of them",
+                format_param,
+                format!(
+                    "A JSON '{format_param}' together with 'tools' is not supported by local models; use tool_choice 'none' or leave out one of them"
+                ),
             ));
         }
-        (Some(mode), None) => {
-            let parallel = request.parallel_tool_calls.unwrap_or(true);
-            Some((ferry_engine::tools::tool_grammar(&tools, mode, parallel), "tools"))
-        }
-        (None, Some(schema)) => Some((Grammar::JsonSchema(schema), "response_format")),
+        (Some(mode), None) => Some((ferry_engine::tools::tool_grammar(&tools, mode, parallel), "tools")),
+        (None, Some(schema)) => Some((Grammar::JsonSchema(schema), format_param)),
         (None, None) => None,
     };
     // With `tool_choice: none` the tools are not offered at all: a model shown them may
@@ -302,6 +314,17 @@ fn render(choice: u32, pieces: Vec<ToolOutput>) -> Vec<Result<ChatEvent, ferry_p
         .collect()
 }
 
+/// How a dialect names the parameters a local run checks, and what it adds beyond the
+/// neutral request.
+pub struct LocalRun {
+    /// Anthropic's `top_k` (outside the neutral params).
+    pub top_k: Option<i64>,
+    /// `max_tokens`, or the Responses API's `max_output_tokens`.
+    pub max_tokens_param: &'static str,
+    /// `response_format`, or the Responses API's `text.format`.
+    pub format_param: &'static str,
+}
+
 /// A neutral request (Anthropic's Messages with tools, translated) run on a local model:
 /// the same tool grammar and parser as chat completions, answered as neutral events so the
 /// dialect's own renderer writes them. `top_k` is the dialect's, outside the neutral params.
@@ -309,6 +332,19 @@ pub async fn local_tool_events(
     model: &SharedModel,
     request: ferry_providers::ChatRequest,
     top_k: Option<i64>,
+) -> Result<crate::chat::EventStream, ApiError> {
+    let run = LocalRun { top_k, max_tokens_param: "max_tokens", format_param: "response_format" };
+    local_neutral_events(model, request, run).await
+}
+
+/// A neutral request run on a local model: its tools (with the tool grammar and the parser
+/// from text to calls), its `response_format` (a JSON schema grammar), earlier calls and
+/// their results in the conversation, and its sampling parameters. The answer is neutral
+/// events, so each dialect's renderer writes it.
+pub async fn local_neutral_events(
+    model: &SharedModel,
+    request: ferry_providers::ChatRequest,
+    run: LocalRun,
 ) -> Result<crate::chat::EventStream, ApiError> {
     use ferry_providers::{Part, Role, ToolChoice};
     let mut messages = Vec::with_capacity(request.messages.len());
@@ -353,6 +389,8 @@ pub async fn local_tool_events(
         });
     }
     let mode = match &request.tool_choice {
+        // Without tools there is nothing to call.
+        _ if tools.is_empty() => None,
         None | Some(ToolChoice::Auto) => Some(ToolMode::Auto),
         Some(ToolChoice::None) => None,
         Some(ToolChoice::Required) => Some(ToolMode::Required),
@@ -363,26 +401,25 @@ pub async fn local_tool_events(
             Some(ToolMode::Named(name.clone()))
         }
     };
-    let plan = match mode {
-        Some(mode) => OutputPlan {
-            grammar: Some((ferry_engine::tools::tool_grammar(&tools, &mode, true), "tools")),
-            tools,
-            mode: Some(mode),
-        },
-        None => OutputPlan::default(),
-    };
+    let schema = response_schema(request.response_format.as_ref(), run.format_param)?;
+    let parallel = request.params.parallel_tool_calls.unwrap_or(true);
+    let plan = plan_of(tools, mode, schema, parallel, run.format_param)?;
+    let p = &request.params;
     let fields = ferry_api::openai::SamplingFields {
-        temperature: request.params.temperature,
-        top_p: request.params.top_p,
-        top_k,
-        stop: Some(ferry_api::openai::Stop::Many(request.params.stop.clone())),
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: run.top_k,
+        stop: Some(ferry_api::openai::Stop::Many(p.stop.clone())),
+        seed: p.seed,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
         ..ferry_api::openai::SamplingFields::default()
     };
     let sampling = crate::validate::sampling(&fields, model)?;
     let constraint = compile(model, &plan).await?;
     let prompt = crate::generation::chat_prompt_with_tools(model, messages, plan.tools.clone()).await?;
     let requested = request.params.max_tokens.map(|m| m as i64);
-    let max_tokens = crate::validate::max_tokens(requested, "max_tokens", prompt.len(), model)?;
+    let max_tokens = crate::validate::max_tokens(requested, run.max_tokens_param, prompt.len(), model)?;
     let mut generate = crate::validate::generate_request(prompt, max_tokens, &sampling, None, false);
     generate.constraint = constraint;
     let submitted = crate::generation::submit(model, vec![generate])?;

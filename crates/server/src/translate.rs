@@ -1,7 +1,7 @@
 //! From the OpenAI wire request to the neutral request the gateway routes. Every field an
 //! upstream could honour is carried; one it could not is refused by name.
 
-use ferry_api::openai::{ChatCompletionRequest, MessageContent, SamplingFields};
+use ferry_api::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, SamplingFields};
 use ferry_providers::{ChatRequest, Message, Params, Part, Role, Tool, ToolCall, ToolChoice};
 
 use crate::error::ApiError;
@@ -79,17 +79,7 @@ pub fn from_openai_chat(
             _ => return Err(ApiError::invalid("tool_choice", "Invalid 'tool_choice'")),
         }),
     };
-    for (param, value) in [("top_k", fields.top_k.is_some()), ("min_p", fields.min_p.is_some())] {
-        if value {
-            return Err(ApiError::invalid(
-                param,
-                format!("'{param}' cannot be passed to an upstream provider"),
-            ));
-        }
-    }
-    if fields.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::invalid("logit_bias", "'logit_bias' cannot be passed to an upstream provider"));
-    }
+    refuse_engine_only(fields)?;
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     if let Some(m) = max_tokens
         && m < 1
@@ -110,6 +100,7 @@ pub fn from_openai_chat(
         frequency_penalty: fields.frequency_penalty,
         logprobs: request.logprobs,
         top_logprobs: request.top_logprobs.map(|t| t.clamp(0, 20) as u32),
+        parallel_tool_calls: request.parallel_tool_calls,
     };
     Ok(ChatRequest {
         model: request.model.clone(),
@@ -118,6 +109,93 @@ pub fn from_openai_chat(
         tools,
         tool_choice,
         response_format: request.response_format.clone(),
+    })
+}
+
+/// The sampling extensions only Ferry's engine takes: refused by name for an upstream.
+pub fn refuse_engine_only(fields: &SamplingFields) -> Result<(), ApiError> {
+    let set = [
+        ("top_k", fields.top_k.is_some()),
+        ("min_p", fields.min_p.is_some()),
+        ("repetition_penalty", fields.repetition_penalty.is_some()),
+        ("ignore_eos", fields.ignore_eos.is_some()),
+        ("logit_bias", fields.logit_bias.as_ref().is_some_and(|b| !b.is_empty())),
+    ];
+    for (param, value) in set {
+        if value {
+            return Err(ApiError::invalid(
+                param,
+                format!("'{param}' cannot be passed to an upstream provider"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// From a legacy completion request to the neutral one. OpenAI's default of 16 tokens is
+/// made explicit, so every provider answers with the same budget.
+pub fn from_openai_completion(
+    request: &CompletionRequest,
+    fields: &SamplingFields,
+) -> Result<ferry_providers::CompletionRequest, ApiError> {
+    use ferry_api::openai::Prompt as Wire;
+    use ferry_providers::Prompt;
+    refuse_engine_only(fields)?;
+    let prompts: Vec<Prompt> = match &request.prompt {
+        Wire::Text(t) => vec![Prompt::Text(t.clone())],
+        Wire::Texts(v) => v.iter().cloned().map(Prompt::Text).collect(),
+        Wire::Tokens(ids) => vec![Prompt::Tokens(ids.clone())],
+        Wire::TokenLists(lists) => lists.iter().cloned().map(Prompt::Tokens).collect(),
+    };
+    if prompts.is_empty() || prompts.iter().any(|p| matches!(p, Prompt::Tokens(ids) if ids.is_empty())) {
+        return Err(ApiError::invalid("prompt", "'prompt' must not be empty"));
+    }
+    let max_tokens = request.max_tokens.unwrap_or(16);
+    if max_tokens < 1 {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!("Invalid 'max_tokens': {max_tokens}; it must be at least 1"),
+        ));
+    }
+    let logprobs = match request.logprobs {
+        None => None,
+        Some(k) if (0..=20).contains(&k) => Some(k as u32),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("Invalid 'logprobs': {k} is not between 0 and 20"),
+            ));
+        }
+    };
+    let n = fields.n.map(|n| n.clamp(1, 128) as u32);
+    let best_of = match request.best_of {
+        None => None,
+        Some(b) if b >= i64::from(n.unwrap_or(1)) && b <= 128 => Some(b as u32),
+        Some(b) => {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!("Invalid 'best_of': {b}; it must be at least 'n' and at most 128"),
+            ));
+        }
+    };
+    Ok(ferry_providers::CompletionRequest {
+        model: request.model.clone(),
+        prompts,
+        params: Params {
+            temperature: fields.temperature,
+            top_p: fields.top_p,
+            max_tokens: Some(max_tokens as u64),
+            stop: fields.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+            seed: fields.seed,
+            n,
+            presence_penalty: fields.presence_penalty,
+            frequency_penalty: fields.frequency_penalty,
+            ..Params::default()
+        },
+        echo: request.echo,
+        logprobs,
+        suffix: request.suffix.clone(),
+        best_of,
     })
 }
 
@@ -243,4 +321,60 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
         tool_choice,
         response_format: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completion(body: serde_json::Value) -> Result<ferry_providers::CompletionRequest, ApiError> {
+        let mut body = body;
+        body["model"] = "alias".into();
+        let request: CompletionRequest = serde_json::from_value(body.clone()).unwrap();
+        let fields: SamplingFields = serde_json::from_value(body).unwrap();
+        from_openai_completion(&request, &fields)
+    }
+
+    fn param(result: Result<ferry_providers::CompletionRequest, ApiError>) -> String {
+        match result {
+            Err(ApiError::InvalidParameter { param, .. }) => param,
+            other => panic!("expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn legacy_completions_keep_every_field_an_upstream_takes() {
+        use ferry_providers::Prompt;
+        let got = completion(serde_json::json!({
+            "prompt": ["a", "b"], "echo": true, "logprobs": 2, "suffix": "z", "n": 2, "best_of": 3,
+            "stop": "\n", "seed": 7, "temperature": 0.5, "presence_penalty": 0.1,
+        }))
+        .unwrap();
+        assert_eq!(got.prompts, [Prompt::Text("a".into()), Prompt::Text("b".into())]);
+        assert!(got.echo);
+        assert_eq!((got.logprobs, got.best_of, got.params.n), (Some(2), Some(3), Some(2)));
+        assert_eq!(got.suffix.as_deref(), Some("z"));
+        assert_eq!(got.params.stop, ["\n"]);
+        assert_eq!((got.params.seed, got.params.temperature), (Some(7), Some(0.5)));
+        assert_eq!(got.params.max_tokens, Some(16), "OpenAI's default, made explicit");
+        let tokens = completion(serde_json::json!({"prompt": [[1, 2], [3]], "max_tokens": 4})).unwrap();
+        assert_eq!(tokens.prompts, [Prompt::Tokens(vec![1, 2]), Prompt::Tokens(vec![3])]);
+        assert_eq!(tokens.params.max_tokens, Some(4));
+    }
+
+    #[test]
+    fn legacy_completions_refuse_by_name() {
+        let cases = [
+            (serde_json::json!({"prompt": "x", "top_k": 3}), "top_k"),
+            (serde_json::json!({"prompt": "x", "repetition_penalty": 1.1}), "repetition_penalty"),
+            (serde_json::json!({"prompt": "x", "logit_bias": {"1": 5}}), "logit_bias"),
+            (serde_json::json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
+            (serde_json::json!({"prompt": "x", "logprobs": 21}), "logprobs"),
+            (serde_json::json!({"prompt": "x", "n": 3, "best_of": 2}), "best_of"),
+            (serde_json::json!({"prompt": []}), "prompt"),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(param(completion(body.clone())), expected, "{body}");
+        }
+    }
 }

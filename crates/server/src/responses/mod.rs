@@ -1,0 +1,133 @@
+//! `POST /v1/responses`: OpenAI's Responses API, stateless (no `previous_response_id`,
+//! nothing stored), plain and streaming with its typed events, for a local model or a
+//! gateway alias. Both go the neutral way: the request is translated once (`input`), a local
+//! model runs it under the same grammar and tool parser as chat completions, an alias routes
+//! it like any chat, and one renderer writes the answer (`output`).
+
+mod input;
+mod output;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use ferry_api::openai::SamplingFields;
+use ferry_api::responses::ResponsesRequest;
+use ferry_providers::ChatRequest;
+
+use crate::app::{AppState, read_body};
+use crate::error::ApiError;
+use crate::generation::{request_id, unix_now};
+use crate::structured::LocalRun;
+use crate::validate;
+use output::Envelope;
+
+/// Refuses, by name, what a stateless server cannot honour.
+fn refuse_unsupported(request: &ResponsesRequest) -> Result<(), ApiError> {
+    if request.previous_response_id.is_some() {
+        return Err(ApiError::invalid(
+            "previous_response_id",
+            "Ferry's Responses API is stateless: send the whole conversation as 'input' instead of 'previous_response_id'",
+        ));
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/v1/responses", tag = "OpenAI",
+    summary = "Create a model response (stateless)",
+    description = "Input items are messages (text, and `input_image` through gateway aliases), `function_call` \
+        and `function_call_output`; function `tools` with `tool_choice` and `parallel_tool_calls`; `text.format` \
+        `json_object` or `json_schema`. Calls come back as `function_call` output items, streamed with \
+        `response.function_call_arguments.delta`/`.done`. What a target cannot honour is a 400 naming it.",
+    request_body = ResponsesRequest,
+    responses((status = 200, description = "The response; with `stream: true`, its typed events",
+        content((ferry_api::responses::Response = "application/json"), (ferry_api::responses::StreamEvent = "text/event-stream")))))]
+pub async fn responses(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(body, &state)?;
+    let body = validate::parse_body(&body)?;
+    let mut request: ResponsesRequest = validate::parse_json(&body)?;
+    // The response names the model and repeats the instructions as the client sent them,
+    // never a preset's.
+    let client_model = request.model.clone();
+    let client_instructions = request.instructions.clone();
+    let mut fields = SamplingFields {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        ..SamplingFields::default()
+    };
+    if let Some(gateway) = state.gateway()
+        && let Some(preset) = gateway.preset(&request.model)
+    {
+        fields = crate::presets::apply_responses(preset, &mut request)?;
+        crate::presets::tighten_policy(&state, preset)?;
+    }
+    refuse_unsupported(&request)?;
+    let neutral = input::to_neutral(&request, &fields)?;
+    let envelope = Envelope {
+        id: request_id("resp"),
+        created_at: unix_now(),
+        model: client_model,
+        instructions: client_instructions,
+        max_output_tokens: request.max_output_tokens,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        metadata: request.metadata.clone().unwrap_or_else(|| serde_json::json!({})),
+        format: input::text_format(&request),
+        tools: request.tools.clone().unwrap_or_default(),
+        tool_choice: request.tool_choice.clone().unwrap_or_else(|| "auto".into()),
+        parallel_tool_calls: request.parallel_tool_calls.unwrap_or(true),
+    };
+    if let Some(gateway) = state.gateway()
+        && gateway.has_alias(&request.model)
+    {
+        let use_cache = crate::chat::cache_choice(&headers);
+        return upstream(gateway, neutral, request.stream, envelope, use_cache).await.map_err(own_names);
+    }
+    input::refuse_images(&request)?;
+    let model = state.model(&request.model).await?;
+    let run = LocalRun { top_k: None, max_tokens_param: "max_output_tokens", format_param: "text.format" };
+    let events = crate::structured::local_neutral_events(&model, neutral, run).await?;
+    if request.stream {
+        return Ok(output::stream(events, envelope).into_response());
+    }
+    let answer = crate::structured::collect_events(events).await?;
+    Ok(axum::Json(output::response(&envelope, answer)).into_response())
+}
+
+/// A Responses request for a gateway alias, routed like any chat.
+async fn upstream(
+    gateway: std::sync::Arc<ferry_gateway::Gateway>,
+    neutral: ChatRequest,
+    stream: bool,
+    envelope: Envelope,
+    use_cache: Option<bool>,
+) -> Result<HttpResponse, ApiError> {
+    let alias = neutral.model.clone();
+    if stream {
+        let routed = crate::guard::chat_stream(&gateway, &alias, neutral, use_cache).await?;
+        let mut response = output::stream(routed.value, envelope).into_response();
+        crate::chat::route_headers(&mut response, &routed.route);
+        return Ok(response);
+    }
+    let routed = crate::guard::chat(&gateway, &alias, neutral, use_cache).await?;
+    let mut response = axum::Json(output::response(&envelope, routed.value)).into_response();
+    crate::chat::route_headers(&mut response, &routed.route);
+    Ok(response)
+}
+
+/// A provider's refusal names the neutral (chat) parameter; the client sent the Responses
+/// API's own.
+fn own_names(error: ApiError) -> ApiError {
+    let ApiError::InvalidParameter { param, message } = error else { return error };
+    let renamed = match param.as_str() {
+        "response_format" => "text.format",
+        "max_tokens" => "max_output_tokens",
+        _ => return ApiError::InvalidParameter { param, message },
+    };
+    ApiError::InvalidParameter { message: message.replace(&param, renamed), param: renamed.to_string() }
+}
