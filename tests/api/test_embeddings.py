@@ -169,7 +169,6 @@ def test_usage_is_metered(server):
         ({"dimensions": 10}, "dimensions"),
         ({"dimensions": 0}, "dimensions"),
         ({"encoding_format": "hex"}, "encoding_format"),
-        ({"model": MODEL_ID}, "model"),
     ],
 )
 def test_bad_input_is_a_400_in_openai_shape(server, overrides, param):
@@ -267,8 +266,9 @@ def test_embedding_model_is_loaded_only_when_asked(tmp_path):
         assert EMBED_ID not in ids
         r = post(s, {"model": EMBED_ID, "input": FOOD})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        # The generative model still embeds (its own pooled hidden states).
         r = post(s, {"model": MODEL_ID, "input": FOOD})
-        assert r.status_code == 400 and "--embedding-model" in r.json()["error"]["message"]
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == LM_DIMS
     finally:
         s.stop()
 
@@ -297,3 +297,77 @@ def test_a_bad_embedding_model_directory_fails_startup(tmp_path):
     assert out.returncode != 0
     assert "listening" not in out.stdout
     assert "embedding model" in out.stderr and str(tmp_path) in out.stderr, out.stderr[-2000:]
+
+
+# Embeddings from the generative model the server also serves (llama.cpp's pooled hidden
+# states of the GGUF LM): SmolLM2-135M's hidden size.
+LM_DIMS = 576
+SENTENCES = [FOOD, "A man is eating a piece of bread.", "The stock market crashed today.", "Paris is in France."]
+
+
+def test_a_generative_model_embeds_through_the_sdk(client):
+    batch = client.embeddings.create(model=MODEL_ID, input=SENTENCES)
+    assert batch.model == MODEL_ID and [d.index for d in batch.data] == [0, 1, 2, 3]
+    vectors = [d.embedding for d in batch.data]
+    assert all(len(v) == LM_DIMS for v in vectors)
+    assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4 for v in vectors)
+    # Each sequence pooled alone: the same vector as in the batch (no cross-talk between
+    # the sequences of one pass), and different texts give different vectors.
+    for text, vector in zip(SENTENCES, vectors):
+        alone = client.embeddings.create(model=MODEL_ID, input=text).data[0].embedding
+        assert max_diff(alone, vector) < 1e-4
+    assert all(cosine(vectors[0], v) < 0.999 for v in vectors[1:])
+    assert batch.usage.prompt_tokens == batch.usage.total_tokens > len(" ".join(SENTENCES).split())
+    encoded = client.embeddings.create(model=MODEL_ID, input=SENTENCES[:1], encoding_format="base64")
+    raw = base64.b64decode(encoded.data[0].embedding) if isinstance(encoded.data[0].embedding, str) else None
+    floats = list(struct.unpack(f"<{LM_DIMS}f", raw)) if raw else encoded.data[0].embedding
+    assert max_diff(floats, vectors[0]) < 1e-4
+
+
+def test_a_generative_model_embeds_token_ids(client):
+    answer = client.embeddings.create(model=MODEL_ID, input=[[1, 2, 3, 4], [5, 6]])
+    assert answer.usage.prompt_tokens == 6
+    assert [len(d.embedding) for d in answer.data] == [LM_DIMS, LM_DIMS]
+
+
+def test_concurrent_generative_embeddings_agree(client):
+    alone = [client.embeddings.create(model=MODEL_ID, input=t).data[0].embedding for t in SENTENCES]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(
+            lambda i: client.embeddings.create(model=MODEL_ID, input=SENTENCES[i % 4]).data[0].embedding, range(16)))
+    for i, vector in enumerate(results):
+        assert max_diff(vector, alone[i % 4]) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides, param",
+    [
+        ({"input": ""}, "input"),
+        ({"input": []}, "input"),
+        ({"input": ["fine", ""]}, "input"),
+        ({"input": [[]]}, "input"),
+        ({"input": [10**7]}, "input"),
+        ({"input": "word " * 9000}, "input"),
+        ({"dimensions": 10}, "dimensions"),
+    ],
+)
+def test_bad_input_to_a_generative_model_is_a_400(server, overrides, param):
+    r = post(server, {"model": MODEL_ID, "input": FOOD, **overrides})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_last_token_pooling_from_the_config(tmp_path):
+    config = tmp_path / "ferry.toml"
+    config.write_text(f'models = [{{ name = "last", path = "{MODEL_FILE}", pooling = "last", preload = true }}, '
+                      f'{{ name = "mean", path = "{MODEL_FILE}" }}]\n')
+    s = Server("--config", str(config), model=False)
+    try:
+        client = s.client(max_retries=0, timeout=120)
+        last = [d.embedding for d in client.embeddings.create(model="last", input=SENTENCES[:2]).data]
+        mean = client.embeddings.create(model="mean", input=SENTENCES[0]).data[0].embedding
+        assert max_diff(client.embeddings.create(model="last", input=SENTENCES[0]).data[0].embedding, last[0]) < 1e-4
+        assert cosine(last[0], mean) < 0.99
+        assert cosine(last[0], last[1]) < 0.999
+    finally:
+        s.stop()

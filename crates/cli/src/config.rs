@@ -154,6 +154,9 @@ pub struct ModelTable {
     /// Sampling parameters used where a request sets none.
     #[serde(default)]
     pub defaults: ferry_engine::ModelDefaults,
+    /// How `/v1/embeddings` pools the model's hidden states: `mean` (the default) or `last`.
+    #[serde(default)]
+    pub pooling: ferry_engine::Pooling,
 }
 
 impl<'de> Deserialize<'de> for ModelEntry {
@@ -422,6 +425,7 @@ impl ServeConfig {
                 prefix_cache: None,
                 preload: true,
                 defaults: Default::default(),
+                pooling: Default::default(),
             },
             ModelEntry::Table(table) => (**table).clone(),
         };
@@ -460,6 +464,7 @@ impl ServeConfig {
                 request_timeout: self.request_timeout,
             },
             defaults: table.defaults,
+            pooling: table.pooling,
             preload: table.preload,
         })
     }

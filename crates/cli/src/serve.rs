@@ -229,6 +229,7 @@ fn loader(config: &ServeConfig, tenancy: &ferry_server::Tenancy) -> ferry_server
             .map_err(|e| e.to_string())?;
             let mut model = model;
             model.defaults = spec.defaults;
+            model.pooling = spec.pooling;
             let id = model.info().id.clone();
             let hashed = hashes.read().is_ok_and(|h| h.contains_key(&id));
             if !hashed {

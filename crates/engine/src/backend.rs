@@ -16,6 +16,42 @@ pub trait Backend: Send + Sync + 'static {
     fn is_end_of_generation(&self, token: TokenId) -> bool;
     /// A decoding session with its own KV cache; it lives on the scheduler's thread.
     fn new_session(&self, config: &SessionConfig) -> Result<Box<dyn Session + '_>, EngineError>;
+    /// A session whose forward passes give one pooled vector per sequence (the model's
+    /// hidden states, not its logits); it lives on the model's embedding thread.
+    fn new_embedding_session(
+        &self,
+        _config: &EmbeddingConfig,
+    ) -> Result<Box<dyn EmbeddingSession + '_>, EngineError> {
+        Err(EngineError::InvalidRequest("this model's backend cannot compute embeddings".into()))
+    }
+}
+
+/// How a sequence's hidden states become its embedding, as llama.cpp pools them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The mean over the sequence's tokens.
+    #[default]
+    Mean,
+    /// The last token's (in a causal model, the only one that has seen the whole input).
+    Last,
+}
+
+/// The shape of an embedding session's passes.
+#[derive(Debug, Clone)]
+pub struct EmbeddingConfig {
+    /// Most tokens in one pass, every sequence whole (so also the longest input).
+    pub max_tokens: usize,
+    /// Most sequences in one pass.
+    pub max_sequences: usize,
+    pub pooling: Pooling,
+    pub threads: usize,
+}
+
+pub trait EmbeddingSession {
+    /// One pass over `sequences` (within the session's limits): each one's pooled vector,
+    /// L2-normalised.
+    fn embed(&mut self, sequences: &[&[TokenId]]) -> Result<Vec<Vec<f32>>, EngineError>;
 }
 
 /// The shape of a session's KV cache and batches.

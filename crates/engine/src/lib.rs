@@ -6,6 +6,7 @@
 //! between requests.
 
 pub mod backend;
+pub mod embedding;
 pub mod grammar;
 pub mod llama;
 pub mod model_info;
@@ -19,7 +20,8 @@ pub mod tools;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-pub use backend::{Backend, SessionConfig};
+pub use backend::{Backend, EmbeddingConfig, Pooling, SessionConfig};
+pub use embedding::LmEmbedder;
 pub use grammar::{Constraint, Grammar, GrammarCompiler};
 pub use model_info::ModelInfo;
 pub use sampler::SamplingParams;
@@ -57,8 +59,12 @@ pub struct LocalModel {
     pub template: Option<ChatTemplate>,
     pub scheduler: Scheduler,
     pub defaults: ModelDefaults,
+    /// How `/v1/embeddings` pools this model's hidden states.
+    pub pooling: Pooling,
     /// The grammar compiler over this model's vocabulary, built on first use.
     grammar: OnceLock<Result<GrammarCompiler, String>>,
+    /// The embedding thread, started on the first embeddings request.
+    embedder: OnceLock<Result<LmEmbedder, String>>,
 }
 
 /// Sampling parameters a model's configuration sets (as Ollama's Modelfile `PARAMETER`s do),
@@ -103,8 +109,27 @@ impl LocalModel {
             template,
             scheduler,
             defaults: ModelDefaults::default(),
+            pooling: Pooling::default(),
             grammar: OnceLock::new(),
+            embedder: OnceLock::new(),
         })
+    }
+
+    /// The model's embedding thread, started on first use (a llama.cpp context of one
+    /// sequence's context length, shared by up to 16 sequences a pass; it blocks while it
+    /// starts). Its inputs are at most one context long.
+    pub fn embedder(&self) -> Result<&LmEmbedder, EngineError> {
+        let session = &self.scheduler.config().session;
+        let config = EmbeddingConfig {
+            max_tokens: session.ctx_per_sequence,
+            max_sequences: 16,
+            pooling: self.pooling,
+            threads: session.threads,
+        };
+        self.embedder
+            .get_or_init(|| LmEmbedder::start(self.backend.clone(), config, 256).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| EngineError::Load(e.clone()))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -115,7 +140,12 @@ impl LocalModel {
     pub fn memory_bytes(&self) -> u64 {
         let session = &self.scheduler.config().session;
         let info = self.info();
-        info.file_size + info.kv_cache_bytes(session.kv_capacity())
+        // The embedding thread's context, once started: one context's cells.
+        let embedding = match self.embedder.get() {
+            Some(Ok(embedder)) => info.kv_cache_bytes(embedder.max_tokens()),
+            _ => 0,
+        };
+        info.file_size + info.kv_cache_bytes(session.kv_capacity()) + embedding
     }
 
     /// Renders a conversation with the model's chat template and tokenizes it.

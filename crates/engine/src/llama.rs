@@ -7,14 +7,16 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 
-use crate::backend::{Backend, BatchEntry, Session, SessionConfig};
+use crate::backend::{
+    Backend, BatchEntry, EmbeddingConfig, EmbeddingSession, Pooling, Session, SessionConfig,
+};
 use crate::model_info::{ModelInfo, quantization_name};
 use crate::{EngineError, TokenId};
 
@@ -146,6 +148,66 @@ impl Backend for LlamaCppModel {
             batch: LlamaBatch::new(config.batch_tokens.max(n_seq), 1),
             logit_rows: Vec::new(),
         }))
+    }
+
+    fn new_embedding_session(
+        &self,
+        config: &EmbeddingConfig,
+    ) -> Result<Box<dyn EmbeddingSession + '_>, EngineError> {
+        let backend = llama_backend()?;
+        let threads = i32::try_from(config.threads.max(1)).unwrap_or(1);
+        let tokens = config.max_tokens.max(1) as u32;
+        let params = LlamaContextParams::default()
+            .with_embeddings(true)
+            .with_pooling_type(match config.pooling {
+                Pooling::Mean => LlamaPoolingType::Mean,
+                Pooling::Last => LlamaPoolingType::Last,
+            })
+            // One pool of cells for all sequences of a pass, each sequence whole in one ubatch
+            // (llama.cpp pools a sequence within a ubatch).
+            .with_n_ctx(NonZeroU32::new(tokens))
+            .with_n_batch(tokens)
+            .with_n_ubatch(tokens)
+            .with_n_seq_max(config.max_sequences.max(1) as u32)
+            .with_kv_unified(true)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let context = self
+            .model
+            .new_context(backend, params)
+            .map_err(|e| EngineError::Load(format!("creating the llama.cpp embedding context: {e}")))?;
+        Ok(Box::new(LlamaCppEmbedding { context, batch: LlamaBatch::new(config.max_tokens.max(1), 1) }))
+    }
+}
+
+struct LlamaCppEmbedding<'m> {
+    context: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+}
+
+impl EmbeddingSession for LlamaCppEmbedding<'_> {
+    fn embed(&mut self, sequences: &[&[TokenId]]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.context.clear_kv_cache();
+        self.batch.clear();
+        for (seq, tokens) in sequences.iter().enumerate() {
+            for (pos, &token) in tokens.iter().enumerate() {
+                // Every token is an output: llama.cpp pools the outputs of each sequence.
+                self.batch
+                    .add(LlamaToken(token as i32), pos as i32, &[seq as i32], true)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+            }
+        }
+        self.context.decode(&mut self.batch).map_err(|e| EngineError::Decode(e.to_string()))?;
+        let mut out = Vec::with_capacity(sequences.len());
+        for seq in 0..sequences.len() {
+            let pooled = self
+                .context
+                .embeddings_seq_ith(seq as i32)
+                .map_err(|e| EngineError::Decode(format!("reading sequence {seq}'s embedding: {e}")))?;
+            let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt();
+            out.push(pooled.iter().map(|x| if norm > 0.0 { x / norm } else { *x }).collect());
+        }
+        Ok(out)
     }
 }
 

@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
 use crate::validate;
+use ferry_engine::{EngineError, TokenId};
 
 #[utoipa::path(post, path = "/v1/embeddings", tag = "OpenAI",
     summary = "Create embeddings",
@@ -28,23 +29,13 @@ pub async fn embeddings(
     let body = read_body(body, &state)?;
     let body = validate::parse_body(&body)?;
     let request: EmbeddingRequest = validate::parse_json(&body)?;
+    if state.registry().contains(&request.model) {
+        return lm_embeddings(&state, request).await;
+    }
     let service = embedding_model(&state, &request.model)?;
     let embedder = service.embedder();
     let format = request.encoding_format.unwrap_or_default();
-    if let Some(dimensions) = request.dimensions
-        && usize::try_from(dimensions).ok() != Some(embedder.dims())
-    {
-        return Err(ApiError::invalid(
-            "dimensions",
-            format!(
-                "Invalid 'dimensions': {dimensions}. The model `{}` gives vectors of {} dimensions and \
-                 cannot shorten them; leave 'dimensions' out or set it to {}",
-                embedder.name(),
-                embedder.dims(),
-                embedder.dims()
-            ),
-        ));
-    }
+    check_dimensions(request.dimensions, embedder.name(), embedder.dims())?;
     let inputs = inputs(request.input, embedder)?;
     let output = service.embed(inputs).await.map_err(|e| {
         if e.is_client_error() {
@@ -53,31 +44,130 @@ pub async fn embeddings(
             ApiError::Internal(e.to_string())
         }
     })?;
-    let n_tokens = output.n_tokens as u64;
+    let vectors = output.embeddings.into_iter().map(|e| e.vector).collect();
+    Ok(answer(embedder.name(), vectors, output.n_tokens as u64, format))
+}
+
+/// The answer to an embeddings request, metered.
+fn answer(model: &str, vectors: Vec<Vec<f32>>, n_tokens: u64, format: EncodingFormat) -> Response {
     if let Some(meter) = crate::tenancy::current() {
         meter.set_provider("local");
         meter.add_prompt_tokens(n_tokens);
     }
-    let data = output
-        .embeddings
+    let data = vectors
         .into_iter()
         .enumerate()
-        .map(|(index, embedding)| EmbeddingData {
+        .map(|(index, vector)| EmbeddingData {
             object: "embedding".into(),
             index,
             embedding: match format {
-                EncodingFormat::Float => EmbeddingVector::Float(embedding.vector),
-                EncodingFormat::Base64 => EmbeddingVector::Base64(base64_f32(&embedding.vector)),
+                EncodingFormat::Float => EmbeddingVector::Float(vector),
+                EncodingFormat::Base64 => EmbeddingVector::Base64(base64_f32(&vector)),
             },
         })
         .collect();
-    Ok(axum::Json(EmbeddingResponse {
+    axum::Json(EmbeddingResponse {
         object: "list".into(),
         data,
-        model: embedder.name().to_string(),
+        model: model.to_string(),
         usage: EmbeddingUsage { prompt_tokens: n_tokens, total_tokens: n_tokens },
     })
-    .into_response())
+    .into_response()
+}
+
+/// The 400 for `dimensions` other than the model's own.
+fn check_dimensions(dimensions: Option<i64>, model: &str, dims: usize) -> Result<(), ApiError> {
+    match dimensions {
+        Some(d) if usize::try_from(d).ok() != Some(dims) => Err(ApiError::invalid(
+            "dimensions",
+            format!(
+                "Invalid 'dimensions': {d}. The model `{model}` gives vectors of {dims} dimensions and \
+                 cannot shorten them; leave 'dimensions' out or set it to {dims}"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Embeddings from a local generative model (GGUF): its hidden states pooled as its
+/// configuration says (`pooling`: mean by default, or last token), L2-normalised.
+async fn lm_embeddings(state: &AppState, request: EmbeddingRequest) -> Result<Response, ApiError> {
+    let model = state.model(&request.model).await?;
+    let id = model.info().id.clone();
+    check_dimensions(request.dimensions, &id, model.info().n_embd)?;
+    let format = request.encoding_format.unwrap_or_default();
+    let vocab = model.info().n_vocab;
+    let token_ids = |index: usize, ids: Vec<i64>| -> Result<Vec<TokenId>, ApiError> {
+        ids.into_iter()
+            .map(|id| {
+                TokenId::try_from(id).ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
+                    ApiError::invalid(
+                        "input",
+                        format!(
+                            "Invalid 'input': input[{index}] holds token id {id}, outside this model's \
+                             vocabulary (0 to {})",
+                            vocab.saturating_sub(1)
+                        ),
+                    )
+                })
+            })
+            .collect()
+    };
+    let empty = match &request.input {
+        Prompt::Texts(t) if t.is_empty() => Some("'input' must not be an empty list".to_string()),
+        Prompt::TokenLists(t) if t.is_empty() => Some("'input' must not be an empty list".to_string()),
+        Prompt::Text(t) if t.is_empty() => Some("'input' must not be an empty string".to_string()),
+        Prompt::Texts(t) => {
+            t.iter().position(String::is_empty).map(|i| format!("input[{i}] is an empty string"))
+        }
+        Prompt::Tokens(t) if t.is_empty() => Some("'input' must not be an empty list".to_string()),
+        Prompt::TokenLists(t) => {
+            t.iter().position(Vec::is_empty).map(|i| format!("input[{i}] holds no tokens"))
+        }
+        _ => None,
+    };
+    if let Some(message) = empty {
+        return Err(ApiError::invalid("input", format!("Invalid 'input': {message}")));
+    }
+    let texts = match request.input {
+        Prompt::Text(text) => vec![text],
+        Prompt::Texts(texts) => texts,
+        Prompt::Tokens(ids) => return lm_embed(&model, vec![token_ids(0, ids)?], format).await,
+        Prompt::TokenLists(lists) => {
+            let sequences =
+                lists.into_iter().enumerate().map(|(i, ids)| token_ids(i, ids)).collect::<Result<_, _>>()?;
+            return lm_embed(&model, sequences, format).await;
+        }
+    };
+    let sequences = {
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || texts.iter().map(|t| model.backend.tokenize(t, true)).collect())
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+    };
+    lm_embed(&model, sequences, format).await
+}
+
+/// Runs token sequences through a generative model's embedding thread.
+async fn lm_embed(
+    model: &std::sync::Arc<ferry_engine::LocalModel>,
+    sequences: Vec<Vec<TokenId>>,
+    format: EncodingFormat,
+) -> Result<Response, ApiError> {
+    let n_tokens = sequences.iter().map(Vec::len).sum::<usize>() as u64;
+    let embedder = {
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || model.embedder().cloned())
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??
+    };
+    let vectors = embedder.embed(sequences).await.map_err(|e| match e {
+        EngineError::InvalidRequest(message) => {
+            ApiError::invalid("input", format!("Invalid 'input': {message}"))
+        }
+        other => ApiError::from(other),
+    })?;
+    Ok(answer(&model.info().id, vectors, n_tokens, format))
 }
 
 /// The embedding service for a request's `model`: 404 for a name the server does not know,

@@ -29,6 +29,8 @@ pub struct ModelSpec {
     pub path: Option<std::path::PathBuf>,
     pub scheduler: SchedulerConfig,
     pub defaults: ferry_engine::ModelDefaults,
+    /// How `/v1/embeddings` pools the model's hidden states.
+    pub pooling: ferry_engine::Pooling,
     /// Loaded at start rather than on the first request.
     pub preload: bool,
 }
@@ -463,6 +465,7 @@ fn spec_of(model: &LocalModel) -> ModelSpec {
         path: Some(info.path.clone()),
         scheduler: model.scheduler.config().clone(),
         defaults: model.defaults.clone(),
+        pooling: model.pooling,
         preload: true,
     }
 }
@@ -500,6 +503,7 @@ mod tests {
                 request_timeout: None,
             },
             defaults: Default::default(),
+            pooling: Default::default(),
             preload: false,
         }
     }

@@ -191,18 +191,7 @@ impl Renderer {
                     _ => self.add(Item::Message { id: request_id("msg"), text: String::new() }, &mut out),
                 };
                 let text = std::mem::take(&mut self.blank) + &text;
-                if let Item::Message { id, text: all } = &mut self.items[index] {
-                    all.push_str(&text);
-                    let item_id = id.clone();
-                    out.push(StreamEvent::OutputTextDelta {
-                        sequence_number: self.next(),
-                        item_id,
-                        output_index: index as u32,
-                        content_index: 0,
-                        delta: text,
-                        logprobs: vec![],
-                    });
-                }
+                self.push_text(index, text, &mut out);
             }
             Ok(ChatEvent::ToolCall { choice: 0, index: call, id, name, arguments }) => {
                 self.blank.clear();
@@ -250,6 +239,22 @@ impl Renderer {
     }
 
     /// Opens an item after closing the one before (items stream one after another).
+    /// Appends `text` to the message item at `index` and sends it as a delta.
+    fn push_text(&mut self, index: usize, text: String, out: &mut Vec<StreamEvent>) {
+        let sequence_number = self.next();
+        if let Item::Message { id, text: all } = &mut self.items[index] {
+            all.push_str(&text);
+            out.push(StreamEvent::OutputTextDelta {
+                sequence_number,
+                item_id: id.clone(),
+                output_index: index as u32,
+                content_index: 0,
+                delta: text,
+                logprobs: vec![],
+            });
+        }
+    }
+
     fn add(&mut self, item: Item, out: &mut Vec<StreamEvent>) -> usize {
         self.close("completed", out);
         let index = self.items.len();
@@ -324,19 +329,8 @@ impl Renderer {
         if self.items.is_empty() {
             let text = std::mem::take(&mut self.blank);
             let index = self.add(Item::Message { id: request_id("msg"), text: String::new() }, &mut out);
-            if !text.is_empty()
-                && let Item::Message { id, text: all } = &mut self.items[index]
-            {
-                all.push_str(&text);
-                let item_id = id.clone();
-                out.push(StreamEvent::OutputTextDelta {
-                    sequence_number: self.next(),
-                    item_id,
-                    output_index: index as u32,
-                    content_index: 0,
-                    delta: text,
-                    logprobs: vec![],
-                });
+            if !text.is_empty() {
+                self.push_text(index, text, &mut out);
             }
         }
         let last = self.items.len() - 1;
