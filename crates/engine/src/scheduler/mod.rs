@@ -40,6 +40,8 @@ use crate::scoring::{ScoreEvent, ScoreRequest};
 use crate::text::{StopMatcher, Utf8Stream};
 use crate::{EngineError, TokenId};
 
+mod scoring_jobs;
+
 /// A request the API layer has validated: the prompt fits, the numbers are in range.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -647,94 +649,6 @@ impl<'m> Worker<'m> {
         (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect()
     }
 
-    /// Ends a scoring job: frees every slot it holds (its base included) and forgets it.
-    /// `keep_cache: false` after a failed decode, when the KV state of its cells is unknown.
-    fn end_job(&mut self, id: u64, keep_cache: bool) {
-        for slot in 0..self.slots.len() {
-            if self.slots[slot].as_ref().is_some_and(|s| s.score_job() == Some(id)) {
-                self.free(slot);
-                if !keep_cache {
-                    self.forget(slot);
-                }
-            }
-        }
-        self.jobs.retain(|j| j.id != id);
-    }
-
-    /// Forks the variants of scoring jobs whose base is prefilled into free slots, oldest
-    /// job first (admitted jobs go before waiting ones). A base is freed once its last
-    /// variant has forked.
-    fn fork_variants(&mut self) {
-        // Empty slots first, then the oldest caches: the prefixes most likely to be asked
-        // for again stay.
-        let mut free = self.free_slots();
-        free.sort_by_key(|&slot| (!self.cached[slot].0.is_empty(), self.cached[slot].1));
-        let mut free = free.into_iter();
-        let mut failed = Vec::new();
-        self.variant_waits = false;
-        'jobs: for j in 0..self.jobs.len() {
-            let Some(base_slot) = self.jobs[j].base_slot.filter(|_| self.jobs[j].base_done) else {
-                continue;
-            };
-            while let Some(variant) = self.jobs[j].request.variants.get(self.jobs[j].next_variant) {
-                let reserve = variant.first_position() + variant.tokens.len();
-                if !self.make_room(reserve) {
-                    self.variant_waits = true;
-                    break 'jobs;
-                }
-                let Some(slot) = free.next() else {
-                    break 'jobs;
-                };
-                let job = &mut self.jobs[j];
-                let index = job.next_variant;
-                let variant = &job.request.variants[index];
-                self.cached[slot].0.clear();
-                self.session.copy_sequence(base_slot, slot);
-                let mut removed = self.session.remove_range(slot, variant.keep, None);
-                for range in &variant.masked {
-                    removed &= self.session.remove_range(slot, range.start, Some(range.end));
-                }
-                if !removed {
-                    self.session.clear_sequence(slot);
-                    let message = "this model's memory cannot drop part of a sequence".to_string();
-                    let _ = job.events.send(ScoreEvent::Error(message));
-                    failed.push(job.id);
-                    continue 'jobs;
-                }
-                job.next_variant += 1;
-                job.running_variants += 1;
-                let tokens = variant.tokens.clone();
-                self.slots[slot] = Some(Sequence {
-                    slot,
-                    // Variants are prefilled in their job's turn.
-                    admitted: self.slots[base_slot].as_ref().map_or(0, |s| s.admitted),
-                    first_pos: variant.first_position(),
-                    n_prompt: tokens.len() - 1,
-                    n_cached: 0,
-                    reserve,
-                    work: Work::Score(Scoring {
-                        job: job.id,
-                        variant: Some(index),
-                        scored_from: tokens.len() - variant.n_scored,
-                        top_n: 0,
-                        scored: Vec::new(),
-                        cached: 0,
-                    }),
-                    tokens,
-                });
-                self.stats.running.fetch_add(1, Ordering::SeqCst);
-            }
-            // Every variant has forked: the base's slot is free, its cells cached for a
-            // later prompt or explanation of the same conversation. (The copies are made at
-            // the next decode, before anything else is written to its slot.)
-            self.jobs[j].base_slot = None;
-            self.free(base_slot);
-        }
-        for id in failed {
-            self.end_job(id, true);
-        }
-    }
-
     /// Moves waiting jobs into free slots, first come first served: a job needing more
     /// slots than are free waits, and nothing behind it overtakes it.
     fn admit(&mut self) {
@@ -807,56 +721,6 @@ impl<'m> Worker<'m> {
             });
             self.stats.running.fetch_add(1, Ordering::SeqCst);
         }
-    }
-
-    /// Starts a scoring job's base in the free slot whose cache shares the longest prefix
-    /// with it (a generation of the same conversation, an earlier explanation of it): the
-    /// shared cells are reused up to the token before the first scored one.
-    fn admit_scoring(&mut self, pending: ScorePending, free: &[usize]) {
-        let request = pending.request;
-        let Some((slot, shared)) = free
-            .iter()
-            .map(|&slot| (slot, self.shared_prefix(slot, &request.tokens)))
-            .min_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].1))
-        else {
-            return;
-        };
-        let scored_from = request.tokens.len() - request.n_scored;
-        let mut reuse = shared.min(scored_from - 1);
-        if reuse == 0 || !self.session.remove_range(slot, reuse, None) {
-            self.forget(slot);
-            reuse = 0;
-        }
-        self.cached[slot].0.clear();
-        self.stats.cached_tokens.fetch_add(reuse as u64, Ordering::Relaxed);
-        let id = self.admissions;
-        self.slots[slot] = Some(Sequence {
-            slot,
-            admitted: id,
-            tokens: request.tokens.clone(),
-            first_pos: 0,
-            n_prompt: request.tokens.len() - 1,
-            n_cached: reuse,
-            reserve: request.tokens.len(),
-            work: Work::Score(Scoring {
-                job: id,
-                variant: None,
-                scored_from,
-                top_n: request.top_logprobs,
-                scored: Vec::new(),
-                cached: reuse,
-            }),
-        });
-        self.stats.running.fetch_add(1, Ordering::SeqCst);
-        self.jobs.push(ScoreJob {
-            id,
-            request,
-            events: pending.events,
-            base_slot: Some(slot),
-            base_done: false,
-            next_variant: 0,
-            running_variants: 0,
-        });
     }
 
     fn record_kv(&self) {
@@ -973,57 +837,6 @@ impl<'m> Worker<'m> {
         let (logprob, top) = logprobs(logits, token, top_n);
         if let Some(collected) = g.prompt_logprobs.as_mut() {
             collected.push(TokenInfo { token, logprob, top });
-        }
-    }
-
-    fn record_score(&mut self, slot: usize, index: usize, row: usize) {
-        let logits = self.session.logits(row);
-        let Some(seq) = self.slots[slot].as_mut() else {
-            return;
-        };
-        let Work::Score(s) = &mut seq.work else {
-            return;
-        };
-        let token = seq.tokens[index];
-        let (logprob, top) = logprobs(logits, token, s.top_n);
-        s.scored.push(TokenInfo { token, logprob, top });
-    }
-
-    /// Reports a scoring sequence whose tokens are all in the cache: a variant ends and
-    /// frees its slot; a base stays until its variants have forked from it.
-    fn finish_scoring(&mut self, slot: usize) {
-        let Some(seq) = self.slots[slot].as_mut().filter(|s| !s.prefilling()) else {
-            return;
-        };
-        let Work::Score(s) = &mut seq.work else {
-            return;
-        };
-        let (id, variant, tokens, cached) = (s.job, s.variant, std::mem::take(&mut s.scored), s.cached);
-        let Some(job) = self.jobs.iter_mut().find(|j| j.id == id) else {
-            return;
-        };
-        let free_now = match variant {
-            None => {
-                let _ = job.events.send(ScoreEvent::Base { tokens, cached });
-                job.base_done = true;
-                let alone = job.request.variants.is_empty();
-                if alone {
-                    job.base_slot = None;
-                }
-                alone
-            }
-            Some(index) => {
-                let _ = job.events.send(ScoreEvent::Variant { index, tokens });
-                job.running_variants -= 1;
-                true
-            }
-        };
-        let finished = job.finished();
-        if free_now {
-            self.free(slot);
-        }
-        if finished {
-            self.end_job(id, true);
         }
     }
 
