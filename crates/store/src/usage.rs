@@ -9,7 +9,8 @@
 //! journal (`journal.rs`), and the record reaches the database once, complete, when the
 //! request ends; journal lines a crash left behind are ingested as `interrupted` by
 //! [`Store::open_usage_writer`] at the next start. Either way [`UsageWriter`] commits records
-//! and traces in groups, so a busy server writes few, large transactions.
+//! in groups, so a busy server writes few, large transactions. A request's trace is a column
+//! of its record, written with the completion (see `traces`).
 
 mod journal;
 
@@ -48,6 +49,8 @@ pub struct UsageFinish {
     pub cost: f64,
     pub latency_ms: u64,
     pub ttft_ms: Option<u64>,
+    /// The request's trace, a JSON object (see `traces`), stored in the record's row.
+    pub trace: Option<String>,
 }
 
 /// One stored record.
@@ -363,8 +366,8 @@ async fn update_finish<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
 ) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE usage_records SET provider = $1, status = $2, http_status = $3, prompt_tokens = $4, \
-         completion_tokens = $5, cached_tokens = $6, cost = $7, latency_ms = $8, ttft_ms = $9, finished_at = $10 \
-         WHERE request_id = $11 AND status = 'started'",
+         completion_tokens = $5, cached_tokens = $6, cost = $7, latency_ms = $8, ttft_ms = $9, finished_at = $10, \
+         trace = $11 WHERE request_id = $12 AND status = 'started'",
     )
     .bind(finish.provider.as_deref())
     .bind(finish.status.as_str())
@@ -376,6 +379,7 @@ async fn update_finish<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     .bind(finish.latency_ms as i64)
     .bind(finish.ttft_ms.map(|t| t as i64))
     .bind(now_ms())
+    .bind(finish.trace.as_deref())
     .bind(request_id)
     .execute(executor)
     .await?;
@@ -388,9 +392,9 @@ type Whole<'a> = (&'a UsageStart, Option<&'a UsageFinish>, i64);
 
 const FULL_COLUMNS: &str = "request_id, instance, tenant_id, project_id, key_id, route, model, provider, stream, \
      status, http_status, prompt_tokens, completion_tokens, cached_tokens, cost, latency_ms, ttft_ms, started_at, \
-     finished_at";
-const N_FULL_COLUMNS: usize = 19;
-/// Rows in one multi-row INSERT: 64 × 19 values, far under either database's limit.
+     finished_at, trace";
+const N_FULL_COLUMNS: usize = 20;
+/// Rows in one multi-row INSERT: 64 × 20 values, far under either database's limit.
 const ROWS_PER_INSERT: usize = 64;
 
 /// The VALUES of a multi-row INSERT: `($1, $2, ...), ...` on PostgreSQL, and anonymous
@@ -458,7 +462,8 @@ async fn insert_records<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
             .bind(finish.map(|f| f.latency_ms as i64))
             .bind(finish.and_then(|f| f.ttft_ms.map(|t| t as i64)))
             .bind(start.started_at)
-            .bind(*finished_at);
+            .bind(*finished_at)
+            .bind(finish.and_then(|f| f.trace.as_deref()));
     }
     let done = q.execute(executor).await.map_err(|e| {
         crate::tenants::conflict(e, || format!("request id '{}' is taken", rows[0].0.request_id))
@@ -481,7 +486,6 @@ enum WriteOp {
     Finish(String, Box<UsageFinish>),
     /// A whole record admitted in the journal (SQLite).
     Complete(Box<Completed>),
-    Trace(Box<crate::traces::TraceText>),
     /// Acknowledged once everything queued before it is committed.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -531,15 +535,8 @@ impl UsageWriter {
         }
     }
 
-    /// Queues a request's trace; it is committed with the next group. Build it as a
-    /// [`TraceText`](crate::traces::TraceText) to skip a `serde_json::Value`.
-    pub fn trace(&self, trace: impl Into<crate::traces::TraceText>) {
-        if self.tx.send(WriteOp::Trace(Box::new(trace.into()))).is_err() {
-            tracing::error!("the usage writer has stopped; a trace is lost");
-        }
-    }
-
-    /// Queues a completion; it is committed with the next group (within [`GATHER`]).
+    /// Queues a completion (with its trace); it is committed with the next group (within
+    /// [`GATHER`]).
     pub fn finish(&self, request_id: String, finish: UsageFinish) {
         let op = match self.journal.as_ref().and_then(|j| j.take(&request_id)) {
             Some((start, segment)) => {
@@ -564,7 +561,7 @@ impl UsageWriter {
 
 /// Most ops in one transaction.
 const GROUP: usize = 4096;
-/// How long completions and traces nobody waits on gather before they are committed: long
+/// How long completions nobody waits on gather before they are committed: long
 /// enough that a busy server writes a few large transactions a second, short enough that a
 /// record is readable just after its response.
 pub const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
@@ -603,13 +600,11 @@ async fn commit_group(store: &Store, journal: Option<&journal::Journal>, group: 
     let mut starts = Vec::new();
     let mut completes = Vec::new();
     let mut finishes = Vec::new();
-    let mut traces = Vec::new();
     for op in group.iter() {
         match op {
             WriteOp::Start(start, _) => starts.push(&**start),
             WriteOp::Complete(c) => completes.push((&*c.start, Some(&c.finish), c.finished_at)),
             WriteOp::Finish(id, finish) => finishes.push((id.as_str(), &**finish)),
-            WriteOp::Trace(trace) => traces.push(&**trace),
             WriteOp::Flush(_) => {}
         }
     }
@@ -623,9 +618,6 @@ async fn commit_group(store: &Store, journal: Option<&journal::Journal>, group: 
         }
         for (id, finish) in &finishes {
             update_finish(&mut *tx, id, finish).await?;
-        }
-        for chunk in traces.chunks(crate::traces::ROWS_PER_INSERT) {
-            crate::traces::insert_many(&mut *tx, store.backend(), chunk).await?;
         }
         tx.commit().await?;
         Ok::<_, StoreError>(())
@@ -671,14 +663,6 @@ async fn commit_group(store: &Store, journal: Option<&journal::Journal>, group: 
             WriteOp::Finish(id, finish) => {
                 if !grouped_ok && let Err(e) = update_finish(store.pool(), &id, &finish).await {
                     tracing::error!(request_id = %id, error = %e, "could not complete the usage record");
-                }
-            }
-            WriteOp::Trace(trace) => {
-                if !grouped_ok
-                    && let Err(e) =
-                        crate::traces::insert_many(store.pool(), store.backend(), &[&*trace]).await
-                {
-                    tracing::error!(request_id = %trace.request_id, error = %e, "could not write the trace");
                 }
             }
             WriteOp::Flush(ack) => flushes.push(ack),
