@@ -10,7 +10,7 @@
 use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 
-use super::{ROWS_PER_INSERT, UsageFinish, UsageStart, insert_records, insert_start, journal, update_finish};
+use super::{UsageFinish, UsageStart, insert_chunks, insert_records, insert_start, journal, update_finish};
 use crate::{Result, Store, StoreError, now_ms};
 
 /// A journaled request that ended: its whole record, and the journal segment that admitted it.
@@ -186,7 +186,7 @@ macro_rules! write_parts {
         for start in &$parts.starts {
             insert_start(&mut *tx, start).await?;
         }
-        for chunk in $parts.completes.chunks(ROWS_PER_INSERT) {
+        for chunk in insert_chunks(&$parts.completes) {
             insert_records(&mut *tx, $backend, chunk, false).await?;
         }
         for (id, finish) in &$parts.finishes {
