@@ -5,7 +5,8 @@
 //! for several replicas). The queries are written once, in the dialect both accept
 //! (`$1` placeholders, `RETURNING`, `ON CONFLICT`), over plain types (text, 64-bit integers,
 //! doubles), and so is the schema (`migrations/`). The same test suite
-//! (`tests/store.rs`) runs against both.
+//! (`tests/store.rs`) runs against both. One exception: on a SQLite file the usage writer
+//! commits its records through a typed SQLite connection of its own (`usage/writer.rs`).
 //!
 //! Each domain has its own module and error-free vocabulary: [`tenants`] (tenants and
 //! projects with their limits), [`keys`] (hashed API keys and roles), [`usage`] (one record

@@ -55,10 +55,11 @@ impl Store {
     /// Clears the traces of requests started more than `keep_ms` ago (their usage records
     /// stay); returns how many.
     pub async fn purge_traces(&self, keep_ms: i64) -> Result<u64> {
-        let done = sqlx::query("UPDATE usage_records SET trace = NULL WHERE trace IS NOT NULL AND started_at < $1")
-            .bind(now_ms() - keep_ms)
-            .execute(self.pool())
-            .await?;
+        let done =
+            sqlx::query("UPDATE usage_records SET trace = NULL WHERE trace IS NOT NULL AND started_at < $1")
+                .bind(now_ms() - keep_ms)
+                .execute(self.pool())
+                .await?;
         Ok(done.rows_affected())
     }
 }

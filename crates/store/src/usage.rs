@@ -483,7 +483,8 @@ pub(crate) fn insert_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
 /// statement by its text, which is then neither rebuilt nor copied.
 fn insert_sql(backend: crate::Backend, rows: usize, skip_existing: bool) -> std::borrow::Cow<'static, str> {
     const SHAPES: usize = ROWS_PER_INSERT.ilog2() as usize + 1;
-    static MADE: [[std::sync::OnceLock<String>; SHAPES]; 4] = [const { [const { std::sync::OnceLock::new() }; SHAPES] }; 4];
+    static MADE: [[std::sync::OnceLock<String>; SHAPES]; 4] =
+        [const { [const { std::sync::OnceLock::new() }; SHAPES] }; 4];
     let make = || {
         let conflict = if skip_existing { " ON CONFLICT (request_id) DO NOTHING" } else { "" };
         format!(
@@ -564,19 +565,6 @@ async fn insert_records<'e, DB: UsageDb, E: sqlx::Executor<'e, Database = DB>>(
     Ok(DB::rows_affected(&done))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn inserts_come_in_seven_sizes() {
-        let sizes = |n: usize| super::insert_chunks(&vec![0; n]).map(<[i32]>::len).collect::<Vec<_>>();
-        assert_eq!(sizes(0), Vec::<usize>::new());
-        assert_eq!(sizes(1), vec![1]);
-        assert_eq!(sizes(64), vec![64]);
-        assert_eq!(sizes(200), vec![64, 64, 64, 8]);
-        assert_eq!(sizes(127), vec![64, 32, 16, 8, 4, 2, 1]);
-    }
-}
-
 /// Days since the epoch as a UTC date.
 pub fn format_day(days: i64) -> String {
     let (year, month, day) = civil_from_days(days);
@@ -604,4 +592,17 @@ pub fn day_and_month_start(ms: i64) -> (i64, i64) {
     // Arithmetic only: the limiter asks for every scope of every request.
     let (_, _, day_of_month) = civil_from_days(ms.div_euclid(DAY));
     (day_start, day_start - (day_of_month - 1) * DAY)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn inserts_come_in_seven_sizes() {
+        let sizes = |n: usize| super::insert_chunks(&vec![0; n]).map(<[i32]>::len).collect::<Vec<_>>();
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(1), vec![1]);
+        assert_eq!(sizes(64), vec![64]);
+        assert_eq!(sizes(200), vec![64, 64, 64, 8]);
+        assert_eq!(sizes(127), vec![64, 32, 16, 8, 4, 2, 1]);
+    }
 }

@@ -406,7 +406,8 @@ async fn traces_suite(store: &Store) {
     writer.start(start("untraced", Some("ten_a"), "m", now)).await.unwrap();
     writer.finish("untraced".into(), finish(1, 1, 0.0));
     writer.flush().await;
-    let new = Trace { request_id: "new".into(), tenant_id: Some("ten_a".into()), created_at: now - 10, trace: doc };
+    let new =
+        Trace { request_id: "new".into(), tenant_id: Some("ten_a".into()), created_at: now - 10, trace: doc };
     assert_eq!(store.trace("new").await.unwrap(), new);
     assert!(matches!(store.trace("untraced").await, Err(StoreError::NotFound(_))));
     assert!(matches!(store.trace("nobody").await, Err(StoreError::NotFound(_))));
@@ -451,20 +452,26 @@ async fn trace_migration_suite(target: &str) {
         store.start_usage(&start(id, Some("ten_a"), "m", at)).await.unwrap();
     }
     for (id, n) in [("m1", 1), ("m2", 2)] {
-        sqlx::query("INSERT INTO traces (request_id, tenant_id, created_at, trace) VALUES ($1, 'ten_a', 5, $2)")
-            .bind(id)
-            .bind(format!("{{\"n\":{n}}}"))
-            .execute(store.pool())
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO traces (request_id, tenant_id, created_at, trace) VALUES ($1, 'ten_a', 5, $2)",
+        )
+        .bind(id)
+        .bind(format!("{{\"n\":{n}}}"))
+        .execute(store.pool())
+        .await
+        .unwrap();
     }
     drop(store);
     let store = Store::open(target).await.unwrap();
     for (id, n, at) in [("m1", 1, 1000), ("m2", 2, 2000)] {
         let trace = store.trace(id).await.unwrap();
-        assert_eq!((trace.trace["n"].as_i64(), trace.created_at, trace.tenant_id.as_deref()), (Some(n), at, Some("ten_a")));
+        assert_eq!(
+            (trace.trace["n"].as_i64(), trace.created_at, trace.tenant_id.as_deref()),
+            (Some(n), at, Some("ten_a"))
+        );
     }
-    let left: Result<i64, _> = sqlx::query_scalar("SELECT COUNT(*) FROM traces").fetch_one(store.pool()).await;
+    let left: Result<i64, _> =
+        sqlx::query_scalar("SELECT COUNT(*) FROM traces").fetch_one(store.pool()).await;
     assert!(left.is_err(), "the old table is gone");
 }
 
@@ -527,13 +534,19 @@ async fn reports_suite(store: &Store) {
         "route": "/v1/chat/completions", "model": "m", "status": "ok", "http_status": 200,
         "tokens": {"prompt": 4, "completion": 2}, "timings": {"total_ms": 15},
     });
-    let traced =
-        [("req_aa1", Some("ten_a"), t0), ("req_aa2", Some("ten_a"), t0 + 10), ("req_b_1", Some("ten_b"), t0 + 20)]
-            .into_iter()
-            .chain([("req_xx", None, t0 + 30), ("req_bb1", Some("ten_b"), t0 + 5)]);
+    let traced = [
+        ("req_aa1", Some("ten_a"), t0),
+        ("req_aa2", Some("ten_a"), t0 + 10),
+        ("req_b_1", Some("ten_b"), t0 + 20),
+    ]
+    .into_iter()
+    .chain([("req_xx", None, t0 + 30), ("req_bb1", Some("ten_b"), t0 + 5)]);
     for (id, tenant, at) in traced {
         store.start_usage(&start(id, tenant, "m", at)).await.unwrap();
-        store.finish_usage(id, &UsageFinish { trace: Some(doc.to_string()), ..finish(4, 2, 0.0) }).await.unwrap();
+        store
+            .finish_usage(id, &UsageFinish { trace: Some(doc.to_string()), ..finish(4, 2, 0.0) })
+            .await
+            .unwrap();
     }
     let ids = |rows: Vec<ferry_store::reports::TraceSummary>| -> Vec<String> {
         rows.into_iter().map(|r| r.request_id).collect()
