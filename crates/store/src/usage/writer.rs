@@ -271,3 +271,22 @@ async fn commit_group(
         let _ = ack.send(());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_file_is_written_through_the_writers_own_typed_connection() {
+        let dir = std::env::temp_dir().join(format!("ferry-writer-{}", uuid::Uuid::new_v4().simple()));
+        let store = Store::open(&dir.join("ferry.db").display().to_string()).await.unwrap();
+        let Sink::Sqlite(mut conn) = Sink::open(&store).await else {
+            panic!("the writer fell back to the pool")
+        };
+        // The same database: the pool's schema is there.
+        let records: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM usage_records").fetch_one(&mut *conn).await.unwrap();
+        assert_eq!(records, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
