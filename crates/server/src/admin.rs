@@ -537,7 +537,7 @@ async fn usage_series(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct TraceParams {
-    /// Milliseconds since the epoch (inclusive, exclusive).
+    /// Milliseconds since the epoch (inclusive, exclusive), of the request's start.
     from: Option<i64>,
     to: Option<i64>,
     /// Request ids starting with this.

@@ -767,7 +767,7 @@ struct Owner {
 impl Finish {
     /// The request's trace: route, guardrail actions (counts only), timings, sampling
     /// parameters, tokens and the model's provenance, serialised straight from its parts.
-    fn trace(&self, status: &str, finish: &UsageFinish) -> Option<ferry_store::traces::TraceText> {
+    fn trace(&self, status: &str, finish: &UsageFinish) -> Option<String> {
         let m = &self.meter;
         let parts = m.trace.lock().ok()?;
         let counts = m.guardrail_counts.lock().ok()?;
@@ -827,13 +827,7 @@ impl Finish {
         // while it is written; under 1 KiB, the allocator serves it from its per-thread cache.
         let mut json = Vec::with_capacity(768);
         serde_json::to_writer(&mut json, &doc).ok()?;
-        let json = String::from_utf8(json).ok()?;
-        Some(ferry_store::traces::TraceText {
-            request_id: m.request_id.clone(),
-            tenant_id: self.owner.tenant_id.clone(),
-            created_at: now_ms(),
-            json,
-        })
+        String::from_utf8(json).ok()
     }
 }
 
@@ -939,7 +933,7 @@ impl Drop for Finish {
             completion_tokens: completion,
             cache_hit: m.cache_hit.load(Ordering::Relaxed),
         });
-        let finish = UsageFinish {
+        let mut finish = UsageFinish {
             provider: m.provider.lock().ok().and_then(|p| p.clone()),
             status: status.to_string(),
             http_status: self.http_status,
@@ -949,16 +943,15 @@ impl Drop for Finish {
             cost,
             latency_ms: m.started.elapsed().as_millis() as u64,
             ttft_ms: (ttft > 0).then_some(ttft),
+            trace: None,
         };
-        let trace =
+        // The trace goes in the record's row.
+        finish.trace =
             (self.tenancy.metering || crate::otel::enabled()).then(|| self.trace(status, &finish)).flatten();
-        if let Some(trace) = &trace {
-            crate::otel::export(&trace.json, m.started.elapsed());
+        if let Some(trace) = &finish.trace {
+            crate::otel::export(trace, m.started.elapsed());
         }
         if self.tenancy.metering {
-            if let Some(trace) = trace {
-                self.tenancy.usage.trace(trace);
-            }
             self.tenancy.usage.finish(m.request_id.clone(), finish);
         }
         if let Some(keep) = self.keep.take() {

@@ -1,5 +1,5 @@
-//! CPU per request of the usage writer on SQLite: each request is admitted (journal), gets a
-//! trace like the server's and is completed, the way `tenancy` does it; the writer commits them
+//! CPU per request of the usage writer on SQLite: each request is admitted (journal) and
+//! completed with a trace like the server's, the way `tenancy` does it; the writer commits them
 //! in groups. Prints the process's CPU time (utime + stime) per request, so that store changes
 //! can be compared without the HTTP stack around them.
 //!
@@ -7,7 +7,6 @@
 
 use std::time::Instant;
 
-use ferry_store::traces::TraceText;
 use ferry_store::{Store, UsageFinish, UsageStart, now_ms};
 
 /// utime + stime of this process, in seconds (from /proc; Linux only).
@@ -48,12 +47,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         r#"{{"request_id":"{request_id}","route":"/v1/chat/completions","model":"bench","status":"ok","http_status":200,"tenant_id":"ten_4c95893b0d76de6a615b6d1d","project_id":"proj_0ac1c8214c631ae6a52e9c51","key_id":"key_74f838c0dfe4c036544b8751","routing":{{"provider":"mock/mock","target":"mock/mock","attempts":1,"fallbacks":0,"cache_hit":false}},"guardrails":{{"policy":"redact","counts":{{}}}},"timings":{{"total_ms":{},"first_token_ms":null,"upstream_ms":12}},"sampling":{{}},"tokens":{{"prompt":12,"completion":7,"cached":0}},"cost":0.0,"model_card":null}}"#,
                         i % 20
                     );
-                    writer.trace(TraceText {
-                        request_id: request_id.clone(),
-                        tenant_id: Some("ten_4c95893b0d76de6a615b6d1d".into()),
-                        created_at: now_ms(),
-                        json,
-                    });
                     let finish = UsageFinish {
                         provider: Some("mock/mock".into()),
                         status: "ok".into(),
@@ -61,6 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         prompt_tokens: 12,
                         completion_tokens: 7,
                         latency_ms: (i % 20) as u64,
+                        trace: Some(json),
                         ..Default::default()
                     };
                     writer.finish(request_id, finish);

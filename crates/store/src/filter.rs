@@ -36,6 +36,11 @@ impl Filter {
         filter
     }
 
+    /// Adds a condition without a parameter.
+    pub(crate) fn condition(&mut self, condition: &str) {
+        self.conditions.push(condition.to_string());
+    }
+
     /// Adds `condition`, whose `{}` is the new text parameter's placeholder.
     pub(crate) fn text(&mut self, condition: &str, value: String) {
         self.push(condition, Param::Text(value));

@@ -5,13 +5,14 @@
 //! for several replicas). The queries are written once, in the dialect both accept
 //! (`$1` placeholders, `RETURNING`, `ON CONFLICT`), over plain types (text, 64-bit integers,
 //! doubles), and so is the schema (`migrations/`). The same test suite
-//! (`tests/store.rs`) runs against both.
+//! (`tests/store.rs`) runs against both. One exception: on a SQLite file the usage writer
+//! commits its records through a typed SQLite connection of its own (`usage/writer.rs`).
 //!
 //! Each domain has its own module and error-free vocabulary: [`tenants`] (tenants and
 //! projects with their limits), [`keys`] (hashed API keys and roles), [`usage`] (one record
-//! per request, written at admission and completed at the end), [`audit`] (an append-only,
-//! hash-chained log of admin actions); [`reports`] reads usage and traces for dashboards
-//! (time series with latency percentiles, trace listings).
+//! per request, with its trace, written at admission and completed at the end), [`audit`]
+//! (an append-only, hash-chained log of admin actions); [`reports`] reads usage and traces
+//! for dashboards (time series with latency percentiles, trace listings).
 
 pub mod audit;
 pub mod content;
@@ -168,6 +169,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_content.sql")),
     (3, include_str!("../migrations/0003_traces.sql")),
     (4, include_str!("../migrations/0004_usage_open_partial.sql")),
+    (5, include_str!("../migrations/0005_trace_in_record.sql")),
 ];
 
 /// Milliseconds since the Unix epoch: every timestamp in the store.

@@ -45,7 +45,7 @@ pub struct SeriesPoint {
 pub struct TraceQuery {
     /// Only this tenant's traces; `None` for all (an admin's view).
     pub tenant_id: Option<String>,
-    /// Inclusive start and exclusive end of `created_at`, in milliseconds since the epoch.
+    /// Inclusive start and exclusive end of the request's start, in milliseconds since the epoch.
     pub from_ms: Option<i64>,
     pub to_ms: Option<i64>,
     /// Request ids starting with this.
@@ -59,6 +59,7 @@ pub struct TraceQuery {
 pub struct TraceSummary {
     pub request_id: String,
     pub tenant_id: Option<String>,
+    /// When the request started, in milliseconds since the epoch.
     pub created_at: i64,
     pub route: Option<String>,
     pub model: Option<String>,
@@ -146,7 +147,9 @@ impl Store {
 
     /// Traces newest first, filtered by tenant, time and request-id prefix.
     pub async fn traces(&self, query: &TraceQuery) -> Result<Vec<TraceSummary>> {
-        let mut scope = Filter::scope(query.tenant_id.as_deref(), "created_at", query.from_ms, query.to_ms);
+        let mut scope = Filter::scope(query.tenant_id.as_deref(), "started_at", query.from_ms, query.to_ms);
+        // Records whose trace retention cleared (or that never had one, interrupted ones).
+        scope.condition("trace IS NOT NULL");
         if let Some(prefix) = query.id_prefix.as_deref().filter(|p| !p.is_empty()) {
             // `\` escapes LIKE's wildcards in both databases when named in ESCAPE.
             let escaped = prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
@@ -154,8 +157,8 @@ impl Store {
         }
         let filter = scope.clause();
         let sql = format!(
-            "SELECT request_id, tenant_id, created_at, trace FROM traces {filter} \
-             ORDER BY created_at DESC, request_id DESC LIMIT {}",
+            "SELECT request_id, tenant_id, started_at, trace FROM usage_records {filter} \
+             ORDER BY started_at DESC, request_id DESC LIMIT {}",
             query.limit.clamp(1, 1000)
         );
         let rows = scope.bind(sqlx::query(AssertSqlSafe(sql))).fetch_all(self.pool()).await?;
@@ -167,7 +170,7 @@ impl Store {
             out.push(TraceSummary {
                 request_id: row.try_get("request_id")?,
                 tenant_id: row.try_get("tenant_id")?,
-                created_at: row.try_get("created_at")?,
+                created_at: row.try_get("started_at")?,
                 route: string(&trace["route"]),
                 model: string(&trace["model"]),
                 status: string(&trace["status"]),

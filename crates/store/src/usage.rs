@@ -9,11 +9,16 @@
 //! journal (`journal.rs`), and the record reaches the database once, complete, when the
 //! request ends; journal lines a crash left behind are ingested as `interrupted` by
 //! [`Store::open_usage_writer`] at the next start. Either way [`UsageWriter`] commits records
-//! and traces in groups, so a busy server writes few, large transactions.
+//! in groups, so a busy server writes few, large transactions. A request's trace is a column
+//! of its record, written with the completion (see `traces`).
 
 mod journal;
+mod writer;
+
+pub use writer::{GATHER, UsageWriter};
 
 use serde::{Deserialize, Serialize};
+use sqlx::error::BoxDynError;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::filter::Filter;
@@ -48,6 +53,8 @@ pub struct UsageFinish {
     pub cost: f64,
     pub latency_ms: u64,
     pub ttft_ms: Option<u64>,
+    /// The request's trace, a JSON object (see `traces`), stored in the record's row.
+    pub trace: Option<String>,
 }
 
 /// One stored record.
@@ -182,7 +189,7 @@ impl Store {
             let rows: Vec<Whole<'_>> = starts.iter().map(|s| (s, None, finished_at)).collect();
             let mut tx = self.pool().begin().await?;
             let mut reconciled = 0;
-            for chunk in rows.chunks(ROWS_PER_INSERT) {
+            for chunk in insert_chunks(&rows) {
                 reconciled += insert_records(&mut *tx, self.backend(), chunk, true).await?;
             }
             tx.commit().await?;
@@ -205,6 +212,12 @@ impl Store {
     /// Where a SQLite store keeps its usage journal: beside the database file. `None` on
     /// PostgreSQL, or for a SQLite database without a file.
     async fn usage_journal_dir(&self) -> Result<Option<std::path::PathBuf>> {
+        Ok(self.sqlite_file().await?.map(|f| std::path::PathBuf::from(f + ".usage-journal")))
+    }
+
+    /// The file of a SQLite store; `None` on PostgreSQL, or for a SQLite database without a
+    /// file (in memory).
+    async fn sqlite_file(&self) -> Result<Option<String>> {
         if self.backend() != crate::Backend::Sqlite {
             return Ok(None);
         }
@@ -212,7 +225,7 @@ impl Store {
             sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
                 .fetch_optional(self.pool())
                 .await?;
-        Ok(file.filter(|f| !f.is_empty()).map(|f| std::path::PathBuf::from(f + ".usage-journal")))
+        Ok(file.filter(|f| !f.is_empty()))
     }
 
     /// Marks `interrupted` the records left `started` by an earlier run of `instance` (it
@@ -333,71 +346,164 @@ impl Store {
     }
 }
 
-async fn insert_start<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+/// The databases the usage statements run on: sqlx's `Any` (either database, through the
+/// store's pool) and SQLite typed (the usage writer's own connection, see `writer`). Values
+/// are added to a statement's arguments one by one, in the order of its placeholders.
+pub(crate) trait UsageDb: sqlx::Database<Arguments: sqlx::IntoArguments<Self> + 'static> {
+    fn text(args: &mut Self::Arguments, value: Option<&str>) -> std::result::Result<(), BoxDynError>;
+    fn int(args: &mut Self::Arguments, value: Option<i64>) -> std::result::Result<(), BoxDynError>;
+    fn double(args: &mut Self::Arguments, value: f64) -> std::result::Result<(), BoxDynError>;
+    fn rows_affected(done: &Self::QueryResult) -> u64;
+}
+
+macro_rules! usage_db {
+    ($db:ty) => {
+        impl UsageDb for $db {
+            fn text(args: &mut Self::Arguments, value: Option<&str>) -> std::result::Result<(), BoxDynError> {
+                sqlx::Arguments::add(args, value)
+            }
+            fn int(args: &mut Self::Arguments, value: Option<i64>) -> std::result::Result<(), BoxDynError> {
+                sqlx::Arguments::add(args, value)
+            }
+            fn double(args: &mut Self::Arguments, value: f64) -> std::result::Result<(), BoxDynError> {
+                sqlx::Arguments::add(args, value)
+            }
+            fn rows_affected(done: &Self::QueryResult) -> u64 {
+                done.rows_affected()
+            }
+        }
+    };
+}
+usage_db!(sqlx::Any);
+usage_db!(sqlx::Sqlite);
+
+/// Arguments with room for `n` values: a multi-row statement's thousand-odd values are pushed
+/// without the buffer being regrown (and copied) a dozen times.
+fn arguments<DB: UsageDb>(n: usize) -> DB::Arguments {
+    let mut arguments = DB::Arguments::default();
+    sqlx::Arguments::reserve(&mut arguments, n, 0);
+    arguments
+}
+
+fn encode_error(e: BoxDynError) -> StoreError {
+    StoreError::Database(sqlx::Error::Encode(e))
+}
+
+async fn insert_start<'e, DB: UsageDb, E: sqlx::Executor<'e, Database = DB>>(
     executor: E,
     start: &UsageStart,
 ) -> Result<()> {
-    sqlx::query(
+    let mut args = arguments::<DB>(9);
+    let add = |args: &mut DB::Arguments| {
+        DB::text(args, Some(&start.request_id))?;
+        DB::text(args, Some(&start.instance))?;
+        DB::text(args, start.tenant_id.as_deref())?;
+        DB::text(args, start.project_id.as_deref())?;
+        DB::text(args, start.key_id.as_deref())?;
+        DB::text(args, Some(&start.route))?;
+        DB::text(args, Some(&start.model))?;
+        DB::int(args, Some(start.stream as i64))?;
+        DB::int(args, Some(start.started_at))
+    };
+    add(&mut args).map_err(encode_error)?;
+    sqlx::query_with(
         "INSERT INTO usage_records (request_id, instance, tenant_id, project_id, key_id, route, model, stream, \
          status, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'started', $9)",
+        args,
     )
-    .bind(start.request_id.as_str())
-    .bind(start.instance.as_str())
-    .bind(start.tenant_id.as_deref())
-    .bind(start.project_id.as_deref())
-    .bind(start.key_id.as_deref())
-    .bind(start.route.as_str())
-    .bind(start.model.as_str())
-    .bind(start.stream as i64)
-    .bind(start.started_at)
     .execute(executor)
     .await
     .map_err(|e| crate::tenants::conflict(e, || format!("request id '{}' is taken", start.request_id)))?;
     Ok(())
 }
 
-async fn update_finish<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+async fn update_finish<'e, DB: UsageDb, E: sqlx::Executor<'e, Database = DB>>(
     executor: E,
     request_id: &str,
     finish: &UsageFinish,
 ) -> Result<bool> {
-    let done = sqlx::query(
+    let mut args = arguments::<DB>(12);
+    let add = |args: &mut DB::Arguments| {
+        DB::text(args, finish.provider.as_deref())?;
+        DB::text(args, Some(&finish.status))?;
+        DB::int(args, Some(finish.http_status as i64))?;
+        DB::int(args, Some(finish.prompt_tokens as i64))?;
+        DB::int(args, Some(finish.completion_tokens as i64))?;
+        DB::int(args, Some(finish.cached_tokens as i64))?;
+        DB::double(args, finish.cost)?;
+        DB::int(args, Some(finish.latency_ms as i64))?;
+        DB::int(args, finish.ttft_ms.map(|t| t as i64))?;
+        DB::int(args, Some(now_ms()))?;
+        DB::text(args, finish.trace.as_deref())?;
+        DB::text(args, Some(request_id))
+    };
+    add(&mut args).map_err(encode_error)?;
+    let done = sqlx::query_with(
         "UPDATE usage_records SET provider = $1, status = $2, http_status = $3, prompt_tokens = $4, \
-         completion_tokens = $5, cached_tokens = $6, cost = $7, latency_ms = $8, ttft_ms = $9, finished_at = $10 \
-         WHERE request_id = $11 AND status = 'started'",
+         completion_tokens = $5, cached_tokens = $6, cost = $7, latency_ms = $8, ttft_ms = $9, finished_at = $10, \
+         trace = $11 WHERE request_id = $12 AND status = 'started'",
+        args,
     )
-    .bind(finish.provider.as_deref())
-    .bind(finish.status.as_str())
-    .bind(finish.http_status as i64)
-    .bind(finish.prompt_tokens as i64)
-    .bind(finish.completion_tokens as i64)
-    .bind(finish.cached_tokens as i64)
-    .bind(finish.cost)
-    .bind(finish.latency_ms as i64)
-    .bind(finish.ttft_ms.map(|t| t as i64))
-    .bind(now_ms())
-    .bind(request_id)
     .execute(executor)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(DB::rows_affected(&done) == 1)
 }
 
 /// A record's columns as written whole: its admission, how it ended (`None`: interrupted)
 /// and when.
-type Whole<'a> = (&'a UsageStart, Option<&'a UsageFinish>, i64);
+pub(crate) type Whole<'a> = (&'a UsageStart, Option<&'a UsageFinish>, i64);
 
 const FULL_COLUMNS: &str = "request_id, instance, tenant_id, project_id, key_id, route, model, provider, stream, \
      status, http_status, prompt_tokens, completion_tokens, cached_tokens, cost, latency_ms, ttft_ms, started_at, \
-     finished_at";
-const N_FULL_COLUMNS: usize = 19;
-/// Rows in one multi-row INSERT: 64 × 19 values, far under either database's limit.
+     finished_at, trace";
+const N_FULL_COLUMNS: usize = 20;
+/// Most rows in one multi-row INSERT: 64 × 20 values, far under either database's limit.
 const ROWS_PER_INSERT: usize = 64;
+
+/// Splits rows into multi-row INSERTs of 64, 32, 16... or 1 rows: seven statement shapes in
+/// all, each prepared once per connection and then found in its statement cache, where a
+/// group's remainder of any size would make a new statement of most groups (SQLite takes
+/// about a million instructions to prepare one of 20 rows; at one request at a time, that
+/// was 15k instructions a request under callgrind).
+pub(crate) fn insert_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        let n = rest.len().min(ROWS_PER_INSERT);
+        if n == 0 {
+            return None;
+        }
+        // The largest power of two not above n.
+        let (chunk, tail) = rest.split_at(1 << n.ilog2());
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// The INSERT of `rows` whole records, made once per shape: the statement cache finds a
+/// statement by its text, which is then neither rebuilt nor copied.
+fn insert_sql(backend: crate::Backend, rows: usize, skip_existing: bool) -> std::borrow::Cow<'static, str> {
+    const SHAPES: usize = ROWS_PER_INSERT.ilog2() as usize + 1;
+    static MADE: [[std::sync::OnceLock<String>; SHAPES]; 4] =
+        [const { [const { std::sync::OnceLock::new() }; SHAPES] }; 4];
+    let make = || {
+        let conflict = if skip_existing { " ON CONFLICT (request_id) DO NOTHING" } else { "" };
+        format!(
+            "INSERT INTO usage_records ({FULL_COLUMNS}) VALUES {}{conflict}",
+            values_clause(backend, N_FULL_COLUMNS, rows)
+        )
+    };
+    if !rows.is_power_of_two() || rows > ROWS_PER_INSERT {
+        return make().into();
+    }
+    let kind = usize::from(backend == crate::Backend::Postgres) * 2 + usize::from(skip_existing);
+    MADE[kind][rows.ilog2() as usize].get_or_init(make).as_str().into()
+}
 
 /// The VALUES of a multi-row INSERT: `($1, $2, ...), ...` on PostgreSQL, and anonymous
 /// `(?, ?, ...), ...` on SQLite, the one place the dialects part: SQLite looks each `$n` up by
 /// name in a list as long as the statement's parameters, which is quadratic in a statement of
 /// a thousand of them.
-pub(crate) fn values_clause(backend: crate::Backend, columns: usize, rows: usize) -> String {
+fn values_clause(backend: crate::Backend, columns: usize, rows: usize) -> String {
     use std::fmt::Write;
     let mut sql = String::with_capacity(rows * columns * 6);
     for row in 0..rows {
@@ -416,280 +522,47 @@ pub(crate) fn values_clause(backend: crate::Backend, columns: usize, rows: usize
     sql
 }
 
-/// Arguments with room for `n` values: a multi-row statement's thousand-odd values are pushed
-/// without the buffer being regrown (and copied) a dozen times.
-pub(crate) fn reserved_arguments(n: usize) -> sqlx::any::AnyArguments {
-    let mut arguments = sqlx::any::AnyArguments::default();
-    sqlx::Arguments::reserve(&mut arguments, n, 0);
-    arguments
-}
-
-/// Inserts whole records in one statement; with `skip_existing`, a record already there is
+/// Inserts whole records in one statement (of a size [`insert_chunks`] makes, or else it is
+/// prepared anew); with `skip_existing`, a record already there is
 /// left as it is (journal ingestion). Returns how many were inserted.
-async fn insert_records<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+async fn insert_records<'e, DB: UsageDb, E: sqlx::Executor<'e, Database = DB>>(
     executor: E,
     backend: crate::Backend,
     rows: &[Whole<'_>],
     skip_existing: bool,
 ) -> Result<u64> {
-    let conflict = if skip_existing { " ON CONFLICT (request_id) DO NOTHING" } else { "" };
-    let sql = format!(
-        "INSERT INTO usage_records ({FULL_COLUMNS}) VALUES {}{conflict}",
-        values_clause(backend, N_FULL_COLUMNS, rows.len())
-    );
-    let mut q = sqlx::query_with(AssertSqlSafe(sql), reserved_arguments(rows.len() * N_FULL_COLUMNS));
-    for (start, finish, finished_at) in rows {
-        q = q
-            .bind(start.request_id.as_str())
-            .bind(start.instance.as_str())
-            .bind(start.tenant_id.as_deref())
-            .bind(start.project_id.as_deref())
-            .bind(start.key_id.as_deref())
-            .bind(start.route.as_str())
-            .bind(start.model.as_str())
-            .bind(finish.and_then(|f| f.provider.as_deref()))
-            .bind(start.stream as i64)
-            .bind(finish.map_or("interrupted", |f| f.status.as_str()))
-            .bind(finish.map(|f| f.http_status as i64))
-            .bind(finish.map_or(0, |f| f.prompt_tokens as i64))
-            .bind(finish.map_or(0, |f| f.completion_tokens as i64))
-            .bind(finish.map_or(0, |f| f.cached_tokens as i64))
-            .bind(finish.map_or(0.0, |f| f.cost))
-            .bind(finish.map(|f| f.latency_ms as i64))
-            .bind(finish.and_then(|f| f.ttft_ms.map(|t| t as i64)))
-            .bind(start.started_at)
-            .bind(*finished_at);
-    }
-    let done = q.execute(executor).await.map_err(|e| {
+    let sql = insert_sql(backend, rows.len(), skip_existing);
+    let mut args = arguments::<DB>(rows.len() * N_FULL_COLUMNS);
+    let add = |args: &mut DB::Arguments| {
+        for (start, finish, finished_at) in rows {
+            DB::text(args, Some(&start.request_id))?;
+            DB::text(args, Some(&start.instance))?;
+            DB::text(args, start.tenant_id.as_deref())?;
+            DB::text(args, start.project_id.as_deref())?;
+            DB::text(args, start.key_id.as_deref())?;
+            DB::text(args, Some(&start.route))?;
+            DB::text(args, Some(&start.model))?;
+            DB::text(args, finish.and_then(|f| f.provider.as_deref()))?;
+            DB::int(args, Some(start.stream as i64))?;
+            DB::text(args, Some(finish.map_or("interrupted", |f| f.status.as_str())))?;
+            DB::int(args, finish.map(|f| f.http_status as i64))?;
+            DB::int(args, Some(finish.map_or(0, |f| f.prompt_tokens as i64)))?;
+            DB::int(args, Some(finish.map_or(0, |f| f.completion_tokens as i64)))?;
+            DB::int(args, Some(finish.map_or(0, |f| f.cached_tokens as i64)))?;
+            DB::double(args, finish.map_or(0.0, |f| f.cost))?;
+            DB::int(args, finish.map(|f| f.latency_ms as i64))?;
+            DB::int(args, finish.and_then(|f| f.ttft_ms.map(|t| t as i64)))?;
+            DB::int(args, Some(start.started_at))?;
+            DB::int(args, Some(*finished_at))?;
+            DB::text(args, finish.and_then(|f| f.trace.as_deref()))?;
+        }
+        Ok::<_, BoxDynError>(())
+    };
+    add(&mut args).map_err(encode_error)?;
+    let done = sqlx::query_with(AssertSqlSafe(sql), args).execute(executor).await.map_err(|e| {
         crate::tenants::conflict(e, || format!("request id '{}' is taken", rows[0].0.request_id))
     })?;
-    Ok(done.rows_affected())
-}
-
-/// A journaled request that ended: its whole record, and the journal segment that admitted it.
-struct Completed {
-    start: Box<UsageStart>,
-    finish: UsageFinish,
-    finished_at: i64,
-    segment: u64,
-}
-
-enum WriteOp {
-    /// An admission in the database (PostgreSQL), acknowledged once committed.
-    Start(Box<UsageStart>, tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
-    /// The completion of a record admitted in the database.
-    Finish(String, Box<UsageFinish>),
-    /// A whole record admitted in the journal (SQLite).
-    Complete(Box<Completed>),
-    Trace(Box<crate::traces::TraceText>),
-    /// Acknowledged once everything queued before it is committed.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
-impl WriteOp {
-    /// Whether a caller waits for this op's commit.
-    fn awaited(&self) -> bool {
-        matches!(self, WriteOp::Start(..) | WriteOp::Flush(_))
-    }
-}
-
-/// The handle of [`Store::usage_writer`] and [`Store::open_usage_writer`]; cheap to clone.
-#[derive(Clone)]
-pub struct UsageWriter {
-    tx: tokio::sync::mpsc::UnboundedSender<WriteOp>,
-    /// Wakes the writer early for an op someone waits on.
-    urgent: std::sync::Arc<tokio::sync::Notify>,
-    journal: Option<std::sync::Arc<journal::Journal>>,
-}
-
-impl UsageWriter {
-    fn spawn(store: Store, journal: Option<std::sync::Arc<journal::Journal>>) -> UsageWriter {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let urgent = std::sync::Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(write_groups(store, journal.clone(), rx, urgent.clone()));
-        UsageWriter { tx, urgent, journal }
-    }
-
-    fn send_urgent(&self, op: WriteOp) -> Result<()> {
-        self.tx.send(op).map_err(|_| StoreError::Invalid("the usage writer has stopped".into()))?;
-        self.urgent.notify_one();
-        Ok(())
-    }
-
-    /// Makes an admission durable: a journal line (SQLite), or a record committed in the
-    /// database (PostgreSQL). Either way a crash after this returns cannot lose the record.
-    pub async fn start(&self, start: UsageStart) -> Result<()> {
-        if let Some(journal) = &self.journal {
-            return journal.admit(start);
-        }
-        let (ack, done) = tokio::sync::oneshot::channel();
-        self.send_urgent(WriteOp::Start(Box::new(start), ack))?;
-        match done.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(StoreError::Invalid(message)),
-            Err(_) => Err(StoreError::Invalid("the usage writer has stopped".into())),
-        }
-    }
-
-    /// Queues a request's trace; it is committed with the next group. Build it as a
-    /// [`TraceText`](crate::traces::TraceText) to skip a `serde_json::Value`.
-    pub fn trace(&self, trace: impl Into<crate::traces::TraceText>) {
-        if self.tx.send(WriteOp::Trace(Box::new(trace.into()))).is_err() {
-            tracing::error!("the usage writer has stopped; a trace is lost");
-        }
-    }
-
-    /// Queues a completion; it is committed with the next group (within [`GATHER`]).
-    pub fn finish(&self, request_id: String, finish: UsageFinish) {
-        let op = match self.journal.as_ref().and_then(|j| j.take(&request_id)) {
-            Some((start, segment)) => {
-                WriteOp::Complete(Box::new(Completed { start, finish, finished_at: now_ms(), segment }))
-            }
-            None => WriteOp::Finish(request_id, Box::new(finish)),
-        };
-        if self.tx.send(op).is_err() {
-            tracing::error!("the usage writer has stopped; a completion record is lost until reconciliation");
-        }
-    }
-
-    /// Returns once everything queued before it is committed (for a clean shutdown, and for
-    /// readers that must see the latest records).
-    pub async fn flush(&self) {
-        let (ack, done) = tokio::sync::oneshot::channel();
-        if self.send_urgent(WriteOp::Flush(ack)).is_ok() {
-            let _ = done.await;
-        }
-    }
-}
-
-/// Most ops in one transaction.
-const GROUP: usize = 4096;
-/// How long completions and traces nobody waits on gather before they are committed: long
-/// enough that a busy server writes a few large transactions a second, short enough that a
-/// record is readable just after its response.
-pub const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
-
-async fn write_groups(
-    store: Store,
-    journal: Option<std::sync::Arc<journal::Journal>>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<WriteOp>,
-    urgent: std::sync::Arc<tokio::sync::Notify>,
-) {
-    let mut group = Vec::with_capacity(GROUP);
-    let mut backlog = false;
-    while rx.recv_many(&mut group, GROUP).await > 0 {
-        // Senders don't wake this task while it gathers; an awaited op does, through `urgent`.
-        if !backlog && !group.iter().any(WriteOp::awaited) {
-            tokio::select! {
-                () = tokio::time::sleep(GATHER) => {}
-                () = urgent.notified() => {}
-            }
-        }
-        while group.len() < GROUP
-            && let Ok(op) = rx.try_recv()
-        {
-            group.push(op);
-        }
-        // A full group leaves more behind: the next one goes without waiting.
-        backlog = group.len() == GROUP;
-        commit_group(&store, journal.as_deref(), &mut group).await;
-    }
-}
-
-/// Commits a group in one transaction (admissions first, so a completion in the same group
-/// finds its record), then answers whoever waits. A failed group is retried one op at a
-/// time, so one bad record fails alone.
-async fn commit_group(store: &Store, journal: Option<&journal::Journal>, group: &mut Vec<WriteOp>) {
-    let mut starts = Vec::new();
-    let mut completes = Vec::new();
-    let mut finishes = Vec::new();
-    let mut traces = Vec::new();
-    for op in group.iter() {
-        match op {
-            WriteOp::Start(start, _) => starts.push(&**start),
-            WriteOp::Complete(c) => completes.push((&*c.start, Some(&c.finish), c.finished_at)),
-            WriteOp::Finish(id, finish) => finishes.push((id.as_str(), &**finish)),
-            WriteOp::Trace(trace) => traces.push(&**trace),
-            WriteOp::Flush(_) => {}
-        }
-    }
-    let together = async {
-        let mut tx = store.pool().begin().await?;
-        for start in &starts {
-            insert_start(&mut *tx, start).await?;
-        }
-        for chunk in completes.chunks(ROWS_PER_INSERT) {
-            insert_records(&mut *tx, store.backend(), chunk, false).await?;
-        }
-        for (id, finish) in &finishes {
-            update_finish(&mut *tx, id, finish).await?;
-        }
-        for chunk in traces.chunks(crate::traces::ROWS_PER_INSERT) {
-            crate::traces::insert_many(&mut *tx, store.backend(), chunk).await?;
-        }
-        tx.commit().await?;
-        Ok::<_, StoreError>(())
-    }
-    .await;
-    let grouped_ok = together.is_ok();
-    if let Err(e) = together {
-        tracing::warn!(error = %e, ops = group.len(), "a usage group failed; writing its records one by one");
-    }
-    let mut committed = Vec::new();
-    let mut flushes = Vec::new();
-    for op in group.drain(..) {
-        match op {
-            WriteOp::Start(start, ack) => {
-                let result = if grouped_ok { Ok(()) } else { insert_start(store.pool(), &start).await };
-                let _ = ack.send(result.map_err(|e| e.to_string()));
-            }
-            WriteOp::Complete(c) => {
-                let result = if grouped_ok {
-                    Ok(1)
-                } else {
-                    insert_records(
-                        store.pool(),
-                        store.backend(),
-                        &[(&*c.start, Some(&c.finish), c.finished_at)],
-                        false,
-                    )
-                    .await
-                };
-                match result {
-                    Ok(_) => committed.push(c.segment),
-                    // The record is there already: the journal needn't keep it.
-                    Err(StoreError::Conflict(e)) => {
-                        tracing::error!(request_id = %c.start.request_id, error = %e, "could not write the usage record");
-                        committed.push(c.segment);
-                    }
-                    // Left in the journal: the next start writes it as interrupted.
-                    Err(e) => {
-                        tracing::error!(request_id = %c.start.request_id, error = %e, "could not write the usage record")
-                    }
-                }
-            }
-            WriteOp::Finish(id, finish) => {
-                if !grouped_ok && let Err(e) = update_finish(store.pool(), &id, &finish).await {
-                    tracing::error!(request_id = %id, error = %e, "could not complete the usage record");
-                }
-            }
-            WriteOp::Trace(trace) => {
-                if !grouped_ok
-                    && let Err(e) =
-                        crate::traces::insert_many(store.pool(), store.backend(), &[&*trace]).await
-                {
-                    tracing::error!(request_id = %trace.request_id, error = %e, "could not write the trace");
-                }
-            }
-            WriteOp::Flush(ack) => flushes.push(ack),
-        }
-    }
-    if let Some(journal) = journal {
-        journal.committed(committed);
-    }
-    for ack in flushes {
-        let _ = ack.send(());
-    }
+    Ok(DB::rows_affected(&done))
 }
 
 /// Days since the epoch as a UTC date.
@@ -719,4 +592,17 @@ pub fn day_and_month_start(ms: i64) -> (i64, i64) {
     // Arithmetic only: the limiter asks for every scope of every request.
     let (_, _, day_of_month) = civil_from_days(ms.div_euclid(DAY));
     (day_start, day_start - (day_of_month - 1) * DAY)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn inserts_come_in_seven_sizes() {
+        let sizes = |n: usize| super::insert_chunks(&vec![0; n]).map(<[i32]>::len).collect::<Vec<_>>();
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(1), vec![1]);
+        assert_eq!(sizes(64), vec![64]);
+        assert_eq!(sizes(200), vec![64, 64, 64, 8]);
+        assert_eq!(sizes(127), vec![64, 32, 16, 8, 4, 2, 1]);
+    }
 }

@@ -108,13 +108,8 @@ async fn completions_and_traces_are_written_in_groups() {
         tokio::spawn(async move {
             let id = format!("g{i}");
             writer.start(start(&id)).await.unwrap();
-            writer.trace(ferry_store::traces::TraceText {
-                request_id: id.clone(),
-                tenant_id: Some("ten_a".into()),
-                created_at: ferry_store::now_ms(),
-                json: format!("{{\"request_id\":\"{id}\",\"tokens\":{{\"completion\":{i}}}}}"),
-            });
-            writer.finish(id, finish(i));
+            let trace = format!("{{\"request_id\":\"{id}\",\"tokens\":{{\"completion\":{i}}}}}");
+            writer.finish(id, UsageFinish { trace: Some(trace), ..finish(i) });
         })
     });
     for task in tasks {
@@ -128,4 +123,5 @@ async fn completions_and_traces_are_written_in_groups() {
     assert_eq!((total[0].requests, total[0].completion_tokens), (300, (0..300).sum::<i64>()));
     let trace = store.trace("g123").await.unwrap();
     assert_eq!(trace.trace["tokens"]["completion"], 123);
+    assert_eq!(trace.tenant_id.as_deref(), Some("ten_a"));
 }

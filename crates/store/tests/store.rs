@@ -211,6 +211,7 @@ fn finish(prompt: u64, completion: u64, cost: f64) -> UsageFinish {
         cost,
         latency_ms: 12,
         ttft_ms: Some(3),
+        trace: None,
     }
 }
 
@@ -394,26 +395,90 @@ both!(traces, traces_suite);
 async fn traces_suite(store: &Store) {
     use ferry_store::traces::Trace;
     let now = ferry_store::now_ms();
-    let trace = |id: &str, age_ms: i64| Trace {
-        request_id: id.into(),
-        tenant_id: Some("ten_a".into()),
-        created_at: now - age_ms,
-        trace: serde_json::json!({"route": {"target": "local"}, "tokens": {"prompt": 3}}),
-    };
-    store.put_trace(&trace("new", 10)).await.unwrap();
-    let writer = store.usage_writer();
-    writer.trace(trace("old", 100_000));
-    writer.start(start("after-trace", None, "m", now)).await.unwrap();
-    assert_eq!(store.trace("new").await.unwrap(), trace("new", 10));
+    let doc = serde_json::json!({"route": {"target": "local"}, "tokens": {"prompt": 3}});
+    // The server's way: the trace comes with the completion and lands in the record's row (on
+    // SQLite inserted whole from the journal, on PostgreSQL updating the admission record).
+    let writer = store.open_usage_writer().await.unwrap();
+    for (id, age_ms) in [("new", 10), ("old", 100_000)] {
+        writer.start(start(id, Some("ten_a"), "m", now - age_ms)).await.unwrap();
+        writer.finish(id.into(), UsageFinish { trace: Some(doc.to_string()), ..finish(3, 1, 0.0) });
+    }
+    writer.start(start("untraced", Some("ten_a"), "m", now)).await.unwrap();
+    writer.finish("untraced".into(), finish(1, 1, 0.0));
+    writer.flush().await;
+    let new =
+        Trace { request_id: "new".into(), tenant_id: Some("ten_a".into()), created_at: now - 10, trace: doc };
+    assert_eq!(store.trace("new").await.unwrap(), new);
+    assert!(matches!(store.trace("untraced").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(store.trace("nobody").await, Err(StoreError::NotFound(_))));
+    // Retention clears old traces and keeps their records.
     assert_eq!(store.purge_traces(50_000).await.unwrap(), 1);
     assert!(matches!(store.trace("old").await, Err(StoreError::NotFound(_))));
+    assert_eq!(store.usage_record("old").await.unwrap().prompt_tokens, 3);
+    assert_eq!(store.purge_traces(50_000).await.unwrap(), 0);
+    assert_eq!(store.trace("new").await.unwrap().trace["tokens"]["prompt"], 3);
+    // A trace set afterwards needs its record.
+    store.put_trace("untraced", &serde_json::json!({"n": 1})).await.unwrap();
+    assert_eq!(store.trace("untraced").await.unwrap().trace["n"], 1);
+    let orphan = store.put_trace("nobody", &serde_json::json!({})).await;
+    assert!(matches!(orphan, Err(StoreError::NotFound(_))));
+}
+
+/// Migration 5 moves the traces of their own table into their records' rows, on both
+/// databases: the schema is taken back to before it, traces are written the old way, and the
+/// next open migrates them.
+#[tokio::test]
+async fn migration_5_moves_traces_into_their_records() {
+    trace_migration_suite(&sqlite_path()).await;
+    if let Some((url, name)) = fresh_postgres().await {
+        trace_migration_suite(&url).await;
+        drop_postgres(&name).await;
+    }
+}
+
+async fn trace_migration_suite(target: &str) {
+    let store = Store::open(target).await.unwrap();
+    let undo = [
+        "DROP INDEX usage_traced",
+        "ALTER TABLE usage_records DROP COLUMN trace",
+        "CREATE TABLE traces (request_id TEXT PRIMARY KEY, tenant_id TEXT, created_at BIGINT NOT NULL, trace TEXT NOT NULL)",
+        "CREATE INDEX traces_created ON traces (created_at)",
+        "DELETE FROM ferry_migrations WHERE version = 5",
+    ];
+    for statement in undo {
+        sqlx::query(statement).execute(store.pool()).await.unwrap();
+    }
+    for (id, at) in [("m1", 1000), ("m2", 2000)] {
+        store.start_usage(&start(id, Some("ten_a"), "m", at)).await.unwrap();
+    }
+    for (id, n) in [("m1", 1), ("m2", 2)] {
+        sqlx::query(
+            "INSERT INTO traces (request_id, tenant_id, created_at, trace) VALUES ($1, 'ten_a', 5, $2)",
+        )
+        .bind(id)
+        .bind(format!("{{\"n\":{n}}}"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    drop(store);
+    let store = Store::open(target).await.unwrap();
+    for (id, n, at) in [("m1", 1, 1000), ("m2", 2, 2000)] {
+        let trace = store.trace(id).await.unwrap();
+        assert_eq!(
+            (trace.trace["n"].as_i64(), trace.created_at, trace.tenant_id.as_deref()),
+            (Some(n), at, Some("ten_a"))
+        );
+    }
+    let left: Result<i64, _> =
+        sqlx::query_scalar("SELECT COUNT(*) FROM traces").fetch_one(store.pool()).await;
+    assert!(left.is_err(), "the old table is gone");
 }
 
 both!(reports, reports_suite);
 
 async fn reports_suite(store: &Store) {
     use ferry_store::reports::{SeriesQuery, TraceQuery, percentile};
-    use ferry_store::traces::Trace;
     let minute = 60_000i64;
     let t0 = 28_000_000 * minute; // a minute boundary
     // Minute 0: three requests (latencies 10, 20, 300; one error); minute 2: one; minute 1: none.
@@ -465,20 +530,24 @@ async fn reports_suite(store: &Store) {
     assert_eq!(percentile(&[1, 2, 3, 4], 95.0), Some(4));
     assert_eq!(percentile(&[7], 1.0), Some(7));
 
-    let trace = |id: &str, tenant: Option<&str>, at: i64| Trace {
-        request_id: id.into(),
-        tenant_id: tenant.map(String::from),
-        created_at: at,
-        trace: serde_json::json!({
-            "route": "/v1/chat/completions", "model": "m", "status": "ok", "http_status": 200,
-            "tokens": {"prompt": 4, "completion": 2}, "timings": {"total_ms": 15},
-        }),
-    };
-    store.put_trace(&trace("req_aa1", Some("ten_a"), t0)).await.unwrap();
-    store.put_trace(&trace("req_aa2", Some("ten_a"), t0 + 10)).await.unwrap();
-    store.put_trace(&trace("req_b_1", Some("ten_b"), t0 + 20)).await.unwrap();
-    store.put_trace(&trace("req_xx", None, t0 + 30)).await.unwrap();
-    store.put_trace(&trace("req_bb1", Some("ten_b"), t0 + 5)).await.unwrap();
+    let doc = serde_json::json!({
+        "route": "/v1/chat/completions", "model": "m", "status": "ok", "http_status": 200,
+        "tokens": {"prompt": 4, "completion": 2}, "timings": {"total_ms": 15},
+    });
+    let traced = [
+        ("req_aa1", Some("ten_a"), t0),
+        ("req_aa2", Some("ten_a"), t0 + 10),
+        ("req_b_1", Some("ten_b"), t0 + 20),
+    ]
+    .into_iter()
+    .chain([("req_xx", None, t0 + 30), ("req_bb1", Some("ten_b"), t0 + 5)]);
+    for (id, tenant, at) in traced {
+        store.start_usage(&start(id, tenant, "m", at)).await.unwrap();
+        store
+            .finish_usage(id, &UsageFinish { trace: Some(doc.to_string()), ..finish(4, 2, 0.0) })
+            .await
+            .unwrap();
+    }
     let ids = |rows: Vec<ferry_store::reports::TraceSummary>| -> Vec<String> {
         rows.into_iter().map(|r| r.request_id).collect()
     };
