@@ -170,9 +170,10 @@ class MockUpstream:
                         logprobs = None
                         if body.get("logprobs") is not None:
                             offsets = [len(prefix) + sum(len(x) for x in words[:i]) for i in range(len(words))]
+                            # No alternatives asked for (`logprobs: 0`): `top_logprobs` is null.
+                            top = [{w: -0.5} for w in words] if body["logprobs"] else None
                             logprobs = {"tokens": words, "token_logprobs": [-0.5] * len(words),
-                                        "top_logprobs": [{w: -0.5} if body["logprobs"] else {} for w in words],
-                                        "text_offset": offsets}
+                                        "top_logprobs": top, "text_offset": offsets}
                         out.append((len(out), prefix, words, logprobs))
                 return out
 
@@ -200,7 +201,8 @@ class MockUpstream:
                     if prefix:
                         send([{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}])
                     for j, word in enumerate(words):
-                        lp = None if logprobs is None else {k: v[j:j + 1] for k, v in logprobs.items()}
+                        lp = None if logprobs is None else \
+                            {k: v if v is None else v[j:j + 1] for k, v in logprobs.items()}
                         send([{"index": i, "text": word, "logprobs": lp, "finish_reason": None}])
                     send([{"index": i, "text": "", "logprobs": None, "finish_reason": "stop"}])
                 if (body.get("stream_options") or {}).get("include_usage"):

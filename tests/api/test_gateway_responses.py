@@ -210,8 +210,8 @@ def test_input_images_arrive_in_each_providers_format(gw, mocks, dialect):
     if dialect == "openai":
         assert body["messages"][0]["content"] == [
             {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": PNG}},
-            {"type": "image_url", "image_url": {"url": URL}},
+            {"type": "image_url", "image_url": {"url": PNG, "detail": "auto"}},
+            {"type": "image_url", "image_url": {"url": URL, "detail": "auto"}},
         ]
     elif dialect == "anthropic":
         assert body["messages"][0]["content"] == [
@@ -225,6 +225,67 @@ def test_input_images_arrive_in_each_providers_format(gw, mocks, dialect):
             {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}},
             {"fileData": {"mimeType": "image/jpeg", "fileUri": URL}},
         ]
+
+
+def test_strict_and_detail_reach_openai_upstreams(gw, mocks):
+    mock = mocks["openai"]
+    strict_tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["parameters"],
+                                                    "strict": True}}
+    image = {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}
+    mock.script = [("ok", "A cat.")]
+    r = gw.chat.completions.create(model="openai-alias", tools=[strict_tool], messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}])
+    assert r.choices[0].message.content == "A cat."
+    assert sent(mock)["messages"][0]["content"][1] == image
+    assert sent(mock)["tools"][0]["function"]["strict"] is True
+    # The Responses API's fields arrive in chat's places.
+    mock.script = [("ok", "A cat.")]
+    gw.responses.create(model="openai-alias", tools=[{**WEATHER, "strict": False}], input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": URL, "detail": "high"}]}])
+    assert sent(mock)["messages"][0]["content"] == [{"type": "image_url", "image_url": {"url": URL, "detail": "high"}}]
+    assert sent(mock)["tools"][0]["function"]["strict"] is False
+    # Left out by the client: left out upstream.
+    mock.script = [("ok", "A cat.")]
+    gw.chat.completions.create(model="openai-alias", tools=[{"type": "function", "function": {"name": "f"}}],
+                               messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": URL}}]}])
+    assert sent(mock)["messages"][0]["content"] == [{"type": "image_url", "image_url": {"url": URL}}]
+    assert "strict" not in sent(mock)["tools"][0]["function"]
+
+
+def test_strict_and_detail_on_anthropic_and_gemini_upstreams(ferry, gw, mocks):
+    strict_tool = {**WEATHER, "strict": True}
+    # Anthropic's tool definitions take `strict`; Gemini's function declarations cannot.
+    mocks["anthropic"].script = [("ok", "fine")]
+    gw.responses.create(model="anthropic-alias", input="weather?", tools=[strict_tool])
+    assert sent(mocks["anthropic"])["tools"][0]["strict"] is True
+    mocks["anthropic"].script = [("ok", "fine")]
+    gw.chat.completions.create(model="anthropic-alias", messages=[{"role": "user", "content": "weather?"}],
+                               tools=[{"type": "function", "function": {"name": "f", "strict": False}}])
+    assert sent(mocks["anthropic"])["tools"][0]["strict"] is False
+    mocks["gemini"].script = [("ok", "fine")]
+    gw.responses.create(model="gemini-alias", input="weather?", tools=[{**WEATHER, "strict": False}])
+    assert "strict" not in sent(mocks["gemini"])["tools"][0]["functionDeclarations"][0]
+    # `detail: auto` is the default of both (asserted above: nothing sent); another detail
+    # and Gemini's strict tools are refused by name before any upstream call.
+    before = {d: len(m.requests) for d, m in mocks.items()}
+    low = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}]}]
+    cases = [
+        ("anthropic-alias", "/v1/chat/completions", {"messages": low}, "detail"),
+        ("gemini-alias", "/v1/chat/completions", {"messages": low}, "detail"),
+        ("anthropic-alias", "/v1/responses", {"input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": URL, "detail": "high"}]}]}, "detail"),
+        ("gemini-alias", "/v1/responses", {"input": "weather?", "tools": [strict_tool]}, "strict"),
+        ("gemini-alias", "/v1/chat/completions", {"messages": [{"role": "user", "content": "weather?"}], "tools": [
+            {"type": "function", "function": {"name": "f", "strict": True}}]}, "strict"),
+    ]
+    for model, route, body, param in cases:
+        r = httpx.post(ferry.url + route, json={"model": model, **body}, timeout=30)
+        assert r.status_code == 400, (model, body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error", error
+        provider = "Anthropic" if model.startswith("anthropic") else "Gemini"
+        assert provider in error["message"] and param in error["message"], error
+    assert {d: len(m.requests) for d, m in mocks.items()} == before, "nothing reached an upstream"
 
 
 def test_what_cannot_be_mapped_is_a_400_naming_it(ferry, mocks):
@@ -288,8 +349,13 @@ def test_legacy_completions_through_an_openai_alias(ferry, gw, mocks):
     assert sent(mock)["stream"] is True and sent(mock)["stream_options"] == {"include_usage": True}
     assert all(c.object == "text_completion" and c.model == "openai-alias" for c in chunks)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "a quiet village "
+    # `logprobs: 0`: the upstream's `top_logprobs` is null, and its tokens still come through.
     assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == \
         ["a ", "quiet ", "village "]
+    mock.script = [("ok", "a quiet village")]
+    plain = gw.completions.create(model="openai-alias", prompt="Once", logprobs=0)
+    assert plain.choices[0].logprobs.tokens == ["a ", "quiet ", "village "]
+    assert plain.choices[0].logprobs.token_logprobs == [-0.5, -0.5, -0.5]
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 9
     # An upstream's gw error comes back with its status, message and param; it is not retried.

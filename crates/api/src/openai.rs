@@ -93,6 +93,9 @@ pub struct FunctionDefinition {
     pub name: String,
     pub description: Option<String>,
     pub parameters: Option<serde_json::Value>,
+    /// `true`: the arguments must follow `parameters` exactly (Structured Outputs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
 }
 
 /// A tool call in an assistant message (request or response).
@@ -148,6 +151,8 @@ pub struct ContentPart {
 pub struct ImageUrl {
     /// An `https:` URL or a `data:image/...;base64,` URI.
     pub url: String,
+    /// `auto`, `low` or `high`: the resolution the model sees the image at.
+    pub detail: Option<String>,
 }
 
 /// The sampling fields chat completions and completions share. They are read from the
@@ -302,10 +307,24 @@ pub struct ChatCompletionChunk {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default, utoipa::ToSchema)]
 #[serde(default)]
 pub struct CompletionLogprobs {
+    #[serde(deserialize_with = "null_as_default")]
     pub tokens: Vec<String>,
+    #[serde(deserialize_with = "null_as_default")]
     pub token_logprobs: Vec<Option<f32>>,
+    /// Upstreams send `null` here when no alternatives were asked for.
+    #[serde(deserialize_with = "null_as_default")]
     pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    #[serde(deserialize_with = "null_as_default")]
     pub text_offset: Vec<usize>,
+}
+
+/// A field an upstream may send as `null` reads as its empty value.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -363,5 +382,23 @@ mod tests {
         let req: CompletionRequest =
             serde_json::from_value(serde_json::json!({"model": "m", "prompt": [[1, 2], [3]]})).unwrap();
         assert_eq!(req.prompt, Prompt::TokenLists(vec![vec![1, 2], vec![3]]));
+    }
+
+    #[test]
+    fn completion_logprobs_accept_null_and_missing_fields() {
+        let with_nulls = serde_json::json!({
+            "tokens": [" a"], "token_logprobs": [-0.25], "top_logprobs": null, "text_offset": null
+        });
+        let got: CompletionLogprobs = serde_json::from_value(with_nulls).unwrap();
+        let want = CompletionLogprobs {
+            tokens: vec![" a".into()],
+            token_logprobs: vec![Some(-0.25)],
+            ..Default::default()
+        };
+        assert_eq!(got, want);
+        let missing: CompletionLogprobs =
+            serde_json::from_value(serde_json::json!({"tokens": [" a"]})).unwrap();
+        assert_eq!(missing.tokens, vec![" a".to_string()]);
+        assert!(serde_json::from_value::<CompletionLogprobs>(serde_json::json!({"tokens": 3})).is_err());
     }
 }

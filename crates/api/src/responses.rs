@@ -82,6 +82,8 @@ pub struct InputPart {
     pub image_url: Option<String>,
     /// `input_image` by uploaded file: not served (Ferry stores no files).
     pub file_id: Option<String>,
+    /// `input_image`: `auto`, `low` or `high`.
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]

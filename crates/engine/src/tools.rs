@@ -57,6 +57,42 @@ pub fn tool_grammar(tools: &[ToolSpec], mode: &ToolMode, parallel: bool) -> Gram
         ToolMode::Named(name) => tools.iter().filter(|t| &t.name == name).collect(),
         _ => tools.iter().collect(),
     };
+    let body = call_body_schema(&chosen);
+    let more = if parallel && !matches!(mode, ToolMode::Named(_)) { " (\"\\n\" call)*" } else { "" };
+    let start = match mode {
+        // The lazy head lets any text through until the model writes `<tool_call>`; from
+        // there on the call is forced. Small models often skip the tags and answer with the
+        // call's bare JSON: an answer that starts with `{` is a call too (so plain text may
+        // not start with `{`).
+        ToolMode::Auto => format!(
+            "start: TEXT | body | first_call{more}\nfirst_call: head \"\\n\" body \"\\n{CLOSE}\"\nhead[lazy]: TEXT \"{OPEN}\"\nTEXT: /([^{{](.|\\n)*)?/\n"
+        ),
+        ToolMode::Required | ToolMode::Named(_) => format!("start: call{more}\n"),
+    };
+    Grammar::Lark(format!(
+        "%llguidance {{}}\n{start}call: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {body}\n"
+    ))
+}
+
+/// The grammar of an answer under `tool_choice: auto` with a JSON `response_format`, as
+/// OpenAI serves it: either calls (tagged, several when `parallel`, or one bare call object
+/// as small models write them) or one JSON value that `schema` accepts, nothing else.
+/// [`ToolCallParser::answering_json`] reads this output.
+pub fn tool_or_json_grammar(tools: &[ToolSpec], schema: &Value, parallel: bool) -> Grammar {
+    let chosen: Vec<&ToolSpec> = tools.iter().collect();
+    let body = call_body_schema(&chosen);
+    let mut answer = schema.clone();
+    if let Some(object) = answer.as_object_mut() {
+        object.insert("x-guidance".into(), json_format_options());
+    }
+    let more = if parallel { " (\"\\n\" call)*" } else { "" };
+    Grammar::Lark(format!(
+        "%llguidance {{}}\nstart: answer | body | call{more}\nanswer: %json {answer}\ncall: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {body}\n"
+    ))
+}
+
+/// The JSON schema of one call's object: `{"name": ..., "arguments": ...}` for any of `chosen`.
+fn call_body_schema(chosen: &[&ToolSpec]) -> Value {
     let variants: Vec<Value> = chosen
         .iter()
         .map(|t| {
@@ -72,20 +108,7 @@ pub fn tool_grammar(tools: &[ToolSpec], mode: &ToolMode, parallel: bool) -> Gram
     if let Some(object) = body.as_object_mut() {
         object.insert("x-guidance".into(), json_format_options());
     }
-    let more = if parallel && !matches!(mode, ToolMode::Named(_)) { " (\"\\n\" call)*" } else { "" };
-    let start = match mode {
-        // The lazy head lets any text through until the model writes `<tool_call>`; from
-        // there on the call is forced. Small models often skip the tags and answer with the
-        // call's bare JSON: an answer that starts with `{` is a call too (so plain text may
-        // not start with `{`).
-        ToolMode::Auto => format!(
-            "start: TEXT | body | first_call{more}\nfirst_call: head \"\\n\" body \"\\n{CLOSE}\"\nhead[lazy]: TEXT \"{OPEN}\"\nTEXT: /([^{{](.|\\n)*)?/\n"
-        ),
-        ToolMode::Required | ToolMode::Named(_) => format!("start: call{more}\n"),
-    };
-    Grammar::Lark(format!(
-        "%llguidance {{}}\n{start}call: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {body}\n"
-    ))
+    body
 }
 
 /// The conversation for a template that does not render tools itself: the tool list and
@@ -170,6 +193,11 @@ pub struct ToolCallParser {
     started: bool,
     /// The call being read has no `<tool_call>` tags.
     bare: bool,
+    /// The output is calls or a JSON answer ([`tool_or_json_grammar`]): the names of the
+    /// tools, which tell a bare call from the answer.
+    json_answer: Option<Vec<String>>,
+    /// The output turned out to be the JSON answer: all of it is text.
+    answering: bool,
 }
 
 #[derive(Debug, Default)]
@@ -184,6 +212,15 @@ enum State {
 }
 
 impl ToolCallParser {
+    /// The parser of [`tool_or_json_grammar`]'s output over tools named `names`: an answer
+    /// that starts with `<tool_call>` is calls, one that starts as a call object of one of
+    /// them (`{"name": "NAME", "arguments":`, as the grammar writes it) is a bare call, and
+    /// any other is the JSON answer, passed whole as text (even where a string in it spells
+    /// `<tool_call>`). Until the start decides, the text is held back.
+    pub fn answering_json(names: Vec<String>) -> Self {
+        ToolCallParser { json_answer: Some(names), ..ToolCallParser::default() }
+    }
+
     /// Calls seen so far.
     pub fn calls(&self) -> usize {
         self.calls
@@ -221,13 +258,32 @@ impl ToolCallParser {
             if trimmed.is_empty() {
                 return false;
             }
+            if let Some(names) = &self.json_answer {
+                match bare_call_start(trimmed, names) {
+                    None => return false,
+                    Some(true) => {
+                        self.buffer = trimmed.to_string();
+                        self.bare = true;
+                        self.state = State::Head;
+                        self.started = true;
+                        return true;
+                    }
+                    Some(false) => self.answering = !trimmed.starts_with('<'),
+                }
+            }
             self.started = true;
-            if trimmed.starts_with('{') {
+            if self.json_answer.is_none() && trimmed.starts_with('{') {
                 self.buffer = trimmed.to_string();
                 self.bare = true;
                 self.state = State::Head;
                 return true;
             }
+        }
+        if self.answering {
+            if !self.buffer.is_empty() {
+                out.push(ToolOutput::Text(std::mem::take(&mut self.buffer)));
+            }
+            return false;
         }
         if self.calls > 0 {
             // Whitespace between calls is not answer text.
@@ -335,6 +391,23 @@ impl ToolCallParser {
     }
 }
 
+/// Whether `text` (the start of an answer) is a bare call of one of `names`: `None` while it
+/// could still go either way.
+fn bare_call_start(text: &str, names: &[String]) -> Option<bool> {
+    if !text.starts_with('{') {
+        return Some(false);
+    }
+    let heads = names.iter().map(|name| format!("{{\"name\": \"{name}\", \"arguments\":"));
+    let mut undecided = false;
+    for head in heads {
+        if text.starts_with(&head) {
+            return Some(true);
+        }
+        undecided |= head.starts_with(text);
+    }
+    if undecided { None } else { Some(false) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,6 +469,56 @@ mod tests {
         }
         // Only at the start: later braces are text.
         assert_eq!(parse("x {\"name\": 1}", 1), ("x {\"name\": 1}".to_string(), vec![]));
+    }
+
+    #[test]
+    fn beside_a_json_answer_only_tagged_calls_are_calls() {
+        // Text and calls (name, arguments) from the output fed in pieces of `step` bytes.
+        let parse_with = |text: &str, step: usize| {
+            let mut parser = ToolCallParser::answering_json(vec!["f".into()]);
+            let mut pieces = Vec::new();
+            for chunk in text.as_bytes().chunks(step) {
+                pieces.extend(parser.push(std::str::from_utf8(chunk).unwrap()));
+            }
+            pieces.extend(parser.finish());
+            let (mut content, mut calls) = (String::new(), Vec::<(String, String)>::new());
+            for piece in pieces {
+                match piece {
+                    ToolOutput::Text(t) => content.push_str(&t),
+                    ToolOutput::CallStart { name, .. } => calls.push((name, String::new())),
+                    ToolOutput::Arguments { index, text } => calls[index].1.push_str(&text),
+                }
+            }
+            (content, calls)
+        };
+        let answers = [
+            "{\"name\": \"fg\", \"arguments\": {}, \"note\": \"<tool_call>\"}",
+            "{\"name\": \"f\"}",
+            "[1, 2]",
+            "{}",
+        ];
+        let tagged = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>";
+        let bare = "{\"name\": \"f\", \"arguments\": {\"a\": 1}}";
+        for step in [1, 4, 1000] {
+            for answer in answers {
+                assert_eq!(parse_with(answer, step), (answer.to_string(), vec![]), "step {step}");
+            }
+            for call in [tagged, bare] {
+                let want = vec![("f".to_string(), "{\"a\": 1}".to_string())];
+                assert_eq!(parse_with(call, step), (String::new(), want), "step {step}: {call}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_combined_grammar_holds_both_alternatives() {
+        let tools = [ToolSpec { name: "f".into(), description: None, parameters: json!({"type": "object"}) }];
+        let Grammar::Lark(source) = tool_or_json_grammar(&tools, &json!({"type": "array"}), false) else {
+            panic!("a Lark grammar");
+        };
+        assert!(source.contains("start: answer | body | call\n"), "{source}");
+        assert!(source.contains("answer: %json {\"type\":\"array\",\"x-guidance\""), "{source}");
+        assert!(!source.contains("lazy"), "no free text beside the JSON answer: {source}");
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn blocks(message: &Message) -> Vec<Value> {
         match part {
             Part::Text(t) if !t.is_empty() => out.push(json!({"type": "text", "text": t})),
             Part::Text(_) => {}
-            Part::Image { url } => out.push(json!({"type": "image", "source": image_source(url)})),
+            Part::Image { url, .. } => out.push(json!({"type": "image", "source": image_source(url)})),
         }
     }
     for call in &message.tool_calls {
@@ -113,6 +113,8 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
     if request.response_format.as_ref().is_some_and(|f| f["type"] != "text") {
         return refuse("response_format");
     }
+    // Anthropic's tool definitions take `strict` (structured outputs); images have no detail.
+    crate::refuse_detail_and_strict(request, "Anthropic", true)?;
     let system: Vec<String> =
         request.messages.iter().filter(|m| m.role == Role::System).map(Message::joined_text).collect();
     // Anthropic wants alternating turns: tool results join the user turn, consecutive
@@ -147,7 +149,14 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
         body["tools"] = request
             .tools
             .iter()
-            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+            .map(|t| {
+                let mut tool =
+                    json!({"name": t.name, "description": t.description, "input_schema": t.parameters});
+                if let Some(strict) = t.strict {
+                    tool["strict"] = json!(strict);
+                }
+                tool
+            })
             .collect();
     }
     if let Some(choice) = &request.tool_choice {
@@ -355,6 +364,7 @@ mod tests {
                 name: "f".into(),
                 description: None,
                 parameters: json!({"type": "object"}),
+                strict: None,
             }],
             tool_choice: None,
             response_format: None,
@@ -371,6 +381,30 @@ mod tests {
         assert!(
             request_body(&request, false).unwrap()["tool_choice"].get("disable_parallel_tool_use").is_none()
         );
+    }
+
+    #[test]
+    fn strict_is_sent_on_and_only_an_auto_detail_is_taken() {
+        for strict in [Some(true), Some(false), None] {
+            let request = crate::types::detail_and_strict_request(Some("auto"), strict);
+            let body = request_body(&request, false).unwrap();
+            assert_eq!(body["tools"][0].get("strict").and_then(Value::as_bool), strict);
+            let image = &body["messages"][0]["content"][1];
+            assert_eq!(
+                image,
+                &json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}})
+            );
+        }
+        for detail in ["low", "high"] {
+            let request = crate::types::detail_and_strict_request(Some(detail), None);
+            match request_body(&request, false) {
+                Err(ProviderError::Refused { param, message }) => {
+                    assert_eq!(param, "detail");
+                    assert!(message.contains("Anthropic") && message.contains(detail), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

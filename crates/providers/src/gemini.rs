@@ -64,7 +64,7 @@ impl Provider for GeminiProvider {
 fn part_json(part: &Part) -> Value {
     match part {
         Part::Text(t) => json!({"text": t}),
-        Part::Image { url } => match url.strip_prefix("data:").and_then(|r| r.split_once(";base64,")) {
+        Part::Image { url, .. } => match url.strip_prefix("data:").and_then(|r| r.split_once(";base64,")) {
             Some((mime, data)) => json!({"inlineData": {"mimeType": mime, "data": data}}),
             None => {
                 let mime = match url.rsplit('.').next().map(str::to_ascii_lowercase).as_deref() {
@@ -82,6 +82,7 @@ fn part_json(part: &Part) -> Value {
 /// The `generateContent` body of a neutral request.
 pub fn request_body(request: &ChatRequest) -> Result<Value, ProviderError> {
     let p = &request.params;
+    crate::refuse_detail_and_strict(request, "Gemini", false)?;
     if p.top_logprobs.is_some_and(|t| t > 0) && p.logprobs != Some(true) {
         return Err(ProviderError::Unsupported { param: "top_logprobs".into(), provider: "Gemini" });
     }
@@ -317,6 +318,7 @@ mod tests {
                 name: "weather".into(),
                 description: None,
                 parameters: json!({"type": "object"}),
+                strict: None,
             }],
             tool_choice: Some(ToolChoice::Function("weather".into())),
             response_format: Some(json!({"type": "json_object"})),
@@ -349,10 +351,38 @@ mod tests {
         assert_eq!(body["generationConfig"]["responseJsonSchema"], json!({"type": "object"}));
         request.params.parallel_tool_calls = Some(false);
         assert!(request_body(&request).is_ok(), "without tools there is nothing to limit");
-        request.tools =
-            vec![Tool { name: "f".into(), description: None, parameters: json!({"type": "object"}) }];
+        request.tools = vec![Tool {
+            name: "f".into(),
+            description: None,
+            parameters: json!({"type": "object"}),
+            strict: None,
+        }];
         assert!(
             matches!(request_body(&request), Err(ProviderError::Refused { param, .. }) if param == "parallel_tool_calls")
         );
+    }
+
+    #[test]
+    fn strict_tools_and_a_detail_other_than_auto_are_refused_by_name() {
+        let body = request_body(&crate::types::detail_and_strict_request(Some("auto"), Some(false))).unwrap();
+        assert_eq!(
+            body["contents"][0]["parts"][1],
+            json!({"inlineData": {"mimeType": "image/png", "data": "AA=="}})
+        );
+        assert_eq!(
+            body["tools"][0]["functionDeclarations"][0],
+            json!({"name": "lookup", "description": null, "parameters": {"type": "object"}})
+        );
+        let refused = |detail: Option<&str>, strict: Option<bool>| match request_body(
+            &crate::types::detail_and_strict_request(detail, strict),
+        ) {
+            Err(ProviderError::Refused { param, message }) => {
+                assert!(message.contains("Gemini"), "{message}");
+                param
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused(None, Some(true)), "strict");
+        assert_eq!(refused(Some("high"), None), "detail");
     }
 }

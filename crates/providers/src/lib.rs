@@ -129,6 +129,43 @@ pub trait Provider: Send + Sync {
     }
 }
 
+/// What an upstream without OpenAI's image `detail` (and, unless `has_strict`, without strict
+/// tool use) can do with them. `detail: "auto"` is a hint the provider's own default already
+/// follows, so it is left out; `low`/`high` change what the model sees and `strict: true`
+/// changes what it may answer, so they are refused by name rather than dropped.
+pub(crate) fn refuse_detail_and_strict(
+    request: &ChatRequest,
+    provider: &'static str,
+    has_strict: bool,
+) -> Result<(), ProviderError> {
+    let details = request.messages.iter().flat_map(|m| &m.content).filter_map(|p| match p {
+        Part::Image { detail, .. } => detail.as_deref(),
+        Part::Text(_) => None,
+    });
+    for detail in details {
+        if detail != "auto" {
+            return Err(ProviderError::Refused {
+                param: "detail".into(),
+                message: format!(
+                    "Image 'detail: \"{detail}\"' cannot be served by {provider} upstreams: they have no \
+                     per-image resolution setting (only 'auto' is accepted, and left to the provider)"
+                ),
+            });
+        }
+    }
+    if !has_strict && let Some(tool) = request.tools.iter().find(|t| t.strict == Some(true)) {
+        return Err(ProviderError::Refused {
+            param: "strict".into(),
+            message: format!(
+                "'strict: true' on tool '{}' cannot be served by {provider} upstreams: their function \
+                 declarations have no strict mode",
+                tool.name
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A legacy completion as a chat request of one user message holding the prompt, for
 /// upstreams that only chat (as LiteLLM's `text_completion` does). What has no chat
 /// equivalent is refused by name: several prompts or token ids, `logprobs`, `suffix`,

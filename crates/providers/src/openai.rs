@@ -106,7 +106,13 @@ fn message_json(message: &Message) -> Value {
                 .iter()
                 .map(|p| match p {
                     Part::Text(t) => json!({"type": "text", "text": t}),
-                    Part::Image { url } => json!({"type": "image_url", "image_url": {"url": url}}),
+                    Part::Image { url, detail } => {
+                        let mut image = json!({"url": url});
+                        if let Some(detail) = detail {
+                            image["detail"] = json!(detail);
+                        }
+                        json!({"type": "image_url", "image_url": image})
+                    }
                 })
                 .collect(),
         )
@@ -159,7 +165,14 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
                 request
                     .tools
                     .iter()
-                    .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+                    .map(|t| {
+                        let mut function =
+                            json!({"name": t.name, "description": t.description, "parameters": t.parameters});
+                        if let Some(strict) = t.strict {
+                            function["strict"] = json!(strict);
+                        }
+                        json!({"type": "function", "function": function})
+                    })
                     .collect(),
             ),
         );
@@ -456,7 +469,21 @@ mod tests {
             response_format: None,
         };
         assert!(request_body(&request, false).unwrap().get("parallel_tool_calls").is_none());
-        request.tools = vec![crate::Tool { name: "f".into(), description: None, parameters: json!({}) }];
+        request.tools =
+            vec![crate::Tool { name: "f".into(), description: None, parameters: json!({}), strict: None }];
         assert_eq!(request_body(&request, false).unwrap()["parallel_tool_calls"], false);
+    }
+
+    #[test]
+    fn image_detail_and_tool_strict_are_sent_on_as_given() {
+        for (detail, strict) in [(Some("low"), Some(true)), (Some("auto"), Some(false)), (None, None)] {
+            let request = crate::types::detail_and_strict_request(detail, strict);
+            let body = request_body(&request, false).unwrap();
+            let image = &body["messages"][0]["content"][1]["image_url"];
+            assert_eq!(image["url"], "data:image/png;base64,AA==");
+            assert_eq!(image.get("detail").and_then(Value::as_str), detail);
+            let function = &body["tools"][0]["function"];
+            assert_eq!(function.get("strict").and_then(Value::as_bool), strict);
+        }
     }
 }

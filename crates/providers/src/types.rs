@@ -19,6 +19,9 @@ pub enum Part {
     /// An image by URL, or inline as a `data:` URI.
     Image {
         url: String,
+        /// OpenAI's `detail` (`auto`, `low`, `high`) as the client sent it.
+        #[serde(default)]
+        detail: Option<String>,
     },
 }
 
@@ -62,6 +65,10 @@ pub struct Tool {
     pub description: Option<String>,
     /// JSON Schema of the arguments.
     pub parameters: serde_json::Value,
+    /// `Some(true)`: arguments must follow `parameters` exactly (OpenAI's and Anthropic's
+    /// strict tool use).
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,11 +220,38 @@ pub(crate) fn sample_conversation(
         Message::text(Role::System, "be brief"),
         Message {
             role: Role::User,
-            content: vec![Part::Text(question.into()), Part::Image { url: image_url.into() }],
+            content: vec![Part::Text(question.into()), Part::Image { url: image_url.into(), detail: None }],
             tool_calls: vec![],
             tool_call_id: None,
         },
         Message { role: Role::Assistant, content: vec![], tool_calls: vec![call], tool_call_id: None },
         Message { tool_call_id: Some(call_id), ..Message::text(Role::Tool, result) },
     ]
+}
+
+/// One user turn with an image of the given `detail` and one tool of the given `strict`: what
+/// every provider's test of those two fields sends.
+#[cfg(test)]
+pub(crate) fn detail_and_strict_request(detail: Option<&str>, strict: Option<bool>) -> ChatRequest {
+    ChatRequest {
+        model: "m".into(),
+        messages: vec![Message {
+            role: Role::User,
+            content: vec![
+                Part::Text("what is this?".into()),
+                Part::Image { url: "data:image/png;base64,AA==".into(), detail: detail.map(str::to_string) },
+            ],
+            tool_calls: vec![],
+            tool_call_id: None,
+        }],
+        params: Params::default(),
+        tools: vec![Tool {
+            name: "lookup".into(),
+            description: None,
+            parameters: serde_json::json!({"type": "object"}),
+            strict,
+        }],
+        tool_choice: None,
+        response_format: None,
+    }
 }

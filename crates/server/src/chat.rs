@@ -84,7 +84,7 @@ async fn local(
         let n = submitted.n;
         let mut events = local_events(model, submitted);
         if plan.calls_tools() {
-            events = structured::tool_call_events(events);
+            events = structured::tool_call_events(events, &plan);
         }
         let include_usage = include_usage(&request);
         return Ok(stream(events, n, id, display_model, include_usage).into_response());
@@ -96,7 +96,7 @@ async fn local(
         .enumerate()
         .map(|(index, c)| {
             let (content, tool_calls) = if plan.calls_tools() {
-                structured::split_calls(&c.text)
+                structured::split_calls(&c.text, plan.parser())
             } else {
                 (Some(c.text), Vec::new())
             };

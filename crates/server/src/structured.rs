@@ -1,11 +1,12 @@
 //! Structured output and tool calling on local models: `response_format` and
 //! `tools`/`tool_choice` checked and turned into the engine's grammar and tool list, and the
-//! generated text turned back into OpenAI's `tool_calls`, whole or as stream deltas.
+//! generated text turned back into OpenAI's `tool_calls`, whole or as stream deltas. A JSON
+//! format beside tools is served as OpenAI serves it (see `plan_of`).
 
 use std::collections::HashMap;
 
 use ferry_api::openai::{ChatCompletionRequest, FunctionCall, ResponseFormat, ToolCall};
-use ferry_engine::{Constraint, EngineError, Grammar, ToolCallParser, ToolMode, ToolOutput, ToolSpec};
+use ferry_engine::{Constraint, EngineError, Grammar, ToolCallParser, ToolMode, ToolOutput, ToolSpec, tools};
 use ferry_providers::{ChatEvent, FinishReason};
 use futures::StreamExt;
 
@@ -21,12 +22,23 @@ pub struct OutputPlan {
     pub mode: Option<ToolMode>,
     /// The grammar the output must follow, and the parameter that asked for it.
     pub grammar: Option<(Grammar, &'static str)>,
+    /// A JSON format given beside tools, compiled alone first so that a schema the compiler
+    /// refuses is named by its own parameter (in `grammar` it is part of the tool grammar,
+    /// or waits for a later answer under `required` or a named function).
+    pub format_check: Option<(Grammar, &'static str)>,
+    /// The answer is calls or the format's JSON ([`tools::tool_or_json_grammar`]).
+    pub json_answer: bool,
 }
 
 impl OutputPlan {
     /// Whether the output is parsed for tool calls.
     pub fn calls_tools(&self) -> bool {
         self.mode.is_some()
+    }
+
+    /// The parser from this plan's output to text and calls.
+    pub fn parser(&self) -> ToolCallParser {
+        parser_of(self.json_answer.then(|| self.tools.iter().map(|t| t.name.clone()).collect()))
     }
 }
 
@@ -48,23 +60,26 @@ fn plan_of(
     parallel: bool,
     format_param: &'static str,
 ) -> Result<OutputPlan, ApiError> {
+    // A format beside tools, as OpenAI serves it: under `auto` the answer is calls or the
+    // format's JSON; under `required` or a named function it is calls only (the format is
+    // for the answer after their results); under `none` it is the format only.
+    let json_answer = matches!(mode, Some(ToolMode::Auto)) && schema.is_some();
+    let format_check = match (&mode, &schema) {
+        (Some(_), Some(schema)) => Some((Grammar::JsonSchema(schema.clone()), format_param)),
+        _ => None,
+    };
     let grammar = match (&mode, schema) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid(
-                format_param,
-                format!(
-                    "A JSON '{format_param}' together with 'tools' is not supported by local models; use tool_choice 'none' or leave out one of them"
-                ),
-            ));
+        (Some(ToolMode::Auto), Some(schema)) => {
+            Some((tools::tool_or_json_grammar(&tools, &schema, parallel), "tools"))
         }
-        (Some(mode), None) => Some((ferry_engine::tools::tool_grammar(&tools, mode, parallel), "tools")),
+        (Some(mode), _) => Some((tools::tool_grammar(&tools, mode, parallel), "tools")),
         (None, Some(schema)) => Some((Grammar::JsonSchema(schema), format_param)),
         (None, None) => None,
     };
     // With `tool_choice: none` the tools are not offered at all: a model shown them may
     // try to call one in plain text.
     let tools = if mode.is_some() { tools } else { Vec::new() };
-    Ok(OutputPlan { tools, mode, grammar })
+    Ok(OutputPlan { tools, mode, grammar, format_check, json_answer })
 }
 
 /// The plan of a request that only asks for a `response_format` (the Responses API's
@@ -214,15 +229,25 @@ fn tool_mode(request: &ChatCompletionRequest, tools: &[ToolSpec]) -> Result<Opti
 /// Compiles the plan's grammar against the model's vocabulary, off the async runtime. A
 /// schema or grammar the compiler cannot take is the client's mistake, named by parameter.
 pub async fn compile(model: &SharedModel, plan: &OutputPlan) -> Result<Option<Constraint>, ApiError> {
-    let Some((grammar, param)) = plan.grammar.clone() else {
-        return Ok(None);
-    };
+    if let Some(check) = plan.format_check.clone() {
+        compile_one(model, check).await?;
+    }
+    match plan.grammar.clone() {
+        Some(grammar) => compile_one(model, grammar).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+async fn compile_one(
+    model: &SharedModel,
+    (grammar, param): (Grammar, &'static str),
+) -> Result<Constraint, ApiError> {
     let model = model.clone();
     let compiled = tokio::task::spawn_blocking(move || model.compile_grammar(&grammar))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     match compiled {
-        Ok(constraint) => Ok(Some(constraint)),
+        Ok(constraint) => Ok(constraint),
         Err(EngineError::Grammar(message)) => Err(ApiError::invalid(
             param,
             format!("Invalid '{param}': the schema cannot be used for constrained decoding: {message}"),
@@ -232,8 +257,7 @@ pub async fn compile(model: &SharedModel, plan: &OutputPlan) -> Result<Option<Co
 }
 
 /// A whole answer's text split into content and calls (`None` content when it is only calls).
-pub fn split_calls(text: &str) -> (Option<String>, Vec<ToolCall>) {
-    let mut parser = ToolCallParser::default();
+pub fn split_calls(text: &str, mut parser: ToolCallParser) -> (Option<String>, Vec<ToolCall>) {
     let mut pieces = parser.push(text);
     pieces.extend(parser.finish());
     let mut content = String::new();
@@ -261,13 +285,16 @@ pub fn split_calls(text: &str) -> (Option<String>, Vec<ToolCall>) {
 /// parser, calls come out as OpenAI streams them (id, type and name first with empty
 /// arguments, then argument pieces), and a choice that called tools finishes with
 /// `tool_calls`.
-pub fn tool_call_events(events: crate::chat::EventStream) -> crate::chat::EventStream {
+pub fn tool_call_events(events: crate::chat::EventStream, plan: &OutputPlan) -> crate::chat::EventStream {
+    let names: Option<Vec<String>> =
+        plan.json_answer.then(|| plan.tools.iter().map(|t| t.name.clone()).collect());
+    let new_parser = move || parser_of(names.clone());
     let mut parsers: HashMap<u32, ToolCallParser> = HashMap::new();
     events
         .flat_map(move |event| {
             let out: Vec<_> = match event {
                 Ok(ChatEvent::Text { choice, text, logprobs }) => {
-                    let parser = parsers.entry(choice).or_default();
+                    let parser = parsers.entry(choice).or_insert_with(&new_parser);
                     let mut out = render(choice, parser.push(&text));
                     // Logprobs ride on the text they belong to; calls carry none, as OpenAI's.
                     if let Some(Ok(ChatEvent::Text { logprobs: slot, .. })) = out.first_mut() {
@@ -276,7 +303,7 @@ pub fn tool_call_events(events: crate::chat::EventStream) -> crate::chat::EventS
                     out
                 }
                 Ok(ChatEvent::Finish { choice, reason }) => {
-                    let parser = parsers.entry(choice).or_default();
+                    let parser = parsers.entry(choice).or_insert_with(&new_parser);
                     let mut out = render(choice, parser.finish());
                     let reason = if parser.calls() > 0 && reason == FinishReason::Stop {
                         FinishReason::ToolCalls
@@ -291,6 +318,14 @@ pub fn tool_call_events(events: crate::chat::EventStream) -> crate::chat::EventS
             futures::stream::iter(out)
         })
         .boxed()
+}
+
+/// The parser of calls alone, or of calls or a JSON answer over the tools named.
+fn parser_of(json_answer: Option<Vec<String>>) -> ToolCallParser {
+    match json_answer {
+        Some(names) => ToolCallParser::answering_json(names),
+        None => ToolCallParser::default(),
+    }
 }
 
 fn render(choice: u32, pieces: Vec<ToolOutput>) -> Vec<Result<ChatEvent, ferry_providers::ProviderError>> {
@@ -424,7 +459,7 @@ pub async fn local_neutral_events(
     generate.constraint = constraint;
     let submitted = crate::generation::submit(model, vec![generate])?;
     let events = crate::chat::local_events(model.clone(), submitted);
-    Ok(if plan.calls_tools() { tool_call_events(events) } else { events })
+    Ok(if plan.calls_tools() { tool_call_events(events, &plan) } else { events })
 }
 
 /// Collects neutral events into a whole neutral answer (one choice).

@@ -35,7 +35,9 @@ pub fn from_openai_chat(
                 .enumerate()
                 .map(|(j, p)| match (p.kind.as_str(), &p.text, &p.image_url) {
                     ("text", Some(t), _) => Ok(Part::Text(t.clone())),
-                    ("image_url", _, Some(image)) => Ok(Part::Image { url: image.url.clone() }),
+                    ("image_url", _, Some(image)) => {
+                        Ok(Part::Image { url: image.url.clone(), detail: image.detail.clone() })
+                    }
                     (kind, _, _) => Err(ApiError::invalid(
                         format!("messages[{i}].content[{j}]"),
                         format!("Content part of type '{kind}' is not supported through the gateway"),
@@ -67,6 +69,7 @@ pub fn from_openai_chat(
                 .parameters
                 .clone()
                 .unwrap_or_else(|| serde_json::json!({"type": "object"})),
+            strict: t.function.strict,
         })
         .collect();
     let tool_choice = match &request.tool_choice {
@@ -256,7 +259,7 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
                             ));
                         }
                     };
-                    message.content.push(Part::Image { url });
+                    message.content.push(Part::Image { url, detail: None });
                 }
                 "tool_use" => message.tool_calls.push(ToolCall {
                     id: b.id.clone().unwrap_or_default(),
@@ -295,6 +298,7 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
             name: t["name"].as_str().unwrap_or_default().to_string(),
             description: t["description"].as_str().map(str::to_string),
             parameters: t["input_schema"].clone(),
+            strict: t["strict"].as_bool(),
         })
         .collect();
     let tool_choice = match &request.tool_choice {

@@ -211,7 +211,9 @@ fn content(i: usize, item: &InputItem) -> Result<Vec<Part>, ApiError> {
         let path = format!("input[{i}].content[{j}]");
         out.push(match (part.kind.as_str(), &part.text, &part.image_url) {
             ("input_text" | "output_text" | "text", Some(t), _) => Part::Text(t.clone()),
-            ("input_image", _, Some(url)) if !url.is_empty() => Part::Image { url: url.clone() },
+            ("input_image", _, Some(url)) if !url.is_empty() => {
+                Part::Image { url: url.clone(), detail: part.detail.clone() }
+            }
             ("input_image", _, _) if part.file_id.is_some() => {
                 return Err(ApiError::invalid(
                     path,
@@ -264,7 +266,7 @@ fn tools(request: &ResponsesRequest) -> Result<Vec<Tool>, ApiError> {
                 ));
             }
         };
-        out.push(Tool { name, description: tool.description.clone(), parameters });
+        out.push(Tool { name, description: tool.description.clone(), parameters, strict: tool.strict });
     }
     Ok(out)
 }
@@ -351,7 +353,10 @@ mod tests {
         .unwrap();
         let roles: Vec<Role> = got.messages.iter().map(|m| m.role).collect();
         assert_eq!(roles, [Role::System, Role::User, Role::Assistant, Role::Tool, Role::Tool]);
-        assert_eq!(got.messages[1].content[1], Part::Image { url: "data:image/png;base64,AA==".into() });
+        assert_eq!(
+            got.messages[1].content[1],
+            Part::Image { url: "data:image/png;base64,AA==".into(), detail: Some("auto".into()) }
+        );
         let assistant = &got.messages[2];
         assert_eq!(assistant.joined_text(), "Let me look.");
         let ids: Vec<&str> = assistant.tool_calls.iter().map(|c| c.id.as_str()).collect();
@@ -360,6 +365,8 @@ mod tests {
         assert_eq!(got.messages[3].tool_call_id.as_deref(), Some("call_1"));
         assert_eq!(got.messages[4].joined_text(), "noon");
         assert_eq!(got.tools[1].parameters["type"], "object", "no parameters: a function of none");
+        let strict: Vec<Option<bool>> = got.tools.iter().map(|t| t.strict).collect();
+        assert_eq!(strict, [None, Some(true)]);
         assert_eq!(got.tool_choice, Some(ToolChoice::Function("get_time".into())));
         assert_eq!(got.params.parallel_tool_calls, Some(false));
     }
