@@ -134,6 +134,20 @@ fn message_json(message: &Message) -> Value {
     out
 }
 
+/// The sampling fields chat and legacy completion bodies share, each with its value if set.
+fn sampling_fields(p: &crate::Params) -> [(&'static str, Option<Value>); 8] {
+    [
+        ("temperature", p.temperature.map(|v| json!(v))),
+        ("top_p", p.top_p.map(|v| json!(v))),
+        ("max_tokens", p.max_tokens.map(|v| json!(v))),
+        ("stop", (!p.stop.is_empty()).then(|| json!(p.stop))),
+        ("seed", p.seed.map(|v| json!(v))),
+        ("n", p.n.map(|v| json!(v))),
+        ("presence_penalty", p.presence_penalty.map(|v| json!(v))),
+        ("frequency_penalty", p.frequency_penalty.map(|v| json!(v))),
+    ]
+}
+
 /// The OpenAI request body of a neutral request.
 pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, ProviderError> {
     let p = &request.params;
@@ -146,14 +160,9 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
             body[key] = v;
         }
     };
-    set("temperature", p.temperature.map(|v| json!(v)));
-    set("top_p", p.top_p.map(|v| json!(v)));
-    set("max_tokens", p.max_tokens.map(|v| json!(v)));
-    set("stop", (!p.stop.is_empty()).then(|| json!(p.stop)));
-    set("seed", p.seed.map(|v| json!(v)));
-    set("n", p.n.map(|v| json!(v)));
-    set("presence_penalty", p.presence_penalty.map(|v| json!(v)));
-    set("frequency_penalty", p.frequency_penalty.map(|v| json!(v)));
+    for (key, value) in sampling_fields(p) {
+        set(key, value);
+    }
     set("logprobs", p.logprobs.map(|v| json!(v)));
     set("top_logprobs", p.top_logprobs.map(|v| json!(v)));
     set("response_format", request.response_format.clone());
@@ -211,14 +220,9 @@ pub fn completion_body(request: &CompletionRequest, stream: bool) -> Value {
             body[key] = v;
         }
     };
-    set("temperature", p.temperature.map(|v| json!(v)));
-    set("top_p", p.top_p.map(|v| json!(v)));
-    set("max_tokens", p.max_tokens.map(|v| json!(v)));
-    set("stop", (!p.stop.is_empty()).then(|| json!(p.stop)));
-    set("seed", p.seed.map(|v| json!(v)));
-    set("n", p.n.map(|v| json!(v)));
-    set("presence_penalty", p.presence_penalty.map(|v| json!(v)));
-    set("frequency_penalty", p.frequency_penalty.map(|v| json!(v)));
+    for (key, value) in sampling_fields(p) {
+        set(key, value);
+    }
     set("logprobs", request.logprobs.map(|v| json!(v)));
     set("echo", request.echo.then(|| json!(true)));
     set("suffix", request.suffix.clone().map(|v| json!(v)));

@@ -389,19 +389,28 @@ fn encode_error(e: BoxDynError) -> StoreError {
     StoreError::Database(sqlx::Error::Encode(e))
 }
 
+/// The columns that name a request, in the order both inserts list them first: request id,
+/// instance, tenant, project, key, route, model.
+fn bind_identity<DB: UsageDb>(
+    args: &mut DB::Arguments,
+    start: &UsageStart,
+) -> std::result::Result<(), BoxDynError> {
+    DB::text(args, Some(&start.request_id))?;
+    DB::text(args, Some(&start.instance))?;
+    DB::text(args, start.tenant_id.as_deref())?;
+    DB::text(args, start.project_id.as_deref())?;
+    DB::text(args, start.key_id.as_deref())?;
+    DB::text(args, Some(&start.route))?;
+    DB::text(args, Some(&start.model))
+}
+
 async fn insert_start<'e, DB: UsageDb, E: sqlx::Executor<'e, Database = DB>>(
     executor: E,
     start: &UsageStart,
 ) -> Result<()> {
     let mut args = arguments::<DB>(9);
     let add = |args: &mut DB::Arguments| {
-        DB::text(args, Some(&start.request_id))?;
-        DB::text(args, Some(&start.instance))?;
-        DB::text(args, start.tenant_id.as_deref())?;
-        DB::text(args, start.project_id.as_deref())?;
-        DB::text(args, start.key_id.as_deref())?;
-        DB::text(args, Some(&start.route))?;
-        DB::text(args, Some(&start.model))?;
+        bind_identity::<DB>(args, start)?;
         DB::int(args, Some(start.stream as i64))?;
         DB::int(args, Some(start.started_at))
     };
@@ -535,13 +544,7 @@ async fn insert_records<'e, DB: UsageDb, E: sqlx::Executor<'e, Database = DB>>(
     let mut args = arguments::<DB>(rows.len() * N_FULL_COLUMNS);
     let add = |args: &mut DB::Arguments| {
         for (start, finish, finished_at) in rows {
-            DB::text(args, Some(&start.request_id))?;
-            DB::text(args, Some(&start.instance))?;
-            DB::text(args, start.tenant_id.as_deref())?;
-            DB::text(args, start.project_id.as_deref())?;
-            DB::text(args, start.key_id.as_deref())?;
-            DB::text(args, Some(&start.route))?;
-            DB::text(args, Some(&start.model))?;
+            bind_identity::<DB>(args, start)?;
             DB::text(args, finish.and_then(|f| f.provider.as_deref()))?;
             DB::int(args, Some(start.stream as i64))?;
             DB::text(args, Some(finish.map_or("interrupted", |f| f.status.as_str())))?;

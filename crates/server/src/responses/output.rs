@@ -163,6 +163,19 @@ struct Renderer {
 }
 
 impl Renderer {
+    fn new(envelope: Envelope) -> Self {
+        Renderer {
+            envelope,
+            sequence: 0,
+            items: Vec::new(),
+            open: None,
+            calls: HashMap::new(),
+            blank: String::new(),
+            finish: None,
+            usage: Default::default(),
+        }
+    }
+
     fn next(&mut self) -> u64 {
         self.sequence += 1;
         self.sequence - 1
@@ -354,16 +367,7 @@ impl Renderer {
 /// The event sequence OpenAI sends: created, in_progress; per output item, added, its
 /// deltas (text, or a call's arguments) and done; then completed (or incomplete).
 pub fn stream(events: EventStream, envelope: Envelope) -> impl IntoResponse {
-    let mut renderer = Renderer {
-        envelope,
-        sequence: 0,
-        items: Vec::new(),
-        open: None,
-        calls: HashMap::new(),
-        blank: String::new(),
-        finish: None,
-        usage: Default::default(),
-    };
+    let mut renderer = Renderer::new(envelope);
     let opening = renderer.opening();
     let body = events.map(Some).chain(futures::stream::once(async { None })).map(move |event| match event {
         Some(event) => renderer.event(event),
@@ -404,16 +408,7 @@ mod tests {
     }
 
     fn render(events: Vec<ChatEvent>) -> Vec<serde_json::Value> {
-        let mut r = Renderer {
-            envelope: envelope(),
-            sequence: 0,
-            items: Vec::new(),
-            open: None,
-            calls: HashMap::new(),
-            blank: String::new(),
-            finish: None,
-            usage: Default::default(),
-        };
+        let mut r = Renderer::new(envelope());
         let mut out = r.opening();
         for event in events {
             out.extend(r.event(Ok::<_, ProviderError>(event)));
