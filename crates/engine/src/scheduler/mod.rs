@@ -640,6 +640,29 @@ impl<'m> Worker<'m> {
         self.cached[slot].0.clear();
     }
 
+    /// Free slots with how many leading tokens of `tokens` each one's cache holds: the
+    /// longest shared prefix first; among equals, the oldest cache.
+    fn by_shared_prefix(&self, free: &[usize], tokens: &[TokenId]) -> Vec<(usize, usize)> {
+        let mut order: Vec<(usize, usize)> =
+            free.iter().map(|&slot| (slot, self.shared_prefix(slot, tokens))).collect();
+        order.sort_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].1));
+        order
+    }
+
+    /// Keeps the first `reuse` cells of a free slot's cache for the sequence taking it (none
+    /// where the memory cannot drop the rest) and forgets what it held; how many it kept.
+    fn reuse_cache(&mut self, slot: usize, reuse: usize) -> usize {
+        let kept = if reuse > 0 && self.session.remove_range(slot, reuse, None) {
+            reuse
+        } else {
+            self.forget(slot);
+            0
+        };
+        self.cached[slot].0.clear();
+        self.stats.cached_tokens.fetch_add(kept as u64, Ordering::Relaxed);
+        kept
+    }
+
     /// How many leading tokens of `prompt` a free slot's cells already hold.
     fn shared_prefix(&self, slot: usize, prompt: &[TokenId]) -> usize {
         self.cached[slot].0.iter().zip(prompt).take_while(|(a, b)| a == b).count()
@@ -679,21 +702,15 @@ impl<'m> Worker<'m> {
         let pending = Arc::new(pending);
         let request = &pending.request;
         let reserve = generation_reserve(request, self.config.session.ctx_per_sequence);
-        // The slots sharing the longest prefix first; among equals, the oldest cache.
-        let mut order: Vec<(usize, usize)> =
-            free.iter().map(|&slot| (slot, self.shared_prefix(slot, &request.prompt))).collect();
-        order.sort_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].1));
+        let order = self.by_shared_prefix(free, &request.prompt);
         for (choice, &(slot, shared)) in order.iter().take(request.n).enumerate() {
             let want_prompt = request.prompt_logprobs && choice == 0;
             // The last prompt token is always computed (its logits give the first token), and
             // echo's prompt logprobs need every position.
-            let mut reuse = if want_prompt { 0 } else { shared.min(request.prompt.len().saturating_sub(1)) };
-            if reuse == 0 || !self.session.remove_range(slot, reuse, None) {
-                self.forget(slot);
-                reuse = 0;
-            }
-            self.cached[slot].0.clear();
-            self.stats.cached_tokens.fetch_add(reuse as u64, Ordering::Relaxed);
+            let reuse = self.reuse_cache(
+                slot,
+                if want_prompt { 0 } else { shared.min(request.prompt.len().saturating_sub(1)) },
+            );
             self.slots[slot] = Some(Sequence {
                 slot,
                 admitted: self.admissions,

@@ -102,21 +102,11 @@ impl Worker<'_> {
     /// shared cells are reused up to the token before the first scored one.
     pub(super) fn admit_scoring(&mut self, pending: ScorePending, free: &[usize]) {
         let request = pending.request;
-        let Some((slot, shared)) = free
-            .iter()
-            .map(|&slot| (slot, self.shared_prefix(slot, &request.tokens)))
-            .min_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].1))
-        else {
+        let Some(&(slot, shared)) = self.by_shared_prefix(free, &request.tokens).first() else {
             return;
         };
         let scored_from = request.tokens.len() - request.n_scored;
-        let mut reuse = shared.min(scored_from - 1);
-        if reuse == 0 || !self.session.remove_range(slot, reuse, None) {
-            self.forget(slot);
-            reuse = 0;
-        }
-        self.cached[slot].0.clear();
-        self.stats.cached_tokens.fetch_add(reuse as u64, Ordering::Relaxed);
+        let reuse = self.reuse_cache(slot, shared.min(scored_from - 1));
         let id = self.admissions;
         self.slots[slot] = Some(Sequence {
             slot,
