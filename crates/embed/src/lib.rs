@@ -9,10 +9,12 @@
 //! normalised to unit length. An input longer than the model's positions is an error, as with
 //! OpenAI, never truncated silently.
 //!
-//! Computation is candle on the CPU, F32. Sequences of a forward pass are padded to the
-//! longest and masked, so a vector does not depend on what it was batched with (to float
+//! Computation is candle's tensors on the CPU, F32, through Ferry's own BERT encoder
+//! (`bert.rs`): the sequences of a forward pass are packed, never padded, and attend only to
+//! their own tokens, so a vector does not depend on what it was batched with (to float
 //! rounding).
 
+mod bert;
 mod error;
 mod model;
 mod service;

@@ -3,19 +3,20 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::Tokenizer;
 
+use crate::bert::{Bert, Config, mean_pool_normalized};
 use crate::{EmbedError, Result};
 
 /// The most inputs one request may hold (OpenAI's limit for its embedding models).
 pub const MAX_INPUTS: usize = 2048;
 
-/// The default bound on one forward pass: sequences × the longest sequence's tokens. It bounds
-/// memory (attention scores take heads × tokens² floats per sequence: 12 MB for one 512-token
-/// sequence of MiniLM) and the time other requests wait.
+/// The default bound on one forward pass: the tokens of its sequences, packed. It bounds memory
+/// (activations take tokens × intermediate size floats; attention scores heads × tokens²
+/// floats of one sequence at a time: 12 MB for a 512-token sequence of MiniLM) and the time
+/// other requests wait.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 4096;
 
 /// One input of an embedding request.
@@ -59,13 +60,12 @@ pub struct Embedding {
 /// behind an `Arc` ([`crate::EmbedService`] does).
 pub struct Embedder {
     name: String,
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     device: Device,
     dims: usize,
     max_tokens: usize,
     vocab_size: u32,
-    pad_id: u32,
     /// The special tokens the tokenizer's post-processor puts before and after one sequence
     /// (`[CLS]` and `[SEP]` for BERT), to wrap token-id inputs the same way.
     prefix: Vec<u32>,
@@ -97,8 +97,8 @@ impl Embedder {
         let (config_path, text) = read("config.json")?;
         let config: Config = serde_json::from_str(&text)
             .map_err(|e| load_error(&config_path, format!("not a BERT config: {e}")))?;
-        if let Some(model_type) = config.model_type.as_deref().filter(|t| *t != "bert") {
-            return Err(load_error(&config_path, format!("model_type {model_type:?} is not \"bert\"")));
+        if let Some(message) = config.unsupported() {
+            return Err(load_error(&config_path, message));
         }
         if dir.join("1_Pooling/config.json").is_file() {
             let (path, text) = read("1_Pooling/config.json")?;
@@ -109,8 +109,8 @@ impl Embedder {
         let mut tokenizer =
             Tokenizer::from_file(&tokenizer_path).map_err(|e| load_error(&tokenizer_path, e.to_string()))?;
         // sentence-transformers' tokenizer.json truncates and pads to 128. Here an input over
-        // the model's positions is an error (as with OpenAI), and batches are padded by
-        // `forward` because token-id inputs never pass through the tokenizer.
+        // the model's positions is an error (as with OpenAI), and nothing is padded: a forward
+        // pass packs its sequences.
         tokenizer.with_truncation(None).map_err(|e| load_error(&tokenizer_path, e.to_string()))?;
         tokenizer.with_padding(None);
         let (prefix, suffix) =
@@ -122,7 +122,7 @@ impl Embedder {
         // unsafe fn, and this crate forbids unsafe code. MiniLM is 91 MB.
         let tensors = candle_core::safetensors::load(&weights_path, &device)
             .map_err(|e| load_error(&weights_path, e.to_string()))?;
-        let model = BertModel::load(VarBuilder::from_tensors(tensors, DType::F32, &device), &config)
+        let model = Bert::load(VarBuilder::from_tensors(tensors, DType::F32, &device), &config)
             .map_err(|e| load_error(&weights_path, e.to_string()))?;
 
         let name = dir
@@ -134,9 +134,7 @@ impl Embedder {
         let vocab_size = u32::try_from(config.vocab_size).map_err(|_| {
             load_error(&config_path, format!("vocab_size {} is too large", config.vocab_size))
         })?;
-        let pad_id = u32::try_from(config.pad_token_id).map_err(|_| {
-            load_error(&config_path, format!("pad_token_id {} is too large", config.pad_token_id))
-        })?;
+
         let embedder = Embedder {
             name,
             model,
@@ -145,7 +143,6 @@ impl Embedder {
             dims: config.hidden_size,
             max_tokens: config.max_position_embeddings,
             vocab_size,
-            pad_id,
             prefix,
             suffix,
         };
@@ -230,8 +227,8 @@ impl Embedder {
             .collect()
     }
 
-    /// Embeds checked sequences in forward passes of at most `max_batch_tokens` padded tokens
-    /// (a longer sequence runs alone), calling `on_pass` after each pass. Vectors in order.
+    /// Embeds checked sequences in forward passes of at most `max_batch_tokens` tokens (a
+    /// longer sequence runs alone), calling `on_pass` after each pass. Vectors in order.
     pub(crate) fn run_batches(
         &self,
         sequences: &[&[u32]],
@@ -251,48 +248,28 @@ impl Embedder {
         Ok(vectors)
     }
 
-    /// One forward pass: sequences padded to the longest, masked, mean-pooled over their own
-    /// tokens and normalised.
+    /// One forward pass: sequences packed, mean-pooled over their own tokens and normalised.
     fn forward(&self, sequences: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let n_sequences = sequences.len();
-        let n_positions = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(n_sequences * n_positions);
-        let mut mask = Vec::with_capacity(n_sequences * n_positions);
-        for sequence in sequences {
-            let n_pad = n_positions - sequence.len();
-            ids.extend_from_slice(sequence);
-            ids.extend(std::iter::repeat_n(self.pad_id, n_pad));
-            mask.extend(std::iter::repeat_n(1u32, sequence.len()));
-            mask.extend(std::iter::repeat_n(0u32, n_pad));
-        }
-        let ids = Tensor::from_vec(ids, (n_sequences, n_positions), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n_sequences, n_positions), &self.device)?;
-        let type_ids = ids.zeros_like()?;
-        // (sequences, positions, hidden)
-        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?;
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let sums = hidden.broadcast_mul(&mask)?.sum(1)?;
-        let means = sums.broadcast_div(&mask.sum(1)?)?;
-        // sentence-transformers' Normalize: x / max(‖x‖, 1e-12).
-        let norms = means.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
-        means.broadcast_div(&norms)?.to_vec2::<f32>()
+        let hidden = self.model.forward(sequences, &self.device)?;
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        mean_pool_normalized(&hidden, &lengths)
     }
 }
 
-/// Groups sequences (by index) into forward passes: shortest first, so each pass pads little,
-/// and each pass holds as many as fit `max_batch_tokens` counted with padding (at least one).
+/// Groups sequences (by index) into forward passes, in order: each pass holds as many as fit
+/// `max_batch_tokens` (at least one).
 fn plan_passes(lengths: &[usize], max_batch_tokens: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| lengths[i]);
-    let mut passes: Vec<Vec<usize>> = Vec::new();
-    for i in order {
+    let mut passes: Vec<(Vec<usize>, usize)> = Vec::new();
+    for (i, &len) in lengths.iter().enumerate() {
         match passes.last_mut() {
-            // Sorted, so `i` is the longest of the pass it joins.
-            Some(pass) if (pass.len() + 1) * lengths[i] <= max_batch_tokens => pass.push(i),
-            _ => passes.push(vec![i]),
+            Some((pass, tokens)) if *tokens + len <= max_batch_tokens => {
+                pass.push(i);
+                *tokens += len;
+            }
+            _ => passes.push((vec![i], len)),
         }
     }
-    passes
+    passes.into_iter().map(|(pass, _)| pass).collect()
 }
 
 /// Only mean pooling over a `hidden_size`-wide output is implemented.
@@ -335,12 +312,12 @@ mod tests {
 
     #[test]
     fn passes_group_by_length_within_the_budget() {
-        // Lengths 10, 3, 7, 3, 20 with a budget of 24: [3, 3, 7] pads to 21, adding 10 would
-        // pad to 40; [10, 20] pads to 40 so 20 runs alone.
+        // Lengths 10, 3, 7, 3, 20 with a budget of 24: 10 + 3 + 7 + 3 = 23; 20 more would
+        // make 43.
         let passes = plan_passes(&[10, 3, 7, 3, 20], 24);
-        assert_eq!(passes, vec![vec![1, 3, 2], vec![0], vec![4]]);
+        assert_eq!(passes, vec![vec![0, 1, 2, 3], vec![4]]);
         // A sequence over the budget still runs, alone.
-        assert_eq!(plan_passes(&[50, 2], 8), vec![vec![1], vec![0]]);
+        assert_eq!(plan_passes(&[50, 2], 8), vec![vec![0], vec![1]]);
         assert!(plan_passes(&[], 8).is_empty());
     }
 

@@ -18,7 +18,7 @@ use crate::{EmbedError, EmbedInput, Embedder, Embedding, Result};
 /// How the service batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmbedServiceConfig {
-    /// The most tokens of one forward pass, counted with padding; also the most tokens of the
+    /// The most tokens of one forward pass (packed, no padding); also the most tokens of the
     /// requests gathered for one round (a larger request runs in a round of its own).
     pub max_batch_tokens: usize,
     /// Requests waiting for the model thread beyond this make callers wait to enqueue.

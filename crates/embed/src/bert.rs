@@ -1,0 +1,251 @@
+//! BERT's encoder over packed sequences: the tokens of every sequence of a forward pass sit
+//! one after another in one `(tokens, hidden)` matrix, so the linear layers (nearly all of
+//! the work) multiply only real tokens, never padding, and attention runs per sequence over
+//! its own tokens. A sequence's result does not depend on what it was packed with.
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+/// The fields of a Hugging Face BERT `config.json` the encoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_activation")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    pub model_type: Option<String>,
+    pub position_embedding_type: Option<String>,
+}
+
+fn default_activation() -> String {
+    "gelu".into()
+}
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+
+impl Config {
+    /// What this encoder cannot run, said as the config's own field.
+    pub fn unsupported(&self) -> Option<String> {
+        if let Some(kind) = self.model_type.as_deref().filter(|t| *t != "bert") {
+            return Some(format!("model_type {kind:?} is not \"bert\""));
+        }
+        if let Some(kind) = self.position_embedding_type.as_deref().filter(|t| *t != "absolute") {
+            return Some(format!("position_embedding_type {kind:?} is not supported: only \"absolute\" is"));
+        }
+        if Activation::parse(&self.hidden_act).is_none() {
+            return Some(format!(
+                "hidden_act {:?} is not supported: \"gelu\", \"gelu_new\", \"gelu_pytorch_tanh\" and \"relu\" are",
+                self.hidden_act
+            ));
+        }
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Some(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    /// The exact GELU (`erf`), BERT's `gelu`.
+    Gelu,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+struct Layer {
+    /// Query, key and value in one `(3 × hidden, hidden)` projection: one matrix product.
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// The encoder's weights.
+pub struct Bert {
+    words: Embedding,
+    positions: Embedding,
+    /// Token type 0's embedding: every input is a single segment.
+    token_type: Tensor,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    activation: Activation,
+}
+
+fn linear(vb: &VarBuilder, out: usize, inp: usize) -> candle_core::Result<Linear> {
+    Ok(Linear::new(vb.get((out, inp), "weight")?, Some(vb.get(out, "bias")?)))
+}
+
+fn layer_norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
+    Ok(LayerNorm::new(vb.get(size, "weight")?, vb.get(size, "bias")?, eps))
+}
+
+impl Bert {
+    /// Loads the weights (named as `BertModel`'s state dict, with or without a `bert.`
+    /// prefix). The config must have passed [`Config::unsupported`].
+    pub fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+        let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") { vb } else { vb.pp("bert") };
+        let (hidden, eps) = (config.hidden_size, config.layer_norm_eps);
+        let embeddings = vb.pp("embeddings");
+        let table = |name: &str, rows: usize| -> candle_core::Result<Embedding> {
+            Ok(Embedding::new(embeddings.pp(name).get((rows, hidden), "weight")?, hidden))
+        };
+        let token_types =
+            embeddings.pp("token_type_embeddings").get((config.type_vocab_size, hidden), "weight")?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("encoder.layer.{i}"));
+                let attention = vb.pp("attention");
+                let projections = ["query", "key", "value"]
+                    .map(|name| linear(&attention.pp("self").pp(name), hidden, hidden));
+                let [q, k, v] = projections;
+                let (q, k, v) = (q?, k?, v?);
+                let bias =
+                    |l: &Linear| l.bias().cloned().ok_or_else(|| candle_core::Error::Msg("no bias".into()));
+                let qkv = Linear::new(
+                    Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?,
+                    Some(Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?),
+                );
+                Ok(Layer {
+                    qkv,
+                    attention_out: linear(&attention.pp("output.dense"), hidden, hidden)?,
+                    attention_norm: layer_norm(&attention.pp("output.LayerNorm"), hidden, eps)?,
+                    intermediate: linear(&vb.pp("intermediate.dense"), config.intermediate_size, hidden)?,
+                    output: linear(&vb.pp("output.dense"), hidden, config.intermediate_size)?,
+                    output_norm: layer_norm(&vb.pp("output.LayerNorm"), hidden, eps)?,
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Bert {
+            words: table("word_embeddings", config.vocab_size)?,
+            positions: table("position_embeddings", config.max_position_embeddings)?,
+            token_type: token_types.get(0)?,
+            embeddings_norm: layer_norm(&embeddings.pp("LayerNorm"), hidden, eps)?,
+            layers,
+            heads: config.num_attention_heads,
+            activation: Activation::parse(&config.hidden_act).unwrap_or(Activation::Gelu),
+        })
+    }
+
+    /// The last hidden states of `sequences` packed: `(total tokens, hidden)`, sequence after
+    /// sequence. Every sequence is within the model's positions.
+    pub fn forward(&self, sequences: &[&[u32]], device: &Device) -> candle_core::Result<Tensor> {
+        let ids: Vec<u32> = sequences.iter().flat_map(|s| s.iter().copied()).collect();
+        let positions: Vec<u32> = sequences.iter().flat_map(|s| 0..s.len() as u32).collect();
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, device)?;
+        let positions = Tensor::from_vec(positions, n, device)?;
+        let embedded = (self.words.forward(&ids)? + self.positions.forward(&positions)?)?
+            .broadcast_add(&self.token_type)?;
+        let mut x = self.embeddings_norm.forward(&embedded)?;
+        for layer in &self.layers {
+            let context = self.attention(&layer.qkv.forward(&x)?, sequences)?;
+            let attended = layer.attention_norm.forward(&(layer.attention_out.forward(&context)? + &x)?)?;
+            let inner = self.activation.apply(&layer.intermediate.forward(&attended)?)?;
+            x = layer.output_norm.forward(&(layer.output.forward(&inner)? + &attended)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Self-attention of each sequence over its own tokens, from the packed `(tokens, 3 ×
+    /// hidden)` query-key-value rows; the packed `(tokens, hidden)` context.
+    fn attention(&self, qkv: &Tensor, sequences: &[&[u32]]) -> candle_core::Result<Tensor> {
+        let hidden = qkv.dim(1)? / 3;
+        let head = hidden / self.heads;
+        let scale = 1.0 / (head as f64).sqrt();
+        let mut contexts = Vec::with_capacity(sequences.len());
+        let mut offset = 0;
+        for sequence in sequences {
+            let len = sequence.len();
+            let rows = qkv.narrow(0, offset, len)?;
+            offset += len;
+            // (len, hidden) → (heads, len, head)
+            let split = |i: usize| {
+                rows.narrow(1, i * hidden, hidden)?.reshape((len, self.heads, head))?.transpose(0, 1)
+            };
+            let (q, k, v) = (split(0)?.contiguous()?, split(1)?.t()?.contiguous()?, split(2)?.contiguous()?);
+            let weights = candle_nn::ops::softmax_last_dim(&(q.matmul(&k)? * scale)?)?;
+            contexts.push(weights.matmul(&v)?.transpose(0, 1)?.reshape((len, hidden))?);
+        }
+        Tensor::cat(&contexts, 0)
+    }
+}
+
+/// Each sequence's mean over its rows of the packed `hidden` states, normalised to unit length
+/// (sentence-transformers' mean pooling then `Normalize`: x / max(‖x‖, 1e-12)).
+pub fn mean_pool_normalized(hidden: &Tensor, lengths: &[usize]) -> candle_core::Result<Vec<Vec<f32>>> {
+    let mut means = Vec::with_capacity(lengths.len());
+    let mut offset = 0;
+    for &len in lengths {
+        means.push(hidden.narrow(0, offset, len)?.mean(0)?);
+        offset += len;
+    }
+    let means = Tensor::stack(&means, 0)?;
+    let norms = means.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
+    means.broadcast_div(&norms)?.to_dtype(DType::F32)?.to_vec2::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            r#"{{"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "intermediate_size": 16, "max_position_embeddings": 32{extra}}}"#
+        );
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn what_the_encoder_cannot_run_is_named() {
+        assert_eq!(config("").unsupported(), None);
+        assert_eq!(config(r#", "hidden_act": "gelu_new", "model_type": "bert""#).unsupported(), None);
+        let refused = |extra: &str, field: &str| {
+            assert!(config(extra).unsupported().is_some_and(|m| m.contains(field)), "{extra}");
+        };
+        refused(r#", "model_type": "roberta""#, "model_type");
+        refused(r#", "hidden_act": "silu""#, "hidden_act");
+        refused(r#", "position_embedding_type": "relative_key""#, "position_embedding_type");
+        refused(r#", "num_attention_heads": 3"#, "num_attention_heads");
+    }
+}
