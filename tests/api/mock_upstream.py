@@ -174,6 +174,8 @@ class MockUpstream:
                             top = [{w: -0.5} for w in words] if body["logprobs"] else None
                             logprobs = {"tokens": words, "token_logprobs": [-0.5] * len(words),
                                         "top_logprobs": top, "text_offset": offsets}
+                            if step[0] == "bad_logprobs":
+                                logprobs["token_logprobs"] = ["low"] * len(words)
                         out.append((len(out), prefix, words, logprobs))
                 return out
 

@@ -385,6 +385,21 @@ def test_legacy_completions_through_an_openai_alias(ferry, gw, mocks):
     assert e.value.param == "max_tokens"
 
 
+def test_legacy_completions_with_logprobs_an_upstream_garbled_are_a_502(gw, mocks):
+    # Logprobs the client asked for that do not read as OpenAI's format are never dropped
+    # from the answer: the request fails as the upstream's fault, streamed or not.
+    mock = mocks["openai"]
+    mock.script = [("bad_logprobs", "a quiet village")]
+    with pytest.raises(openai.APIStatusError) as e:
+        gw.completions.create(model="openai-alias", prompt="Once", max_tokens=8, logprobs=1)
+    assert e.value.status_code == 502 and "logprobs" in e.value.message
+    mock.script = [("bad_logprobs", "a quiet village")]
+    chunks = gw.completions.create(model="openai-alias", prompt="Once", max_tokens=8, logprobs=1, stream=True)
+    with pytest.raises(openai.APIError) as e:
+        list(chunks)
+    assert "logprobs" in str(e.value)
+
+
 @pytest.mark.parametrize("dialect", ["anthropic", "gemini"])
 def test_legacy_completions_as_one_user_message(gw, mocks, dialect):
     """Providers without a text completion endpoint get the prompt as one user message, as

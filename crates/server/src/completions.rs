@@ -316,13 +316,15 @@ async fn upstream(
     let choices = answer
         .choices
         .into_iter()
-        .map(|c| CompletionChoice {
-            index: c.index,
-            text: c.message.joined_text(),
-            logprobs: c.logprobs.and_then(|v| serde_json::from_value(v).ok()),
-            finish_reason: c.finish_reason.map(|r| r.openai().to_string()),
+        .map(|c| {
+            Ok(CompletionChoice {
+                index: c.index,
+                text: c.message.joined_text(),
+                logprobs: upstream_logprobs(c.logprobs)?,
+                finish_reason: c.finish_reason.map(|r| r.openai().to_string()),
+            })
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     let completion = Completion {
         id,
         object: "text_completion".into(),
@@ -335,6 +337,20 @@ async fn upstream(
     let mut response = axum::Json(completion).into_response();
     crate::chat::route_headers(&mut response, &routed.route);
     Ok(response)
+}
+
+/// An upstream's `logprobs` of a text completion, read as OpenAI's format: what does not read
+/// is a 502 naming it, never dropped from the answer.
+fn upstream_logprobs(logprobs: Option<serde_json::Value>) -> Result<Option<CompletionLogprobs>, ApiError> {
+    logprobs
+        .map(|v| {
+            serde_json::from_value(v).map_err(|e| {
+                ApiError::BadGateway(format!(
+                    "the upstream's logprobs are not in the completions format: {e}"
+                ))
+            })
+        })
+        .transpose()
 }
 
 /// `text_completion` chunks from an upstream's neutral events: one per text piece and per
@@ -361,15 +377,14 @@ fn upstream_stream(
     };
     let body = events.filter_map(move |event| {
         let out = match event {
-            Ok(ChatEvent::Text { choice, text, logprobs }) => Some(chunk(
-                vec![CompletionChoice {
-                    index: choice,
-                    text,
-                    logprobs: logprobs.and_then(|v| serde_json::from_value(v).ok()),
-                    finish_reason: None,
-                }],
-                None,
-            )),
+            Ok(ChatEvent::Text { choice, text, logprobs }) => Some(match upstream_logprobs(logprobs) {
+                Ok(logprobs) => {
+                    chunk(vec![CompletionChoice { index: choice, text, logprobs, finish_reason: None }], None)
+                }
+                Err(e) => {
+                    SseEvent::default().json_data(e.body()).unwrap_or_else(|_| SseEvent::default().data("{}"))
+                }
+            }),
             Ok(ChatEvent::Finish { choice, reason }) => Some(chunk(
                 vec![CompletionChoice {
                     index: choice,
