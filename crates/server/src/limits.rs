@@ -90,6 +90,12 @@ impl Window {
 
     /// Starts new day and month totals when the calendar moved on.
     fn roll(&mut self, now_ms: i64) {
+        // Within the day being counted neither total changes: the calendar is asked only when
+        // the day may have moved on (it was asked for every scope of every request).
+        const DAY_MS: i64 = 86_400_000;
+        if (self.day.since_ms..self.day.since_ms + DAY_MS).contains(&now_ms) {
+            return;
+        }
         let (day, month) = day_and_month_start(now_ms);
         if self.day.since_ms != day {
             self.day = Spend { since_ms: day, ..Default::default() };
@@ -107,10 +113,43 @@ pub struct Admission {
     /// Each scope's window, with the position of this admission's tokens in it (see
     /// `Window::pruned`), so that settling finds them without a search.
     scopes: Vec<(Arc<str>, u64)>,
-    /// `x-ratelimit-*` headers for the response, as names and values: a map of its own
-    /// would be built only to be merged into the response's.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The `x-ratelimit-*` headers for the response: (limit, remaining, reset) of the
+    /// tightest scope, for requests and for tokens.
+    headers: [Option<[HeaderValue; 3]>; 2],
 }
+
+impl Admission {
+    /// How many `x-ratelimit-*` headers [`Admission::write_headers`] adds.
+    pub fn n_headers(&self) -> usize {
+        self.headers.iter().flatten().count() * 3
+    }
+
+    /// Adds the `x-ratelimit-*` headers to a response's.
+    pub fn write_headers(&mut self, headers: &mut HeaderMap) {
+        for (names, values) in HEADER_NAMES.iter().zip(&mut self.headers) {
+            if let Some(values) = values.take() {
+                for (name, value) in names.iter().zip(values) {
+                    headers.insert(name.clone(), value);
+                }
+            }
+        }
+    }
+}
+
+/// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` header names, made at
+/// compile time (a name built per request is checked byte by byte each time).
+static HEADER_NAMES: [[HeaderName; 3]; 2] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+];
 
 pub struct Limiter {
     windows: Mutex<HashMap<Arc<str>, Window>>,
@@ -119,14 +158,50 @@ pub struct Limiter {
 
 /// OpenAI's duration format for reset headers: `20ms`, `6s`, `1m30s`.
 fn reset(d: Duration) -> String {
-    let ms = d.as_millis();
+    String::from_utf8_lossy(&reset_text(d)).into_owned()
+}
+
+/// [`reset`]'s text, without `fmt` or an allocation: at most 27 bytes (`{u64}m59s`).
+fn reset_text(d: Duration) -> ArrayText {
+    let ms = d.as_millis().min(u128::from(u64::MAX)) as u64;
     let secs = ms.div_ceil(1000);
+    let mut text = ArrayText::default();
+    let mut digits = itoa::Buffer::new();
     if ms < 1000 {
-        format!("{ms}ms")
+        text.push(digits.format(ms).as_bytes());
+        text.push(b"ms");
     } else if secs < 60 {
-        format!("{secs}s")
+        text.push(digits.format(secs).as_bytes());
+        text.push(b"s");
     } else {
-        format!("{}m{}s", secs / 60, secs % 60)
+        text.push(digits.format(secs / 60).as_bytes());
+        text.push(b"m");
+        text.push(digits.format(secs % 60).as_bytes());
+        text.push(b"s");
+    }
+    text
+}
+
+/// A short text on the stack.
+#[derive(Default)]
+struct ArrayText {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl ArrayText {
+    fn push(&mut self, bytes: &[u8]) {
+        let end = (self.len + bytes.len()).min(self.bytes.len());
+        self.bytes[self.len..end].copy_from_slice(&bytes[..end - self.len]);
+        self.len = end;
+    }
+}
+
+impl std::ops::Deref for ArrayText {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -250,8 +325,7 @@ impl Limiter {
             }
         }
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut admission =
-            Admission { id, scopes: Vec::with_capacity(scoped.len()), headers: Vec::with_capacity(6) };
+        let mut admission = Admission { id, scopes: Vec::with_capacity(scoped.len()), headers: [None, None] };
         // (limit, remaining, reset) of the tightest scope, for requests and for tokens.
         let mut requests: Option<(u64, u64, Duration)> = None;
         let mut token_headers: Option<(u64, u64, Duration)> = None;
@@ -279,11 +353,7 @@ impl Limiter {
             }
             admission.scopes.push((s.window.clone(), position));
         }
-        for (tokens, values) in [(false, requests), (true, token_headers)] {
-            if let Some((limit, remaining, wait)) = values {
-                admission.headers.extend(header_values(tokens, limit, remaining, wait));
-            }
-        }
+        admission.headers = header_values([requests, token_headers]);
         Ok(admission)
     }
 
@@ -314,25 +384,25 @@ impl Limiter {
     }
 }
 
-/// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
-fn header_values(tokens: bool, limit: u64, remaining: u64, wait: Duration) -> [(HeaderName, HeaderValue); 3] {
-    let [limit_name, remaining_name, reset_name] = if tokens {
-        ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"]
-    } else {
-        ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"]
-    };
-    // `reset` writes digits and letters only, always a valid header value.
-    let reset_value = HeaderValue::from_str(&reset(wait)).unwrap_or_else(|_| HeaderValue::from_static("0ms"));
-    [
-        (HeaderName::from_static(limit_name), HeaderValue::from(limit)),
-        (HeaderName::from_static(remaining_name), HeaderValue::from(remaining)),
-        (HeaderName::from_static(reset_name), reset_value),
-    ]
+/// The values of OpenAI's `x-ratelimit-*` headers for (limit, remaining, reset) of requests
+/// and of tokens.
+fn header_values(values: [Option<(u64, u64, Duration)>; 2]) -> [Option<[HeaderValue; 3]>; 2] {
+    values.map(|values| {
+        let (limit, remaining, wait) = values?;
+        // `reset` writes digits and letters only, always a valid header value.
+        let reset = HeaderValue::from_bytes(&reset_text(wait)).unwrap_or(HeaderValue::from_static("0ms"));
+        Some([HeaderValue::from(limit), HeaderValue::from(remaining), reset])
+    })
 }
 
 /// The same, as a map (for a refusal's response).
 fn headers(tokens: bool, limit: u64, remaining: u64, wait: Duration) -> HeaderMap {
-    header_values(tokens, limit, remaining, wait).into_iter().collect()
+    let mut values = [None, None];
+    values[usize::from(tokens)] = Some((limit, remaining, wait));
+    let mut admission = Admission { headers: header_values(values), ..Default::default() };
+    let mut map = HeaderMap::with_capacity(3);
+    admission.write_headers(&mut map);
+    map
 }
 
 impl Default for Limiter {
@@ -354,5 +424,28 @@ mod tests {
         assert_eq!(reset(Duration::from_millis(20)), "20ms");
         assert_eq!(reset(Duration::from_millis(5_200)), "6s");
         assert_eq!(reset(Duration::from_secs(90)), "1m30s");
+        assert_eq!(reset(Duration::ZERO), "0ms");
+        assert_eq!(reset(Duration::from_millis(60_000)), "1m0s");
+    }
+
+    #[test]
+    fn rate_limit_headers_read_as_openai_writes_them() {
+        let mut map = HeaderMap::new();
+        let values =
+            [Some((60, 0, Duration::from_millis(1500))), Some((u64::MAX, 1234, Duration::from_millis(7)))];
+        let mut admission = Admission { headers: header_values(values), ..Default::default() };
+        assert_eq!(admission.n_headers(), 6);
+        admission.write_headers(&mut map);
+        let get = |name: &str| map.get(name).and_then(|v| v.to_str().ok()).map(String::from);
+        assert_eq!(get("x-ratelimit-limit-requests").as_deref(), Some("60"));
+        assert_eq!(get("x-ratelimit-remaining-requests").as_deref(), Some("0"));
+        assert_eq!(get("x-ratelimit-reset-requests").as_deref(), Some("2s"));
+        assert_eq!(get("x-ratelimit-limit-tokens"), Some(u64::MAX.to_string()));
+        assert_eq!(get("x-ratelimit-remaining-tokens").as_deref(), Some("1234"));
+        assert_eq!(get("x-ratelimit-reset-tokens").as_deref(), Some("7ms"));
+        // Only the tokens' three when requests have no limit.
+        let only_tokens = headers(true, 100, 40, Duration::from_secs(60));
+        assert_eq!(only_tokens.len(), 3);
+        assert_eq!(only_tokens.get("x-ratelimit-reset-tokens").and_then(|v| v.to_str().ok()), Some("1m0s"));
     }
 }

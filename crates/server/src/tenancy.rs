@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use ferry_store::{ApiKey, Project, Role, Store, Tenant, UsageFinish, UsageStart, now_ms};
 use futures::StreamExt;
 use serde::Deserialize;
+use sha2::Digest;
 
 use crate::app::AppState;
 use crate::error::ApiError;
@@ -81,7 +82,9 @@ pub struct Tenancy {
     pub model_sha256: Arc<std::sync::RwLock<HashMap<String, String>>>,
     /// On when an admin key exists; until then the server is a single local user's.
     auth_required: AtomicBool,
-    keys: Mutex<HashMap<String, Arc<KeyContext>>>,
+    /// Keys by the SHA-256 of their secret, raw: the hex text the store keeps would cost a
+    /// string and its encoding per request.
+    keys: Mutex<HashMap<[u8; 32], Arc<KeyContext>>>,
 }
 
 /// The caller of a request: a key, or the local user of a server without keys.
@@ -190,7 +193,7 @@ impl Tenancy {
     }
 
     async fn key_context(&self, secret: &str) -> Result<Option<Arc<KeyContext>>, ApiError> {
-        let hash = ferry_store::keys::hash_secret(secret);
+        let hash: [u8; 32] = sha2::Sha256::digest(secret.as_bytes()).into();
         if let Ok(keys) = self.keys.lock()
             && let Some(found) = keys.get(&hash)
             && found.fetched.elapsed() < KEY_CACHE_TTL
@@ -690,10 +693,8 @@ async fn admit(
     let mut response = METER.scope(meter.clone(), next.run(request)).await;
     let mut admission = admission;
     let headers = response.headers_mut();
-    headers.reserve(admission.headers.len());
-    for (name, value) in admission.headers.drain(..) {
-        headers.insert(name, value);
-    }
+    headers.reserve(admission.n_headers());
+    admission.write_headers(headers);
     let http_status = response.status().as_u16();
     let owner = Owner {
         tenant_id: identity.tenant_id().map(String::from),

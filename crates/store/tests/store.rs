@@ -353,6 +353,31 @@ async fn the_usage_writer_commits_in_groups_and_keeps_order() {
     assert!(a.is_ok() && b.is_err() && c.is_ok());
 }
 
+/// A whole record that cannot be written (its id is taken) fails alone in its group's
+/// multi-row INSERT: the transaction is rolled back whole (nothing the statement wrote before
+/// the failing row stays) and its neighbours are written once each.
+#[tokio::test]
+async fn a_whole_record_that_conflicts_fails_alone_in_its_group() {
+    let store = Store::open(&sqlite_path()).await.unwrap();
+    store.start_usage(&start("taken", None, "m", 1)).await.unwrap();
+    let writer = store.open_usage_writer().await.unwrap();
+    let ids = ["before-1", "before-2", "taken", "after-1"];
+    for (i, id) in ids.iter().enumerate() {
+        writer.start(start(id, Some("t"), "m", 10 + i as i64)).await.unwrap();
+    }
+    // Finished together: one group, one INSERT of four rows.
+    for id in ids {
+        writer.finish(id.into(), finish(2, 1, 0.0));
+    }
+    writer.flush().await;
+    for id in ["before-1", "before-2", "after-1"] {
+        assert_eq!(store.usage_record(id).await.unwrap().status, "ok", "{id}");
+    }
+    assert_eq!(store.usage_record("taken").await.unwrap().status, "started");
+    let total = store.usage(&UsageQuery { tenant_id: Some("t".into()), ..Default::default() }).await.unwrap();
+    assert_eq!((total[0].requests, total[0].prompt_tokens), (3, 6));
+}
+
 both!(content, content_suite);
 
 async fn content_suite(store: &Store) {

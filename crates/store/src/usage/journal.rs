@@ -71,7 +71,7 @@ impl Journal {
     pub(crate) fn admit(&self, start: UsageStart) -> Result<()> {
         // Sized for a typical line, so the buffer isn't regrown while it is written.
         let mut line = Vec::with_capacity(512);
-        serde_json::to_writer(&mut line, &start).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        write_line(&mut line, &start).map_err(|e| StoreError::Invalid(e.to_string()))?;
         line.push(b'\n');
         let mut state = self.state.lock().map_err(|_| poisoned())?;
         if state.open.contains_key(&start.request_id) {
@@ -122,6 +122,34 @@ impl Journal {
         }
         Ok(())
     }
+}
+
+/// An admission as a journal line: the JSON that serde writes for a [`UsageStart`] (and reads
+/// back in [`leftovers`]), byte for byte, with its keys written as they are instead of each
+/// being scanned for characters to escape (a fifth of the line's cost).
+fn write_line(line: &mut Vec<u8>, start: &UsageStart) -> serde_json::Result<()> {
+    let mut text = |key: &str, value: Option<&str>| {
+        line.extend_from_slice(key.as_bytes());
+        match value {
+            Some(value) => serde_json::to_writer(&mut *line, value),
+            None => {
+                line.extend_from_slice(b"null");
+                Ok(())
+            }
+        }
+    };
+    text("{\"request_id\":", Some(&start.request_id))?;
+    text(",\"instance\":", Some(&start.instance))?;
+    text(",\"tenant_id\":", start.tenant_id.as_deref())?;
+    text(",\"project_id\":", start.project_id.as_deref())?;
+    text(",\"key_id\":", start.key_id.as_deref())?;
+    text(",\"route\":", Some(&start.route))?;
+    text(",\"model\":", Some(&start.model))?;
+    line.extend_from_slice(if start.stream { b",\"stream\":true" } else { b",\"stream\":false" });
+    line.extend_from_slice(b",\"started_at\":");
+    line.extend_from_slice(itoa::Buffer::new().format(start.started_at).as_bytes());
+    line.push(b'}');
+    Ok(())
 }
 
 fn new_segment(dir: &Path, stem: &str, seq: u64) -> Result<Segment> {
@@ -190,6 +218,27 @@ mod tests {
 
     fn segments(dir: &Path) -> usize {
         std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn a_line_is_what_serde_writes_for_the_admission() {
+        let full = UsageStart {
+            request_id: "req_0193".into(),
+            instance: "host-1 \"a\"".into(),
+            tenant_id: Some("ten_\u{e9}\u{1f600}\n\t\\".into()),
+            project_id: Some("prj_1".into()),
+            key_id: Some("key_\u{1}".into()),
+            route: "/v1/chat/completions".into(),
+            model: "m</script>".into(),
+            stream: true,
+            started_at: 1_764_000_000_123,
+        };
+        let bare = UsageStart { started_at: -5, ..start("r1") };
+        for start in [full, bare] {
+            let mut line = Vec::new();
+            write_line(&mut line, &start).unwrap();
+            assert_eq!(String::from_utf8(line).unwrap(), serde_json::to_string(&start).unwrap());
+        }
     }
 
     #[test]
