@@ -228,12 +228,14 @@ pub fn mean_pool_normalized(hidden: &Tensor, lengths: &[usize]) -> candle_core::
 mod tests {
     use super::*;
 
+    /// A small config with `extra`'s fields set over it.
     fn config(extra: &str) -> Config {
-        let text = format!(
-            r#"{{"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "intermediate_size": 16, "max_position_embeddings": 32{extra}}}"#
-        );
-        serde_json::from_str(&text).unwrap()
+        let mut fields = serde_json::json!({"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 32});
+        let extra: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&format!("{{{}}}", extra.trim_start_matches(','))).unwrap();
+        fields.as_object_mut().unwrap().extend(extra);
+        serde_json::from_value(fields).unwrap()
     }
 
     #[test]
