@@ -1,0 +1,415 @@
+//! The meter of one admitted request: what handlers report to it (tokens, route, guardrail
+//! counts, engine timings), and the [`Finish`] that completes its usage record and writes its
+//! trace when the response ends or the client goes away.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_store::{UsageFinish, now_ms};
+use futures::StreamExt;
+
+use super::{Sampling, Tenancy};
+use crate::limits::Admission;
+
+/// The live record of one admitted request; handlers report to it through [`current`].
+pub struct Meter {
+    pub(super) request_id: String,
+    pub(super) model: String,
+    pub(super) started: Instant,
+    pub(super) first_token_ms: AtomicU64,
+    pub(super) prompt_tokens: AtomicU64,
+    pub(super) completion_tokens: AtomicU64,
+    pub(super) cached_tokens: AtomicU64,
+    pub(super) provider: Mutex<Option<String>>,
+    pub(super) cache_hit: AtomicBool,
+    /// The privacy policy in force (the project's or tenant's, tightened by a preset's).
+    pub(super) policy: Mutex<Option<Arc<ferry_guardrails::Policy>>>,
+    /// Values redacted or blocked, by kind (never the values).
+    pub(super) guardrail_counts: Mutex<std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>>,
+    /// What the trace says beyond the counters: route, engine timings, the model's card.
+    pub(super) trace: Mutex<TraceParts>,
+}
+
+#[derive(Default)]
+pub(super) struct TraceParts {
+    pub(super) route: Option<ferry_gateway::Route>,
+    /// (queue, prefill, decode) in milliseconds, from the engine.
+    pub(super) engine_ms: Option<(f64, f64, f64)>,
+    /// (mean, max) gap between consecutive tokens of a choice in milliseconds, from the
+    /// engine (the choice with the largest maximum).
+    pub(super) inter_token_ms: Option<(f64, f64)>,
+    pub(super) model: Option<serde_json::Value>,
+    pub(super) sampling: Sampling,
+}
+
+impl Meter {
+    pub fn policy(&self) -> Option<Arc<ferry_guardrails::Policy>> {
+        self.policy.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Makes the request's policy at least as strict as `extra` (a preset's).
+    pub fn tighten(&self, extra: &Arc<ferry_guardrails::Policy>) {
+        if let Ok(mut p) = self.policy.lock() {
+            *p = Some(match p.as_ref() {
+                Some(current) => Arc::new(crate::guard::stricter(current, extra)),
+                None => extra.clone(),
+            });
+        }
+    }
+
+    pub fn add_guardrail_counts(
+        &self,
+        counts: &std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>,
+    ) {
+        for (kind, n) in counts {
+            crate::telemetry::guardrail(kind.as_str(), *n);
+        }
+        if let Ok(mut c) = self.guardrail_counts.lock() {
+            for (kind, n) in counts {
+                *c.entry(*kind).or_default() += n;
+            }
+        }
+    }
+
+    pub fn add_prompt_tokens(&self, n: u64) {
+        self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Prompt tokens served from the local prefix cache.
+    pub fn add_cached_tokens(&self, n: u64) {
+        self.cached_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_completion_tokens(&self, n: u64) {
+        self.completion_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Marks the first token sent (the first call wins).
+    pub fn first_token(&self) {
+        let ms = self.started.elapsed().as_millis().max(1) as u64;
+        let _ = self.first_token_ms.compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn set_provider(&self, provider: &str) {
+        if let Ok(mut p) = self.provider.lock() {
+            *p = Some(provider.to_string());
+        }
+    }
+
+    pub fn set_cache_hit(&self) {
+        self.cache_hit.store(true, Ordering::Relaxed);
+    }
+
+    /// Reports an upstream answer's usage and route.
+    /// Records the gateway's route for the trace.
+    pub fn set_route(&self, route: &ferry_gateway::Route) {
+        if let Ok(mut t) = self.trace.lock() {
+            t.route = Some(route.clone());
+        }
+    }
+
+    /// Records the local model's card (provenance) for the trace.
+    pub fn set_model_card(&self, card: serde_json::Value) {
+        if let Ok(mut t) = self.trace.lock() {
+            t.model = Some(card);
+        }
+    }
+
+    /// Records the engine's timings of a finished choice that sampled `completion_tokens`
+    /// (the slowest choice wins; inter-token gaps need two tokens).
+    pub fn engine_timings(&self, t: &ferry_engine::Timings, completion_tokens: usize) {
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+        let timings =
+            (ms(self.started, t.admitted), ms(t.admitted, t.first_token), ms(t.first_token, t.finished));
+        let gaps = (completion_tokens > 1)
+            .then(|| (timings.2 / (completion_tokens - 1) as f64, t.max_inter_token.as_secs_f64() * 1000.0));
+        if let Ok(mut parts) = self.trace.lock() {
+            if parts.engine_ms.is_none_or(|(q, p, d)| q + p + d < timings.0 + timings.1 + timings.2) {
+                parts.engine_ms = Some(timings);
+            }
+            if let Some(gaps) = gaps
+                && parts.inter_token_ms.is_none_or(|(_, max)| max < gaps.1)
+            {
+                parts.inter_token_ms = Some(gaps);
+            }
+        }
+    }
+
+    pub fn upstream(&self, route: &ferry_gateway::Route, usage: &ferry_providers::Usage) {
+        self.set_route(route);
+        self.set_provider(if route.cache_hit { "cache" } else { &route.target });
+        if route.cache_hit {
+            self.set_cache_hit();
+        }
+        self.add_prompt_tokens(usage.prompt_tokens);
+        self.add_completion_tokens(usage.completion_tokens);
+    }
+}
+
+tokio::task_local! {
+    pub(super) static METER: Arc<Meter>;
+}
+
+/// The meter of the request being handled, if it is metered.
+pub fn current() -> Option<Arc<Meter>> {
+    METER.try_with(Arc::clone).ok()
+}
+
+/// Counts an upstream stream's first token and usage into the current meter.
+pub fn tap_upstream(
+    route: &ferry_gateway::Route,
+    events: ferry_providers::EventStream,
+) -> ferry_providers::EventStream {
+    let Some(meter) = current() else { return events };
+    meter.set_provider(&route.target);
+    meter.set_route(route);
+    Box::pin(events.inspect(move |event| match event {
+        Ok(ferry_providers::ChatEvent::Usage(u)) => {
+            meter.add_prompt_tokens(u.prompt_tokens);
+            meter.add_completion_tokens(u.completion_tokens);
+        }
+        Ok(ferry_providers::ChatEvent::Finish { .. }) | Err(_) => {}
+        Ok(_) => meter.first_token(),
+    }))
+}
+
+/// The most of a streamed answer kept for a tenant that keeps content.
+pub(super) const MAX_KEPT_RESPONSE: usize = 8 * 1024 * 1024;
+
+/// A request and its answer, for a tenant that keeps content.
+pub(super) struct Kept {
+    pub(super) tenant_id: String,
+    pub(super) request: axum::body::Bytes,
+    pub(super) response: Vec<u8>,
+}
+
+/// Completes a usage record when dropped: at the end of the response, or when the client
+/// goes away mid-stream (`cancelled`).
+pub(super) struct Finish {
+    pub(super) tenancy: Arc<Tenancy>,
+    pub(super) meter: Arc<Meter>,
+    pub(super) admission: Admission,
+    pub(super) http_status: u16,
+    pub(super) ended: bool,
+    pub(super) keep: Option<Kept>,
+    pub(super) owner: Owner,
+}
+
+/// Whose request it was, for its trace.
+pub(super) struct Owner {
+    pub(super) tenant_id: Option<String>,
+    pub(super) project_id: Option<String>,
+    pub(super) key_id: Option<String>,
+    pub(super) route: String,
+}
+
+impl Finish {
+    /// The request's trace: route, guardrail actions (counts only), timings, sampling
+    /// parameters, tokens and the model's provenance, serialised straight from its parts.
+    fn trace(&self, status: &str, finish: &UsageFinish) -> Option<String> {
+        let m = &self.meter;
+        let parts = m.trace.lock().ok()?;
+        let counts = m.guardrail_counts.lock().ok()?;
+        let policy = m.policy();
+        // The local model's card gets its file's sha256 once that is known.
+        let mut card = parts.model.clone();
+        if let Some(card) = card.as_mut()
+            && let Some(id) = card["id"].as_str()
+            && let Ok(shas) = self.tenancy.model_sha256.read()
+            && let Some(sha) = shas.get(id)
+        {
+            card["sha256"] = serde_json::Value::String(sha.clone());
+        }
+        let route = parts.route.as_ref();
+        let engine = parts.engine_ms;
+        let gaps = parts.inter_token_ms;
+        let doc = TraceDoc {
+            request_id: &m.request_id,
+            route: &self.owner.route,
+            model: &m.model,
+            status,
+            http_status: self.http_status,
+            tenant_id: self.owner.tenant_id.as_deref(),
+            project_id: self.owner.project_id.as_deref(),
+            key_id: self.owner.key_id.as_deref(),
+            routing: TraceRouting {
+                provider: finish.provider.as_deref(),
+                target: route.map(|r| r.target.as_str()),
+                attempts: route.map(|r| r.attempts),
+                fallbacks: route.map(|r| r.fallbacks),
+                cache_hit: route.is_some_and(|r| r.cache_hit),
+            },
+            guardrails: TraceGuardrails {
+                policy: policy.as_ref().map(|p| p.name.as_str()),
+                counts: Counts(&counts),
+            },
+            timings: TraceTimings {
+                total_ms: finish.latency_ms,
+                first_token_ms: finish.ttft_ms,
+                queue_ms: engine.map(|e| e.0),
+                prefill_ms: engine.map(|e| e.1),
+                decode_ms: engine.map(|e| e.2),
+                inter_token_mean_ms: gaps.map(|g| g.0),
+                inter_token_max_ms: gaps.map(|g| g.1),
+                upstream_ms: route.filter(|r| !r.cache_hit).map(|_| finish.latency_ms),
+            },
+            sampling: &parts.sampling,
+            tokens: TraceTokens {
+                prompt: finish.prompt_tokens,
+                completion: finish.completion_tokens,
+                cached: finish.cached_tokens,
+            },
+            cost: finish.cost,
+            model_card: card.as_ref(),
+        };
+        // Sized for a typical trace (600-700 bytes), so the buffer isn't regrown (and copied)
+        // while it is written; under 1 KiB, the allocator serves it from its per-thread cache.
+        let mut json = Vec::with_capacity(768);
+        serde_json::to_writer(&mut json, &doc).ok()?;
+        String::from_utf8(json).ok()
+    }
+}
+
+/// A request's trace as `GET /v1/traces/{id}` shows it.
+#[derive(serde::Serialize)]
+struct TraceDoc<'a> {
+    request_id: &'a str,
+    route: &'a str,
+    model: &'a str,
+    status: &'a str,
+    http_status: u16,
+    tenant_id: Option<&'a str>,
+    project_id: Option<&'a str>,
+    key_id: Option<&'a str>,
+    routing: TraceRouting<'a>,
+    guardrails: TraceGuardrails<'a>,
+    timings: TraceTimings,
+    sampling: &'a Sampling,
+    tokens: TraceTokens,
+    cost: f64,
+    model_card: Option<&'a serde_json::Value>,
+}
+
+#[derive(serde::Serialize)]
+struct TraceRouting<'a> {
+    provider: Option<&'a str>,
+    target: Option<&'a str>,
+    attempts: Option<u32>,
+    fallbacks: Option<u32>,
+    cache_hit: bool,
+}
+
+#[derive(serde::Serialize)]
+struct TraceGuardrails<'a> {
+    policy: Option<&'a str>,
+    counts: Counts<'a>,
+}
+
+/// Guardrail counts by kind name.
+struct Counts<'a>(&'a std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>);
+
+impl serde::Serialize for Counts<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(kind, n)| (kind.as_str(), n)))
+    }
+}
+
+/// Milliseconds; the engine's and the upstream's only where they apply.
+#[derive(serde::Serialize)]
+struct TraceTimings {
+    total_ms: u64,
+    first_token_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefill_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decode_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inter_token_mean_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inter_token_max_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_ms: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+struct TraceTokens {
+    prompt: u64,
+    completion: u64,
+    cached: u64,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let m = &self.meter;
+        let prompt = m.prompt_tokens.load(Ordering::Relaxed);
+        let completion = m.completion_tokens.load(Ordering::Relaxed);
+        let cached = m.cached_tokens.load(Ordering::Relaxed);
+        let cost = if m.cache_hit.load(Ordering::Relaxed) {
+            0.0
+        } else {
+            self.tenancy.prices.get(&m.model).map_or(0.0, |p| p.cost(prompt, completion, cached))
+        };
+        self.tenancy.limiter.settle(&self.admission, prompt + completion, cost);
+        let status = match (self.ended, self.http_status) {
+            (false, _) => "cancelled",
+            (true, s) if s < 400 => "ok",
+            _ => "error",
+        };
+        let ttft = m.first_token_ms.load(Ordering::Relaxed);
+        let provider = m.provider.lock().ok().and_then(|p| p.clone());
+        crate::telemetry::finished(&crate::telemetry::Finished {
+            route: &self.owner.route,
+            model: &m.model,
+            status,
+            http_status: self.http_status,
+            tenant: self.owner.tenant_id.as_deref().unwrap_or(""),
+            provider: provider.as_deref(),
+            latency_s: m.started.elapsed().as_secs_f64(),
+            ttft_s: (ttft > 0).then(|| ttft as f64 / 1000.0),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cache_hit: m.cache_hit.load(Ordering::Relaxed),
+        });
+        let mut finish = UsageFinish {
+            provider: m.provider.lock().ok().and_then(|p| p.clone()),
+            status: status.to_string(),
+            http_status: self.http_status,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: cached,
+            cost,
+            latency_ms: m.started.elapsed().as_millis() as u64,
+            ttft_ms: (ttft > 0).then_some(ttft),
+            trace: None,
+        };
+        // The trace goes in the record's row.
+        finish.trace =
+            (self.tenancy.metering || crate::otel::enabled()).then(|| self.trace(status, &finish)).flatten();
+        if let Some(trace) = &finish.trace {
+            crate::otel::export(trace, m.started.elapsed());
+        }
+        if self.tenancy.metering {
+            self.tenancy.usage.finish(m.request_id.clone(), finish);
+        }
+        if let Some(keep) = self.keep.take() {
+            let content = ferry_store::content::Content {
+                request_id: m.request_id.clone(),
+                tenant_id: keep.tenant_id,
+                created_at: now_ms(),
+                request: String::from_utf8_lossy(&keep.request).into_owned(),
+                response: String::from_utf8_lossy(&keep.response).into_owned(),
+            };
+            let store = self.tenancy.store.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = store.keep_content(&content).await {
+                        tracing::error!(request_id = %content.request_id, error = %e, "could not keep the request's content");
+                    }
+                });
+            }
+        }
+    }
+}
