@@ -3,7 +3,7 @@
 //! the work) multiply only real tokens, never padding, and attention runs per sequence over
 //! its own tokens. A sequence's result does not depend on what it was packed with.
 
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{D, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
@@ -221,7 +221,7 @@ pub fn mean_pool_normalized(hidden: &Tensor, lengths: &[usize]) -> candle_core::
     }
     let means = Tensor::stack(&means, 0)?;
     let norms = means.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
-    means.broadcast_div(&norms)?.to_dtype(DType::F32)?.to_vec2::<f32>()
+    means.broadcast_div(&norms)?.to_vec2::<f32>()
 }
 
 #[cfg(test)]
