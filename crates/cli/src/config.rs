@@ -43,7 +43,8 @@ pub struct ServeArgs {
     /// Most tokens per forward pass
     #[arg(long, env = "FERRY_BATCH_SIZE")]
     pub batch_size: Option<usize>,
-    /// Most prompt tokens prefilled per step (chunked prefill)
+    /// Most prompt tokens prefilled per step while other sequences decode (chunked prefill);
+    /// with none decoding a step prefills up to --batch-size
     #[arg(long, env = "FERRY_PREFILL_CHUNK")]
     pub prefill_chunk: Option<usize>,
     /// Most requests waiting for a sequence; past it the answer is 429
@@ -544,5 +545,32 @@ mod tests {
             format!("{:#}", ServeArgs { config: Some(config), ..Default::default() }.resolve().unwrap_err());
         assert!(err.contains("unknown field `colour`"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every `toml` example in the README is a config file Ferry accepts: a key placed after a
+    /// table by mistake lands inside that table, which refuses it.
+    #[test]
+    fn the_readme_examples_parse() {
+        let readme = include_str!("../../../README.md");
+        let mut blocks = 0;
+        let mut lines = readme.lines();
+        while let Some(line) = lines.next() {
+            let fence = line.trim_start();
+            if fence != "```toml" {
+                continue;
+            }
+            let indent = line.len() - fence.len();
+            let block: Vec<&str> = lines
+                .by_ref()
+                .take_while(|l| l.trim_start() != "```")
+                .map(|l| l.get(indent..).unwrap_or(l.trim_start()))
+                .collect();
+            let text = block.join("\n");
+            if let Err(e) = toml::from_str::<FileConfig>(&text) {
+                panic!("a README example does not parse: {e}\n{text}");
+            }
+            blocks += 1;
+        }
+        assert!(blocks >= 3, "{blocks} toml examples found in the README");
     }
 }

@@ -1,6 +1,6 @@
 //! Sentence embeddings from a BERT model in safetensors (all-MiniLM-L6-v2 and its kind): the
 //! tokenizer and model ([`Embedder`]) and a batching service for concurrent requests
-//! ([`EmbedService`]). The engine behind a future `POST /v1/embeddings`.
+//! ([`EmbedService`]). The engine behind `POST /v1/embeddings`.
 //!
 //! An input is text or token ids (OpenAI's `input` may be either). Each becomes one sequence
 //! wrapped in the tokenizer's special tokens (`[CLS] … [SEP]`), so text and the ids its
