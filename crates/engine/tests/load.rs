@@ -140,6 +140,21 @@ fn a_long_prompt_among_short_ones_is_admitted_in_turn_and_finishes() {
     assert_eq!(model.scheduler.stats().waiting.load(Ordering::SeqCst), 0);
 }
 
+#[test]
+fn with_nothing_decoding_a_step_prefills_the_whole_batch() {
+    let model = load(SMOLLM2, 2);
+    // About 450 tokens: two chunks of 256, but one batch of 512.
+    let long_prompt = prompt(&model, &"The quick brown fox jumps over the lazy dog. ".repeat(45));
+    assert!(long_prompt.len() > 256 && long_prompt.len() < 512, "{} tokens", long_prompt.len());
+    let steps = || model.scheduler.stats().steps.load(Ordering::SeqCst);
+    let before = steps();
+    let mut receiver =
+        model.scheduler.submit(request(long_prompt, 1, SamplingParams::greedy())).expect("submitted");
+    assert_eq!(finished(&mut receiver).1, 1);
+    // One forward pass: the whole prompt, and the first token sampled from its last row.
+    assert_eq!(steps() - before, 1);
+}
+
 /// Two sequences of 256 tokens sharing a pool of 512 cells, prefix cache on.
 fn budgeted(n_sequences: usize) -> LocalModel {
     let mut config = common::config(n_sequences, true);

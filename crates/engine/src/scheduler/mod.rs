@@ -5,7 +5,8 @@
 //!   start of the next step, while others are mid-generation.
 //! - Chunked prefill: each step first gives one token to every decoding sequence, then
 //!   fills what is left of the step's token budget with prompt chunks, so a long prompt
-//!   never stalls running streams for more than one chunk.
+//!   never stalls running streams for more than one chunk. With no sequence decoding, a step
+//!   prefills up to the whole batch.
 //! - Cancellation: a request whose receiver is gone (client disconnected) has its
 //!   sequences dropped and their KV cache cleared at the next step.
 //! - The queue is bounded: `submit` fails with `QueueFull` instead of growing it.
@@ -35,11 +36,12 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::backend::{Backend, BatchEntry, Session, SessionConfig};
 use crate::grammar::Constraint;
-use crate::sampler::{Sampler, SamplingParams, TokenLogprob, logprobs};
+use crate::sampler::{Sampler, SamplingParams, TokenLogprob};
 use crate::scoring::{ScoreEvent, ScoreRequest};
 use crate::text::{StopMatcher, Utf8Stream};
 use crate::{EngineError, TokenId};
 
+mod generation;
 mod scoring_jobs;
 
 /// A request the API layer has validated: the prompt fits, the numbers are in range.
@@ -132,7 +134,8 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     pub session: SessionConfig,
-    /// Most prompt tokens one step prefills (across sequences).
+    /// Most prompt tokens one step prefills (across sequences) beside decoding sequences;
+    /// with none decoding, a step fills the whole batch.
     pub prefill_chunk: usize,
     /// Most requests waiting for a slot; past it `submit` fails with `QueueFull`.
     pub max_waiting: usize,
@@ -698,48 +701,6 @@ impl<'m> Worker<'m> {
         }
     }
 
-    fn admit_generation(&mut self, pending: Pending, free: &[usize]) {
-        let pending = Arc::new(pending);
-        let request = &pending.request;
-        let reserve = generation_reserve(request, self.config.session.ctx_per_sequence);
-        let order = self.by_shared_prefix(free, &request.prompt);
-        for (choice, &(slot, shared)) in order.iter().take(request.n).enumerate() {
-            let want_prompt = request.prompt_logprobs && choice == 0;
-            // The last prompt token is always computed (its logits give the first token), and
-            // echo's prompt logprobs need every position.
-            let reuse = self.reuse_cache(
-                slot,
-                if want_prompt { 0 } else { shared.min(request.prompt.len().saturating_sub(1)) },
-            );
-            self.slots[slot] = Some(Sequence {
-                slot,
-                admitted: self.admissions,
-                tokens: request.prompt.clone(),
-                first_pos: 0,
-                n_prompt: request.prompt.len(),
-                n_cached: reuse,
-                reserve,
-                work: Work::Generate(Box::new(Generation {
-                    request: pending.clone(),
-                    choice,
-                    admitted_at: Instant::now(),
-                    first_token_at: None,
-                    last_token_at: None,
-                    max_inter_token: Duration::ZERO,
-                    sampler: Sampler::new(request.sampling.clone(), choice as u64),
-                    utf8: Utf8Stream::default(),
-                    stops: StopMatcher::new(request.stop.clone()),
-                    unsent: Vec::new(),
-                    prompt_logprobs: want_prompt.then(Vec::new),
-                    cached_tokens: reuse,
-                    constraint: request.constraint.clone(),
-                    masked: Vec::new(),
-                })),
-            });
-            self.stats.running.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     fn record_kv(&self) {
         let cells: usize = self.slots.iter().flatten().map(Sequence::kv_cells).sum();
         self.stats.kv_tokens.store(cells, Ordering::Relaxed);
@@ -762,9 +723,12 @@ impl<'m> Worker<'m> {
             entries.push(BatchEntry { token: seq.tokens[index], pos, seq: seq.slot, logits: true });
             rows.push(RowUse::Sample(seq.slot));
         }
-        // Then prompt chunks, oldest sequences first, within the step's budget.
+        // Then prompt chunks, oldest sequences first, within the step's budget: at most
+        // `prefill_chunk` beside decoding sequences (their next token waits for the step), the
+        // whole batch when none decodes (nobody waits; fewer, fuller steps).
         let budget = self.config.session.batch_tokens.saturating_sub(entries.len());
-        let mut prefill_left = self.config.prefill_chunk.min(budget);
+        let mut prefill_left =
+            if entries.is_empty() { budget } else { self.config.prefill_chunk.min(budget) };
         let mut order: Vec<usize> =
             self.slots.iter().flatten().filter(|s| s.prefilling()).map(|s| s.slot).collect();
         order.sort_by_key(|&slot| self.slots[slot].as_ref().map_or(u64::MAX, |s| s.admitted));
@@ -838,125 +802,6 @@ impl<'m> Worker<'m> {
         }
         for slot in prefilled {
             self.finish_scoring(slot);
-        }
-    }
-
-    fn record_prompt_logprob(&mut self, slot: usize, pos: usize, row: usize) {
-        let logits = self.session.logits(row);
-        let Some(seq) = self.slots[slot].as_mut() else {
-            return;
-        };
-        let Work::Generate(g) = &mut seq.work else {
-            return;
-        };
-        let top_n = g.request.request.logprobs.unwrap_or(0);
-        let token = seq.tokens[pos + 1];
-        let (logprob, top) = logprobs(logits, token, top_n);
-        if let Some(collected) = g.prompt_logprobs.as_mut() {
-            collected.push(TokenInfo { token, logprob, top });
-        }
-    }
-
-    fn sample(&mut self, slot: usize, row: usize) {
-        let logits = self.session.logits(row);
-        let backend = self.backend;
-        let ctx = self.config.session.ctx_per_sequence;
-        let Some(seq) = self.slots[slot].as_mut() else {
-            return;
-        };
-        let Work::Generate(g) = &mut seq.work else {
-            return;
-        };
-        let events = &g.request.events;
-        if let Some(rest) = g.prompt_logprobs.take() {
-            let _ = events.send(Event::PromptLogprobs { first_token: seq.tokens[0], rest });
-        }
-        let request = &g.request.request;
-        // The grammar's mask applies to what is drawn; logprobs stay those of the model.
-        let drawn = match g.constraint.as_mut() {
-            None => Ok(g.sampler.sample(logits)),
-            Some(constraint) => {
-                g.masked.clear();
-                g.masked.extend_from_slice(logits);
-                constraint.mask(&mut g.masked).map(|()| g.sampler.sample(&g.masked))
-            }
-        };
-        let eog = |t: TokenId| !request.ignore_eos && backend.is_end_of_generation(t);
-        let drawn = drawn.and_then(|token| match g.constraint.as_mut() {
-            Some(constraint) if !eog(token) => constraint.accept(token).map(|()| token),
-            _ => Ok(token),
-        });
-        let token = match drawn {
-            Ok(token) => token,
-            Err(e) => {
-                let _ = events.send(Event::Error(format!("grammar: {e}")));
-                self.free(slot);
-                return;
-            }
-        };
-        let grammar_done = g.constraint.as_ref().is_some_and(Constraint::is_finished);
-        let now = Instant::now();
-        let first_token = *g.first_token_at.get_or_insert(now);
-        if let Some(last) = g.last_token_at.replace(now) {
-            g.max_inter_token = g.max_inter_token.max(now.saturating_duration_since(last));
-        }
-        g.sampler.accept(token);
-        seq.tokens.push(token);
-        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        if let Some(top_n) = request.logprobs {
-            let (logprob, top) = logprobs(logits, token, top_n);
-            g.unsent.push(TokenInfo { token, logprob, top });
-        }
-        let generated = seq.tokens.len() - seq.n_prompt;
-
-        let mut finish = None;
-        let mut text = String::new();
-        let mut stop_sequence = None;
-        if eog(token) {
-            finish = Some(FinishReason::Stop);
-        } else {
-            let piece = g.utf8.push(backend.token_bytes(token));
-            let released = g.stops.push(&piece);
-            text = released.text;
-            stop_sequence = released.stopped;
-            if stop_sequence.is_some() || grammar_done {
-                finish = Some(FinishReason::Stop);
-            }
-        }
-        if finish.is_none() && (generated >= request.max_tokens || seq.tokens.len() >= ctx) {
-            finish = Some(FinishReason::Length);
-        }
-        if finish.is_some() && stop_sequence.is_none() {
-            // No stop sequence ended it: what was held back is part of the answer.
-            let tail = g.utf8.finish();
-            let released = g.stops.push(&tail);
-            text.push_str(&released.text);
-            if released.stopped.is_some() {
-                finish = Some(FinishReason::Stop);
-                stop_sequence = released.stopped;
-            } else {
-                text.push_str(&g.stops.finish());
-            }
-        }
-        if !text.is_empty() || (finish.is_some() && !g.unsent.is_empty()) {
-            let tokens = std::mem::take(&mut g.unsent);
-            let _ = events.send(Event::Delta { choice: g.choice, text, tokens });
-        }
-        if let Some(reason) = finish {
-            let _ = events.send(Event::Finished {
-                choice: g.choice,
-                reason,
-                stop_sequence,
-                completion_tokens: generated,
-                cached_tokens: g.cached_tokens,
-                timings: Timings {
-                    admitted: g.admitted_at,
-                    first_token,
-                    finished: now,
-                    max_inter_token: g.max_inter_token,
-                },
-            });
-            self.free(slot);
         }
     }
 }
