@@ -155,51 +155,60 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
         "model": request.model,
         "messages": request.messages.iter().map(message_json).collect::<Vec<_>>(),
     });
-    let mut set = |key: &str, value: Option<Value>| {
-        if let Some(v) = value {
-            body[key] = v;
-        }
-    };
-    for (key, value) in sampling_fields(p) {
-        set(key, value);
-    }
-    set("logprobs", p.logprobs.map(|v| json!(v)));
-    set("top_logprobs", p.top_logprobs.map(|v| json!(v)));
-    set("response_format", request.response_format.clone());
-    set("parallel_tool_calls", p.parallel_tool_calls.filter(|_| !request.tools.is_empty()).map(|v| json!(v)));
-    if !request.tools.is_empty() {
-        set(
-            "tools",
-            Some(
-                request
-                    .tools
-                    .iter()
-                    .map(|t| {
-                        let mut function =
-                            json!({"name": t.name, "description": t.description, "parameters": t.parameters});
-                        if let Some(strict) = t.strict {
-                            function["strict"] = json!(strict);
-                        }
-                        json!({"type": "function", "function": function})
-                    })
-                    .collect(),
+    let tools = (!request.tools.is_empty()).then(|| {
+        request
+            .tools
+            .iter()
+            .map(|t| {
+                let mut function =
+                    json!({"name": t.name, "description": t.description, "parameters": t.parameters});
+                if let Some(strict) = t.strict {
+                    function["strict"] = json!(strict);
+                }
+                json!({"type": "function", "function": function})
+            })
+            .collect()
+    });
+    let tool_choice = request.tool_choice.as_ref().map(|c| match c {
+        ToolChoice::Auto => json!("auto"),
+        ToolChoice::None => json!("none"),
+        ToolChoice::Required => json!("required"),
+        ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+    });
+    put(&mut body, sampling_fields(p));
+    put(
+        &mut body,
+        [
+            ("logprobs", p.logprobs.map(|v| json!(v))),
+            ("top_logprobs", p.top_logprobs.map(|v| json!(v))),
+            ("response_format", request.response_format.clone()),
+            (
+                "parallel_tool_calls",
+                p.parallel_tool_calls.filter(|_| !request.tools.is_empty()).map(|v| json!(v)),
             ),
-        );
-    }
-    set(
-        "tool_choice",
-        request.tool_choice.as_ref().map(|c| match c {
-            ToolChoice::Auto => json!("auto"),
-            ToolChoice::None => json!("none"),
-            ToolChoice::Required => json!("required"),
-            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
-        }),
+            ("tools", tools),
+            ("tool_choice", tool_choice),
+        ],
     );
-    if stream {
-        body["stream"] = json!(true);
-        body["stream_options"] = json!({"include_usage": true});
-    }
+    put(&mut body, stream_fields(stream));
     Ok(body)
+}
+
+/// Sets each field that has a value.
+fn put<'a>(body: &mut Value, fields: impl IntoIterator<Item = (&'a str, Option<Value>)>) {
+    for (key, value) in fields {
+        if let Some(value) = value {
+            body[key] = value;
+        }
+    }
+}
+
+/// A streamed request asks for the usage in a last chunk.
+fn stream_fields(stream: bool) -> [(&'static str, Option<Value>); 2] {
+    [
+        ("stream", stream.then(|| json!(true))),
+        ("stream_options", stream.then(|| json!({"include_usage": true}))),
+    ]
 }
 
 /// The `/completions` body of a legacy completion: one prompt as a string or token list,
@@ -215,22 +224,17 @@ pub fn completion_body(request: &CompletionRequest, stream: bool) -> Value {
     };
     let p = &request.params;
     let mut body = json!({"model": request.model, "prompt": prompt});
-    let mut set = |key: &str, value: Option<Value>| {
-        if let Some(v) = value {
-            body[key] = v;
-        }
-    };
-    for (key, value) in sampling_fields(p) {
-        set(key, value);
-    }
-    set("logprobs", request.logprobs.map(|v| json!(v)));
-    set("echo", request.echo.then(|| json!(true)));
-    set("suffix", request.suffix.clone().map(|v| json!(v)));
-    set("best_of", request.best_of.map(|v| json!(v)));
-    if stream {
-        set("stream", Some(json!(true)));
-        set("stream_options", Some(json!({"include_usage": true})));
-    }
+    put(&mut body, sampling_fields(p));
+    put(
+        &mut body,
+        [
+            ("logprobs", request.logprobs.map(|v| json!(v))),
+            ("echo", request.echo.then(|| json!(true))),
+            ("suffix", request.suffix.clone().map(|v| json!(v))),
+            ("best_of", request.best_of.map(|v| json!(v))),
+        ],
+    );
+    put(&mut body, stream_fields(stream));
     body
 }
 

@@ -100,16 +100,10 @@ async fn lm_embeddings(state: &AppState, request: EmbeddingRequest) -> Result<Re
     let token_ids = |index: usize, ids: Vec<i64>| -> Result<Vec<TokenId>, ApiError> {
         ids.into_iter()
             .map(|id| {
-                TokenId::try_from(id).ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
-                    ApiError::invalid(
-                        "input",
-                        format!(
-                            "Invalid 'input': input[{index}] holds token id {id}, outside this model's \
-                             vocabulary (0 to {})",
-                            vocab.saturating_sub(1)
-                        ),
-                    )
-                })
+                TokenId::try_from(id)
+                    .ok()
+                    .filter(|&t| (t as usize) < vocab)
+                    .ok_or_else(|| outside_vocabulary(index, id, vocab))
             })
             .collect()
     };
@@ -206,16 +200,7 @@ fn inputs(input: Prompt, embedder: &Embedder) -> Result<Vec<EmbedInput>, ApiErro
     let tokens = |index: usize, ids: Vec<i64>| -> Result<EmbedInput, ApiError> {
         ids.into_iter()
             .map(|id| {
-                u32::try_from(id).map_err(|_| {
-                    ApiError::invalid(
-                        "input",
-                        format!(
-                            "Invalid 'input': input[{index}] holds token id {id}, outside this model's \
-                             vocabulary (0 to {})",
-                            embedder.vocab_size().saturating_sub(1)
-                        ),
-                    )
-                })
+                u32::try_from(id).map_err(|_| outside_vocabulary(index, id, embedder.vocab_size() as usize))
             })
             .collect::<Result<Vec<u32>, ApiError>>()
             .map(EmbedInput::Tokens)
@@ -226,6 +211,17 @@ fn inputs(input: Prompt, embedder: &Embedder) -> Result<Vec<EmbedInput>, ApiErro
         Prompt::Tokens(ids) => Ok(vec![tokens(0, ids)?]),
         Prompt::TokenLists(lists) => lists.into_iter().enumerate().map(|(i, ids)| tokens(i, ids)).collect(),
     }
+}
+
+/// The 400 for a token id of `input[index]` that the model's vocabulary lacks.
+fn outside_vocabulary(index: usize, id: i64, vocab: usize) -> ApiError {
+    ApiError::invalid(
+        "input",
+        format!(
+            "Invalid 'input': input[{index}] holds token id {id}, outside this model's vocabulary (0 to {})",
+            vocab.saturating_sub(1)
+        ),
+    )
 }
 
 /// The vector's little-endian `f32` bytes in standard base64, as OpenAI sends them.
