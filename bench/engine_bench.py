@@ -25,7 +25,7 @@ import httpx
 from procstat import peak_rss_mb
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-FERRY = os.path.join(ROOT, "target", "release", "ferry")
+FERRY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "ferry"))
 LLAMA_BENCH = os.path.join(ROOT, "bench", "peers", "bin", "llama-bench")
 LLAMA_BATCHED_BENCH = os.path.join(ROOT, "bench", "peers", "bin", "llama-batched-bench")
 
