@@ -310,7 +310,7 @@ impl ServeArgs {
             ctx_size: self.ctx_size.or(file.ctx_size).unwrap_or(4096),
             parallel: self.parallel.or(file.parallel).unwrap_or(8),
             batch_size: self.batch_size.or(file.batch_size).unwrap_or(512),
-            prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(256),
+            prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(512),
             max_queue: self.max_queue.or(file.max_queue).unwrap_or(256),
             request_timeout: match self.request_timeout.or(file.request_timeout) {
                 None => None,
