@@ -224,11 +224,19 @@ test('playground: a streamed chat with token probabilities', async () => {
   await go('playground', 'Playground');
   await page.fill('#max-tokens', '40');
   await page.fill('#prompt', QUESTION);
+  // Streaming: tokens are on the page while the answer is still being written. An observer
+  // sees each change to the page as it is made; polling for a selector can miss a short
+  // answer that streams in faster than the browser draws (it did, on a busy machine).
+  await page.evaluate(() => {
+    window.sawStreamingToken = false;
+    new MutationObserver(() => {
+      if (document.querySelector('.msg.assistant.streaming .tok')) window.sawStreamingToken = true;
+    }).observe(document.body, { childList: true, subtree: true, attributes: true });
+  });
   await page.click('#send');
-  // Streaming: tokens are on the page while the answer is still being written.
-  await page.waitForSelector('.msg.assistant.streaming .tok', { timeout: 60000 });
   const meta = page.locator('.msg.assistant .meta');
   await meta.waitFor({ timeout: 60000 });
+  assert.ok(await page.evaluate(() => window.sawStreamingToken), 'tokens were on the page while the answer streamed');
   const text = await page.textContent('.msg.assistant .text');
   assert.ok(text.trim().length > 0, 'the answer has text');
   const chunks = Number(await page.getAttribute('.msg.assistant .text', 'data-chunks'));
