@@ -7,13 +7,34 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{
-    Event, FinishReason, Generation, Pending, Sequence, Timings, TokenInfo, Work, Worker, generation_reserve,
-};
+use super::{Event, FinishReason, Pending, Sequence, Timings, TokenInfo, Work, Worker, generation_reserve};
 use crate::TokenId;
 use crate::grammar::Constraint;
 use crate::sampler::{Sampler, logprobs};
 use crate::text::{StopMatcher, Utf8Stream};
+
+/// A choice being generated.
+pub(super) struct Generation {
+    pub(super) request: Arc<Pending>,
+    choice: usize,
+    admitted_at: Instant,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    max_inter_token: Duration,
+    sampler: Sampler,
+    utf8: Utf8Stream,
+    stops: StopMatcher,
+    /// Tokens sampled whose text the stop matcher still holds back.
+    unsent: Vec<TokenInfo>,
+    /// Collects prompt logprobs during prefill (only for the first choice, when asked).
+    pub(super) prompt_logprobs: Option<Vec<TokenInfo>>,
+    /// Prompt tokens found in the slot's cache and not recomputed.
+    cached_tokens: usize,
+    /// The grammar state of this choice, when the request has one.
+    constraint: Option<Constraint>,
+    /// Logits with the grammar's mask applied (reused between steps).
+    masked: Vec<f32>,
+}
 
 impl Worker<'_> {
     pub(super) fn admit_generation(&mut self, pending: Pending, free: &[usize]) {

@@ -36,13 +36,14 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::backend::{Backend, BatchEntry, Session, SessionConfig};
 use crate::grammar::Constraint;
-use crate::sampler::{Sampler, SamplingParams, TokenLogprob};
+use crate::sampler::{SamplingParams, TokenLogprob};
 use crate::scoring::{ScoreEvent, ScoreRequest};
-use crate::text::{StopMatcher, Utf8Stream};
 use crate::{EngineError, TokenId};
 
 mod generation;
 mod scoring_jobs;
+
+use generation::Generation;
 
 /// A request the API layer has validated: the prompt fits, the numbers are in range.
 #[derive(Debug, Clone)]
@@ -373,29 +374,6 @@ struct Sequence {
 enum Work {
     Generate(Box<Generation>),
     Score(Scoring),
-}
-
-/// A choice being generated.
-struct Generation {
-    request: Arc<Pending>,
-    choice: usize,
-    admitted_at: Instant,
-    first_token_at: Option<Instant>,
-    last_token_at: Option<Instant>,
-    max_inter_token: Duration,
-    sampler: Sampler,
-    utf8: Utf8Stream,
-    stops: StopMatcher,
-    /// Tokens sampled whose text the stop matcher still holds back.
-    unsent: Vec<TokenInfo>,
-    /// Collects prompt logprobs during prefill (only for the first choice, when asked).
-    prompt_logprobs: Option<Vec<TokenInfo>>,
-    /// Prompt tokens found in the slot's cache and not recomputed.
-    cached_tokens: usize,
-    /// The grammar state of this choice, when the request has one.
-    constraint: Option<Constraint>,
-    /// Logits with the grammar's mask applied (reused between steps).
-    masked: Vec<f32>,
 }
 
 /// The base or a variant of a scoring job.
