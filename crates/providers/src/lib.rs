@@ -8,7 +8,9 @@ pub mod openai;
 mod sse;
 pub mod types;
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -265,6 +267,10 @@ pub(crate) struct Upstream {
     pub api_key: Option<String>,
     client: reqwest::Client,
     pub timeouts: Timeouts,
+    /// Each path's full URL, parsed once: parsing it again for every call cost more than
+    /// serialising the request's body. Paths are the provider's few endpoints (Gemini's name
+    /// the configured upstream models), so the map stays small.
+    urls: RwLock<HashMap<String, reqwest::Url>>,
 }
 
 impl Upstream {
@@ -273,11 +279,28 @@ impl Upstream {
             .connect_timeout(timeouts.connect)
             .build()
             .map_err(|e| ProviderError::Connect(e.to_string()))?;
-        Ok(Upstream { base_url: base_url.trim_end_matches('/').to_string(), api_key, client, timeouts })
+        let base_url = base_url.trim_end_matches('/').to_string();
+        Ok(Upstream { base_url, api_key, client, timeouts, urls: RwLock::default() })
     }
 
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.post(format!("{}{path}", self.base_url)).timeout(self.timeouts.total)
+        let known = self.urls.read().unwrap_or_else(|e| e.into_inner()).get(path).cloned();
+        let request = match known {
+            Some(url) => self.client.post(url),
+            None => {
+                let url = format!("{}{path}", self.base_url);
+                match reqwest::Url::parse(&url) {
+                    Ok(parsed) => {
+                        let mut urls = self.urls.write().unwrap_or_else(|e| e.into_inner());
+                        urls.insert(path.to_string(), parsed.clone());
+                        self.client.post(parsed)
+                    }
+                    // reqwest reports the bad URL when the request is sent.
+                    Err(_) => self.client.post(url),
+                }
+            }
+        };
+        request.timeout(self.timeouts.total)
     }
 
     /// Sends within the first-byte timeout. A non-2xx answer becomes `ProviderError::Status`
@@ -312,7 +335,11 @@ impl Upstream {
         })
     }
 
-    pub async fn json(&self, response: reqwest::Response) -> Result<serde_json::Value, ProviderError> {
+    /// The answer's body as JSON: a `serde_json::Value`, or a typed answer read without one.
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<T, ProviderError> {
         response.json().await.map_err(|e| transport_error(e, self.api_key.as_deref()))
     }
 }

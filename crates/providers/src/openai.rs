@@ -4,6 +4,7 @@
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::sse::messages;
@@ -40,7 +41,7 @@ impl Provider for OpenAiProvider {
         async move {
             let body = request_body(&request, false)?;
             let response = self.send("/chat/completions", body).await?;
-            parse_response(&self.http.json(response).await?)
+            parse_response(self.http.json(response).await?)
         }
         .boxed()
     }
@@ -58,7 +59,7 @@ impl Provider for OpenAiProvider {
     fn completion(&self, request: CompletionRequest) -> BoxFuture<'_, Result<ChatResponse, ProviderError>> {
         async move {
             let response = self.send("/completions", completion_body(&request, false)).await?;
-            parse_completion(&self.http.json(response).await?)
+            parse_completion(self.http.json(response).await?)
         }
         .boxed()
     }
@@ -238,27 +239,111 @@ pub fn completion_body(request: &CompletionRequest, stream: bool) -> Value {
     body
 }
 
+/// An OpenAI chat or text completion as it comes off the wire, read into these fields
+/// rather than into a `serde_json::Value` tree, whose objects are hash maps: building one was
+/// the largest part of the gateway's own work on a small answer. The leaves stay JSON values,
+/// so that a server sending another type than OpenAI's (a numeric id, arguments as an
+/// object) still gets through; unknown fields (`reasoning_content`, `system_fingerprint`)
+/// are skipped.
+#[derive(Deserialize)]
+pub struct WireAnswer {
+    #[serde(default)]
+    id: Value,
+    #[serde(default)]
+    model: Value,
+    choices: Option<Vec<WireChoice>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    index: Value,
+    /// A chat completion's.
+    #[serde(default)]
+    message: Option<WireMessage>,
+    /// A text completion's.
+    #[serde(default)]
+    text: Value,
+    #[serde(default)]
+    finish_reason: Value,
+    #[serde(default)]
+    logprobs: Value,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    content: Value,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    #[serde(default)]
+    id: Value,
+    #[serde(default)]
+    function: Option<WireFunction>,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    #[serde(default)]
+    name: Value,
+    #[serde(default)]
+    arguments: Value,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: Value,
+    #[serde(default)]
+    completion_tokens: Value,
+    #[serde(default)]
+    prompt_tokens_details: Option<WireTokenDetails>,
+}
+
+#[derive(Deserialize)]
+struct WireTokenDetails {
+    #[serde(default)]
+    cached_tokens: Value,
+}
+
+fn text_of(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_string()
+}
+
+impl WireAnswer {
+    /// The neutral answer, each choice's message made by `message`.
+    fn neutral(self, message: impl Fn(WireChoice) -> Message) -> Result<ChatResponse, ProviderError> {
+        let choices = self
+            .choices
+            .ok_or_else(|| ProviderError::Decode("the answer has no 'choices'".into()))?
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| Choice {
+                index: c.index.as_u64().unwrap_or(i as u64) as u32,
+                finish_reason: finish_reason(&c.finish_reason),
+                logprobs: Some(c.logprobs.take()).filter(|v| !v.is_null()),
+                message: message(c),
+            })
+            .collect();
+        Ok(ChatResponse {
+            id: text_of(&self.id),
+            model: text_of(&self.model),
+            choices,
+            usage: usage(self.usage),
+        })
+    }
+}
+
 /// A neutral answer from a text completion: each choice's `text`, its `logprobs` object as
 /// the upstream sent it.
-pub fn parse_completion(value: &Value) -> Result<ChatResponse, ProviderError> {
-    let choices = value["choices"]
-        .as_array()
-        .ok_or_else(|| ProviderError::Decode("the answer has no 'choices'".into()))?
-        .iter()
-        .enumerate()
-        .map(|(i, c)| Choice {
-            index: c["index"].as_u64().unwrap_or(i as u64) as u32,
-            message: Message::text(Role::Assistant, c["text"].as_str().unwrap_or_default()),
-            finish_reason: finish_reason(&c["finish_reason"]),
-            logprobs: Some(c["logprobs"].clone()).filter(|v| !v.is_null()),
-        })
-        .collect();
-    Ok(ChatResponse {
-        id: value["id"].as_str().unwrap_or_default().to_string(),
-        model: value["model"].as_str().unwrap_or_default().to_string(),
-        choices,
-        usage: usage(&value["usage"]),
-    })
+pub fn parse_completion(answer: WireAnswer) -> Result<ChatResponse, ProviderError> {
+    answer.neutral(|c| Message::text(Role::Assistant, c.text.as_str().unwrap_or_default()))
 }
 
 fn finish_reason(value: &Value) -> Option<FinishReason> {
@@ -271,57 +356,44 @@ fn finish_reason(value: &Value) -> Option<FinishReason> {
     }
 }
 
-fn usage(value: &Value) -> Usage {
+fn usage(usage: Option<WireUsage>) -> Usage {
+    let Some(usage) = usage else { return Usage::default() };
     Usage {
-        prompt_tokens: value["prompt_tokens"].as_u64().unwrap_or(0),
-        completion_tokens: value["completion_tokens"].as_u64().unwrap_or(0),
-        cached_tokens: value["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0),
+        prompt_tokens: usage.prompt_tokens.as_u64().unwrap_or(0),
+        completion_tokens: usage.completion_tokens.as_u64().unwrap_or(0),
+        cached_tokens: usage.prompt_tokens_details.and_then(|d| d.cached_tokens.as_u64()).unwrap_or(0),
     }
 }
 
 /// A neutral answer from an OpenAI chat completion.
-pub fn parse_response(value: &Value) -> Result<ChatResponse, ProviderError> {
-    let choices = value["choices"]
-        .as_array()
-        .ok_or_else(|| ProviderError::Decode("the answer has no 'choices'".into()))?
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let m = &c["message"];
-            let tool_calls = m["tool_calls"]
-                .as_array()
-                .map(|calls| {
-                    calls
-                        .iter()
-                        .map(|t| ToolCall {
-                            id: t["id"].as_str().unwrap_or_default().to_string(),
-                            name: t["function"]["name"].as_str().unwrap_or_default().to_string(),
-                            arguments: t["function"]["arguments"].as_str().unwrap_or_default().to_string(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Choice {
-                index: c["index"].as_u64().unwrap_or(i as u64) as u32,
-                message: Message {
-                    role: Role::Assistant,
-                    content: m["content"]
-                        .as_str()
-                        .map(|t| vec![Part::Text(t.to_string())])
-                        .unwrap_or_default(),
-                    tool_calls,
-                    tool_call_id: None,
-                },
-                finish_reason: finish_reason(&c["finish_reason"]),
-                logprobs: Some(c["logprobs"].clone()).filter(|v| !v.is_null()),
-            }
-        })
-        .collect();
-    Ok(ChatResponse {
-        id: value["id"].as_str().unwrap_or_default().to_string(),
-        model: value["model"].as_str().unwrap_or_default().to_string(),
-        choices,
-        usage: usage(&value["usage"]),
+pub fn parse_response(answer: WireAnswer) -> Result<ChatResponse, ProviderError> {
+    answer.neutral(|c| {
+        let Some(m) = c.message else { return Message::text(Role::Assistant, "") };
+        let tool_calls = m
+            .tool_calls
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| {
+                let (name, arguments) =
+                    t.function.map_or((Value::Null, Value::Null), |f| (f.name, f.arguments));
+                ToolCall {
+                    id: text_of(&t.id),
+                    name: text_of(&name),
+                    // Some servers send the arguments as an object rather than its JSON text.
+                    arguments: match arguments {
+                        Value::String(text) => text,
+                        Value::Null => String::new(),
+                        other => other.to_string(),
+                    },
+                }
+            })
+            .collect();
+        Message {
+            role: Role::Assistant,
+            content: m.content.as_str().map(|t| vec![Part::Text(t.to_string())]).unwrap_or_default(),
+            tool_calls,
+            tool_call_id: None,
+        }
     })
 }
 
@@ -372,7 +444,7 @@ fn parse_chunk(
         }
     }
     if value["usage"].is_object() {
-        events.push(Ok(ChatEvent::Usage(usage(&value["usage"]))));
+        events.push(Ok(ChatEvent::Usage(usage(WireUsage::deserialize(&value["usage"]).ok()))));
     }
     events
 }
@@ -441,11 +513,14 @@ mod tests {
     #[test]
     fn text_completion_answers_and_chunks() {
         let logprobs = json!({"tokens": [" b"], "token_logprobs": [-0.5], "top_logprobs": [{" b": -0.5}], "text_offset": [1]});
-        let answer = parse_completion(&json!({
-            "id": "cmpl-1", "object": "text_completion", "model": "m",
-            "choices": [{"index": 0, "text": "a b", "logprobs": logprobs, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
-        }))
+        let answer = parse_completion(
+            serde_json::from_value(json!({
+                "id": "cmpl-1", "object": "text_completion", "model": "m",
+                "choices": [{"index": 0, "text": "a b", "logprobs": logprobs, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            }))
+            .unwrap(),
+        )
         .unwrap();
         assert_eq!(answer.choices[0].message.joined_text(), "a b");
         assert_eq!(answer.choices[0].finish_reason, Some(FinishReason::Length));
@@ -464,6 +539,39 @@ mod tests {
                 ChatEvent::Finish { choice: 1, reason: FinishReason::Stop },
             ]
         );
+    }
+
+    #[test]
+    fn chat_answers_are_read_without_a_value_tree() {
+        let read = |v: Value| parse_response(serde_json::from_value(v).unwrap());
+        let answer = read(json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "model": "m", "system_fingerprint": "fp",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "hi", "reasoning_content": "think"},
+                 "logprobs": null, "finish_reason": "stop"},
+                {"index": 1, "message": {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}},
+                    {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": {"b": 2}}}]},
+                 "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 3}},
+        }))
+        .unwrap();
+        assert_eq!((answer.id.as_str(), answer.model.as_str()), ("chatcmpl-1", "m"));
+        assert_eq!(answer.choices[0].message.joined_text(), "hi");
+        assert_eq!(answer.choices[0].logprobs, None);
+        let calls = &answer.choices[1].message.tool_calls;
+        assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("f", "{\"a\":1}"));
+        // Arguments sent as an object arrive as its JSON text.
+        assert_eq!((calls[1].id.as_str(), calls[1].arguments.as_str()), ("call_2", "{\"b\":2}"));
+        assert_eq!(answer.choices[1].finish_reason, Some(FinishReason::ToolCalls));
+        assert_eq!(
+            (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.cached_tokens),
+            (5, 7, 3)
+        );
+        // No usage is zero usage; no choices is an error that says so.
+        assert_eq!(read(json!({"choices": []})).unwrap().usage, Usage::default());
+        let missing = read(json!({"id": "x"})).err().unwrap();
+        assert!(missing.to_string().contains("no 'choices'"), "{missing}");
     }
 
     #[test]
