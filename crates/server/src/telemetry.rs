@@ -3,12 +3,14 @@
 //! rendered by `GET /metrics`. Labels stay bounded: routes are the fixed API paths, models
 //! are only named for answered requests (anything else is `-`), tenants are tenant ids.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock, RwLock};
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::app::AppState;
@@ -42,23 +44,77 @@ pub struct Finished<'a> {
     pub cache_hit: bool,
 }
 
-pub fn finished(f: &Finished<'_>) {
-    let model = if f.http_status < 400 { f.model.to_string() } else { "-".to_string() };
-    let (route, tenant) = (f.route.to_string(), f.tenant.to_string());
-    counter!("ferry_requests_total", "route" => route.clone(), "model" => model.clone(),
-        "status" => f.status.to_string(), "tenant" => tenant)
-    .increment(1);
-    histogram!("ferry_request_duration_seconds", "route" => route, "model" => model.clone())
-        .record(f.latency_s);
-    if let Some(ttft) = f.ttft_s {
-        histogram!("ferry_time_to_first_token_seconds", "model" => model.clone()).record(ttft);
+/// The handles a finished request records into, registered once per label set: registering
+/// by name and labels allocates the label strings and hashes them into the registry (a few
+/// thousand instructions a request); a cached handle costs one map lookup.
+struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    ttft: Histogram,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+    cache_hits: Counter,
+}
+
+impl RequestHandles {
+    fn register(route: &str, model: &str, status: &str, tenant: &str) -> Self {
+        let (route, model) = (route.to_string(), model.to_string());
+        RequestHandles {
+            requests: counter!("ferry_requests_total", "route" => route.clone(), "model" => model.clone(),
+                "status" => status.to_string(), "tenant" => tenant.to_string()),
+            duration: histogram!("ferry_request_duration_seconds", "route" => route, "model" => model.clone()),
+            ttft: histogram!("ferry_time_to_first_token_seconds", "model" => model.clone()),
+            prompt_tokens: counter!("ferry_prompt_tokens_total", "model" => model.clone()),
+            completion_tokens: counter!("ferry_completion_tokens_total", "model" => model.clone()),
+            cache_hits: counter!("ferry_cache_hits_total", "model" => model),
+        }
     }
-    counter!("ferry_prompt_tokens_total", "model" => model.clone()).increment(f.prompt_tokens);
-    counter!("ferry_completion_tokens_total", "model" => model.clone()).increment(f.completion_tokens);
+}
+
+/// Handles by label set (the label values joined by NUL, which no label holds). The sets are
+/// as bounded as the labels themselves (see the module docs).
+static REQUEST_HANDLES: LazyLock<RwLock<HashMap<String, Arc<RequestHandles>>>> =
+    LazyLock::new(Default::default);
+/// `ferry_upstream_duration_seconds` by target, and `ferry_inter_token_seconds` by model.
+static UPSTREAM_HANDLES: LazyLock<RwLock<HashMap<String, Histogram>>> = LazyLock::new(Default::default);
+static INTER_TOKEN_HANDLES: LazyLock<RwLock<HashMap<String, Histogram>>> = LazyLock::new(Default::default);
+
+/// The cached value for `key`, made by `make` the first time.
+fn cached<V: Clone>(map: &RwLock<HashMap<String, V>>, key: &str, make: impl FnOnce() -> V) -> V {
+    if let Some(v) = map.read().unwrap_or_else(|e| e.into_inner()).get(key) {
+        return v.clone();
+    }
+    map.write().unwrap_or_else(|e| e.into_inner()).entry(key.to_string()).or_insert_with(make).clone()
+}
+
+pub fn finished(f: &Finished<'_>) {
+    let model = if f.http_status < 400 { f.model } else { "-" };
+    let mut key = String::with_capacity(f.route.len() + model.len() + f.status.len() + f.tenant.len() + 3);
+    for (i, part) in [f.route, model, f.status, f.tenant].into_iter().enumerate() {
+        if i > 0 {
+            key.push('\0');
+        }
+        key.push_str(part);
+    }
+    let handles = cached(&REQUEST_HANDLES, &key, || {
+        Arc::new(RequestHandles::register(f.route, model, f.status, f.tenant))
+    });
+    handles.requests.increment(1);
+    handles.duration.record(f.latency_s);
+    if let Some(ttft) = f.ttft_s {
+        handles.ttft.record(ttft);
+    }
+    handles.prompt_tokens.increment(f.prompt_tokens);
+    handles.completion_tokens.increment(f.completion_tokens);
     if f.cache_hit {
-        counter!("ferry_cache_hits_total", "model" => model).increment(1);
+        handles.cache_hits.increment(1);
     } else if let Some(target) = f.provider.filter(|p| *p != "local") {
-        histogram!("ferry_upstream_duration_seconds", "target" => target.to_string()).record(f.latency_s);
+        cached(
+            &UPSTREAM_HANDLES,
+            target,
+            || histogram!("ferry_upstream_duration_seconds", "target" => target.to_string()),
+        )
+        .record(f.latency_s);
     }
 }
 
@@ -77,7 +133,12 @@ pub fn upstream_error(alias: &str) {
 }
 
 pub fn inter_token(model: &str, seconds: f64) {
-    histogram!("ferry_inter_token_seconds", "model" => model.to_string()).record(seconds);
+    cached(
+        &INTER_TOKEN_HANDLES,
+        model,
+        || histogram!("ferry_inter_token_seconds", "model" => model.to_string()),
+    )
+    .record(seconds);
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "Operations",
