@@ -52,11 +52,15 @@ pub trait JsonSource {
 
 impl JsonSource for Body<'_> {
     fn read<T: DeserializeOwned>(&self) -> Result<T, (String, serde_json::Error)> {
-        let mut de = serde_json::Deserializer::from_slice(self.0);
-        let value = serde_path_to_error::deserialize(&mut de).map_err(split)?;
-        // Trailing characters after the value, as `serde_json::from_slice` refuses them.
-        de.end().map_err(|e| (".".to_string(), e))?;
-        Ok(value)
+        // Tracking the path costs more than the read itself, so it is done again only to
+        // name what failed.
+        serde_json::from_slice(self.0).map_err(|plain| {
+            let mut de = serde_json::Deserializer::from_slice(self.0);
+            match serde_path_to_error::deserialize::<_, T>(&mut de) {
+                Err(e) => split(e),
+                Ok(_) => (".".to_string(), plain),
+            }
+        })
     }
 
     fn syntax_error(&self) -> Option<String> {
@@ -66,7 +70,10 @@ impl JsonSource for Body<'_> {
 
 impl JsonSource for serde_json::Value {
     fn read<T: DeserializeOwned>(&self) -> Result<T, (String, serde_json::Error)> {
-        serde_path_to_error::deserialize(self).map_err(split)
+        T::deserialize(self).map_err(|plain| match serde_path_to_error::deserialize::<_, T>(self) {
+            Err(e) => split(e),
+            Ok(_) => (".".to_string(), plain),
+        })
     }
 
     fn syntax_error(&self) -> Option<String> {
