@@ -4,7 +4,7 @@
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::sse::messages;
@@ -23,7 +23,7 @@ impl OpenAiProvider {
         Ok(OpenAiProvider { http: Upstream::new(base_url, api_key, timeouts)? })
     }
 
-    async fn send(&self, path: &str, body: Value) -> Result<reqwest::Response, ProviderError> {
+    async fn send(&self, path: &str, body: impl Serialize) -> Result<reqwest::Response, ProviderError> {
         let mut request = self.http.post(path).json(&body);
         if let Some(key) = &self.http.api_key {
             request = request.bearer_auth(key);
@@ -96,43 +96,89 @@ fn role(role: Role) -> &'static str {
     }
 }
 
-fn message_json(message: &Message) -> Value {
+/// One message of an OpenAI chat body.
+#[derive(Serialize)]
+struct OutMessage<'a> {
+    role: &'static str,
+    content: OutContent<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<OutToolCall<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+/// A message's content: its text, its parts where any is not text, or `null` (an assistant
+/// turn that only calls tools).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutContent<'a> {
+    Text(String),
+    Parts(Vec<OutPart<'a>>),
+    Null,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum OutPart<'a> {
+    Text { text: &'a str },
+    ImageUrl { image_url: OutImage<'a> },
+}
+
+#[derive(Serialize)]
+struct OutImage<'a> {
+    url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct OutToolCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutCall<'a>,
+}
+
+#[derive(Serialize)]
+struct OutCall<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+fn out_message(message: &Message) -> OutMessage<'_> {
     let only_text = message.content.iter().all(|p| matches!(p, Part::Text(_)));
-    let content = if only_text {
-        json!(message.joined_text())
+    let content = if !message.tool_calls.is_empty() && message.content.is_empty() {
+        OutContent::Null
+    } else if only_text {
+        OutContent::Text(message.joined_text())
     } else {
-        Value::Array(
+        OutContent::Parts(
             message
                 .content
                 .iter()
                 .map(|p| match p {
-                    Part::Text(t) => json!({"type": "text", "text": t}),
+                    Part::Text(text) => OutPart::Text { text },
                     Part::Image { url, detail } => {
-                        let mut image = json!({"url": url});
-                        if let Some(detail) = detail {
-                            image["detail"] = json!(detail);
-                        }
-                        json!({"type": "image_url", "image_url": image})
+                        OutPart::ImageUrl { image_url: OutImage { url, detail: detail.as_deref() } }
                     }
                 })
                 .collect(),
         )
     };
-    let mut out = json!({"role": role(message.role), "content": content});
-    if !message.tool_calls.is_empty() {
-        out["tool_calls"] = message
+    OutMessage {
+        role: role(message.role),
+        content,
+        tool_calls: message
             .tool_calls
             .iter()
-            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-            .collect();
-        if message.content.is_empty() {
-            out["content"] = Value::Null;
-        }
+            .map(|c| OutToolCall {
+                id: &c.id,
+                kind: "function",
+                function: OutCall { name: &c.name, arguments: &c.arguments },
+            })
+            .collect(),
+        tool_call_id: message.tool_call_id.as_deref(),
     }
-    if let Some(id) = &message.tool_call_id {
-        out["tool_call_id"] = json!(id);
-    }
-    out
 }
 
 /// The sampling fields chat and legacy completion bodies share, each with its value if set.
@@ -149,50 +195,127 @@ fn sampling_fields(p: &crate::Params) -> [(&'static str, Option<Value>); 8] {
     ]
 }
 
+/// The OpenAI chat body of a neutral request, serialised straight from it: building a
+/// `serde_json::Value` first cost more than writing the JSON.
+#[derive(Serialize)]
+pub struct ChatBody<'a> {
+    model: &'a str,
+    messages: Vec<OutMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    n: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<&'a Value>,
+    /// Only with tools: some servers refuse it alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<OutTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<OutToolChoice<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    /// A streamed request asks for the usage in a last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct OutTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct OutFunction<'a> {
+    name: &'a str,
+    description: Option<&'a str>,
+    parameters: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strict: Option<bool>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutToolChoice<'a> {
+    Mode(&'static str),
+    Function {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        function: OutChosen<'a>,
+    },
+}
+
+#[derive(Serialize)]
+struct OutChosen<'a> {
+    name: &'a str,
+}
+
 /// The OpenAI request body of a neutral request.
-pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, ProviderError> {
+pub fn request_body(request: &ChatRequest, stream: bool) -> Result<ChatBody<'_>, ProviderError> {
     let p = &request.params;
-    let mut body = json!({
-        "model": request.model,
-        "messages": request.messages.iter().map(message_json).collect::<Vec<_>>(),
-    });
-    let tools = (!request.tools.is_empty()).then(|| {
-        request
+    Ok(ChatBody {
+        model: &request.model,
+        messages: request.messages.iter().map(out_message).collect(),
+        temperature: p.temperature,
+        top_p: p.top_p,
+        max_tokens: p.max_tokens,
+        stop: &p.stop,
+        seed: p.seed,
+        n: p.n,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        logprobs: p.logprobs,
+        top_logprobs: p.top_logprobs,
+        response_format: request.response_format.as_ref(),
+        parallel_tool_calls: p.parallel_tool_calls.filter(|_| !request.tools.is_empty()),
+        tools: request
             .tools
             .iter()
-            .map(|t| {
-                let mut function =
-                    json!({"name": t.name, "description": t.description, "parameters": t.parameters});
-                if let Some(strict) = t.strict {
-                    function["strict"] = json!(strict);
-                }
-                json!({"type": "function", "function": function})
+            .map(|t| OutTool {
+                kind: "function",
+                function: OutFunction {
+                    name: &t.name,
+                    description: t.description.as_deref(),
+                    parameters: &t.parameters,
+                    strict: t.strict,
+                },
             })
-            .collect()
-    });
-    let tool_choice = request.tool_choice.as_ref().map(|c| match c {
-        ToolChoice::Auto => json!("auto"),
-        ToolChoice::None => json!("none"),
-        ToolChoice::Required => json!("required"),
-        ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
-    });
-    put(&mut body, sampling_fields(p));
-    put(
-        &mut body,
-        [
-            ("logprobs", p.logprobs.map(|v| json!(v))),
-            ("top_logprobs", p.top_logprobs.map(|v| json!(v))),
-            ("response_format", request.response_format.clone()),
-            (
-                "parallel_tool_calls",
-                p.parallel_tool_calls.filter(|_| !request.tools.is_empty()).map(|v| json!(v)),
-            ),
-            ("tools", tools),
-            ("tool_choice", tool_choice),
-        ],
-    );
-    put(&mut body, stream_fields(stream));
-    Ok(body)
+            .collect(),
+        tool_choice: request.tool_choice.as_ref().map(|c| match c {
+            ToolChoice::Auto => OutToolChoice::Mode("auto"),
+            ToolChoice::None => OutToolChoice::Mode("none"),
+            ToolChoice::Required => OutToolChoice::Mode("required"),
+            ToolChoice::Function(name) => {
+                OutToolChoice::Function { kind: "function", function: OutChosen { name } }
+            }
+        }),
+        stream,
+        stream_options: stream.then_some(StreamOptions { include_usage: true }),
+    })
 }
 
 /// Sets each field that has a value.
@@ -452,6 +575,11 @@ fn parse_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chat body as the upstream receives it.
+    fn body_json(request: &ChatRequest, stream: bool) -> Value {
+        serde_json::to_value(request_body(request, stream).unwrap()).unwrap()
+    }
     use crate::Params;
 
     #[test]
@@ -474,7 +602,7 @@ mod tests {
             tool_choice: Some(ToolChoice::Function("look".into())),
             response_format: None,
         };
-        let body = request_body(&request, true).unwrap();
+        let body = body_json(&request, true);
         assert_eq!(body["messages"][0], json!({"role": "system", "content": "be brief"}));
         assert_eq!(body["messages"][1]["content"][1]["image_url"]["url"], "data:image/png;base64,AA==");
         assert_eq!(body["messages"][2]["content"], Value::Null);
@@ -584,17 +712,17 @@ mod tests {
             tool_choice: None,
             response_format: None,
         };
-        assert!(request_body(&request, false).unwrap().get("parallel_tool_calls").is_none());
+        assert!(body_json(&request, false).get("parallel_tool_calls").is_none());
         request.tools =
             vec![crate::Tool { name: "f".into(), description: None, parameters: json!({}), strict: None }];
-        assert_eq!(request_body(&request, false).unwrap()["parallel_tool_calls"], false);
+        assert_eq!(body_json(&request, false)["parallel_tool_calls"], false);
     }
 
     #[test]
     fn image_detail_and_tool_strict_are_sent_on_as_given() {
         for (detail, strict) in [(Some("low"), Some(true)), (Some("auto"), Some(false)), (None, None)] {
             let request = crate::types::detail_and_strict_request(detail, strict);
-            let body = request_body(&request, false).unwrap();
+            let body = body_json(&request, false);
             let image = &body["messages"][0]["content"][1]["image_url"];
             assert_eq!(image["url"], "data:image/png;base64,AA==");
             assert_eq!(image.get("detail").and_then(Value::as_str), detail);
