@@ -435,6 +435,15 @@ struct WireTokenDetails {
     cached_tokens: Value,
 }
 
+/// A tool call's arguments as JSON text: some servers send them as an object instead.
+fn arguments_text(arguments: Value) -> String {
+    match arguments {
+        Value::String(text) => text,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
 fn text_of(value: &Value) -> String {
     value.as_str().unwrap_or_default().to_string()
 }
@@ -499,16 +508,7 @@ pub fn parse_response(answer: WireAnswer) -> Result<ChatResponse, ProviderError>
             .map(|t| {
                 let (name, arguments) =
                     t.function.map_or((Value::Null, Value::Null), |f| (f.name, f.arguments));
-                ToolCall {
-                    id: text_of(&t.id),
-                    name: text_of(&name),
-                    // Some servers send the arguments as an object rather than its JSON text.
-                    arguments: match arguments {
-                        Value::String(text) => text,
-                        Value::Null => String::new(),
-                        other => other.to_string(),
-                    },
-                }
+                ToolCall { id: text_of(&t.id), name: text_of(&name), arguments: arguments_text(arguments) }
             })
             .collect();
         Message {
@@ -528,11 +528,12 @@ fn parse_chunk(
         Ok(m) => m,
         Err(e) => return vec![Err(e)],
     };
-    let value: Value = match serde_json::from_str(&message.data) {
+    // Read like a plain answer, into typed fields: a chunk arrives for every token.
+    let chunk: WireChunk = match serde_json::from_str(&message.data) {
         Ok(v) => v,
         Err(e) => return vec![Err(ProviderError::Decode(format!("a stream chunk is not JSON: {e}")))],
     };
-    if let Some(error) = value.get("error") {
+    if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
         let message = error["message"].as_str().unwrap_or("upstream error in stream").to_string();
         return vec![Err(ProviderError::Status {
             status: 500,
@@ -543,33 +544,80 @@ fn parse_chunk(
         })];
     }
     let mut events = Vec::new();
-    for c in value["choices"].as_array().into_iter().flatten() {
-        let choice = c["index"].as_u64().unwrap_or(0) as u32;
-        let delta = &c["delta"];
+    for mut c in chunk.choices.unwrap_or_default() {
+        let choice = c.index.as_u64().unwrap_or(0) as u32;
+        let delta = c.delta.unwrap_or_default();
         // A text completion chunk carries `text` where a chat chunk has a delta.
-        if let Some(text) = delta["content"].as_str().or_else(|| c["text"].as_str())
+        if let Some(text) = delta.content.as_str().or_else(|| c.text.as_str())
             && !text.is_empty()
         {
-            let logprobs = Some(c["logprobs"].clone()).filter(|v| !v.is_null());
+            let logprobs = Some(c.logprobs.take()).filter(|v| !v.is_null());
             events.push(Ok(ChatEvent::Text { choice, text: text.to_string(), logprobs }));
         }
-        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+        for call in delta.tool_calls.unwrap_or_default() {
+            let (name, arguments) =
+                call.function.map_or((Value::Null, Value::Null), |f| (f.name, f.arguments));
             events.push(Ok(ChatEvent::ToolCall {
                 choice,
-                index: call["index"].as_u64().unwrap_or(0) as u32,
-                id: call["id"].as_str().map(str::to_string),
-                name: call["function"]["name"].as_str().map(str::to_string),
-                arguments: call["function"]["arguments"].as_str().unwrap_or_default().to_string(),
+                index: call.index.as_u64().unwrap_or(0) as u32,
+                id: call.id.as_str().map(str::to_string),
+                name: name.as_str().map(str::to_string),
+                arguments: arguments_text(arguments),
             }));
         }
-        if let Some(reason) = finish_reason(&c["finish_reason"]) {
+        if let Some(reason) = finish_reason(&c.finish_reason) {
             events.push(Ok(ChatEvent::Finish { choice, reason }));
         }
     }
-    if value["usage"].is_object() {
-        events.push(Ok(ChatEvent::Usage(usage(WireUsage::deserialize(&value["usage"]).ok()))));
+    // Servers send `"usage": null` in every chunk but the last.
+    if chunk.usage.is_object() {
+        events.push(Ok(ChatEvent::Usage(usage(WireUsage::deserialize(&chunk.usage).ok()))));
     }
     events
+}
+
+/// One streamed chunk of a chat or text completion (see [`WireAnswer`]).
+#[derive(Deserialize)]
+struct WireChunk {
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default)]
+    choices: Option<Vec<WireChunkChoice>>,
+    #[serde(default)]
+    usage: Value,
+}
+
+#[derive(Deserialize)]
+struct WireChunkChoice {
+    #[serde(default)]
+    index: Value,
+    #[serde(default)]
+    delta: Option<WireDelta>,
+    /// A text completion chunk's.
+    #[serde(default)]
+    text: Value,
+    #[serde(default)]
+    finish_reason: Value,
+    #[serde(default)]
+    logprobs: Value,
+}
+
+#[derive(Deserialize, Default)]
+struct WireDelta {
+    #[serde(default)]
+    content: Value,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireDeltaCall>>,
+}
+
+#[derive(Deserialize)]
+struct WireDeltaCall {
+    #[serde(default)]
+    index: Value,
+    #[serde(default)]
+    id: Value,
+    #[serde(default)]
+    function: Option<WireFunction>,
 }
 
 #[cfg(test)]
@@ -700,6 +748,46 @@ mod tests {
         assert_eq!(read(json!({"choices": []})).unwrap().usage, Usage::default());
         let missing = read(json!({"id": "x"})).err().unwrap();
         assert!(missing.to_string().contains("no 'choices'"), "{missing}");
+    }
+
+    #[test]
+    fn chat_chunks_are_read_without_a_value_tree() {
+        let read = |v: Value| -> Vec<ChatEvent> {
+            let chunk = crate::sse::SseMessage { event: None, data: v.to_string() };
+            parse_chunk(Ok(chunk)).into_iter().map(Result::unwrap).collect()
+        };
+        // vLLM sends `"usage": null` until the last chunk, and `"error": null` means none.
+        let first = json!({"id": "c", "object": "chat.completion.chunk", "usage": null, "error": null,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "",
+                "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                "function": {"name": "f", "arguments": ""}}]},
+                "logprobs": null, "finish_reason": null}]});
+        let call = |id: Option<&str>, name: Option<&str>, arguments: &str| ChatEvent::ToolCall {
+            choice: 0,
+            index: 0,
+            id: id.map(str::to_string),
+            name: name.map(str::to_string),
+            arguments: arguments.into(),
+        };
+        assert_eq!(read(first), [call(Some("call_1"), Some("f"), "")]);
+        let more = json!({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": "{\"a\":"}}]}, "finish_reason": null}]});
+        assert_eq!(read(more), [call(None, None, "{\"a\":")]);
+        let last = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4}});
+        assert_eq!(
+            read(last),
+            [
+                ChatEvent::Finish { choice: 0, reason: FinishReason::ToolCalls },
+                ChatEvent::Usage(Usage { prompt_tokens: 3, completion_tokens: 4, cached_tokens: 0 }),
+            ]
+        );
+        let error = crate::sse::SseMessage {
+            event: None,
+            data: json!({"error": {"message": "overloaded"}}).to_string(),
+        };
+        let refused = parse_chunk(Ok(error)).pop().unwrap().unwrap_err();
+        assert!(refused.to_string().contains("overloaded"), "{refused}");
     }
 
     #[test]
