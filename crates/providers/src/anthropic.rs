@@ -4,6 +4,7 @@
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::sse::{SseMessage, messages};
@@ -252,19 +253,21 @@ impl StreamState {
             Ok(m) => m,
             Err(e) => return vec![Err(e)],
         };
-        let Ok(value) = serde_json::from_str::<Value>(&message.data) else {
+        // Read into typed fields, not a `Value` tree: a delta arrives for every token.
+        let Ok(event) = serde_json::from_str::<WireEvent>(&message.data) else {
             return vec![Err(ProviderError::Decode("a stream event is not JSON".into()))];
         };
-        match value["type"].as_str().unwrap_or_default() {
+        let delta = event.delta.unwrap_or_default();
+        match event.kind.as_str().unwrap_or_default() {
             "message_start" => {
-                (self.input_tokens, self.cached_tokens) = prompt_usage(&value["message"]["usage"]);
+                (self.input_tokens, self.cached_tokens) = prompt_usage(&event.message["usage"]);
                 vec![]
             }
-            "content_block_start" if value["content_block"]["type"] == "tool_use" => {
+            "content_block_start" if event.content_block["type"] == "tool_use" => {
                 let index = self.tools_seen;
                 self.tools_seen += 1;
-                self.tool_index_of_block.insert(value["index"].as_u64().unwrap_or(0), index);
-                let block = &value["content_block"];
+                self.tool_index_of_block.insert(event.index.as_u64().unwrap_or(0), index);
+                let block = &event.content_block;
                 vec![Ok(ChatEvent::ToolCall {
                     choice: 0,
                     index,
@@ -273,44 +276,41 @@ impl StreamState {
                     arguments: String::new(),
                 })]
             }
-            "content_block_delta" => {
-                let delta = &value["delta"];
-                match delta["type"].as_str() {
-                    Some("text_delta") => vec![Ok(ChatEvent::Text {
+            "content_block_delta" => match delta.kind.as_str() {
+                Some("text_delta") => vec![Ok(ChatEvent::Text {
+                    choice: 0,
+                    text: delta.text.as_str().unwrap_or_default().to_string(),
+                    logprobs: None,
+                })],
+                Some("input_json_delta") => {
+                    let block = event.index.as_u64().unwrap_or(0);
+                    let index = self.tool_index_of_block.get(&block).copied().unwrap_or(0);
+                    vec![Ok(ChatEvent::ToolCall {
                         choice: 0,
-                        text: delta["text"].as_str().unwrap_or_default().to_string(),
-                        logprobs: None,
-                    })],
-                    Some("input_json_delta") => {
-                        let block = value["index"].as_u64().unwrap_or(0);
-                        let index = self.tool_index_of_block.get(&block).copied().unwrap_or(0);
-                        vec![Ok(ChatEvent::ToolCall {
-                            choice: 0,
-                            index,
-                            id: None,
-                            name: None,
-                            arguments: delta["partial_json"].as_str().unwrap_or_default().to_string(),
-                        })]
-                    }
-                    _ => vec![],
+                        index,
+                        id: None,
+                        name: None,
+                        arguments: delta.partial_json.as_str().unwrap_or_default().to_string(),
+                    })]
                 }
-            }
+                _ => vec![],
+            },
             "message_delta" => {
                 let mut out = Vec::new();
-                if let Some(reason) = finish_reason(&value["delta"]["stop_reason"]) {
+                if let Some(reason) = finish_reason(&delta.stop_reason) {
                     out.push(Ok(ChatEvent::Finish { choice: 0, reason }));
                 }
                 out.push(Ok(ChatEvent::Usage(Usage {
                     prompt_tokens: self.input_tokens,
-                    completion_tokens: value["usage"]["output_tokens"].as_u64().unwrap_or(0),
+                    completion_tokens: event.usage["output_tokens"].as_u64().unwrap_or(0),
                     cached_tokens: self.cached_tokens,
                 })));
                 out
             }
             "error" => vec![Err(ProviderError::Status {
-                status: if value["error"]["type"] == "overloaded_error" { 529 } else { 500 },
-                message: value["error"]["message"].as_str().unwrap_or("upstream error").to_string(),
-                code: value["error"]["type"].as_str().map(str::to_string),
+                status: if event.error["type"] == "overloaded_error" { 529 } else { 500 },
+                message: event.error["message"].as_str().unwrap_or("upstream error").to_string(),
+                code: event.error["type"].as_str().map(str::to_string),
                 param: None,
                 retry_after: None,
             })],
@@ -319,10 +319,87 @@ impl StreamState {
     }
 }
 
+/// One event of a Messages stream. The per-token part (`delta`) is typed; what comes once a
+/// stream or a block (`message`, `content_block`, `usage`, `error`) stays a JSON value.
+#[derive(Deserialize)]
+struct WireEvent {
+    #[serde(default, rename = "type")]
+    kind: Value,
+    #[serde(default)]
+    index: Value,
+    #[serde(default)]
+    delta: Option<WireDelta>,
+    #[serde(default)]
+    message: Value,
+    #[serde(default)]
+    content_block: Value,
+    #[serde(default)]
+    usage: Value,
+    #[serde(default)]
+    error: Value,
+}
+
+#[derive(Deserialize, Default)]
+struct WireDelta {
+    #[serde(default, rename = "type")]
+    kind: Value,
+    #[serde(default)]
+    text: Value,
+    #[serde(default)]
+    partial_json: Value,
+    #[serde(default)]
+    stop_reason: Value,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Params;
+
+    #[test]
+    fn stream_events_become_neutral_events() {
+        let mut state = StreamState::default();
+        let mut read = |v: Value| -> Vec<ChatEvent> {
+            let message = SseMessage { event: None, data: v.to_string() };
+            state.events(Ok(message)).into_iter().map(Result::unwrap).collect()
+        };
+        let start = json!({"type": "message_start", "message": {"id": "msg_1", "usage":
+            {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 1}}});
+        assert_eq!(read(start), []);
+        let text =
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}});
+        assert_eq!(read(text), [ChatEvent::Text { choice: 0, text: "Hi".into(), logprobs: None }]);
+        let tool = json!({"type": "content_block_start", "index": 1,
+            "content_block": {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}});
+        let call = |id: Option<&str>, name: Option<&str>, arguments: &str| ChatEvent::ToolCall {
+            choice: 0,
+            index: 0,
+            id: id.map(str::to_string),
+            name: name.map(str::to_string),
+            arguments: arguments.into(),
+        };
+        assert_eq!(read(tool), [call(Some("toolu_1"), Some("f"), "")]);
+        let part = json!({"type": "content_block_delta", "index": 1,
+            "delta": {"type": "input_json_delta", "partial_json": "{\"a\":"}});
+        assert_eq!(read(part), [call(None, None, "{\"a\":")]);
+        let end = json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 7}});
+        assert_eq!(
+            read(end),
+            [
+                ChatEvent::Finish { choice: 0, reason: FinishReason::ToolCalls },
+                ChatEvent::Usage(Usage { prompt_tokens: 14, completion_tokens: 7, cached_tokens: 4 }),
+            ]
+        );
+        let error = SseMessage {
+            event: None,
+            data: json!({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
+                .to_string(),
+        };
+        match state.events(Ok(error)).pop().unwrap() {
+            Err(ProviderError::Status { status, .. }) => assert_eq!(status, 529),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn translates_system_tools_images_and_results() {
