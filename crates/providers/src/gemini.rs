@@ -5,6 +5,7 @@
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::sse::{SseMessage, messages};
@@ -256,10 +257,11 @@ fn chunk_events(
         Ok(m) => m,
         Err(e) => return vec![Err(e)],
     };
-    let Ok(value) = serde_json::from_str::<Value>(&message.data) else {
+    // Read into typed fields, not a `Value` tree: a chunk arrives every few tokens.
+    let Ok(chunk) = serde_json::from_str::<WireChunk>(&message.data) else {
         return vec![Err(ProviderError::Decode("a stream chunk is not JSON".into()))];
     };
-    if let Some(error) = value.get("error") {
+    if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
         return vec![Err(ProviderError::Status {
             status: error["code"].as_u64().unwrap_or(500) as u16,
             message: error["message"].as_str().unwrap_or("upstream error").to_string(),
@@ -270,12 +272,13 @@ fn chunk_events(
     }
     let mut events = Vec::new();
     let mut finished = false;
-    for (i, candidate) in value["candidates"].as_array().into_iter().flatten().enumerate() {
-        let choice = candidate["index"].as_u64().unwrap_or(i as u64) as u32;
-        for part in candidate["content"]["parts"].as_array().into_iter().flatten() {
-            if let Some(text) = part["text"].as_str() {
+    for (i, candidate) in chunk.candidates.unwrap_or_default().into_iter().enumerate() {
+        let choice = candidate.index.as_u64().unwrap_or(i as u64) as u32;
+        let parts = candidate.content.and_then(|c| c.parts).unwrap_or_default();
+        for part in parts {
+            if let Some(text) = part.text.as_str() {
                 events.push(Ok(ChatEvent::Text { choice, text: text.to_string(), logprobs: None }));
-            } else if let Some(call) = part.get("functionCall") {
+            } else if let Some(call) = part.function_call {
                 let index = *calls_seen;
                 *calls_seen += 1;
                 events.push(Ok(ChatEvent::ToolCall {
@@ -287,21 +290,101 @@ fn chunk_events(
                 }));
             }
         }
-        if let Some(reason) = finish_reason(&candidate["finishReason"], *calls_seen > 0) {
+        if let Some(reason) = finish_reason(&candidate.finish_reason, *calls_seen > 0) {
             events.push(Ok(ChatEvent::Finish { choice, reason }));
             finished = true;
         }
     }
-    if finished && value["usageMetadata"].is_object() {
-        events.push(Ok(ChatEvent::Usage(usage(&value["usageMetadata"]))));
+    if finished && chunk.usage_metadata.is_object() {
+        events.push(Ok(ChatEvent::Usage(usage(&chunk.usage_metadata))));
     }
     events
+}
+
+/// One streamed chunk: a partial `GenerateContentResponse`. Text parts are typed; a function
+/// call (once per call) and the usage stay JSON values.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireChunk {
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default)]
+    candidates: Option<Vec<WireCandidate>>,
+    #[serde(default)]
+    usage_metadata: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireCandidate {
+    #[serde(default)]
+    index: Value,
+    #[serde(default)]
+    content: Option<WireContent>,
+    #[serde(default)]
+    finish_reason: Value,
+}
+
+#[derive(Deserialize)]
+struct WireContent {
+    #[serde(default)]
+    parts: Option<Vec<WirePart>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WirePart {
+    #[serde(default)]
+    text: Value,
+    #[serde(default)]
+    function_call: Option<Value>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{Params, Tool};
+
+    #[test]
+    fn stream_chunks_become_neutral_events() {
+        let mut calls_seen = 0;
+        let mut read = |v: Value| -> Vec<ChatEvent> {
+            let message = SseMessage { event: None, data: v.to_string() };
+            chunk_events(Ok(message), &mut calls_seen).into_iter().map(Result::unwrap).collect()
+        };
+        let usage_so_far = json!({"promptTokenCount": 5, "candidatesTokenCount": 1, "totalTokenCount": 6});
+        let text = json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "Hi"}]}, "index": 0}],
+            "usageMetadata": usage_so_far, "modelVersion": "gemini-2.5-flash"});
+        assert_eq!(read(text), [ChatEvent::Text { choice: 0, text: "Hi".into(), logprobs: None }]);
+        let call = json!({"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"name": "f", "args": {"a": 1}}}]}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3, "cachedContentTokenCount": 2}});
+        assert_eq!(
+            read(call),
+            [
+                ChatEvent::ToolCall {
+                    choice: 0,
+                    index: 0,
+                    id: Some("call_0".into()),
+                    name: Some("f".into()),
+                    arguments: "{\"a\":1}".into(),
+                },
+                ChatEvent::Finish { choice: 0, reason: FinishReason::ToolCalls },
+                ChatEvent::Usage(Usage { prompt_tokens: 5, completion_tokens: 3, cached_tokens: 2 }),
+            ]
+        );
+        let error = SseMessage {
+            event: None,
+            data: json!({"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}})
+                .to_string(),
+        };
+        match chunk_events(Ok(error), &mut 0).pop().unwrap() {
+            Err(ProviderError::Status { status, code, .. }) => {
+                assert_eq!((status, code.as_deref()), (429, Some("RESOURCE_EXHAUSTED")))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn translates_roles_tools_and_images() {
