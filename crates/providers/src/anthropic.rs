@@ -371,13 +371,7 @@ mod tests {
         assert_eq!(read(text), [ChatEvent::Text { choice: 0, text: "Hi".into(), logprobs: None }]);
         let tool = json!({"type": "content_block_start", "index": 1,
             "content_block": {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}});
-        let call = |id: Option<&str>, name: Option<&str>, arguments: &str| ChatEvent::ToolCall {
-            choice: 0,
-            index: 0,
-            id: id.map(str::to_string),
-            name: name.map(str::to_string),
-            arguments: arguments.into(),
-        };
+        let call = crate::types::first_call_delta;
         assert_eq!(read(tool), [call(Some("toolu_1"), Some("f"), "")]);
         let part = json!({"type": "content_block_delta", "index": 1,
             "delta": {"type": "input_json_delta", "partial_json": "{\"a\":"}});

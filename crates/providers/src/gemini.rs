@@ -362,13 +362,7 @@ mod tests {
         assert_eq!(
             read(call),
             [
-                ChatEvent::ToolCall {
-                    choice: 0,
-                    index: 0,
-                    id: Some("call_0".into()),
-                    name: Some("f".into()),
-                    arguments: "{\"a\":1}".into(),
-                },
+                crate::types::first_call_delta(Some("call_0"), Some("f"), "{\"a\":1}"),
                 ChatEvent::Finish { choice: 0, reason: FinishReason::ToolCalls },
                 ChatEvent::Usage(Usage { prompt_tokens: 5, completion_tokens: 3, cached_tokens: 2 }),
             ]

@@ -255,3 +255,16 @@ pub(crate) fn detail_and_strict_request(detail: Option<&str>, strict: Option<boo
         response_format: None,
     }
 }
+
+/// A streamed tool call of choice 0's first call: its id and name (the delta that opens it)
+/// or an arguments fragment.
+#[cfg(test)]
+pub(crate) fn first_call_delta(id: Option<&str>, name: Option<&str>, arguments: &str) -> ChatEvent {
+    ChatEvent::ToolCall {
+        choice: 0,
+        index: 0,
+        id: id.map(str::to_string),
+        name: name.map(str::to_string),
+        arguments: arguments.into(),
+    }
+}
