@@ -76,8 +76,7 @@ impl Caller {
 
 /// Parses a JSON body into `T`, with the OpenAI error for bad input.
 fn body<T: serde::de::DeserializeOwned>(bytes: &axum::body::Bytes) -> Result<T, ApiError> {
-    let value = crate::validate::parse_body(bytes)?;
-    crate::validate::parse_json(&value)
+    crate::validate::parse_json(bytes)
 }
 
 async fn record(

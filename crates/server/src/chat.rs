@@ -38,7 +38,6 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, &state)?;
-    let body = validate::parse_body(&body)?;
     let mut request: ChatCompletionRequest = validate::parse_json(&body)?;
     let mut fields: SamplingFields = validate::parse_json(&body)?;
     let client_model = request.model.clone();

@@ -41,7 +41,6 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, &state)?;
-    let body = validate::parse_body(&body)?;
     let request: CompletionRequest = validate::parse_json(&body)?;
     let sampling_fields: SamplingFields = validate::parse_json(&body)?;
     if let Some(gateway) = state.gateway() {

@@ -27,7 +27,6 @@ pub async fn embeddings(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, &state)?;
-    let body = validate::parse_body(&body)?;
     let request: EmbeddingRequest = validate::parse_json(&body)?;
     if state.registry().contains(&request.model) {
         return lm_embeddings(&state, request).await;

@@ -390,7 +390,6 @@ pub async fn explanations(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = read_body(body, &state)?;
-    let body = crate::validate::parse_body(&body)?;
     let request: ExplainRequest = crate::validate::parse_json(&body)?;
     let model = state.model(&request.model).await?;
     let (messages, completion) = match (&request.request_id, request.messages, request.completion) {

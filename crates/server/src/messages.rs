@@ -131,7 +131,6 @@ pub async fn messages(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AnthropicError> {
     let body = read_body(body, &state)?;
-    let body = validate::parse_body(&body)?;
     let mut request: MessagesRequest = validate::parse_json(&body)?;
     let client_model = request.model.clone();
     if let Some(gateway) = state.gateway()
@@ -455,7 +454,6 @@ pub async fn count_tokens(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AnthropicError> {
     let body = read_body(body, &state)?;
-    let body = validate::parse_body(&body)?;
     let request: CountTokensRequest = validate::parse_json(&body)?;
     let model: SharedModel = state.model(&request.model).await?;
     refuse_tools(&request.tools)?;

@@ -31,17 +31,9 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for
     }
 }
 
-/// A request body, read by `parse_json` into each typed part a handler needs.
-pub struct Body<'a>(&'a [u8]);
-
-/// Takes a request body; `parse_json` reads it. The typed parts are read straight from its
-/// bytes, not through a `serde_json::Value` first: building that tree of maps cost more than
-/// both typed reads of a chat request together.
-pub fn parse_body(body: &Bytes) -> Result<Body<'_>, ApiError> {
-    Ok(Body(body))
-}
-
-/// What `parse_json` reads from: a request body or a part of one already parsed.
+/// What `parse_json` reads from: a request body's bytes, or a part of a body already parsed.
+/// A body's typed parts are read straight from its bytes, not through a `serde_json::Value`
+/// first: building that tree of maps cost more than both typed reads of a chat request.
 pub trait JsonSource {
     /// Deserializes `T`; an error comes with the path of the field it is about (`.` for
     /// the whole).
@@ -50,12 +42,12 @@ pub trait JsonSource {
     fn syntax_error(&self) -> Option<String>;
 }
 
-impl JsonSource for Body<'_> {
+impl JsonSource for Bytes {
     fn read<T: DeserializeOwned>(&self) -> Result<T, (String, serde_json::Error)> {
         // Tracking the path costs more than the read itself, so it is done again only to
         // name what failed.
-        serde_json::from_slice(self.0).map_err(|plain| {
-            let mut de = serde_json::Deserializer::from_slice(self.0);
+        serde_json::from_slice(self).map_err(|plain| {
+            let mut de = serde_json::Deserializer::from_slice(self);
             match serde_path_to_error::deserialize::<_, T>(&mut de) {
                 Err(e) => split(e),
                 Ok(_) => (".".to_string(), plain),
@@ -64,7 +56,7 @@ impl JsonSource for Body<'_> {
     }
 
     fn syntax_error(&self) -> Option<String> {
-        serde_json::from_slice::<serde::de::IgnoredAny>(self.0).err().map(|e| e.to_string())
+        serde_json::from_slice::<serde::de::IgnoredAny>(self).err().map(|e| e.to_string())
     }
 }
 

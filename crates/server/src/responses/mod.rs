@@ -49,7 +49,6 @@ pub async fn responses(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(body, &state)?;
-    let body = validate::parse_body(&body)?;
     let mut request: ResponsesRequest = validate::parse_json(&body)?;
     // The response names the model and repeats the instructions as the client sent them,
     // never a preset's.
