@@ -1,5 +1,5 @@
 """Input attribution (`POST /v1/explanations`) on the real models, for both occlusion methods
-(`remove`, the default, and `mask`): the fact an answer depends on gets the highest score
+(`mask`, the default, and `remove`): the fact an answer depends on gets the highest score
 among distractors, scores are reproducible, variants are scored in batched engine steps, and
 the total agrees with /v1/completions' echo logprobs."""
 import os
@@ -12,7 +12,11 @@ from conftest import MODEL_ID, MODELS_DIR, Server
 QWEN_FILE = os.path.join(MODELS_DIR, "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf")
 QWEN_ID = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M"
 
-# (context sentences, question, index of the sentence holding the fact, answer)
+# (context sentences, question, index of the sentence holding the fact, answer). Each answer
+# must come from its fact, not from the model's priors: exact removal (`remove`) must score the
+# fact positive. A case "The party is on Friday." -> "Friday" failed that on SmolLM2 (the bare
+# day was likelier without any of the facts, as it was for Thursday, Tuesday and Saturday), so
+# the party's case asks for a room number instead.
 CASES = [
     ("Alice lives in Paris. Bob lives in Rome. Carol lives in Oslo.", "Where does Alice live?", 0, "Paris"),
     ("Bob lives in Rome. Alice lives in Paris. Carol lives in Oslo.", "Where does Alice live?", 1, "Paris"),
@@ -21,8 +25,8 @@ CASES = [
      "Keys"),
     ("Tom's favourite colour is green. Mia's favourite colour is purple. Sam's favourite colour is orange.",
      "What is Mia's favourite colour?", 1, "Purple"),
-    ("The meeting is on Monday. The exam is on Wednesday. The party is on Friday.", "When is the party?", 2,
-     "Friday"),
+    ("The meeting is in room 12. The exam is in room 40. The party is in room 7.", "Which room is the party in?", 2,
+     "Room 7"),
     ("Lily has a cat named Tom. Max has a dog named Rex. Ben has a parrot named Kiwi.",
      "What is the name of Lily's cat?", 0, "Tom"),
     ("The train leaves at 9 am. The ferry leaves at 4 pm. The bus leaves at 11 am.", "When does the ferry leave?", 1,
@@ -49,9 +53,10 @@ def qwen():
 
 
 METHODS = ["remove", "mask"]
-# Cases out of ten where the fact's sentence must score highest. Masking is approximate (the
-# cells after a masked sentence still saw it): on SmolLM2 it measured 8 of 10, removal 9.
-AT_LEAST = {("smollm2", "remove"): 9, ("smollm2", "mask"): 8, ("qwen", "remove"): 9, ("qwen", "mask"): 9}
+# Cases out of ten where the fact's sentence must score highest (issue 6: at least 9). Measured
+# (bench/explain_cases.py, 2026-11-30): removal 10 and 10; masking, approximate (the cells after
+# a masked sentence still saw it), 9 on SmolLM2 (the warehouse case) and 10 on Qwen2.5.
+AT_LEAST = 9
 
 
 def faithfulness(url, model, occlusion):
@@ -69,12 +74,12 @@ def faithfulness(url, model, occlusion):
 
 @pytest.mark.parametrize("occlusion", METHODS)
 def test_the_fact_gets_the_highest_attribution_smollm2(server, occlusion):
-    assert faithfulness(server.url, MODEL_ID, occlusion) >= AT_LEAST["smollm2", occlusion]
+    assert faithfulness(server.url, MODEL_ID, occlusion) >= AT_LEAST
 
 
 @pytest.mark.parametrize("occlusion", METHODS)
 def test_the_fact_gets_the_highest_attribution_qwen(qwen, occlusion):
-    assert faithfulness(qwen.url, QWEN_ID, occlusion) >= AT_LEAST["qwen", occlusion]
+    assert faithfulness(qwen.url, QWEN_ID, occlusion) >= AT_LEAST
 
 
 @pytest.mark.parametrize("occlusion", METHODS)
@@ -153,5 +158,5 @@ def test_bad_requests(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "completion"
     r = explain(server.url, MODEL_ID, "Hi", "Hello", occlusion="blur")
     assert r.status_code == 400 and r.json()["error"]["param"] == "occlusion"
-    # Without `occlusion`, removal.
-    assert explain(server.url, MODEL_ID, "Hi", "Hello").json()["occlusion"] == "remove"
+    # Without `occlusion`, masking.
+    assert explain(server.url, MODEL_ID, "Hi", "Hello").json()["occlusion"] == "mask"

@@ -10,22 +10,22 @@
 //! slot and computes only what differs, the variants sharing batched steps.
 //!
 //! Two ways to take a segment out (`occlusion` in the request, echoed in the answer):
-//! - `remove` (default): the conversation is re-rendered through the chat template without
-//!   the segment, and the variant recomputes everything from its first token that differs
-//!   from the whole conversation (the prefix before it is reused, exactly). The scores are
-//!   those of recomputing each variant from scratch; the cost is about half the prompt per
-//!   segment on average.
-//! - `mask`: the segment's token cells are dropped from a copy of the whole conversation's
-//!   KV cache (later tokens keep their positions) and only the tail is recomputed: the
-//!   prompt's last token and the completion. The completion's length plus one per segment,
-//!   so a 20-sentence explanation costs 2–3.5 generations of the completion on a CPU
-//!   (`bench/explain_bench.py`). It is an approximation: the cells after a masked segment
-//!   were computed while it was there and still carry some of it, so a fact near the
-//!   question can score lower than it would removed, and masking the first sentence of a
-//!   message can move the answer more than its content explains. On the faithfulness cases
-//!   (tests/api/test_explanations.py) the fact's sentence scored highest in 8 of 10 with
-//!   SmolLM2-135M (removal: 9) and 10 of 10 with Qwen2.5-0.5B (removal: 10). A segment
-//!   whose text the template does not render verbatim is removed instead.
+//! - `mask` (default): the segment's token cells are dropped from a copy of the whole
+//!   conversation's KV cache (later tokens keep their positions) and only the tail is
+//!   recomputed: the prompt's last token and the completion. The completion's length plus one
+//!   per segment, so a 20-sentence explanation of a 13-token answer costs under 3 generations
+//!   of it on a CPU (`bench/explain_bench.py`). It is an approximation: the cells after a
+//!   masked segment were computed while it was there and still carry some of it, so a fact
+//!   near the question can score lower than it would removed, and masking the first sentence
+//!   of a message can move the answer more than its content explains. On the faithfulness
+//!   cases (tests/api/test_explanations.py) the fact's sentence scored highest in 9 of 10 with
+//!   SmolLM2-135M and 10 of 10 with Qwen2.5-0.5B (`bench/explain_cases.py`). A segment whose
+//!   text the template does not render verbatim is removed instead.
+//! - `remove`: the conversation is re-rendered through the chat template without the
+//!   segment, and the variant recomputes everything from its first token that differs from
+//!   the whole conversation (the prefix before it is reused, exactly). The scores are those
+//!   of recomputing each variant from scratch (10 of 10 on both models); the cost is about
+//!   half the prompt per segment on average, about 11 generations for 20 sentences.
 //!
 //! Limits of both: occlusion measures each segment alone, so two segments that each
 //! suffice (redundant facts) both score low; removing text also shifts the template's
@@ -69,7 +69,7 @@ pub(crate) struct ExplainRequest {
     request_id: Option<String>,
     #[serde(default = "default_granularity")]
     granularity: Granularity,
-    /// How a segment is taken out: `remove` (default) or `mask`.
+    /// How a segment is taken out: `mask` (default) or `remove`.
     #[serde(default)]
     occlusion: Occlusion,
 }
@@ -78,13 +78,13 @@ pub(crate) struct ExplainRequest {
 #[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Occlusion {
-    /// Re-render the conversation without the segment and recompute everything from where
-    /// its tokens first differ (the shared prefix is computed once).
-    #[default]
-    Remove,
     /// Drop the segment's cells from a copy of the conversation's KV cache and recompute
-    /// only the turn's end and the completion: several times cheaper, approximate.
+    /// only the prompt's last token and the completion: several times cheaper, approximate.
+    #[default]
     Mask,
+    /// Re-render the conversation without the segment and recompute everything from where
+    /// its tokens first differ (the shared prefix is computed once): exact.
+    Remove,
 }
 
 #[derive(Deserialize, Clone, utoipa::ToSchema)]
