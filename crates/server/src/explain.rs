@@ -13,19 +13,22 @@
 //! - `mask` (default): the segment's token cells are dropped from a copy of the whole
 //!   conversation's KV cache (later tokens keep their positions) and only the tail is
 //!   recomputed: the prompt's last token and the completion. The completion's length plus one
-//!   per segment, so a 20-sentence explanation of a 13-token answer costs under 3 generations
-//!   of it on a CPU (`bench/explain_bench.py`). It is an approximation: the cells after a
-//!   masked segment were computed while it was there and still carry some of it, so a fact
-//!   near the question can score lower than it would removed, and masking the first sentence
-//!   of a message can move the answer more than its content explains. On the faithfulness
-//!   cases (tests/api/test_explanations.py) the fact's sentence scored highest in 9 of 10 with
-//!   SmolLM2-135M and 10 of 10 with Qwen2.5-0.5B (`bench/explain_cases.py`). A segment whose
-//!   text the template does not render verbatim is removed instead.
+//!   per segment, so a 20-sentence explanation of a 13-token answer costs 2.6 generations of
+//!   it on a CPU with SmolLM2 and 3.1 with Qwen2.5, whose output layer is five times larger
+//!   (`bench/explain_bench.py`). It is an approximation: the cells after a masked segment
+//!   were computed while it was there and still carry some of it, so a fact near the question
+//!   can score lower than it would removed, and masking the question or a message's first
+//!   sentence can move the answer more than removing it does. On the faithfulness cases
+//!   (tests/api/test_explanations.py) the fact's sentence scored highest in 9 of 10 with
+//!   SmolLM2-135M and 10 of 10 with Qwen2.5-0.5B, and in 46 and 56 of sixty generated ones
+//!   (`bench/explain_cases.py`). A segment whose text the template does not render verbatim
+//!   is removed instead.
 //! - `remove`: the conversation is re-rendered through the chat template without the
 //!   segment, and the variant recomputes everything from its first token that differs from
 //!   the whole conversation (the prefix before it is reused, exactly). The scores are those
-//!   of recomputing each variant from scratch (10 of 10 on both models); the cost is about
-//!   half the prompt per segment on average, about 11 generations for 20 sentences.
+//!   of recomputing each variant from scratch (10 of 10 on both models, 56 and 53 of the
+//!   sixty); the cost is about half the prompt per segment on average, about 10 generations
+//!   for 20 sentences.
 //!
 //! Limits of both: occlusion measures each segment alone, so two segments that each
 //! suffice (redundant facts) both score low; removing text also shifts the template's
