@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 mod answer;
 
@@ -185,26 +185,10 @@ fn out_message(message: &Message) -> OutMessage<'_> {
     }
 }
 
-/// The sampling fields chat and legacy completion bodies share, each with its value if set.
-fn sampling_fields(p: &crate::Params) -> [(&'static str, Option<Value>); 8] {
-    [
-        ("temperature", p.temperature.map(|v| json!(v))),
-        ("top_p", p.top_p.map(|v| json!(v))),
-        ("max_tokens", p.max_tokens.map(|v| json!(v))),
-        ("stop", (!p.stop.is_empty()).then(|| json!(p.stop))),
-        ("seed", p.seed.map(|v| json!(v))),
-        ("n", p.n.map(|v| json!(v))),
-        ("presence_penalty", p.presence_penalty.map(|v| json!(v))),
-        ("frequency_penalty", p.frequency_penalty.map(|v| json!(v))),
-    ]
-}
-
-/// The OpenAI chat body of a neutral request, serialised straight from it: building a
-/// `serde_json::Value` first cost more than writing the JSON.
+/// The sampling and stream fields chat and legacy completion bodies share, each sent only
+/// when set.
 #[derive(Serialize)]
-pub struct ChatBody<'a> {
-    model: &'a str,
-    messages: Vec<OutMessage<'a>>,
+struct OutSampling<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -221,6 +205,43 @@ pub struct ChatBody<'a> {
     presence_penalty: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    /// A streamed request asks for the usage in a last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+impl<'a> OutSampling<'a> {
+    fn new(p: &'a crate::Params, stream: bool) -> Self {
+        OutSampling {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            max_tokens: p.max_tokens,
+            stop: &p.stop,
+            seed: p.seed,
+            n: p.n,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            stream,
+            stream_options: stream.then_some(StreamOptions { include_usage: true }),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// The OpenAI chat body of a neutral request, serialised straight from it: building a
+/// `serde_json::Value` first cost more than writing the JSON.
+#[derive(Serialize)]
+pub struct ChatBody<'a> {
+    model: &'a str,
+    messages: Vec<OutMessage<'a>>,
+    #[serde(flatten)]
+    sampling: OutSampling<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     logprobs: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -234,16 +255,6 @@ pub struct ChatBody<'a> {
     tools: Vec<OutTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<OutToolChoice<'a>>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    stream: bool,
-    /// A streamed request asks for the usage in a last chunk.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_options: Option<StreamOptions>,
-}
-
-#[derive(Serialize)]
-struct StreamOptions {
-    include_usage: bool,
 }
 
 #[derive(Serialize)]
@@ -284,14 +295,7 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<ChatBody<'_>,
     Ok(ChatBody {
         model: &request.model,
         messages: request.messages.iter().map(out_message).collect(),
-        temperature: p.temperature,
-        top_p: p.top_p,
-        max_tokens: p.max_tokens,
-        stop: &p.stop,
-        seed: p.seed,
-        n: p.n,
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
+        sampling: OutSampling::new(p, stream),
         logprobs: p.logprobs,
         top_logprobs: p.top_logprobs,
         response_format: request.response_format.as_ref(),
@@ -317,65 +321,76 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<ChatBody<'_>,
                 OutToolChoice::Function { kind: "function", function: OutChosen { name } }
             }
         }),
-        stream,
-        stream_options: stream.then_some(StreamOptions { include_usage: true }),
     })
 }
 
-/// Sets each field that has a value.
-fn put<'a>(body: &mut Value, fields: impl IntoIterator<Item = (&'a str, Option<Value>)>) {
-    for (key, value) in fields {
-        if let Some(value) = value {
-            body[key] = value;
-        }
+/// The `/completions` body of a legacy completion.
+#[derive(Serialize)]
+pub struct CompletionBody<'a> {
+    model: &'a str,
+    prompt: OutPrompts<'a>,
+    #[serde(flatten)]
+    sampling: OutSampling<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    echo: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    suffix: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    best_of: Option<u32>,
+}
+
+/// One prompt as a string or token list, several as a list of them.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutPrompts<'a> {
+    One(OutPrompt<'a>),
+    Many(Vec<OutPrompt<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutPrompt<'a> {
+    Text(&'a str),
+    Tokens(&'a [i64]),
+}
+
+fn out_prompt(prompt: &Prompt) -> OutPrompt<'_> {
+    match prompt {
+        Prompt::Text(text) => OutPrompt::Text(text),
+        Prompt::Tokens(ids) => OutPrompt::Tokens(ids),
     }
 }
 
-/// A streamed request asks for the usage in a last chunk.
-fn stream_fields(stream: bool) -> [(&'static str, Option<Value>); 2] {
-    [
-        ("stream", stream.then(|| json!(true))),
-        ("stream_options", stream.then(|| json!({"include_usage": true}))),
-    ]
-}
-
-/// The `/completions` body of a legacy completion: one prompt as a string or token list,
-/// several as a list of them.
-pub fn completion_body(request: &CompletionRequest, stream: bool) -> Value {
-    let prompt_json = |p: &Prompt| match p {
-        Prompt::Text(t) => json!(t),
-        Prompt::Tokens(ids) => json!(ids),
-    };
-    let prompt = match request.prompts.as_slice() {
-        [one] => prompt_json(one),
-        many => Value::Array(many.iter().map(prompt_json).collect()),
-    };
-    let p = &request.params;
-    let mut body = json!({"model": request.model, "prompt": prompt});
-    put(&mut body, sampling_fields(p));
-    put(
-        &mut body,
-        [
-            ("logprobs", request.logprobs.map(|v| json!(v))),
-            ("echo", request.echo.then(|| json!(true))),
-            ("suffix", request.suffix.clone().map(|v| json!(v))),
-            ("best_of", request.best_of.map(|v| json!(v))),
-        ],
-    );
-    put(&mut body, stream_fields(stream));
-    body
+/// The `/completions` body of a legacy completion: prompts, `echo`, `logprobs`, `suffix` as
+/// they are.
+pub fn completion_body(request: &CompletionRequest, stream: bool) -> CompletionBody<'_> {
+    CompletionBody {
+        model: &request.model,
+        prompt: match request.prompts.as_slice() {
+            [one] => OutPrompts::One(out_prompt(one)),
+            many => OutPrompts::Many(many.iter().map(out_prompt).collect()),
+        },
+        sampling: OutSampling::new(&request.params, stream),
+        logprobs: request.logprobs,
+        echo: request.echo,
+        suffix: request.suffix.as_deref(),
+        best_of: request.best_of,
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
-    use crate::ToolCall;
+    use crate::{Params, ToolCall};
 
     /// The chat body as the upstream receives it.
     fn body_json(request: &ChatRequest, stream: bool) -> Value {
         serde_json::to_value(request_body(request, stream).unwrap()).unwrap()
     }
-    use crate::Params;
 
     #[test]
     fn request_translation() {
@@ -419,7 +434,7 @@ mod tests {
             suffix: Some("z".into()),
             best_of: Some(2),
         };
-        let body = completion_body(&request, true);
+        let body = serde_json::to_value(completion_body(&request, true)).unwrap();
         assert_eq!(body["prompt"], json!(["a", [1, 2]]));
         assert_eq!((body["echo"].clone(), body["logprobs"].clone()), (json!(true), json!(3)));
         assert_eq!(
@@ -428,7 +443,7 @@ mod tests {
         );
         assert_eq!(body["stream_options"]["include_usage"], true);
         let one = CompletionRequest { prompts: vec![Prompt::Text("a".into())], echo: false, ..request };
-        let body = completion_body(&one, false);
+        let body = serde_json::to_value(completion_body(&one, false)).unwrap();
         assert_eq!(body["prompt"], "a");
         assert!(body.get("echo").is_none() && body.get("stream").is_none());
     }
