@@ -16,11 +16,9 @@ import os
 import random
 import sys
 
-import httpx
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "api"))
 from conftest import MODEL_ID, Server  # noqa: E402
-from test_explanations import CASES, QWEN_FILE, QWEN_ID  # noqa: E402
+from test_explanations import CASES, QWEN_FILE, QWEN_ID, explain  # noqa: E402
 
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Lena", "Omar", "Priya",
@@ -70,9 +68,7 @@ def main():
         for method in args.occlusion:
             hits = 0
             for facts, question, fact, answer in cases:
-                r = httpx.post(server.url + "/v1/explanations", json={
-                    "model": model, "messages": [{"role": "user", "content": f"{facts} {question}"}],
-                    "completion": answer, "granularity": "sentence", "occlusion": method}, timeout=300)
+                r = explain(server.url, model, f"{facts} {question}", answer, occlusion=method)
                 r.raise_for_status()
                 scores = [s["score"] for s in r.json()["segments"]]
                 best = max(range(len(scores)), key=scores.__getitem__)

@@ -74,11 +74,6 @@ impl Caller {
     }
 }
 
-/// Parses a JSON body into `T`, with the OpenAI error for bad input.
-fn body<T: serde::de::DeserializeOwned>(bytes: &axum::body::Bytes) -> Result<T, ApiError> {
-    crate::validate::parse_json(bytes)
-}
-
 async fn record(
     state: &AppState,
     caller: &Caller,
@@ -160,7 +155,7 @@ async fn create_tenant(
     bytes: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.require_admin()?;
-    let new: NewTenant = body(&bytes)?;
+    let new: NewTenant = crate::validate::parse_json(&bytes)?;
     state.tenancy().check_policy(new.guardrail_policy.as_deref(), "guardrail_policy")?;
     let store = &state.tenancy().store;
     let mut tenant = store.create_tenant(&new.name, &new.limits).await?;
@@ -203,7 +198,7 @@ async fn update_tenant(
     caller.check_tenant(Some(&id), &format!("tenant '{id}'"))?;
     // A tenant's limits and policy are set above it.
     caller.require_admin()?;
-    let update: TenantUpdate = body(&bytes)?;
+    let update: TenantUpdate = crate::validate::parse_json(&bytes)?;
     state.tenancy().check_policy(update.guardrail_policy.clone().flatten().as_deref(), "guardrail_policy")?;
     let store = &state.tenancy().store;
     let before = store.tenant(&id).await?;
@@ -228,7 +223,7 @@ async fn create_project(
     caller: Caller,
     bytes: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let new: NewProject = body(&bytes)?;
+    let new: NewProject = crate::validate::parse_json(&bytes)?;
     caller.check_tenant(Some(&new.tenant_id), &format!("tenant '{}'", new.tenant_id))?;
     let project = state.tenancy().store.create_project(&new.tenant_id, &new.name, &new.limits).await?;
     record(&state, &caller, "project.create", &project.id, None, Some(to_value(&project))).await?;
@@ -274,7 +269,7 @@ async fn update_project(
     let store = &state.tenancy().store;
     let before = store.project(&id).await?;
     caller.check_tenant(Some(&before.tenant_id), &format!("project '{id}'"))?;
-    let update: ProjectUpdate = body(&bytes)?;
+    let update: ProjectUpdate = crate::validate::parse_json(&bytes)?;
     state.tenancy().check_policy(update.guardrail_policy.clone().flatten().as_deref(), "guardrail_policy")?;
     let after = store.update_project(&id, &update).await?;
     record(&state, &caller, "project.update", &id, Some(to_value(&before)), Some(to_value(&after))).await?;
@@ -288,7 +283,7 @@ async fn create_key(
     caller: Caller,
     bytes: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut new: NewKey = body(&bytes)?;
+    let mut new: NewKey = crate::validate::parse_json(&bytes)?;
     let store = &state.tenancy().store;
     if caller.0.role() != Role::Admin {
         if new.role == Role::Admin {
@@ -358,7 +353,7 @@ async fn update_key(
     bytes: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let before = owned_key(&state, &caller, &id).await?;
-    let update: KeyUpdate = body(&bytes)?;
+    let update: KeyUpdate = crate::validate::parse_json(&bytes)?;
     let after = state.tenancy().store.set_key_limits(&id, &update.limits).await?;
     record(&state, &caller, "key.limits", &id, Some(to_value(&before)), Some(to_value(&after))).await?;
     state.tenancy().refresh().await?;
