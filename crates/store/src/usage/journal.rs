@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::usage::UsageStart;
 use crate::{Result, StoreError, now_ms};
@@ -46,8 +46,9 @@ struct State {
 }
 
 struct Segment {
-    /// Kept open, and so locked, until the segment is deleted.
-    file: File,
+    /// Kept open, and so locked, until the segment is deleted; shared with the admissions
+    /// writing to it outside the journal's lock.
+    file: Arc<File>,
     path: PathBuf,
     /// How many of its records are not yet in the database.
     open: usize,
@@ -68,26 +69,53 @@ impl Journal {
     }
 
     /// Appends an admission; once this returns, a crash cannot lose the record.
+    ///
+    /// The line is written outside the lock, so that admissions on other threads don't wait
+    /// on this one's system call (they did, a futex sleep and wake-up each). Its segment is
+    /// reserved first: counted open, it can't be deleted before the line is in it.
     pub(crate) fn admit(&self, start: UsageStart) -> Result<()> {
         // Sized for a typical line, so the buffer isn't regrown while it is written.
         let mut line = Vec::with_capacity(512);
         write_line(&mut line, &start).map_err(|e| StoreError::Invalid(e.to_string()))?;
         line.push(b'\n');
+        let (seq, file, path) = {
+            let mut state = self.state.lock().map_err(|_| poisoned())?;
+            if state.open.contains_key(&start.request_id) {
+                return Err(StoreError::Conflict(format!("request id '{}' is taken", start.request_id)));
+            }
+            let seq = state.seq;
+            let segment = state.segments.get_mut(&seq).ok_or_else(poisoned)?;
+            segment.open += 1;
+            let reserved = (seq, segment.file.clone(), segment.path.clone());
+            state.bytes += line.len() as u64;
+            // A segment that can't be begun now is tried again at the next admission; the
+            // current one takes the line meanwhile.
+            if state.bytes > self.segment_bytes
+                && let Err(e) = self.rotate(&mut state)
+            {
+                tracing::warn!(error = %e, "could not begin a new usage journal segment");
+            }
+            reserved
+        };
+        // One write of a whole line, appended (`O_APPEND`): a kill can't leave half of it, and
+        // appenders on other threads can't interleave with it.
+        let written = (&*file).write_all(&line);
         let mut state = self.state.lock().map_err(|_| poisoned())?;
-        if state.open.contains_key(&start.request_id) {
-            return Err(StoreError::Conflict(format!("request id '{}' is taken", start.request_id)));
+        match written {
+            // A duplicate admitted meanwhile keeps the id; this line is skipped at ingestion.
+            Ok(()) if !state.open.contains_key(&start.request_id) => {
+                state.open.insert(start.request_id.clone(), (Box::new(start), seq));
+                Ok(())
+            }
+            Ok(()) => {
+                release(&mut state, seq);
+                Err(StoreError::Conflict(format!("request id '{}' is taken", start.request_id)))
+            }
+            Err(e) => {
+                release(&mut state, seq);
+                Err(io_error(&path, e))
+            }
         }
-        let seq = state.seq;
-        let segment = state.segments.get_mut(&seq).ok_or_else(poisoned)?;
-        // One write of a whole line: a kill can't leave half of it.
-        segment.file.write_all(&line).map_err(|e| io_error(&segment.path, e))?;
-        segment.open += 1;
-        state.bytes += line.len() as u64;
-        state.open.insert(start.request_id.clone(), (Box::new(start), seq));
-        if state.bytes > self.segment_bytes {
-            self.rotate(&mut state)?;
-        }
-        Ok(())
     }
 
     /// Takes an admitted record out of the open set, to be completed; `None` when this
@@ -100,13 +128,8 @@ impl Journal {
     /// segments left with none open are deleted.
     pub(crate) fn committed(&self, segments: impl IntoIterator<Item = u64>) {
         let Ok(mut state) = self.state.lock() else { return };
-        let current = state.seq;
         for seq in segments {
-            let Some(segment) = state.segments.get_mut(&seq) else { continue };
-            segment.open = segment.open.saturating_sub(1);
-            if segment.open == 0 && seq != current {
-                delete(state.segments.remove(&seq));
-            }
+            release(&mut state, seq);
         }
     }
 
@@ -121,6 +144,17 @@ impl Journal {
             delete(state.segments.remove(&old));
         }
         Ok(())
+    }
+}
+
+/// Counts a record of segment `seq` as no longer open; a closed segment left with none open
+/// is deleted.
+fn release(state: &mut State, seq: u64) {
+    let current = state.seq;
+    let Some(segment) = state.segments.get_mut(&seq) else { return };
+    segment.open = segment.open.saturating_sub(1);
+    if segment.open == 0 && seq != current {
+        delete(state.segments.remove(&seq));
     }
 }
 
@@ -157,7 +191,7 @@ fn new_segment(dir: &Path, stem: &str, seq: u64) -> Result<Segment> {
     let file =
         OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| io_error(&path, e))?;
     file.try_lock().map_err(|e| StoreError::Invalid(format!("cannot lock {}: {e}", path.display())))?;
-    Ok(Segment { file, path, open: 0 })
+    Ok(Segment { file: Arc::new(file), path, open: 0 })
 }
 
 /// Deletes a segment whose records are all in the database.
@@ -264,6 +298,37 @@ mod tests {
         let ids: Vec<&str> = starts.iter().map(|s| s.request_id.as_str()).collect();
         assert!(ids.contains(&"r5") && ids.contains(&"r39") && !ids.contains(&"r20"), "{ids:?}");
         assert_eq!(paths.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_admissions_each_leave_one_whole_line_across_rotations() {
+        let dir = std::env::temp_dir().join(format!("ferry-journal-{}", uuid::Uuid::new_v4().simple()));
+        let journal = Journal::with_segments_of(&dir, 4000).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let journal = &journal;
+                s.spawn(move || {
+                    for i in 0..250 {
+                        journal.admit(start(&format!("t{t}-{i}"))).unwrap();
+                    }
+                });
+            }
+        });
+        assert!(matches!(journal.admit(start("t0-0")), Err(StoreError::Conflict(_))));
+        // Half reach the database; the segments holding the other half must survive.
+        let done: Vec<u64> = (0..8)
+            .flat_map(|t| (0..125).map(move |i| format!("t{t}-{i}")))
+            .map(|id| journal.take(&id).unwrap().1)
+            .collect();
+        journal.committed(done);
+        drop(journal);
+        let (starts, _) = leftovers(&dir).unwrap();
+        let mut ids: Vec<String> = starts.into_iter().map(|s| s.request_id).collect();
+        ids.sort();
+        ids.dedup();
+        let open: Vec<String> = (0..8).flat_map(|t| (125..250).map(move |i| format!("t{t}-{i}"))).collect();
+        assert!(open.iter().all(|id| ids.binary_search(id).is_ok()), "an open record's line was lost");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
