@@ -16,6 +16,7 @@
 
 mod bert;
 mod error;
+mod gelu;
 mod model;
 mod service;
 
