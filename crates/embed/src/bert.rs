@@ -191,6 +191,7 @@ impl Bert {
     /// sequence. Every sequence is within the model's positions.
     pub fn forward(&self, sequences: &[&[u32]], device: &Device) -> candle_core::Result<Tensor> {
         let ids: Vec<u32> = sequences.iter().flat_map(|s| s.iter().copied()).collect();
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
         let positions: Vec<u32> = sequences.iter().flat_map(|s| 0..s.len() as u32).collect();
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, device)?;
@@ -199,35 +200,12 @@ impl Bert {
             .broadcast_add(&self.token_type)?;
         let mut x = self.embeddings_norm.forward(&embedded)?;
         for layer in &self.layers {
-            let context = self.attention(&layer.qkv.forward(&x)?, sequences)?;
+            let context = crate::attention::packed_attention(&layer.qkv.forward(&x)?, &lengths, self.heads)?;
             let attended = layer.attention_norm.forward(&(layer.attention_out.forward(&context)? + &x)?)?;
             let inner = self.activation.apply(&layer.intermediate.forward(&attended)?)?;
             x = layer.output_norm.forward(&(layer.output.forward(&inner)? + &attended)?)?;
         }
         Ok(x)
-    }
-
-    /// Self-attention of each sequence over its own tokens, from the packed `(tokens, 3 ×
-    /// hidden)` query-key-value rows; the packed `(tokens, hidden)` context.
-    fn attention(&self, qkv: &Tensor, sequences: &[&[u32]]) -> candle_core::Result<Tensor> {
-        let hidden = qkv.dim(1)? / 3;
-        let head = hidden / self.heads;
-        let scale = 1.0 / (head as f64).sqrt();
-        let mut contexts = Vec::with_capacity(sequences.len());
-        let mut offset = 0;
-        for sequence in sequences {
-            let len = sequence.len();
-            let rows = qkv.narrow(0, offset, len)?;
-            offset += len;
-            // (len, hidden) → (heads, len, head)
-            let split = |i: usize| {
-                rows.narrow(1, i * hidden, hidden)?.reshape((len, self.heads, head))?.transpose(0, 1)
-            };
-            let (q, k, v) = (split(0)?.contiguous()?, split(1)?.t()?.contiguous()?, split(2)?.contiguous()?);
-            let weights = candle_nn::ops::softmax_last_dim(&(q.matmul(&k)? * scale)?)?;
-            contexts.push(weights.matmul(&v)?.transpose(0, 1)?.reshape((len, hidden))?);
-        }
-        Tensor::cat(&contexts, 0)
     }
 }
 

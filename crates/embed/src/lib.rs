@@ -14,6 +14,7 @@
 //! their own tokens, so a vector does not depend on what it was batched with (to float
 //! rounding).
 
+mod attention;
 mod bert;
 mod error;
 mod gelu;

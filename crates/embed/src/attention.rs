@@ -1,0 +1,231 @@
+//! Self-attention of packed sequences in one pass: each sequence's tokens attend to that
+//! sequence's tokens only, every head at once, straight from the `(tokens, 3 × hidden)` rows
+//! of queries, keys and values.
+//!
+//! The same arithmetic as candle's ops (scores `q·k / √d`, a softmax with its maximum taken
+//! out, the weighted sum of values), without their tensors: done with them it took a dozen
+//! ops per sequence and layer (views, three copies, two matrix products, a scale, a softmax,
+//! a concatenation), each its own allocation and parallel region, hundreds per batch, for
+//! about 1% of the encoder's arithmetic. Sequences run in parallel on the rayon pool; a
+//! sequence's result never depends on what it was batched with.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+struct PackedAttention<'a> {
+    lengths: &'a [usize],
+    heads: usize,
+}
+
+impl PackedAttention<'_> {
+    /// One sequence's context rows `out` (`len × hidden`) from its `qkv` rows
+    /// (`len × 3·hidden`).
+    fn sequence(&self, qkv: &[f32], out: &mut [f32], hidden: usize) {
+        let len = out.len() / hidden;
+        let head = hidden / self.heads;
+        let scale = 1.0 / (head as f32).sqrt();
+        let row = |i: usize| &qkv[i * 3 * hidden..(i + 1) * 3 * hidden];
+        let mut weights = vec![0.0f32; len];
+        for h in 0..self.heads {
+            let (q_at, k_at, v_at) = (h * head, hidden + h * head, 2 * hidden + h * head);
+            for i in 0..len {
+                let q = &row(i)[q_at..q_at + head];
+                let mut max = f32::NEG_INFINITY;
+                for (j, w) in weights.iter_mut().enumerate() {
+                    *w = dot(q, &row(j)[k_at..k_at + head]) * scale;
+                    max = max.max(*w);
+                }
+                for w in weights.iter_mut() {
+                    *w = exp_nonpositive(*w - max);
+                }
+                let sum = sum(&weights);
+                let context = &mut out[i * hidden + h * head..i * hidden + (h + 1) * head];
+                context.fill(0.0);
+                for (j, w) in weights.iter().enumerate() {
+                    let v = &row(j)[v_at..v_at + head];
+                    for (c, v) in context.iter_mut().zip(v) {
+                        *c += w * v;
+                    }
+                }
+                for c in context.iter_mut() {
+                    *c /= sum;
+                }
+            }
+        }
+    }
+}
+
+/// Lanes of the sums below: eight running sums the compiler keeps in one AVX2 register, where
+/// one running sum is a chain of dependent additions it may not reorder.
+const LANES: usize = 8;
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in a8.zip(b8) {
+        for k in 0..LANES {
+            lanes[k] = a[k].mul_add(b[k], lanes[k]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+fn sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let x8 = xs.chunks_exact(LANES);
+    let tail: f32 = x8.remainder().iter().sum();
+    for x in x8 {
+        for k in 0..LANES {
+            lanes[k] += x[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `e^x` for `x ≤ 0` (a score less the row's maximum) to 2e-7 relative near 0 (growing by
+/// 7e-8 for each unit of |x|, from rounding `x · log2(e)`), without a
+/// call or a branch, so that a row of them is computed eight at a time: `2^n · 2^f` with
+/// `x · log2(e) = n + f`, `|f| ≤ 1/2`, and `2^f` a polynomial fitted for Ferry by least squares
+/// (relative error, numpy) on [-1/2, 1/2]. Below `2^-126` (`x < -87.3`) it stays at `2^-126`,
+/// a weight of nothing beside the maximum's 1.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const C: [f32; 7] = [
+        1.0,
+        std::f32::consts::LN_2,
+        0.240_226_48,
+        0.055_503_327,
+        0.009_618_437,
+        0.001_339_882,
+        0.000_153_532_43,
+    ];
+    /// 1.5 × 2^23: adding and subtracting it rounds a float below 2^22 to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
+    let n = (t + ROUND) - ROUND;
+    let f = t - n;
+    let p = C.iter().rev().fold(0.0f32, |acc, &c| acc.mul_add(f, c));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+impl CustomOp1 for PackedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "ferry-packed-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("{}: f32 tensors only", self.name()) };
+        let (Some((start, end)), (tokens, width)) = (layout.contiguous_offsets(), layout.shape().dims2()?)
+        else {
+            candle_core::bail!("{}: contiguous tensors only", self.name())
+        };
+        if !width.is_multiple_of(3 * self.heads) || self.lengths.iter().sum::<usize>() != tokens {
+            candle_core::bail!("{}: {tokens}x{width} rows do not fit the sequences and heads", self.name())
+        }
+        let hidden = width / 3;
+        let qkv = &data[start..end];
+        let mut out = vec![0.0f32; tokens * hidden];
+        // Each sequence's rows, in and out.
+        let mut parts = Vec::with_capacity(self.lengths.len());
+        let (mut rest_in, mut rest_out) = (qkv, out.as_mut_slice());
+        for &len in self.lengths {
+            let (qkv, tail_in) = rest_in.split_at(len * width);
+            let (out, tail_out) = std::mem::take(&mut rest_out).split_at_mut(len * hidden);
+            parts.push((qkv, out));
+            (rest_in, rest_out) = (tail_in, tail_out);
+        }
+        if parts.len() == 1 {
+            parts.into_iter().for_each(|(qkv, out)| self.sequence(qkv, out, hidden));
+        } else {
+            parts.into_par_iter().for_each(|(qkv, out)| self.sequence(qkv, out, hidden));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
+    }
+}
+
+/// The packed `(tokens, hidden)` context of `qkv` (`(tokens, 3 × hidden)`: queries, keys and
+/// values side by side), for sequences of `lengths` tokens one after another, with `heads`
+/// heads.
+pub fn packed_attention(qkv: &Tensor, lengths: &[usize], heads: usize) -> candle_core::Result<Tensor> {
+    qkv.contiguous()?.apply_op1_no_bwd(&PackedAttention { lengths, heads })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, Device};
+
+    use super::*;
+
+    /// The same attention with candle's ops, one sequence at a time.
+    fn with_candle_ops(qkv: &Tensor, lengths: &[usize], heads: usize) -> Tensor {
+        let hidden = qkv.dim(1).unwrap() / 3;
+        let head = hidden / heads;
+        let mut contexts = Vec::new();
+        let mut offset = 0;
+        for &len in lengths {
+            let rows = qkv.narrow(0, offset, len).unwrap();
+            offset += len;
+            let split = |i: usize| {
+                rows.narrow(1, i * hidden, hidden)
+                    .unwrap()
+                    .reshape((len, heads, head))
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+            };
+            let (q, k, v) = (
+                split(0).contiguous().unwrap(),
+                split(1).t().unwrap().contiguous().unwrap(),
+                split(2).contiguous().unwrap(),
+            );
+            let scores = (q.matmul(&k).unwrap() * (1.0 / (head as f64).sqrt())).unwrap();
+            let weights = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+            contexts
+                .push(weights.matmul(&v).unwrap().transpose(0, 1).unwrap().reshape((len, hidden)).unwrap());
+        }
+        Tensor::cat(&contexts, 0).unwrap()
+    }
+
+    #[test]
+    fn matches_candles_ops_sequence_by_sequence() {
+        let lengths = [7, 1, 30, 12];
+        let (heads, hidden) = (4, 32);
+        let tokens: usize = lengths.iter().sum();
+        let qkv = Tensor::randn(0f32, 2.0, (tokens, 3 * hidden), &Device::Cpu).unwrap();
+        let ours = packed_attention(&qkv, &lengths, heads).unwrap();
+        let reference = with_candle_ops(&qkv, &lengths, heads);
+        let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "largest difference {diff}");
+    }
+
+    #[test]
+    fn a_sequence_is_the_same_alone_and_in_a_batch() {
+        let (heads, hidden) = (2, 16);
+        let qkv = Tensor::randn(0f32, 1.0, (9, 3 * hidden), &Device::Cpu).unwrap();
+        let batch = packed_attention(&qkv, &[4, 5], heads).unwrap();
+        let alone = packed_attention(&qkv.narrow(0, 4, 5).unwrap(), &[5], heads).unwrap();
+        let in_batch = batch.narrow(0, 4, 5).unwrap();
+        assert_eq!(alone.to_vec2::<f32>().unwrap(), in_batch.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn exp_is_close_over_a_softmaxs_range() {
+        for i in 0..=100_000 {
+            let x = -(i as f32) / 1000.0;
+            let (ours, std) = (exp_nonpositive(x), x.exp());
+            // Rounding `x · log2(e)` costs about 6e-8 relative per unit of |x|.
+            let tolerance = (2e-7 + 7e-8 * x.abs()) * std + 1e-37;
+            assert!((ours - std).abs() <= tolerance, "exp({x}) = {ours}, std {std}");
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(-1e30) >= 0.0 && exp_nonpositive(f32::NEG_INFINITY) >= 0.0);
+    }
+
+    #[test]
+    fn rows_that_do_not_fit_are_an_error() {
+        let qkv = Tensor::zeros((5, 48), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(packed_attention(&qkv, &[2, 2], 2).is_err());
+        assert!(packed_attention(&qkv, &[5], 5).is_err());
+    }
+}
