@@ -11,8 +11,8 @@
 //!
 //! Computation is candle's tensors on the CPU, F32, through Ferry's own BERT encoder
 //! (`bert.rs`): the sequences of a forward pass are packed, never padded, and attend only to
-//! their own tokens, so a vector does not depend on what it was batched with (to float
-//! rounding).
+//! their own tokens (`attention.rs`), so a vector does not depend on what it was batched with
+//! (to float rounding in the matrix products). The exact GELU is Ferry's own too (`gelu.rs`).
 
 mod attention;
 mod bert;
