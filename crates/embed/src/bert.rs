@@ -80,11 +80,12 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The activation of `dense`'s output for `x` (the exact GELU with the bias in one pass).
+    fn apply(self, dense: &Dense, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Activation::Gelu => crate::gelu::gelu_erf(x),
-            Activation::GeluTanh => x.gelu(),
-            Activation::Relu => x.relu(),
+            Activation::Gelu => crate::gelu::bias_gelu(&dense.product(x)?, &dense.bias_values),
+            Activation::GeluTanh => dense.forward(x)?.gelu(),
+            Activation::Relu => dense.forward(x)?.relu(),
         }
     }
 }
@@ -127,17 +128,29 @@ struct Dense {
     /// `Wᵀ`: contiguous, or a view of `W` as stored.
     weight_t: Tensor,
     bias: Tensor,
+    /// The same bias, for the fused passes (`fused.rs`).
+    bias_values: Vec<f32>,
 }
 
 impl Dense {
     /// From a weight `(out, in)` as stored, and its bias `(out)`.
     fn new(weight: &Tensor, bias: Tensor) -> candle_core::Result<Dense> {
         let weight_t = if avx512() { weight.t()?.contiguous()? } else { weight.t()? };
-        Ok(Dense { weight_t, bias })
+        Ok(Dense { weight_t, bias_values: bias.to_vec1()?, bias })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+        self.product(x)?.broadcast_add(&self.bias)
+    }
+
+    /// `x · Wᵀ`, the bias left for a fused pass to add.
+    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight_t)
+    }
+
+    /// `x · Wᵀ + b + residual`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        crate::fused::bias_residual(&self.product(x)?, &self.bias_values, residual)
     }
 }
 
@@ -227,9 +240,10 @@ impl Bert {
         let mut x = self.embeddings_norm.forward(&embedded)?;
         for layer in &self.layers {
             let context = crate::attention::packed_attention(&layer.qkv.forward(&x)?, &lengths, self.heads)?;
-            let attended = layer.attention_norm.forward(&(layer.attention_out.forward(&context)? + &x)?)?;
-            let inner = self.activation.apply(&layer.intermediate.forward(&attended)?)?;
-            x = layer.output_norm.forward(&(layer.output.forward(&inner)? + &attended)?)?;
+            let attended =
+                layer.attention_norm.forward(&layer.attention_out.forward_residual(&context, &x)?)?;
+            let inner = self.activation.apply(&layer.intermediate, &attended)?;
+            x = layer.output_norm.forward(&layer.output.forward_residual(&inner, &attended)?)?;
         }
         Ok(x)
     }

@@ -6,8 +6,7 @@
 //! `x²` (fitted for Ferry by least squares on [0, 4], see [`erf`]), with no branch and no
 //! call, so a loop over a slice runs eight lanes at a time (AVX2) on the worker threads.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::Tensor;
 
 /// `erf(x)` to within 3.5e-7 (about three units in the last place of 1.0), as
 /// `x · P(x²) / Q(x²)` on [-4, 4] and ±1 beyond, where `erf` rounds to ±1 in `f32`.
@@ -34,38 +33,16 @@ fn erf(x: f32) -> f32 {
     x * p / q
 }
 
-/// GELU of each of `xs` into `out`.
-fn gelu_into(xs: &[f32], out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(xs) {
-        *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-    }
+/// The exact GELU of one value.
+#[inline(always)]
+pub(crate) fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// Elements a worker thread takes at a time: large enough that handing out work costs little.
-const CHUNK: usize = 16 * 1024;
-
-struct GeluErf;
-
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "ferry-gelu-erf"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("{}: f32 tensors only", self.name()) };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: contiguous tensors only", self.name())
-        };
-        let xs = &data[start..end];
-        let mut out = vec![0.0f32; xs.len()];
-        out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(out, xs)| gelu_into(xs, out));
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
-/// The exact GELU of an `f32` tensor (made contiguous first if it is not).
-pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&GeluErf)
+/// The exact GELU of an `f32` tensor, `(rows, width)`, with `bias` (`width`) added first: a
+/// dense layer's product and its activation in one pass (see `fused.rs`).
+pub fn bias_gelu(x: &Tensor, bias: &[f32]) -> candle_core::Result<Tensor> {
+    crate::fused::map_rows(x, bias, "ferry-bias-gelu", |x, b| gelu(x + b))
 }
 
 #[cfg(test)]
@@ -80,7 +57,12 @@ mod tests {
         let mut xs: Vec<f32> = (-40_000..=40_000).map(|i| i as f32 / 4000.0).collect();
         xs.extend([-1e4, -100.0, -30.0, 30.0, 100.0, 1e4, 0.0, -0.0, 1e-30, -1e-30]);
         let x = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
-        let ours = gelu_erf(&x).unwrap().to_vec1::<f32>().unwrap();
+        let ours = bias_gelu(&x.unsqueeze(1).unwrap(), &[0.0])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let reference = x.gelu_erf().unwrap().to_vec1::<f32>().unwrap();
         for ((x, a), b) in xs.iter().zip(&ours).zip(&reference) {
             let tolerance = 4e-7 * x.abs().max(1.0);
@@ -102,12 +84,14 @@ mod tests {
     }
 
     #[test]
-    fn strided_input_is_made_contiguous() {
-        let x = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap().t().unwrap();
-        let ours = gelu_erf(&x).unwrap().to_vec2::<f32>().unwrap();
-        let reference = x.gelu_erf().unwrap().to_vec2::<f32>().unwrap();
+    fn the_bias_is_added_per_column_before_the_activation() {
+        let x = Tensor::arange(-6f32, 6.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
+        let bias = [0.5f32, -1.0, 2.0, 0.0];
+        let ours = bias_gelu(&x, &bias).unwrap().to_vec2::<f32>().unwrap();
+        let bias_t = Tensor::new(&bias, &Device::Cpu).unwrap();
+        let reference = x.broadcast_add(&bias_t).unwrap().gelu_erf().unwrap().to_vec2::<f32>().unwrap();
         for (a, b) in ours.iter().flatten().zip(reference.iter().flatten()) {
-            assert!((a - b).abs() <= 4e-7 * b.abs().max(1.0));
+            assert!((a - b).abs() <= 4e-7 * b.abs().max(1.0), "{a} against {b}");
         }
     }
 }

@@ -17,6 +17,7 @@
 mod attention;
 mod bert;
 mod error;
+mod fused;
 mod gelu;
 mod model;
 mod service;
