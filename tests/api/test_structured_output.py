@@ -135,6 +135,7 @@ def test_json_object_mode_gives_an_object_and_logprobs_stay_on(smollm2):
         messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
         response_format={"type": "json_object"},
         max_tokens=200,
+        temperature=0,
         logprobs=True,
         top_logprobs=2,
     )
@@ -156,6 +157,7 @@ def test_streamed_structured_output_parses(smollm2):
         messages=[{"role": "user", "content": "Review: the soup was great."}],
         response_format=Review,
         max_tokens=120,
+        temperature=0,
     ) as stream:
         final = stream.get_final_completion()
     assert isinstance(final.choices[0].message.parsed, Review)
@@ -276,7 +278,7 @@ def test_tool_choice_variants_on_qwen(qwen):
     tools = [WEATHER_TOOL, TIME_TOOL]
     question = [{"role": "user", "content": "What time is it in Tokyo?"}]
     named = client.chat.completions.create(
-        model=QWEN_ID, messages=question, tools=tools, max_tokens=80,
+        model=QWEN_ID, messages=question, tools=tools, max_tokens=80, temperature=0,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     calls = named.choices[0].message.tool_calls
     assert [c.function.name for c in calls] == ["get_weather"]
@@ -396,13 +398,13 @@ def test_anthropic_tool_use_round_trip_on_qwen(qwen):
               "input_schema": WEATHER_TOOL["function"]["parameters"]}]
     messages = [{"role": "user", "content": "What is the weather in Paris? Use celsius."}]
     message = claude.messages.create(model=QWEN_ID, max_tokens=80, messages=messages, tools=tools,
-                                     tool_choice={"type": "any"})
+                                     tool_choice={"type": "any"}, extra_body={"temperature": 0})
     assert message.stop_reason == "tool_use"
     use = [b for b in message.content if b.type == "tool_use"][0]
     assert use.name == "get_weather" and use.input["unit"] in ("celsius", "fahrenheit")
     # Streamed: the SDK assembles the tool_use block from input_json deltas.
     with claude.messages.stream(model=QWEN_ID, max_tokens=80, messages=messages, tools=tools,
-                                tool_choice={"type": "any"}) as stream:
+                                tool_choice={"type": "any"}, extra_body={"temperature": 0}) as stream:
         streamed = stream.get_final_message()
     assert streamed.stop_reason == "tool_use"
     assert [b.input for b in streamed.content if b.type == "tool_use"] == [use.input]
