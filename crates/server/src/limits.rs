@@ -59,14 +59,33 @@ struct Spend {
     cost: f64,
 }
 
+/// One millisecond of a scope's admissions: when its first came, and how many (requests or
+/// tokens). Admissions within a millisecond of each other share one, so a window holds at
+/// most 60,000 of them whatever the traffic (one per admission made it grow with the request
+/// rate: about a million a scope at 17k requests a second), and each leaves the window up to
+/// a millisecond early.
+type Bucket = (Instant, u64);
+
+/// How close in time two admissions must be to share a bucket.
+const BUCKET: Duration = Duration::from_millis(1);
+
+/// Adds `amount` at `now` to the newest bucket, or to a new one; the bucket's index.
+fn add(buckets: &mut VecDeque<Bucket>, now: Instant, amount: u64) -> usize {
+    match buckets.back_mut() {
+        Some((t, n)) if now.saturating_duration_since(*t) < BUCKET => *n += amount,
+        _ => buckets.push_back((now, amount)),
+    }
+    buckets.len() - 1
+}
+
 #[derive(Default)]
 struct Window {
-    requests: VecDeque<Instant>,
-    /// (admitted at, reservation id, tokens)
-    tokens: VecDeque<(Instant, u64, u64)>,
+    requests: VecDeque<Bucket>,
+    request_count: u64,
+    tokens: VecDeque<Bucket>,
     token_sum: u64,
-    /// How many entries have left `tokens` from the front, ever: an entry pushed when this
-    /// plus the length was `n` sits at index `n - pruned` until it leaves.
+    /// How many buckets have left `tokens` from the front, ever: a bucket at index `i` when
+    /// this was `p` sits at index `i + p - pruned` until it leaves.
     pruned: u64,
     day: Spend,
     month: Spend,
@@ -75,10 +94,14 @@ struct Window {
 
 impl Window {
     fn prune(&mut self, now: Instant) {
-        while self.requests.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+        while let Some(&(t, count)) = self.requests.front() {
+            if now.duration_since(t) < WINDOW {
+                break;
+            }
+            self.request_count -= count;
             self.requests.pop_front();
         }
-        while let Some(&(t, _, amount)) = self.tokens.front() {
+        while let Some(&(t, amount)) = self.tokens.front() {
             if now.duration_since(t) < WINDOW {
                 break;
             }
@@ -109,9 +132,10 @@ impl Window {
 /// What admission took, to give back or settle when the request ends.
 #[derive(Debug, Default)]
 pub struct Admission {
-    id: u64,
-    /// Each scope's window, with the position of this admission's tokens in it (see
-    /// `Window::pruned`), so that settling finds them without a search.
+    /// The tokens admitted, to be replaced by those used when it is settled.
+    estimate: u64,
+    /// Each scope's window, with the position of the bucket holding this admission's tokens
+    /// (see `Window::pruned`), so that settling finds them without a search.
     scopes: Vec<(Arc<str>, u64)>,
     /// The `x-ratelimit-*` headers for the response: (limit, remaining, reset) of the
     /// tightest scope, for requests and for tokens.
@@ -153,7 +177,6 @@ static HEADER_NAMES: [[HeaderName; 3]; 2] = [
 
 pub struct Limiter {
     windows: Mutex<HashMap<Arc<str>, Window>>,
-    next_id: std::sync::atomic::AtomicU64,
 }
 
 /// OpenAI's duration format for reset headers: `20ms`, `6s`, `1m30s`.
@@ -207,7 +230,7 @@ impl std::ops::Deref for ArrayText {
 
 impl Limiter {
     pub fn new() -> Limiter {
-        Limiter { windows: Mutex::new(HashMap::new()), next_id: 1.into() }
+        Limiter { windows: Mutex::new(HashMap::new()) }
     }
 
     /// Reads the day and month spending of scopes with budgets this process hasn't seen.
@@ -270,10 +293,10 @@ impl Limiter {
             let l = &s.limits;
             let who = s.kind.name();
             if let Some(rpm) = l.rpm
-                && w.requests.len() as u64 >= rpm
+                && w.request_count >= rpm
             {
                 let wait =
-                    w.requests.front().map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
+                    w.requests.front().map_or(WINDOW, |(t, _)| WINDOW.saturating_sub(now.duration_since(*t)));
                 return Err(ApiError::RateLimited {
                     message: format!(
                         "Rate limit reached for this {who}: {rpm} requests per minute. Retry in {}.",
@@ -324,21 +347,21 @@ impl Limiter {
                 )));
             }
         }
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut admission = Admission { id, scopes: Vec::with_capacity(scoped.len()), headers: [None, None] };
+        let mut admission =
+            Admission { estimate: tokens, scopes: Vec::with_capacity(scoped.len()), headers: [None, None] };
         // (limit, remaining, reset) of the tightest scope, for requests and for tokens.
         let mut requests: Option<(u64, u64, Duration)> = None;
         let mut token_headers: Option<(u64, u64, Duration)> = None;
         for s in scoped {
             let Some(w) = windows.get_mut(&s.window) else { continue };
-            w.requests.push_back(now);
-            let position = w.pruned + w.tokens.len() as u64;
-            w.tokens.push_back((now, id, tokens));
+            add(&mut w.requests, now, 1);
+            w.request_count += 1;
+            let position = w.pruned + add(&mut w.tokens, now, tokens) as u64;
             w.token_sum += tokens;
             if let Some(rpm) = s.limits.rpm {
-                let remaining = rpm.saturating_sub(w.requests.len() as u64);
+                let remaining = rpm.saturating_sub(w.request_count);
                 let wait =
-                    w.requests.front().map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
+                    w.requests.front().map_or(WINDOW, |(t, _)| WINDOW.saturating_sub(now.duration_since(*t)));
                 if requests.is_none_or(|(_, r, _)| remaining < r) {
                     requests = Some((rpm, remaining, wait));
                 }
@@ -367,13 +390,13 @@ impl Limiter {
         let wall = now_ms();
         for (key, position) in &admission.scopes {
             let Some(w) = windows.get_mut(key) else { continue };
-            // Gone from the window once older than a minute; the id guards the arithmetic.
+            // Gone from the window once older than a minute (the position is then below
+            // `pruned`); while there, its bucket holds the estimate among others' tokens.
             let index = position.checked_sub(w.pruned).and_then(|i| usize::try_from(i).ok());
-            if let Some(entry) = index.and_then(|i| w.tokens.get_mut(i))
-                && entry.1 == admission.id
-            {
-                w.token_sum = w.token_sum - entry.2 + tokens;
-                entry.2 = tokens;
+            if let Some(bucket) = index.and_then(|i| w.tokens.get_mut(i)) {
+                let estimate = admission.estimate.min(bucket.1);
+                bucket.1 = bucket.1 - estimate + tokens;
+                w.token_sum = w.token_sum - estimate + tokens;
             }
             w.roll(wall);
             w.day.tokens += tokens;
@@ -447,5 +470,53 @@ mod tests {
         let only_tokens = headers(true, 100, 40, Duration::from_secs(60));
         assert_eq!(only_tokens.len(), 3);
         assert_eq!(only_tokens.get("x-ratelimit-reset-tokens").and_then(|v| v.to_str().ok()), Some("1m0s"));
+    }
+
+    #[test]
+    fn admissions_within_a_millisecond_share_a_bucket_and_settle_within_it() {
+        let limiter = Limiter::new();
+        let key: Arc<str> = "key:k1".into();
+        let now = Instant::now();
+        let mut window = Window::default();
+        // A burst: 1000 admissions of 10 tokens in the same instant.
+        let positions: Vec<u64> = (0..1000)
+            .map(|_| {
+                add(&mut window.requests, now, 1);
+                window.request_count += 1;
+                window.token_sum += 10;
+                window.pruned + add(&mut window.tokens, now, 10) as u64
+            })
+            .collect();
+        assert_eq!((window.requests.len(), window.tokens.len()), (1, 1));
+        assert_eq!((window.request_count, window.token_sum), (1000, 10_000));
+        // Two milliseconds on, a new bucket.
+        let later = now + Duration::from_millis(2);
+        add(&mut window.tokens, later, 5);
+        window.token_sum += 5;
+        assert_eq!(window.tokens.len(), 2);
+        limiter.windows.lock().unwrap().insert(key.clone(), window);
+        // One admission used 3 of its 10 tokens: its bucket and the sum drop by 7.
+        let admission =
+            Admission { estimate: 10, scopes: vec![(key.clone(), positions[0])], headers: [None, None] };
+        limiter.settle(&admission, 3, 0.0);
+        let windows = limiter.windows.lock().unwrap();
+        let w = &windows[&key];
+        assert_eq!((w.tokens[0].1, w.tokens[1].1, w.token_sum), (9_993, 5, 9_998));
+        assert_eq!((w.day.tokens, w.month.tokens), (3, 3));
+    }
+
+    #[test]
+    fn buckets_leave_the_window_after_a_minute() {
+        let start = Instant::now();
+        let mut w = Window::default();
+        add(&mut w.requests, start, 1);
+        w.request_count = 1;
+        w.token_sum = 7;
+        add(&mut w.tokens, start, 7);
+        w.prune(start + WINDOW - Duration::from_millis(1));
+        assert_eq!((w.request_count, w.token_sum, w.pruned), (1, 7, 0));
+        w.prune(start + WINDOW);
+        assert_eq!((w.request_count, w.token_sum, w.pruned), (0, 0, 1));
+        assert!(w.requests.is_empty() && w.tokens.is_empty());
     }
 }
