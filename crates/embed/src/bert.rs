@@ -83,7 +83,7 @@ impl Activation {
     /// The activation of `dense`'s output for `x` (the exact GELU with the bias in one pass).
     fn apply(self, dense: &Dense, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Activation::Gelu => crate::gelu::bias_gelu(&dense.product(x)?, &dense.bias_values),
+            Activation::Gelu => crate::gelu::bias_gelu(&dense.product(x)?, &dense.bias),
             Activation::GeluTanh => dense.forward(x)?.gelu(),
             Activation::Relu => dense.forward(x)?.relu(),
         }
@@ -127,20 +127,19 @@ pub struct Bert {
 struct Dense {
     /// `Wᵀ`: contiguous, or a view of `W` as stored.
     weight_t: Tensor,
-    bias: Tensor,
-    /// The same bias, for the fused passes (`fused.rs`).
-    bias_values: Vec<f32>,
+    /// Added in the pass that follows the product (`fused.rs`).
+    bias: Vec<f32>,
 }
 
 impl Dense {
     /// From a weight `(out, in)` as stored, and its bias `(out)`.
     fn new(weight: &Tensor, bias: Tensor) -> candle_core::Result<Dense> {
         let weight_t = if avx512() { weight.t()?.contiguous()? } else { weight.t()? };
-        Ok(Dense { weight_t, bias_values: bias.to_vec1()?, bias })
+        Ok(Dense { weight_t, bias: bias.to_vec1()? })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.product(x)?.broadcast_add(&self.bias)
+        crate::fused::map_rows(&self.product(x)?, &self.bias, "ferry-bias", |x, b| x + b)
     }
 
     /// `x · Wᵀ`, the bias left for a fused pass to add.
@@ -150,7 +149,7 @@ impl Dense {
 
     /// `x · Wᵀ + b + residual`.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        crate::fused::bias_residual(&self.product(x)?, &self.bias_values, residual)
+        crate::fused::bias_residual(&self.product(x)?, &self.bias, residual)
     }
 }
 

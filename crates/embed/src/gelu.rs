@@ -35,7 +35,7 @@ fn erf(x: f32) -> f32 {
 
 /// The exact GELU of one value.
 #[inline(always)]
-pub(crate) fn gelu(x: f32) -> f32 {
+fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 

@@ -78,15 +78,15 @@ impl Journal {
         let mut line = Vec::with_capacity(512);
         write_line(&mut line, &start).map_err(|e| StoreError::Invalid(e.to_string()))?;
         line.push(b'\n');
-        let (seq, file, path) = {
+        let (seq, file) = {
             let mut state = self.state.lock().map_err(|_| poisoned())?;
             if state.open.contains_key(&start.request_id) {
-                return Err(StoreError::Conflict(format!("request id '{}' is taken", start.request_id)));
+                return Err(taken(&start.request_id));
             }
             let seq = state.seq;
             let segment = state.segments.get_mut(&seq).ok_or_else(poisoned)?;
             segment.open += 1;
-            let reserved = (seq, segment.file.clone(), segment.path.clone());
+            let reserved = (seq, segment.file.clone());
             state.bytes += line.len() as u64;
             // A segment that can't be begun now is tried again at the next admission; the
             // current one takes the line meanwhile.
@@ -109,11 +109,11 @@ impl Journal {
             }
             Ok(()) => {
                 release(&mut state, seq);
-                Err(StoreError::Conflict(format!("request id '{}' is taken", start.request_id)))
+                Err(taken(&start.request_id))
             }
             Err(e) => {
                 release(&mut state, seq);
-                Err(io_error(&path, e))
+                Err(io_error(&segment_path(&self.dir, &self.stem, seq), e))
             }
         }
     }
@@ -186,8 +186,13 @@ fn write_line(line: &mut Vec<u8>, start: &UsageStart) -> serde_json::Result<()> 
     Ok(())
 }
 
+/// The file of segment `seq` of the run named `stem`.
+fn segment_path(dir: &Path, stem: &str, seq: u64) -> PathBuf {
+    dir.join(format!("{stem}-{seq:06}.journal"))
+}
+
 fn new_segment(dir: &Path, stem: &str, seq: u64) -> Result<Segment> {
-    let path = dir.join(format!("{stem}-{seq:06}.journal"));
+    let path = segment_path(dir, stem, seq);
     let file =
         OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| io_error(&path, e))?;
     file.try_lock().map_err(|e| StoreError::Invalid(format!("cannot lock {}: {e}", path.display())))?;
@@ -232,6 +237,10 @@ pub(crate) fn leftovers(dir: &Path) -> Result<(Vec<UsageStart>, Vec<PathBuf>)> {
         paths.push(path);
     }
     Ok((starts, paths))
+}
+
+fn taken(request_id: &str) -> StoreError {
+    StoreError::Conflict(format!("request id '{request_id}' is taken"))
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> StoreError {
