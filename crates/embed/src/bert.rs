@@ -112,21 +112,26 @@ pub struct Bert {
     activation: Activation,
 }
 
-/// A dense layer, `x · Wᵀ + b`, with its weight laid out for the matrix-product kernels this
+/// A dense layer, `x · Wᵀ + b`, with its weight laid out for the matrix-product kernel this
 /// CPU runs.
 ///
 /// gemm computes `x · Wᵀ` as `(W · xᵀ)ᵀ`, with the weight on its left. Stored `(out, in)`,
 /// that side's columns are strided, and gemm packs the whole weight into panels on every
 /// call. With its AVX-512 kernels the packing was 31% of the time for one sentence, and a
 /// weight kept `(in, out)`, contiguous, is read in place instead: batch 1 went from 63-66 to
-/// 108 embeddings a second, batch 32 from 300-307 to 318-335. With the AVX2 kernels it is the
-/// other way round (they read 24 rows of a column at a time, a cache line and a half, where
-/// packing pays): 90-94 against 67-69 at batch 1, 218-225 against 214 at batch 32. So the
-/// weight is transposed where gemm will choose AVX-512 (see [`avx512`]) and left as stored
-/// elsewhere.
+/// 108 embeddings a second, batch 32 from 300-307 to 318-335. gemm's AVX2 kernels read such a
+/// weight badly (24 rows of a column at a time, a cache line and a half): 67-69 against 90-94
+/// at batch 1. So where gemm would choose AVX-512 (see [`avx512`]) the weight is transposed
+/// for it, and elsewhere it is packed once for Ferry's own kernel (`packed.rs`), which never
+/// packs per call.
+enum Weight {
+    /// `Wᵀ`, contiguous, for gemm's AVX-512 kernels.
+    Transposed(Tensor),
+    Packed(crate::packed::PackedWeight),
+}
+
 struct Dense {
-    /// `Wᵀ`: contiguous, or a view of `W` as stored.
-    weight_t: Tensor,
+    weight: Weight,
     /// Added in the pass that follows the product (`fused.rs`).
     bias: Vec<f32>,
 }
@@ -134,8 +139,12 @@ struct Dense {
 impl Dense {
     /// From a weight `(out, in)` as stored, and its bias `(out)`.
     fn new(weight: &Tensor, bias: Tensor) -> candle_core::Result<Dense> {
-        let weight_t = if avx512() { weight.t()?.contiguous()? } else { weight.t()? };
-        Ok(Dense { weight_t, bias: bias.to_vec1()? })
+        let weight = if avx512() {
+            Weight::Transposed(weight.t()?.contiguous()?)
+        } else {
+            Weight::Packed(crate::packed::PackedWeight::new(weight)?)
+        };
+        Ok(Dense { weight, bias: bias.to_vec1()? })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -144,7 +153,10 @@ impl Dense {
 
     /// `x · Wᵀ`, the bias left for a fused pass to add.
     fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight_t)
+        match &self.weight {
+            Weight::Transposed(w) => x.matmul(w),
+            Weight::Packed(w) => crate::packed::product(x, w),
+        }
     }
 
     /// `x · Wᵀ + b + residual`.

@@ -20,6 +20,7 @@ mod error;
 mod fused;
 mod gelu;
 mod model;
+mod packed;
 mod service;
 
 pub use error::EmbedError;

@@ -1,0 +1,237 @@
+//! A dense layer's matrix product `x · Wᵀ` with `W` packed once, when the model loads, into
+//! the panels a register-blocked kernel reads in order, for CPUs without AVX-512.
+//!
+//! gemm packs its weight operand into panels on every call. With its AVX2 kernels that was 37%
+//! of an embedding's time for one sentence (27 tokens): the weight is packed for a product
+//! that uses each of its values 27 times. Here the panels are made at load, and each call only
+//! multiplies.
+//!
+//! The kernel keeps a tile of [`ROWS`] rows of `x` by [`PANEL`] output columns in registers
+//! (12 of AVX2's 16 vector registers) and steps through the inner dimension, one fused
+//! multiply-add per row and vector. A row's result is summed in the same order whatever rows
+//! it is batched with, so a sentence's embedding does not depend on its batch.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Output columns of a panel: two vectors of eight lanes.
+const PANEL: usize = 16;
+/// Rows of `x` a tile multiplies at once.
+const ROWS: usize = 6;
+/// The bytes of `x` a block of rows holds, so that the block stays in L2 while every panel
+/// passes over it.
+const BLOCK_BYTES: usize = 128 * 1024;
+/// Products under this many multiply-adds run on the calling thread.
+const SERIAL_MACS: usize = 1 << 18;
+
+/// A weight `(out, in)` as panels: for each run of [`PANEL`] output columns, `in` steps of
+/// [`PANEL`] values (zeros past `out`).
+pub(crate) struct PackedWeight {
+    panels: Vec<f32>,
+    inp: usize,
+    out: usize,
+}
+
+impl PackedWeight {
+    /// From a weight stored `(out, in)`, row-major.
+    pub(crate) fn new(weight: &Tensor) -> candle_core::Result<PackedWeight> {
+        let (out, inp) = weight.dims2()?;
+        if out == 0 || inp == 0 {
+            candle_core::bail!("ferry-packed-product: an empty weight ({out}x{inp})")
+        }
+        let stored = weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut panels = vec![0.0f32; out.div_ceil(PANEL) * inp * PANEL];
+        for (p, panel) in panels.chunks_exact_mut(inp * PANEL).enumerate() {
+            for (k, step) in panel.chunks_exact_mut(PANEL).enumerate() {
+                for (c, w) in step.iter_mut().enumerate() {
+                    let o = p * PANEL + c;
+                    if o < out {
+                        *w = stored[o * inp + k];
+                    }
+                }
+            }
+        }
+        Ok(PackedWeight { panels, inp, out })
+    }
+
+    fn panel(&self, p: usize) -> &[f32] {
+        &self.panels[p * self.inp * PANEL..(p + 1) * self.inp * PANEL]
+    }
+
+    fn n_panels(&self) -> usize {
+        self.out.div_ceil(PANEL)
+    }
+
+    /// `y` (`rows × out`) = `x` (`rows × in`) · `Wᵀ`, over panels `panels` only.
+    fn block(&self, x: &[f32], y: &mut [f32], y_width: usize, y_from: usize, panels: std::ops::Range<usize>) {
+        let inp = self.inp;
+        // The rows interleaved by tiles, `in` steps of up to ROWS values each, so that a tile
+        // reads one run of memory; made once for all the panels.
+        let mut tiles = vec![0.0f32; x.len()];
+        for (tile, out) in x.chunks(ROWS * inp).zip(tiles.chunks_mut(ROWS * inp)) {
+            let n = tile.len() / inp;
+            for (r, row) in tile.chunks_exact(inp).enumerate() {
+                for (step, &v) in out.chunks_exact_mut(n).zip(row) {
+                    step[r] = v;
+                }
+            }
+        }
+        for p in panels {
+            let panel = self.panel(p);
+            let columns = (self.out - p * PANEL).min(PANEL);
+            let at = p * PANEL - y_from;
+            for (t, xt) in tiles.chunks(ROWS * inp).enumerate() {
+                let y = &mut y[t * ROWS * y_width..];
+                match xt.len() / inp {
+                    6 => store(tile::<6>(xt, panel), y, y_width, at, columns),
+                    5 => store(tile::<5>(xt, panel), y, y_width, at, columns),
+                    4 => store(tile::<4>(xt, panel), y, y_width, at, columns),
+                    3 => store(tile::<3>(xt, panel), y, y_width, at, columns),
+                    2 => store(tile::<2>(xt, panel), y, y_width, at, columns),
+                    _ => store(tile::<1>(xt, panel), y, y_width, at, columns),
+                }
+            }
+        }
+    }
+
+    /// `x · Wᵀ` of `x`, `(rows, in)` row-major: `(rows, out)`.
+    fn product(&self, x: &[f32]) -> Vec<f32> {
+        let (inp, out) = (self.inp, self.out);
+        let rows = x.len() / inp;
+        let mut y = vec![0.0f32; rows * out];
+        let all = 0..self.n_panels();
+        if rows * inp * out <= SERIAL_MACS || rayon::current_num_threads() == 1 {
+            self.block(x, &mut y, out, 0, all);
+            return y;
+        }
+        let block_rows = (BLOCK_BYTES / (4 * inp) / ROWS).max(1) * ROWS;
+        if rows > block_rows {
+            // Blocks of rows in parallel, each through every panel.
+            y.par_chunks_mut(block_rows * out)
+                .zip(x.par_chunks(block_rows * inp))
+                .for_each(|(y, x)| self.block(x, y, out, 0, all.clone()));
+            return y;
+        }
+        // Too few rows to share out: the panels are shared out instead, each share into its
+        // own columns, copied into place after.
+        let shares = (rayon::current_num_threads() * 2).min(self.n_panels());
+        let per = self.n_panels().div_ceil(shares);
+        let parts: Vec<(usize, usize, Vec<f32>)> = (0..shares)
+            .into_par_iter()
+            .map(|s| {
+                let panels = s * per..((s + 1) * per).min(self.n_panels());
+                let (from, to) = (panels.start * PANEL, (panels.end * PANEL).min(out));
+                let mut part = vec![0.0f32; rows * (to - from)];
+                self.block(x, &mut part, to - from, from, panels);
+                (from, to, part)
+            })
+            .collect();
+        for (from, to, part) in parts {
+            for (y, part) in y.chunks_exact_mut(out).zip(part.chunks_exact(to - from)) {
+                y[from..to].copy_from_slice(part);
+            }
+        }
+        y
+    }
+}
+
+/// The `R × PANEL` products of `R` rows of `x`, interleaved (`in` steps of `R` values), with a
+/// panel (`in` steps of `PANEL` values).
+#[inline(always)]
+fn tile<const R: usize>(x: &[f32], panel: &[f32]) -> [[f32; PANEL]; R] {
+    let (steps, _) = x.as_chunks::<R>();
+    let (weights, _) = panel.as_chunks::<PANEL>();
+    let mut acc = [[0.0f32; PANEL]; R];
+    for (xs, w) in steps.iter().zip(weights) {
+        for (acc, &v) in acc.iter_mut().zip(xs) {
+            for (a, &w) in acc.iter_mut().zip(w) {
+                *a = v.mul_add(w, *a);
+            }
+        }
+    }
+    acc
+}
+
+/// Writes a tile's first `columns` columns at column `at` of `R` rows of `y`.
+#[inline(always)]
+fn store<const R: usize>(acc: [[f32; PANEL]; R], y: &mut [f32], width: usize, at: usize, columns: usize) {
+    for (r, acc) in acc.iter().enumerate() {
+        y[r * width + at..r * width + at + columns].copy_from_slice(&acc[..columns]);
+    }
+}
+
+struct Product<'a> {
+    weight: &'a PackedWeight,
+}
+
+impl CustomOp1 for Product<'_> {
+    fn name(&self) -> &'static str {
+        "ferry-packed-product"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("{}: f32 tensors only", self.name()) };
+        let (Some((start, end)), (rows, inp)) = (layout.contiguous_offsets(), layout.shape().dims2()?) else {
+            candle_core::bail!("{}: contiguous tensors only", self.name())
+        };
+        if inp != self.weight.inp {
+            candle_core::bail!("{}: rows of {inp} against a weight of {}", self.name(), self.weight.inp)
+        }
+        let y = self.weight.product(&data[start..end]);
+        Ok((CpuStorage::F32(y), Shape::from((rows, self.weight.out))))
+    }
+}
+
+/// `x · Wᵀ` for `x` `(rows, in)`.
+pub(crate) fn product(x: &Tensor, weight: &PackedWeight) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Product { weight })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_candles_matmul_for_every_shape_of_tail() {
+        // Outputs that leave a panel part-filled, rows that leave tiles and blocks part-filled,
+        // and products large enough to run in parallel both ways.
+        for (rows, inp, out) in [(1, 8, 16), (7, 24, 40), (13, 384, 1152), (200, 1536, 384), (5, 3, 1)] {
+            let x = Tensor::from_vec(values(rows * inp, 1), (rows, inp), &Device::Cpu).unwrap();
+            let w = Tensor::from_vec(values(out * inp, 2), (out, inp), &Device::Cpu).unwrap();
+            let ours = product(&x, &PackedWeight::new(&w).unwrap()).unwrap();
+            let candle = x.matmul(&w.t().unwrap()).unwrap();
+            assert_eq!(ours.dims(), candle.dims());
+            let diff = (ours - candle).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4 * inp as f32, "{rows}x{inp}x{out}: {diff}");
+        }
+    }
+
+    #[test]
+    fn a_row_is_the_same_alone_and_among_others() {
+        let (inp, out) = (384, 1152);
+        let w = PackedWeight::new(&Tensor::from_vec(values(out * inp, 3), (out, inp), &Device::Cpu).unwrap())
+            .unwrap();
+        let many = values(100 * inp, 4);
+        let together = w.product(&many);
+        for r in [0, 5, 6, 51, 99] {
+            let alone = w.product(&many[r * inp..(r + 1) * inp]);
+            assert_eq!(alone, together[r * out..(r + 1) * out], "row {r}");
+        }
+    }
+}
