@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::packed::PackedWeight;
+
 struct PackedAttention<'a> {
     lengths: &'a [usize],
     heads: usize,
@@ -19,57 +21,48 @@ struct PackedAttention<'a> {
 
 impl PackedAttention<'_> {
     /// One sequence's context rows `out` (`len × hidden`) from its `qkv` rows
-    /// (`len × 3·hidden`).
+    /// (`len × 3·hidden`). Each head's two products (scores `Q·Kᵀ`, then context `P·V`) run
+    /// through the dense layers' kernel (`packed.rs`), the keys and values packed as its
+    /// weights.
     fn sequence(&self, qkv: &[f32], out: &mut [f32], hidden: usize) {
-        let len = out.len() / hidden;
+        let (width, len) = (3 * hidden, out.len() / hidden);
         let head = hidden / self.heads;
         let scale = 1.0 / (head as f32).sqrt();
-        let row = |i: usize| &qkv[i * 3 * hidden..(i + 1) * 3 * hidden];
-        let mut weights = vec![0.0f32; len];
+        let mut queries = vec![0.0f32; len * head];
         for h in 0..self.heads {
             let (q_at, k_at, v_at) = (h * head, hidden + h * head, 2 * hidden + h * head);
-            for i in 0..len {
-                let q = &row(i)[q_at..q_at + head];
+            for (q, row) in queries.chunks_exact_mut(head).zip(qkv.chunks_exact(width)) {
+                q.copy_from_slice(&row[q_at..q_at + head]);
+            }
+            let keys = PackedWeight::from_fn(len, head, |j, d| qkv[j * width + k_at + d]);
+            let mut weights = keys.product_here(&queries);
+            for row in weights.chunks_exact_mut(len) {
                 let mut max = f32::NEG_INFINITY;
-                for (j, w) in weights.iter_mut().enumerate() {
-                    *w = dot(q, &row(j)[k_at..k_at + head]) * scale;
+                for w in row.iter_mut() {
+                    *w *= scale;
                     max = max.max(*w);
                 }
-                for w in weights.iter_mut() {
+                for w in row.iter_mut() {
                     *w = exp_nonpositive(*w - max);
                 }
-                let sum = sum(&weights);
-                let context = &mut out[i * hidden + h * head..i * hidden + (h + 1) * head];
-                context.fill(0.0);
-                for (j, w) in weights.iter().enumerate() {
-                    let v = &row(j)[v_at..v_at + head];
-                    for (c, v) in context.iter_mut().zip(v) {
-                        *c += w * v;
-                    }
-                }
-                for c in context.iter_mut() {
-                    *c /= sum;
+            }
+            let values = PackedWeight::from_fn(head, len, |c, j| qkv[j * width + v_at + c]);
+            let context = values.product_here(&weights);
+            let rows =
+                out.chunks_exact_mut(hidden).zip(context.chunks_exact(head)).zip(weights.chunks_exact(len));
+            for ((out, context), weights) in rows {
+                let sum = sum(weights);
+                for (o, c) in out[q_at..q_at + head].iter_mut().zip(context) {
+                    *o = c / sum;
                 }
             }
         }
     }
 }
 
-/// Lanes of the sums below: eight running sums the compiler keeps in one AVX2 register, where
+/// Lanes of the sum below: eight running sums the compiler keeps in one AVX2 register, where
 /// one running sum is a chain of dependent additions it may not reorder.
 const LANES: usize = 8;
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(a, b)| a * b).sum();
-    for (a, b) in a8.zip(b8) {
-        for k in 0..LANES {
-            lanes[k] = a[k].mul_add(b[k], lanes[k]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
 
 fn sum(xs: &[f32]) -> f32 {
     let mut lanes = [0.0f32; LANES];

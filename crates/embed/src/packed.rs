@@ -40,18 +40,28 @@ impl PackedWeight {
             candle_core::bail!("ferry-packed-product: an empty weight ({out}x{inp})")
         }
         let stored = weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(PackedWeight::from_fn(out, inp, |o, k| stored[o * inp + k]))
+    }
+
+    /// The weight `(out, in)` whose value at `(o, k)` is `at(o, k)`; neither may be 0.
+    pub(crate) fn from_fn(out: usize, inp: usize, at: impl Fn(usize, usize) -> f32) -> PackedWeight {
         let mut panels = vec![0.0f32; out.div_ceil(PANEL) * inp * PANEL];
         for (p, panel) in panels.chunks_exact_mut(inp * PANEL).enumerate() {
+            let columns = (out - p * PANEL).min(PANEL);
             for (k, step) in panel.chunks_exact_mut(PANEL).enumerate() {
-                for (c, w) in step.iter_mut().enumerate() {
-                    let o = p * PANEL + c;
-                    if o < out {
-                        *w = stored[o * inp + k];
-                    }
+                for (c, w) in step[..columns].iter_mut().enumerate() {
+                    *w = at(p * PANEL + c, k);
                 }
             }
         }
-        Ok(PackedWeight { panels, inp, out })
+        PackedWeight { panels, inp, out }
+    }
+
+    /// `x · Wᵀ` on the calling thread.
+    pub(crate) fn product_here(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0f32; x.len() / self.inp * self.out];
+        self.block(x, &mut y, self.out, 0, 0..self.n_panels());
+        y
     }
 
     fn panel(&self, p: usize) -> &[f32] {
