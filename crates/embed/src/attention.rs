@@ -108,16 +108,11 @@ impl CustomOp1 for PackedAttention<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("{}: f32 tensors only", self.name()) };
-        let (Some((start, end)), (tokens, width)) = (layout.contiguous_offsets(), layout.shape().dims2()?)
-        else {
-            candle_core::bail!("{}: contiguous tensors only", self.name())
-        };
+        let (qkv, (tokens, width)) = crate::fused::matrix(storage, layout, self.name())?;
         if !width.is_multiple_of(3 * self.heads) || self.lengths.iter().sum::<usize>() != tokens {
             candle_core::bail!("{}: {tokens}x{width} rows do not fit the sequences and heads", self.name())
         }
         let hidden = width / 3;
-        let qkv = &data[start..end];
         let mut out = vec![0.0f32; tokens * hidden];
         // Each sequence's rows, in and out.
         let mut parts = Vec::with_capacity(self.lengths.len());

@@ -12,6 +12,20 @@ use rayon::prelude::*;
 /// calling thread.
 const CHUNK: usize = 16 * 1024;
 
+/// The contiguous `f32` data of a 2-D tensor, with its `(rows, width)`: what every custom op
+/// of this crate reads (`name` is the op's, for its errors).
+pub(crate) fn matrix<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    name: &str,
+) -> candle_core::Result<(&'a [f32], (usize, usize))> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{name}: f32 tensors only") };
+    let (Some((start, end)), dims) = (layout.contiguous_offsets(), layout.shape().dims2()?) else {
+        candle_core::bail!("{name}: contiguous tensors only")
+    };
+    Ok((&data[start..end], dims))
+}
+
 /// The contiguous `f32` data of a `(rows, width)` tensor whose width is `bias`'s.
 fn rows<'a>(
     storage: &'a CpuStorage,
@@ -19,15 +33,11 @@ fn rows<'a>(
     bias: &[f32],
     name: &str,
 ) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("{name}: f32 tensors only") };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{name}: contiguous tensors only")
-    };
-    let (_, width) = layout.shape().dims2()?;
+    let (data, (_, width)) = matrix(storage, layout, name)?;
     if width != bias.len() || width == 0 {
         candle_core::bail!("{name}: rows of {width} and a bias of {}", bias.len())
     }
-    Ok(&data[start..end])
+    Ok(data)
 }
 
 /// Runs `pass` over row-aligned chunks of `out` and of each input, in parallel when large.

@@ -60,7 +60,7 @@ impl PackedWeight {
     /// `x · Wᵀ` on the calling thread.
     pub(crate) fn product_here(&self, x: &[f32]) -> Vec<f32> {
         let mut y = vec![0.0f32; x.len() / self.inp * self.out];
-        self.block(x, &mut y, self.out, 0, 0..self.n_panels());
+        self.block(&self.interleave(x), &mut y, self.out, 0, 0..self.n_panels());
         y
     }
 
@@ -72,11 +72,10 @@ impl PackedWeight {
         self.out.div_ceil(PANEL)
     }
 
-    /// `y` (`rows × out`) = `x` (`rows × in`) · `Wᵀ`, over panels `panels` only.
-    fn block(&self, x: &[f32], y: &mut [f32], y_width: usize, y_from: usize, panels: std::ops::Range<usize>) {
+    /// The rows of `x` (`rows × in`) interleaved by tiles, `in` steps of up to [`ROWS`] values
+    /// each, so that a tile reads one run of memory; made once for all the panels.
+    fn interleave(&self, x: &[f32]) -> Vec<f32> {
         let inp = self.inp;
-        // The rows interleaved by tiles, `in` steps of up to ROWS values each, so that a tile
-        // reads one run of memory; made once for all the panels.
         let mut tiles = vec![0.0f32; x.len()];
         for (tile, out) in x.chunks(ROWS * inp).zip(tiles.chunks_mut(ROWS * inp)) {
             let n = tile.len() / inp;
@@ -86,6 +85,20 @@ impl PackedWeight {
                 }
             }
         }
+        tiles
+    }
+
+    /// `y` (`rows × out`) = `x · Wᵀ`, over panels `panels` only, for the rows of `x` as
+    /// [`interleave`](Self::interleave) lays them out.
+    fn block(
+        &self,
+        tiles: &[f32],
+        y: &mut [f32],
+        y_width: usize,
+        y_from: usize,
+        panels: std::ops::Range<usize>,
+    ) {
+        let inp = self.inp;
         for p in panels {
             let panel = self.panel(p);
             let columns = (self.out - p * PANEL).min(PANEL);
@@ -111,7 +124,7 @@ impl PackedWeight {
         let mut y = vec![0.0f32; rows * out];
         let all = 0..self.n_panels();
         if rows * inp * out <= SERIAL_MACS || rayon::current_num_threads() == 1 {
-            self.block(x, &mut y, out, 0, all);
+            self.block(&self.interleave(x), &mut y, out, 0, all);
             return y;
         }
         let block_rows = (BLOCK_BYTES / (4 * inp) / ROWS).max(1) * ROWS;
@@ -119,11 +132,12 @@ impl PackedWeight {
             // Blocks of rows in parallel, each through every panel.
             y.par_chunks_mut(block_rows * out)
                 .zip(x.par_chunks(block_rows * inp))
-                .for_each(|(y, x)| self.block(x, y, out, 0, all.clone()));
+                .for_each(|(y, x)| self.block(&self.interleave(x), y, out, 0, all.clone()));
             return y;
         }
         // Too few rows to share out: the panels are shared out instead, each share into its
-        // own columns, copied into place after.
+        // own columns, copied into place after; the rows are interleaved once for all shares.
+        let tiles = self.interleave(x);
         let shares = (rayon::current_num_threads() * 2).min(self.n_panels());
         let per = self.n_panels().div_ceil(shares);
         let parts: Vec<(usize, usize, Vec<f32>)> = (0..shares)
@@ -132,7 +146,7 @@ impl PackedWeight {
                 let panels = s * per..((s + 1) * per).min(self.n_panels());
                 let (from, to) = (panels.start * PANEL, (panels.end * PANEL).min(out));
                 let mut part = vec![0.0f32; rows * (to - from)];
-                self.block(x, &mut part, to - from, from, panels);
+                self.block(&tiles, &mut part, to - from, from, panels);
                 (from, to, part)
             })
             .collect();
@@ -180,14 +194,11 @@ impl CustomOp1 for Product<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("{}: f32 tensors only", self.name()) };
-        let (Some((start, end)), (rows, inp)) = (layout.contiguous_offsets(), layout.shape().dims2()?) else {
-            candle_core::bail!("{}: contiguous tensors only", self.name())
-        };
+        let (x, (rows, inp)) = crate::fused::matrix(storage, layout, self.name())?;
         if inp != self.weight.inp {
             candle_core::bail!("{}: rows of {inp} against a weight of {}", self.name(), self.weight.inp)
         }
-        let y = self.weight.product(&data[start..end]);
+        let y = self.weight.product(x);
         Ok((CpuStorage::F32(y), Shape::from((rows, self.weight.out))))
     }
 }
