@@ -51,29 +51,13 @@ impl PackedAttention<'_> {
             let rows =
                 out.chunks_exact_mut(hidden).zip(context.chunks_exact(head)).zip(weights.chunks_exact(len));
             for ((out, context), weights) in rows {
-                let sum = sum(weights);
+                let sum = crate::fused::sum(weights, |w| w);
                 for (o, c) in out[q_at..q_at + head].iter_mut().zip(context) {
                     *o = c / sum;
                 }
             }
         }
     }
-}
-
-/// Lanes of the sum below: eight running sums the compiler keeps in one AVX2 register, where
-/// one running sum is a chain of dependent additions it may not reorder.
-const LANES: usize = 8;
-
-fn sum(xs: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    let x8 = xs.chunks_exact(LANES);
-    let tail: f32 = x8.remainder().iter().sum();
-    for x in x8 {
-        for k in 0..LANES {
-            lanes[k] += x[k];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// `e^x` for `x ≤ 0` (a score less the row's maximum) to 2e-7 relative near 0 (growing by
@@ -113,7 +97,7 @@ impl CustomOp1 for PackedAttention<'_> {
             candle_core::bail!("{}: {tokens}x{width} rows do not fit the sequences and heads", self.name())
         }
         let hidden = width / 3;
-        let mut out = vec![0.0f32; tokens * hidden];
+        let mut out = crate::fused::zeroed(tokens * hidden);
         // Each sequence's rows, in and out.
         let mut parts = Vec::with_capacity(self.lengths.len());
         let (mut rest_in, mut rest_out) = (qkv, out.as_mut_slice());

@@ -4,8 +4,10 @@
 //! its own tokens. A sequence's result does not depend on what it was packed with.
 
 use candle_core::{D, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
+
+use crate::fused::{Activation, Epilogue, Norm};
 
 /// The fields of a Hugging Face BERT `config.json` the encoder needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -61,43 +63,14 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    /// The exact GELU (`erf`), BERT's `gelu`.
-    Gelu,
-    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
-    GeluTanh,
-    Relu,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "gelu" => Some(Activation::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
-            "relu" => Some(Activation::Relu),
-            _ => None,
-        }
-    }
-
-    /// The activation of `dense`'s output for `x` (the exact GELU with the bias in one pass).
-    fn apply(self, dense: &Dense, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Activation::Gelu => crate::gelu::bias_gelu(&dense.product(x)?, &dense.bias),
-            Activation::GeluTanh => dense.forward(x)?.gelu(),
-            Activation::Relu => dense.forward(x)?.relu(),
-        }
-    }
-}
-
 struct Layer {
     /// Query, key and value in one `(3 × hidden, hidden)` projection: one matrix product.
     qkv: Dense,
     attention_out: Dense,
-    attention_norm: LayerNorm,
+    attention_norm: Norm,
     intermediate: Dense,
     output: Dense,
-    output_norm: LayerNorm,
+    output_norm: Norm,
 }
 
 /// The encoder's weights.
@@ -106,7 +79,7 @@ pub struct Bert {
     positions: Embedding,
     /// Token type 0's embedding: every input is a single segment.
     token_type: Tensor,
-    embeddings_norm: LayerNorm,
+    embeddings_norm: Norm,
     layers: Vec<Layer>,
     heads: usize,
     activation: Activation,
@@ -132,7 +105,7 @@ enum Weight {
 
 struct Dense {
     weight: Weight,
-    /// Added in the pass that follows the product (`fused.rs`).
+    /// Added in the product's epilogue (`fused.rs`).
     bias: Vec<f32>,
 }
 
@@ -147,21 +120,34 @@ impl Dense {
         Ok(Dense { weight, bias: bias.to_vec1()? })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::fused::map_rows(&self.product(x)?, &self.bias, "ferry-bias", |x, b| x + b)
-    }
-
-    /// `x · Wᵀ`, the bias left for a fused pass to add.
-    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `epilogue(x · Wᵀ)`.
+    fn product(&self, x: &Tensor, epilogue: &Epilogue) -> candle_core::Result<Tensor> {
         match &self.weight {
-            Weight::Transposed(w) => x.matmul(w),
-            Weight::Packed(w) => crate::packed::product(x, w),
+            Weight::Transposed(w) => crate::fused::apply(&x.matmul(w)?, epilogue),
+            Weight::Packed(w) => crate::packed::product(x, w, epilogue),
         }
     }
 
-    /// `x · Wᵀ + b + residual`.
-    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        crate::fused::bias_residual(&self.product(x)?, &self.bias, residual)
+    /// `x · Wᵀ + b`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.product(x, &Epilogue::Bias(&self.bias))
+    }
+
+    /// `act(x · Wᵀ + b)`.
+    fn forward_activation(&self, x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
+        self.product(x, &Epilogue::Activation(&self.bias, activation))
+    }
+
+    /// `norm(x · Wᵀ + b + residual)`.
+    fn forward_residual_norm(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        norm: &Norm,
+    ) -> candle_core::Result<Tensor> {
+        crate::fused::with_matrix(residual, "ferry-residual", |residual, _| {
+            self.product(x, &Epilogue::ResidualNorm { bias: &self.bias, residual, norm })
+        })
     }
 }
 
@@ -192,8 +178,12 @@ fn dense(vb: &VarBuilder, out: usize, inp: usize) -> candle_core::Result<Dense> 
     Dense::new(&weight, bias)
 }
 
-fn layer_norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
-    Ok(LayerNorm::new(vb.get(size, "weight")?, vb.get(size, "bias")?, eps))
+fn layer_norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<Norm> {
+    Ok(Norm {
+        weight: vb.get(size, "weight")?.to_vec1()?,
+        bias: vb.get(size, "bias")?.to_vec1()?,
+        eps: eps as f32,
+    })
 }
 
 impl Bert {
@@ -248,13 +238,12 @@ impl Bert {
         let positions = Tensor::from_vec(positions, n, device)?;
         let embedded = (self.words.forward(&ids)? + self.positions.forward(&positions)?)?
             .broadcast_add(&self.token_type)?;
-        let mut x = self.embeddings_norm.forward(&embedded)?;
+        let mut x = crate::fused::apply(&embedded, &Epilogue::Norm(&self.embeddings_norm))?;
         for layer in &self.layers {
             let context = crate::attention::packed_attention(&layer.qkv.forward(&x)?, &lengths, self.heads)?;
-            let attended =
-                layer.attention_norm.forward(&layer.attention_out.forward_residual(&context, &x)?)?;
-            let inner = self.activation.apply(&layer.intermediate, &attended)?;
-            x = layer.output_norm.forward(&layer.output.forward_residual(&inner, &attended)?)?;
+            let attended = layer.attention_out.forward_residual_norm(&context, &x, &layer.attention_norm)?;
+            let inner = layer.intermediate.forward_activation(&attended, self.activation)?;
+            x = layer.output.forward_residual_norm(&inner, &attended, &layer.output_norm)?;
         }
         Ok(x)
     }

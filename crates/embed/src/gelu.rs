@@ -6,8 +6,6 @@
 //! `x²` (fitted for Ferry by least squares on [0, 4], see [`erf`]), with no branch and no
 //! call, so a loop over a slice runs eight lanes at a time (AVX2) on the worker threads.
 
-use candle_core::Tensor;
-
 /// `erf(x)` to within 3.5e-7 (about three units in the last place of 1.0), as
 /// `x · P(x²) / Q(x²)` on [-4, 4] and ±1 beyond, where `erf` rounds to ±1 in `f32`.
 ///
@@ -35,21 +33,21 @@ fn erf(x: f32) -> f32 {
 
 /// The exact GELU of one value.
 #[inline(always)]
-fn gelu(x: f32) -> f32 {
+pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// The exact GELU of an `f32` tensor, `(rows, width)`, with `bias` (`width`) added first: a
-/// dense layer's product and its activation in one pass (see `fused.rs`).
-pub fn bias_gelu(x: &Tensor, bias: &[f32]) -> candle_core::Result<Tensor> {
-    crate::fused::map_rows(x, bias, "ferry-bias-gelu", |x, b| gelu(x + b))
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     use super::*;
+    use crate::fused::{Activation, Epilogue, apply};
+
+    /// `gelu(x + bias)` through the dense layers' epilogue.
+    fn bias_gelu(x: &Tensor, bias: &[f32]) -> candle_core::Result<Tensor> {
+        apply(x, &Epilogue::Activation(bias, Activation::Gelu))
+    }
 
     #[test]
     fn matches_candles_scalar_gelu_erf() {
