@@ -259,6 +259,27 @@ def test_embeddings_need_a_key_when_keys_are_on():
         s.stop()
 
 
+def test_an_embedding_server_loads_the_chat_model_on_its_first_request():
+    """Started for embeddings with no model named, the default chat model stays on disk (its
+    KV cache is most of a gigabyte) until a chat request needs it."""
+    s = Server("--embedding-model", EMBED_DIR, "--models-dir", MODELS_DIR, model=False)
+    try:
+        def state():
+            models = httpx.get(s.url + "/v1/models", timeout=30).json()["data"]
+            return {m["id"]: m.get("state") for m in models}[MODEL_ID]
+
+        assert state() == "on_disk"
+        assert post(s, {"model": EMBED_ID, "input": FOOD}).status_code == 200
+        assert state() == "on_disk", "embeddings do not load the chat model"
+        answer = s.client(max_retries=0, timeout=120).chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert answer.choices[0].message.content is not None
+        assert state() == "loaded"
+    finally:
+        s.stop()
+
+
 def test_embedding_model_is_loaded_only_when_asked(tmp_path):
     s = Server()
     try:

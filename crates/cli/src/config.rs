@@ -411,9 +411,16 @@ impl ServeConfig {
         if self.models.is_empty() && !self.gateway.aliases.is_empty() && self.gateway.presets.is_empty() {
             return Ok(Vec::new());
         }
-        let default = [ModelEntry::Source(self.models_dir.join(DEFAULT_MODEL_FILE).display().to_string())];
-        let entries = if self.models.is_empty() { &default[..] } else { &self.models[..] };
-        entries.iter().map(|entry| self.spec(entry)).collect()
+        if self.models.is_empty() {
+            let default = ModelEntry::Source(self.models_dir.join(DEFAULT_MODEL_FILE).display().to_string());
+            let mut spec = self.spec(&default)?;
+            // Started to serve embeddings, with no model asked for, the server keeps the default
+            // chat model on disk until a request needs it: its KV cache is most of a gigabyte
+            // (SmolLM2 at the default context and parallelism) that embeddings never use.
+            spec.preload = self.embedding_model.is_none();
+            return Ok(vec![spec]);
+        }
+        self.models.iter().map(|entry| self.spec(entry)).collect()
     }
 
     fn spec(&self, entry: &ModelEntry) -> anyhow::Result<ferry_server::ModelSpec> {
@@ -503,6 +510,22 @@ mod tests {
         assert_eq!(parse_bytes("2kb"), Ok(2048));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("3Q").is_err());
+    }
+
+    #[test]
+    fn the_default_model_waits_on_disk_in_an_embedding_server() {
+        let dir = std::env::temp_dir().join(format!("ferry-default-model-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(DEFAULT_MODEL_FILE), b"GGUF").unwrap();
+        let specs = |embedding_model: Option<PathBuf>| {
+            let args = ServeArgs { models_dir: Some(dir.clone()), embedding_model, ..Default::default() };
+            args.resolve().unwrap().model_specs().unwrap()
+        };
+        let plain = specs(None);
+        assert!(plain.len() == 1 && plain[0].preload, "a plain server loads its default model at start");
+        let embedding = specs(Some(dir.join("all-MiniLM-L6-v2")));
+        assert!(embedding.len() == 1 && !embedding[0].preload, "an embedding server loads it on first use");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
