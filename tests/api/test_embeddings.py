@@ -259,6 +259,17 @@ def test_embeddings_need_a_key_when_keys_are_on():
         s.stop()
 
 
+def test_embeddings_run_on_as_many_threads_as_asked(server, client):
+    """`--threads 2` (the test servers' setting) bounds the embedding passes too: their pool's
+    threads are named ferry-embed-N, two of them, however many CPUs the machine has."""
+    client.embeddings.create(model=EMBED_ID, input=[FOOD] * 8)
+    names = []
+    for task in os.listdir(f"/proc/{server.proc.pid}/task"):
+        with open(f"/proc/{server.proc.pid}/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    assert sorted(n for n in names if n.startswith("ferry-embed-")) == ["ferry-embed-0", "ferry-embed-1"]
+
+
 def test_an_embedding_server_loads_the_chat_model_on_its_first_request():
     """Started for embeddings with no model named, the default chat model stays on disk (its
     KV cache is most of a gigabyte) until a chat request needs it."""

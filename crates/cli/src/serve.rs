@@ -41,7 +41,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     registry.preload().await.map_err(anyhow::Error::msg)?;
     // The embedding model is served only when asked for, never found in the models directory.
     let embeddings = match &config.embedding_model {
-        Some(dir) => Some(load_embedding_model(dir, &registry).await?),
+        Some(dir) => Some(load_embedding_model(dir, config.threads, &registry).await?),
         None => None,
     };
 
@@ -129,6 +129,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 /// Loads a sentence-embedding model (off the async threads) and starts its batching thread.
 async fn load_embedding_model(
     dir: &std::path::Path,
+    threads: usize,
     models: &ferry_server::Registry,
 ) -> anyhow::Result<ferry_embed::EmbedService> {
     tracing::info!(path = %dir.display(), "loading the embedding model");
@@ -138,8 +139,9 @@ async fn load_embedding_model(
         anyhow::bail!("the embedding model and a --model are both named `{}`", embedder.name());
     }
     let (name, dims, max_tokens) = (embedder.name().to_string(), embedder.dims(), embedder.max_tokens());
-    let service = ferry_embed::EmbedService::start(Arc::new(embedder), Default::default())?;
-    tracing::info!(model = %name, dims, max_tokens, "loaded");
+    let config = ferry_embed::EmbedServiceConfig { threads, ..Default::default() };
+    let service = ferry_embed::EmbedService::start(Arc::new(embedder), config)?;
+    tracing::info!(model = %name, dims, max_tokens, threads, "loaded");
     Ok(service)
 }
 

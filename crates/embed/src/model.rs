@@ -250,11 +250,12 @@ impl Embedder {
 
     /// One forward pass: sequences packed, mean-pooled over their own tokens and normalised.
     ///
-    /// The pass runs on one of rayon's worker threads, so that each of its parallel steps
-    /// (some thirty a layer's worth) is shared with the other workers from inside the pool. From
-    /// a thread outside it, every step put the caller to sleep on a lock until the workers
-    /// were done, and woke it after: for one sentence a quarter of the CPU time went to the
-    /// kernel's context switches.
+    /// The pass runs on one of rayon's worker threads (the current pool's when called from
+    /// one, as the service does; else the global pool's), so that each of its parallel steps
+    /// (some thirty a layer's worth) is shared with the other workers from inside the pool.
+    /// From a thread outside it, every step put the caller to sleep on a lock until the
+    /// workers were done, and woke it after: for one sentence a quarter of the CPU time went
+    /// to the kernel's context switches.
     fn forward(&self, sequences: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
         rayon::scope(|_| {
             let hidden = self.model.forward(sequences, &self.device)?;

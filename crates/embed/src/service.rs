@@ -6,6 +6,9 @@
 //! queued request, then every request already waiting (up to `max_batch_tokens` tokens in
 //! all), runs their sequences through [`Embedder::run_batches`] and answers each on its own
 //! oneshot channel. A request whose caller has gone (the future was dropped) is skipped.
+//!
+//! The forward passes run on a rayon pool of the service's own, `threads` wide (`ferry serve
+//! --threads`), not on rayon's global pool, which is as wide as the machine.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,11 +26,13 @@ pub struct EmbedServiceConfig {
     pub max_batch_tokens: usize,
     /// Requests waiting for the model thread beyond this make callers wait to enqueue.
     pub queue_capacity: usize,
+    /// Threads of the forward passes (0: one per CPU the process may use).
+    pub threads: usize,
 }
 
 impl Default for EmbedServiceConfig {
     fn default() -> Self {
-        EmbedServiceConfig { max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS, queue_capacity: 256 }
+        EmbedServiceConfig { max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS, queue_capacity: 256, threads: 0 }
     }
 }
 
@@ -67,11 +72,17 @@ impl EmbedService {
         let max_batch_tokens = config.max_batch_tokens.max(embedder.max_tokens());
         let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
         let batches_run = Arc::new(AtomicU64::new(0));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads)
+            .thread_name(|i| format!("ferry-embed-{i}"))
+            .build()
+            .map_err(|e| EmbedError::ServiceStopped(format!("cannot start the embedding threads: {e}")))?;
         let worker = Worker {
             embedder: embedder.clone(),
             receiver,
             max_batch_tokens,
             batches_run: batches_run.clone(),
+            pool,
         };
         std::thread::Builder::new()
             .name("ferry-embed".to_owned())
@@ -121,6 +132,7 @@ struct Worker {
     receiver: mpsc::Receiver<Job>,
     max_batch_tokens: usize,
     batches_run: Arc<AtomicU64>,
+    pool: rayon::ThreadPool,
 }
 
 impl Worker {
@@ -152,8 +164,10 @@ impl Worker {
     fn run_round(&self, jobs: Vec<Job>) {
         let sequences: Vec<&[u32]> =
             jobs.iter().flat_map(|job| job.sequences.iter().map(Vec::as_slice)).collect();
-        let result = self.embedder.run_batches(&sequences, self.max_batch_tokens, || {
-            self.batches_run.fetch_add(1, Ordering::Relaxed);
+        let result = self.pool.install(|| {
+            self.embedder.run_batches(&sequences, self.max_batch_tokens, || {
+                self.batches_run.fetch_add(1, Ordering::Relaxed);
+            })
         });
         match result {
             Ok(vectors) => {
