@@ -26,7 +26,7 @@ pub struct EmbedServiceConfig {
     pub max_batch_tokens: usize,
     /// Requests waiting for the model thread beyond this make callers wait to enqueue.
     pub queue_capacity: usize,
-    /// Threads of the forward passes (0: one per CPU the process may use).
+    /// Threads of the forward passes (0: rayon's default, `RAYON_NUM_THREADS` or one per CPU).
     pub threads: usize,
 }
 
