@@ -9,7 +9,7 @@
 //! about 1% of the encoder's arithmetic. Sequences run in parallel on the rayon pool; a
 //! sequence's result never depends on what it was batched with.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::packed::PackedWeight;
@@ -86,15 +86,13 @@ fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-impl CustomOp1 for PackedAttention<'_> {
-    fn name(&self) -> &'static str {
-        "ferry-packed-attention"
-    }
+impl PackedAttention<'_> {
+    const NAME: &'static str = "ferry-packed-attention";
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (qkv, (tokens, width)) = crate::fused::matrix(storage, layout, self.name())?;
+    /// The context rows of `qkv`, `(tokens, width)`: `(tokens, width / 3)`.
+    fn run(&self, qkv: &[f32], (tokens, width): (usize, usize)) -> candle_core::Result<Vec<f32>> {
         if !width.is_multiple_of(3 * self.heads) || self.lengths.iter().sum::<usize>() != tokens {
-            candle_core::bail!("{}: {tokens}x{width} rows do not fit the sequences and heads", self.name())
+            candle_core::bail!("{}: {tokens}x{width} rows do not fit the sequences and heads", Self::NAME)
         }
         let hidden = width / 3;
         let mut out = crate::fused::zeroed(tokens * hidden);
@@ -112,7 +110,7 @@ impl CustomOp1 for PackedAttention<'_> {
         } else {
             parts.into_par_iter().for_each(|(qkv, out)| self.sequence(qkv, out, hidden));
         }
-        Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
+        Ok(out)
     }
 }
 
@@ -120,7 +118,10 @@ impl CustomOp1 for PackedAttention<'_> {
 /// values side by side), for sequences of `lengths` tokens one after another, with `heads`
 /// heads.
 pub fn packed_attention(qkv: &Tensor, lengths: &[usize], heads: usize) -> candle_core::Result<Tensor> {
-    qkv.contiguous()?.apply_op1_no_bwd(&PackedAttention { lengths, heads })
+    let attention = PackedAttention { lengths, heads };
+    crate::fused::with_matrix(qkv, PackedAttention::NAME, |data, (tokens, width)| {
+        Tensor::from_vec(attention.run(data, (tokens, width))?, (tokens, width / 3), qkv.device())
+    })
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use rayon::prelude::*;
 /// calling thread.
 const CHUNK: usize = 16 * 1024;
 
-/// The contiguous `f32` data of a 2-D tensor, with its `(rows, width)`: what every custom op
-/// of this crate reads (`name` is the op's, for its errors).
-pub(crate) fn matrix<'a>(
+/// The contiguous `f32` data of a 2-D tensor's storage, with its `(rows, width)` (`name` is
+/// the caller's, for its errors).
+fn matrix<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     name: &str,
@@ -29,7 +29,8 @@ pub(crate) fn matrix<'a>(
 }
 
 /// Runs `f` on the contiguous `f32` data of `t`, a 2-D tensor on the CPU, and its
-/// `(rows, width)`.
+/// `(rows, width)`: how every kernel of this crate reads its input, and each then returns its
+/// own `Vec` as a new tensor (`Tensor::from_vec`, no copy).
 pub(crate) fn with_matrix<R>(
     t: &Tensor,
     name: &str,
