@@ -179,8 +179,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/traces/{id}", get(get_trace))
         .route("/v1/explanations", post(crate::explain::explanations))
         .route("/v1/embeddings", post(embeddings::embeddings))
-        .route_layer(middleware::from_fn_with_state(state.clone(), crate::tenancy::admission))
-        .route_layer(middleware::from_fn(crate::deadline::scope));
+        .route_layer(middleware::from_fn_with_state(state.clone(), crate::tenancy::admission));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))

@@ -390,30 +390,41 @@ impl<'de> Deserialize<'de> for Peek {
     }
 }
 
-#[derive(Default, serde::Serialize)]
+/// The sampling parameters a request sent, as sent, for its trace.
+#[derive(Default)]
 struct Sampling {
-    #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     min_p: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     stop: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     presence_penalty: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     frequency_penalty: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     repetition_penalty: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     logprobs: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<serde_json::Value>,
+}
+
+impl Sampling {
+    /// The parameters the request gave, by name, in a fixed order.
+    fn given(&self) -> impl Iterator<Item = (&'static str, &serde_json::Value)> {
+        [
+            ("temperature", &self.temperature),
+            ("top_p", &self.top_p),
+            ("top_k", &self.top_k),
+            ("min_p", &self.min_p),
+            ("seed", &self.seed),
+            ("stop", &self.stop),
+            ("presence_penalty", &self.presence_penalty),
+            ("frequency_penalty", &self.frequency_penalty),
+            ("repetition_penalty", &self.repetition_penalty),
+            ("logprobs", &self.logprobs),
+            ("top_logprobs", &self.top_logprobs),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| (name, v)))
+    }
 }
 
 /// A value as `T`, or `None` when it has another type.
@@ -421,15 +432,20 @@ fn lenient<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Option<T
     serde_json::from_value(value).ok()
 }
 
-/// Runs on every `/v1` route: authentication for all, admission and metering for the
-/// routes that run a model.
+/// Runs on every `/v1` route: the request's deadline and authentication for all, admission
+/// and metering for the routes that run a model.
 pub async fn admission(State(state): State<AppState>, request: Request, next: Next) -> Response {
     // Time-ordered (UUIDv7: milliseconds, then 74 random bits), so that the records and
     // traces keyed by it are appended at the end of their indexes instead of dirtying a
     // random page of each per request.
     let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
     let anthropic = request.uri().path().starts_with("/v1/messages");
-    let mut response = match admit(&state, request, next, &request_id).await {
+    // The deadline is read first: a bad `x-ferry-timeout` is refused before anything else.
+    let admitted = match crate::deadline::requested(&request) {
+        Ok(deadline) => crate::deadline::within(deadline, admit(&state, request, next, &request_id)).await,
+        Err(e) => Err(e),
+    };
+    let mut response = match admitted {
         Ok(response) => response,
         Err(e) => {
             if let Some(reason) = refusal(&e) {
