@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let writer = writer.clone();
             async move {
                 for i in from..to {
-                    let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
+                    let request_id: std::sync::Arc<str> = format!("req_{}", uuid::Uuid::now_v7().simple()).into();
                     let start = UsageStart {
                         request_id: request_id.clone(),
                         instance: "bench".into(),

@@ -17,6 +17,8 @@ mod writer;
 
 pub use writer::{GATHER, UsageWriter};
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use sqlx::error::BoxDynError;
 use sqlx::{AssertSqlSafe, Row};
@@ -25,19 +27,64 @@ use crate::filter::Filter;
 use crate::{Result, Store, StoreError, now_ms};
 
 /// What is known when a request is admitted.
+///
+/// Its texts are shared (`Arc<str>`): the server holds each of them already (the key's ids
+/// once per key, the instance once per process), and the SQLite writer binds them as they
+/// are, where a `String` was copied at admission and again at every bind.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct UsageStart {
-    pub request_id: String,
+    #[serde(with = "shared")]
+    pub request_id: Arc<str>,
     /// The process that admitted it (see [`Store::reconcile_usage`]).
-    pub instance: String,
-    pub tenant_id: Option<String>,
-    pub project_id: Option<String>,
-    pub key_id: Option<String>,
+    #[serde(with = "shared")]
+    pub instance: Arc<str>,
+    #[serde(with = "shared_or_none", default)]
+    pub tenant_id: Option<Arc<str>>,
+    #[serde(with = "shared_or_none", default)]
+    pub project_id: Option<Arc<str>>,
+    #[serde(with = "shared_or_none", default)]
+    pub key_id: Option<Arc<str>>,
     /// The API route, e.g. `/v1/chat/completions`.
-    pub route: String,
-    pub model: String,
+    #[serde(with = "shared")]
+    pub route: Arc<str>,
+    #[serde(with = "shared")]
+    pub model: Arc<str>,
     pub stream: bool,
     pub started_at: i64,
+}
+
+/// An `Arc<str>` as a JSON string (serde's own impl needs its `rc` feature, which would
+/// rebuild every crate that uses serde).
+mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(text: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        String::deserialize(d).map(Arc::from)
+    }
+}
+
+/// An `Option<Arc<str>>` as a JSON string or `null`.
+mod shared_or_none {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(text: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+        match text {
+            Some(text) => s.serialize_some(&**text),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
+        Option::<String>::deserialize(d).map(|text| text.map(Arc::from))
+    }
 }
 
 /// What is known when it ends.
@@ -351,16 +398,24 @@ impl Store {
 /// are added to a statement's arguments one by one, in the order of its placeholders.
 pub(crate) trait UsageDb: sqlx::Database<Arguments: sqlx::IntoArguments<Self> + 'static> {
     fn text(args: &mut Self::Arguments, value: Option<&str>) -> std::result::Result<(), BoxDynError>;
+    /// A text the caller shares: SQLite's driver keeps the `Arc` itself, with no copy.
+    fn shared(args: &mut Self::Arguments, value: Option<&Arc<str>>) -> std::result::Result<(), BoxDynError>;
     fn int(args: &mut Self::Arguments, value: Option<i64>) -> std::result::Result<(), BoxDynError>;
     fn double(args: &mut Self::Arguments, value: f64) -> std::result::Result<(), BoxDynError>;
     fn rows_affected(done: &Self::QueryResult) -> u64;
 }
 
 macro_rules! usage_db {
-    ($db:ty, $text:expr) => {
+    ($db:ty, $text:expr, $shared:expr) => {
         impl UsageDb for $db {
             fn text(args: &mut Self::Arguments, value: Option<&str>) -> std::result::Result<(), BoxDynError> {
                 sqlx::Arguments::add(args, value.map($text))
+            }
+            fn shared(
+                args: &mut Self::Arguments,
+                value: Option<&Arc<str>>,
+            ) -> std::result::Result<(), BoxDynError> {
+                sqlx::Arguments::add(args, value.map($shared))
             }
             fn int(args: &mut Self::Arguments, value: Option<i64>) -> std::result::Result<(), BoxDynError> {
                 sqlx::Arguments::add(args, value)
@@ -374,10 +429,10 @@ macro_rules! usage_db {
         }
     };
 }
-usage_db!(sqlx::Any, |text: &str| text);
+usage_db!(sqlx::Any, |text: &str| text, AsRef::<str>::as_ref);
 // SQLite's driver copies a `&str` into a `String` and that into an `Arc` of its own (two
 // allocations a text, ten texts a record); an `Arc<str>` it takes as it is.
-usage_db!(sqlx::Sqlite, std::sync::Arc::<str>::from);
+usage_db!(sqlx::Sqlite, Arc::<str>::from, Arc::clone);
 
 /// Arguments with room for `n` values: a multi-row statement's thousand-odd values are pushed
 /// without the buffer being regrown (and copied) a dozen times.
@@ -397,13 +452,13 @@ fn bind_identity<DB: UsageDb>(
     args: &mut DB::Arguments,
     start: &UsageStart,
 ) -> std::result::Result<(), BoxDynError> {
-    DB::text(args, Some(&start.request_id))?;
-    DB::text(args, Some(&start.instance))?;
-    DB::text(args, start.tenant_id.as_deref())?;
-    DB::text(args, start.project_id.as_deref())?;
-    DB::text(args, start.key_id.as_deref())?;
-    DB::text(args, Some(&start.route))?;
-    DB::text(args, Some(&start.model))
+    DB::shared(args, Some(&start.request_id))?;
+    DB::shared(args, Some(&start.instance))?;
+    DB::shared(args, start.tenant_id.as_ref())?;
+    DB::shared(args, start.project_id.as_ref())?;
+    DB::shared(args, start.key_id.as_ref())?;
+    DB::shared(args, Some(&start.route))?;
+    DB::shared(args, Some(&start.model))
 }
 
 async fn insert_start<'e, DB: UsageDb, E: sqlx::Executor<'e, Database = DB>>(

@@ -109,7 +109,7 @@ async fn completions_and_traces_are_written_in_groups() {
             let id = format!("g{i}");
             writer.start(start(&id)).await.unwrap();
             let trace = format!("{{\"request_id\":\"{id}\",\"tokens\":{{\"completion\":{i}}}}}");
-            writer.finish(id, UsageFinish { trace: Some(trace), ..finish(i) });
+            writer.finish(id.into(), UsageFinish { trace: Some(trace), ..finish(i) });
         })
     });
     for task in tasks {

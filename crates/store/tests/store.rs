@@ -190,9 +190,9 @@ fn start(id: &str, tenant: Option<&str>, model: &str, at: i64) -> UsageStart {
     UsageStart {
         request_id: id.into(),
         instance: "node-a".into(),
-        tenant_id: tenant.map(String::from),
+        tenant_id: tenant.map(Into::into),
         project_id: None,
-        key_id: tenant.map(|t| format!("key-of-{t}")),
+        key_id: tenant.map(|t| format!("key-of-{t}").into()),
         route: "/v1/chat/completions".into(),
         model: model.into(),
         stream: false,
@@ -332,7 +332,7 @@ async fn the_usage_writer_commits_in_groups_and_keeps_order() {
         tokio::spawn(async move {
             let id = format!("w{i}");
             writer.start(start(&id, Some("t"), "m", 1000 + i)).await.unwrap();
-            writer.finish(id, finish(i as u64, 1, 0.0));
+            writer.finish(id.into(), finish(i as u64, 1, 0.0));
         })
     });
     for s in starts {

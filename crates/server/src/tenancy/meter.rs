@@ -9,13 +9,13 @@ use std::time::Instant;
 use ferry_store::{UsageFinish, now_ms};
 use futures::StreamExt;
 
-use super::{Sampling, Tenancy};
+use super::{Owner, Sampling, Tenancy};
 use crate::limits::Admission;
 
 /// The live record of one admitted request; handlers report to it through [`current`].
 pub struct Meter {
-    pub(super) request_id: String,
-    pub(super) model: String,
+    pub(super) request_id: Arc<str>,
+    pub(super) model: Arc<str>,
     pub(super) started: Instant,
     pub(super) first_token_ms: AtomicU64,
     pub(super) prompt_tokens: AtomicU64,
@@ -193,15 +193,9 @@ pub(super) struct Finish {
     pub(super) http_status: u16,
     pub(super) ended: bool,
     pub(super) keep: Option<Kept>,
+    /// Whose request it was and its route, for its trace.
     pub(super) owner: Owner,
-}
-
-/// Whose request it was, for its trace.
-pub(super) struct Owner {
-    pub(super) tenant_id: Option<String>,
-    pub(super) project_id: Option<String>,
-    pub(super) key_id: Option<String>,
-    pub(super) route: String,
+    pub(super) route: Arc<str>,
 }
 
 impl Finish {
@@ -230,7 +224,7 @@ impl Finish {
         j.raw("{\"request_id\":");
         j.str(&m.request_id);
         j.raw(",\"route\":");
-        j.str(&self.owner.route);
+        j.str(&self.route);
         j.raw(",\"model\":");
         j.str(&m.model);
         j.raw(",\"status\":");
@@ -373,7 +367,7 @@ impl Drop for Finish {
         let cost = if m.cache_hit.load(Ordering::Relaxed) {
             0.0
         } else {
-            self.tenancy.prices.get(&m.model).map_or(0.0, |p| p.cost(prompt, completion, cached))
+            self.tenancy.prices.get(&*m.model).map_or(0.0, |p| p.cost(prompt, completion, cached))
         };
         self.tenancy.limiter.settle(&self.admission, prompt + completion, cost);
         let status = match (self.ended, self.http_status) {
@@ -384,7 +378,7 @@ impl Drop for Finish {
         let ttft = m.first_token_ms.load(Ordering::Relaxed);
         let provider = m.provider.lock().ok().and_then(|p| p.clone());
         crate::telemetry::finished(&crate::telemetry::Finished {
-            route: &self.owner.route,
+            route: &self.route,
             model: &m.model,
             status,
             http_status: self.http_status,
@@ -419,7 +413,7 @@ impl Drop for Finish {
         }
         if let Some(keep) = self.keep.take() {
             let content = ferry_store::content::Content {
-                request_id: m.request_id.clone(),
+                request_id: m.request_id.to_string(),
                 tenant_id: keep.tenant_id,
                 created_at: now_ms(),
                 request: String::from_utf8_lossy(&keep.request).into_owned(),

@@ -32,7 +32,7 @@ use crate::limits::{Limiter, ScopeKind, Subject};
 
 mod meter;
 
-use meter::{Finish, Kept, MAX_KEPT_RESPONSE, METER, Owner, TraceParts};
+use meter::{Finish, Kept, MAX_KEPT_RESPONSE, METER, TraceParts};
 pub use meter::{Meter, current, tap_upstream};
 
 /// Prices per million tokens, in the currency budgets are written in.
@@ -67,7 +67,17 @@ struct KeyContext {
     project: Option<Project>,
     tenant: Option<Tenant>,
     subjects: Vec<Subject>,
+    /// The key's ids as its usage records name them, shared with every record.
+    ids: Owner,
     fetched: Instant,
+}
+
+/// Whose a request is, as its usage record and trace name it.
+#[derive(Clone, Default)]
+pub(super) struct Owner {
+    pub(super) tenant_id: Option<Arc<str>>,
+    pub(super) project_id: Option<Arc<str>>,
+    pub(super) key_id: Option<Arc<str>>,
 }
 
 /// Keys, limits and metering, shared by every request.
@@ -80,7 +90,7 @@ pub struct Tenancy {
     /// Guardrail policies by name.
     pub policies: HashMap<String, Arc<ferry_guardrails::Policy>>,
     /// Names this process in usage records (see `Store::reconcile_usage`).
-    pub instance: String,
+    pub instance: Arc<str>,
     /// Whether usage records and traces are written (on unless `--no-metering`).
     pub metering: bool,
     /// The sha256 of each local model file by model id, filled in after loading.
@@ -140,7 +150,7 @@ impl Tenancy {
             limiter: Limiter::new(),
             prices,
             policies: policies.into_iter().map(|p| (p.name.clone(), Arc::new(p))).collect(),
-            instance,
+            instance: instance.into(),
             metering: true,
             model_sha256: Default::default(),
             auth_required: AtomicBool::new(required),
@@ -217,8 +227,19 @@ impl Tenancy {
         let mut subjects = vec![Subject::new(ScopeKind::Key, &key.id, &key.limits)];
         subjects.extend(project.as_ref().map(|p| Subject::new(ScopeKind::Project, &p.id, &p.limits)));
         subjects.extend(tenant.as_ref().map(|t| Subject::new(ScopeKind::Tenant, &t.id, &t.limits)));
-        let context =
-            Arc::new(KeyContext { key: Arc::new(key), project, tenant, subjects, fetched: Instant::now() });
+        let ids = Owner {
+            tenant_id: key.tenant_id.as_deref().map(Arc::from),
+            project_id: key.project_id.as_deref().map(Arc::from),
+            key_id: Some(Arc::from(key.id.as_str())),
+        };
+        let context = Arc::new(KeyContext {
+            key: Arc::new(key),
+            project,
+            tenant,
+            subjects,
+            ids,
+            fetched: Instant::now(),
+        });
         if let Ok(mut keys) = self.keys.lock() {
             if keys.len() > 100_000 {
                 keys.clear();
@@ -438,7 +459,7 @@ pub async fn admission(State(state): State<AppState>, request: Request, next: Ne
     // Time-ordered (UUIDv7: milliseconds, then 74 random bits), so that the records and
     // traces keyed by it are appended at the end of their indexes instead of dirtying a
     // random page of each per request.
-    let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
+    let request_id: Arc<str> = format!("req_{}", uuid::Uuid::now_v7().simple()).into();
     let anthropic = request.uri().path().starts_with("/v1/messages");
     // The deadline is read first: a bad `x-ferry-timeout` is refused before anything else.
     let admitted = match crate::deadline::requested(&request) {
@@ -476,7 +497,7 @@ async fn admit(
     state: &AppState,
     request: Request,
     next: Next,
-    request_id: &str,
+    request_id: &Arc<str>,
 ) -> Result<Response, ApiError> {
     let tenancy = state.tenancy_arc();
     let (identity, context) = tenancy.authenticate(request.headers()).await?;
@@ -490,7 +511,7 @@ async fn admit(
     let limit = state.max_body_bytes();
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::BodyTooLarge { limit })?;
     let peek: Peek = serde_json::from_slice(&bytes).unwrap_or_default();
-    let model = peek.model.clone().unwrap_or_default();
+    let model: Arc<str> = peek.model.as_deref().map(Arc::from).unwrap_or_default();
     if let Some(key) = &identity.key
         && !model.is_empty()
         && !key.allows_model(&model)
@@ -509,15 +530,15 @@ async fn admit(
     });
     let policy = policy_name.map(|name| tenancy.policy(name)).transpose()?;
     let admission = tenancy.limiter.admit(&tenancy.store, subjects, estimate).await?;
-    let key = identity.key.as_ref();
-    let route_path = parts.uri.path().to_string();
+    let owner = context.as_ref().map(|c| c.ids.clone()).unwrap_or_default();
+    let route: Arc<str> = parts.uri.path().into();
     let start = UsageStart {
-        request_id: request_id.to_string(),
+        request_id: request_id.clone(),
         instance: tenancy.instance.clone(),
-        tenant_id: key.and_then(|k| k.tenant_id.clone()),
-        project_id: key.and_then(|k| k.project_id.clone()),
-        key_id: key.map(|k| k.id.clone()),
-        route: route_path.clone(),
+        tenant_id: owner.tenant_id.clone(),
+        project_id: owner.project_id.clone(),
+        key_id: owner.key_id.clone(),
+        route: route.clone(),
         model: model.clone(),
         stream: peek.stream.unwrap_or(false),
         started_at: now_ms(),
@@ -529,7 +550,7 @@ async fn admit(
         return Err(e.into());
     }
     let meter = Arc::new(Meter {
-        request_id: request_id.to_string(),
+        request_id: request_id.clone(),
         model,
         started: Instant::now(),
         first_token_ms: AtomicU64::new(0),
@@ -555,13 +576,7 @@ async fn admit(
     headers.reserve(admission.n_headers());
     admission.write_headers(headers);
     let http_status = response.status().as_u16();
-    let owner = Owner {
-        tenant_id: identity.tenant_id().map(String::from),
-        project_id: identity.key.as_ref().and_then(|k| k.project_id.clone()),
-        key_id: identity.key.as_ref().map(|k| k.id.clone()),
-        route: route_path,
-    };
-    let mut finish = Finish { tenancy, meter, admission, http_status, ended: false, keep, owner };
+    let mut finish = Finish { tenancy, meter, admission, http_status, ended: false, keep, owner, route };
     let streaming = response
         .headers()
         .get(header::CONTENT_TYPE)

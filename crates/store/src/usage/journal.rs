@@ -40,7 +40,7 @@ struct State {
     seq: u64,
     bytes: u64,
     /// Records admitted and not yet in the database, by request id, with their segment.
-    open: HashMap<String, (Box<UsageStart>, u64)>,
+    open: HashMap<Arc<str>, (Box<UsageStart>, u64)>,
     /// The current segment and the full ones not yet deleted.
     segments: HashMap<u64, Segment>,
 }
@@ -304,7 +304,7 @@ mod tests {
         assert!(leftovers(&dir).unwrap().0.is_empty());
         drop(journal);
         let (starts, paths) = leftovers(&dir).unwrap();
-        let ids: Vec<&str> = starts.iter().map(|s| s.request_id.as_str()).collect();
+        let ids: Vec<&str> = starts.iter().map(|s| &*s.request_id).collect();
         assert!(ids.contains(&"r5") && ids.contains(&"r39") && !ids.contains(&"r20"), "{ids:?}");
         assert_eq!(paths.len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -333,7 +333,7 @@ mod tests {
         journal.committed(done);
         drop(journal);
         let (starts, _) = leftovers(&dir).unwrap();
-        let mut ids: Vec<String> = starts.into_iter().map(|s| s.request_id).collect();
+        let mut ids: Vec<String> = starts.into_iter().map(|s| s.request_id.to_string()).collect();
         ids.sort();
         ids.dedup();
         let open: Vec<String> = (0..8).flat_map(|t| (125..250).map(move |i| format!("t{t}-{i}"))).collect();

@@ -25,7 +25,7 @@ enum WriteOp {
     /// An admission in the database (PostgreSQL), acknowledged once committed.
     Start(Box<UsageStart>, tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
     /// The completion of a record admitted in the database.
-    Finish(String, Box<UsageFinish>),
+    Finish(std::sync::Arc<str>, Box<UsageFinish>),
     /// A whole record admitted in the journal (SQLite).
     Complete(Box<Completed>),
     /// Acknowledged once everything queued before it is committed.
@@ -79,7 +79,7 @@ impl UsageWriter {
 
     /// Queues a completion (with its trace); it is committed with the next group (within
     /// [`GATHER`]).
-    pub fn finish(&self, request_id: String, finish: UsageFinish) {
+    pub fn finish(&self, request_id: std::sync::Arc<str>, finish: UsageFinish) {
         let op = match self.journal.as_ref().and_then(|j| j.take(&request_id)) {
             Some((start, segment)) => {
                 WriteOp::Complete(Box::new(Completed { start, finish, finished_at: now_ms(), segment }))
@@ -210,7 +210,7 @@ async fn commit_group(
         match op {
             WriteOp::Start(start, _) => parts.starts.push(&**start),
             WriteOp::Complete(c) => parts.completes.push((&*c.start, Some(&c.finish), c.finished_at)),
-            WriteOp::Finish(id, finish) => parts.finishes.push((id.as_str(), &**finish)),
+            WriteOp::Finish(id, finish) => parts.finishes.push((&**id, &**finish)),
             WriteOp::Flush(_) => {}
         }
     }
