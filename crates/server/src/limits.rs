@@ -6,7 +6,7 @@
 //! start from what the usage records say was spent, then count in memory. The windows live
 //! in this process: replicas behind a load balancer each enforce the whole limit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -176,7 +176,7 @@ static HEADER_NAMES: [[HeaderName; 3]; 2] = [
 ];
 
 pub struct Limiter {
-    windows: Mutex<HashMap<Arc<str>, Window>>,
+    windows: Mutex<foldhash::HashMap<Arc<str>, Window>>,
 }
 
 /// OpenAI's duration format for reset headers: `20ms`, `6s`, `1m30s`.
@@ -230,7 +230,7 @@ impl std::ops::Deref for ArrayText {
 
 impl Limiter {
     pub fn new() -> Limiter {
-        Limiter { windows: Mutex::new(HashMap::new()) }
+        Limiter { windows: Mutex::new(Default::default()) }
     }
 
     /// Reads the day and month spending of scopes with budgets this process hasn't seen.

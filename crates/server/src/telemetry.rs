@@ -3,7 +3,7 @@
 //! rendered by `GET /metrics`. Labels stay bounded: routes are the fixed API paths, models
 //! are only named for answered requests (anything else is `-`), tenants are tenant ids.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock, RwLock};
 

@@ -99,7 +99,7 @@ pub struct Tenancy {
     auth_required: AtomicBool,
     /// Keys by the SHA-256 of their secret, raw: the hex text the store keeps would cost a
     /// string and its encoding per request.
-    keys: Mutex<HashMap<[u8; 32], Arc<KeyContext>>>,
+    keys: Mutex<foldhash::HashMap<[u8; 32], Arc<KeyContext>>>,
 }
 
 /// The caller of a request: a key, or the local user of a server without keys.
@@ -154,7 +154,7 @@ impl Tenancy {
             metering: true,
             model_sha256: Default::default(),
             auth_required: AtomicBool::new(required),
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(Default::default()),
         })
     }
 

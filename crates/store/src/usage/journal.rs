@@ -40,7 +40,7 @@ struct State {
     seq: u64,
     bytes: u64,
     /// Records admitted and not yet in the database, by request id, with their segment.
-    open: HashMap<Arc<str>, (Box<UsageStart>, u64)>,
+    open: foldhash::HashMap<Arc<str>, (Box<UsageStart>, u64)>,
     /// The current segment and the full ones not yet deleted.
     segments: HashMap<u64, Segment>,
 }
@@ -64,7 +64,8 @@ impl Journal {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let stem = format!("{}-{}", now_ms(), std::process::id());
         let segment = new_segment(dir, &stem, 0)?;
-        let state = State { seq: 0, bytes: 0, open: HashMap::new(), segments: HashMap::from([(0, segment)]) };
+        let state =
+            State { seq: 0, bytes: 0, open: Default::default(), segments: HashMap::from([(0, segment)]) };
         Ok(Journal { dir: dir.to_path_buf(), segment_bytes, stem, state: Mutex::new(state) })
     }
 
