@@ -254,9 +254,7 @@ impl Finish {
         j.opt_str(policy.as_ref().map(|p| p.name.as_str()));
         j.raw(",\"counts\":{");
         for (i, (kind, n)) in counts.iter().enumerate() {
-            j.raw(if i == 0 { "\"" } else { ",\"" });
-            j.raw(kind.as_str());
-            j.raw("\":");
+            j.key(i == 0, kind.as_str());
             j.int(*n as u64);
         }
         j.raw("}},\"timings\":{\"total_ms\":");
@@ -283,10 +281,8 @@ impl Finish {
         }
         j.raw("},\"sampling\":{");
         for (i, (key, value)) in parts.sampling.given().enumerate() {
-            j.raw(if i == 0 { "\"" } else { ",\"" });
-            j.raw(key);
-            j.raw("\":");
-            j.value(value)?;
+            j.key(i == 0, key);
+            j.value(value);
         }
         j.raw("},\"tokens\":{\"prompt\":");
         j.int(finish.prompt_tokens);
@@ -298,7 +294,7 @@ impl Finish {
         j.float(finish.cost);
         j.raw(",\"model_card\":");
         match card.as_ref() {
-            Some(card) => j.value(card)?,
+            Some(card) => j.value(card),
             None => j.raw("null"),
         }
         j.raw("}");
@@ -318,15 +314,22 @@ impl TraceWriter {
         self.0.extend_from_slice(text.as_bytes());
     }
 
-    /// `,"key":` inside an object that has a field already.
-    fn field(&mut self, key: &str) {
-        self.raw(",\"");
+    /// `"key":`, after a comma unless it is the object's `first`.
+    fn key(&mut self, first: bool, key: &str) {
+        self.raw(if first { "\"" } else { ",\"" });
         self.raw(key);
         self.raw("\":");
     }
 
+    /// `,"key":` inside an object that has a field already.
+    fn field(&mut self, key: &str) {
+        self.key(false, key);
+    }
+
+    // serde_json writing into a `Vec` cannot fail: its only errors are the writer's, and
+    // a map key that is not a string, which neither these values nor a `Value` can have.
+
     fn str(&mut self, value: &str) {
-        // Writing a `&str` into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut self.0, value);
     }
 
@@ -353,8 +356,8 @@ impl TraceWriter {
         let _ = serde_json::to_writer(&mut self.0, &value);
     }
 
-    fn value(&mut self, value: &serde_json::Value) -> Option<()> {
-        serde_json::to_writer(&mut self.0, value).ok()
+    fn value(&mut self, value: &serde_json::Value) {
+        let _ = serde_json::to_writer(&mut self.0, value);
     }
 }
 
@@ -451,7 +454,7 @@ mod tests {
         j.field("nan");
         j.float(f64::NAN);
         j.field("v");
-        j.value(&serde_json::json!({"stop": ["</s>", "\\"]})).unwrap();
+        j.value(&serde_json::json!({"stop": ["</s>", "\\"]}));
         j.raw("}");
         let expected = serde_json::json!({
             "s": "a \"quoted\"\nline \u{1} é", "none": null, "n": u64::MAX, "f": 0.1 + 0.2,
