@@ -251,8 +251,9 @@ impl Limiter {
                 ScopeKind::Project => Scope::Project(&s.id),
                 ScopeKind::Tenant => Scope::Tenant(&s.id),
             };
-            let (day_tokens, day_cost) = store.spent(scope, day).await?;
-            let (month_tokens, month_cost) = store.spent(scope, month).await?;
+            // Boxed: read once per scope, they would otherwise size every admission's state.
+            let (day_tokens, day_cost) = Box::pin(store.spent(scope, day)).await?;
+            let (month_tokens, month_cost) = Box::pin(store.spent(scope, month)).await?;
             let mut windows = self.windows.lock().map_err(poisoned)?;
             let w = windows.entry(key.clone()).or_default();
             if !w.seeded {

@@ -215,13 +215,15 @@ impl Tenancy {
         {
             return Ok(Some(found.clone()));
         }
-        let Some(key) = self.store.key_by_secret(secret).await? else { return Ok(None) };
+        // The store's reads are boxed: a key is read once a minute at most, and their futures
+        // would otherwise size every request's admission state.
+        let Some(key) = Box::pin(self.store.key_by_secret(secret)).await? else { return Ok(None) };
         let project = match &key.project_id {
-            Some(id) => Some(self.store.project(id).await?),
+            Some(id) => Some(Box::pin(self.store.project(id)).await?),
             None => None,
         };
         let tenant = match &key.tenant_id {
-            Some(id) => Some(self.store.tenant(id).await?),
+            Some(id) => Some(Box::pin(self.store.tenant(id)).await?),
             None => None,
         };
         let mut subjects = vec![Subject::new(ScopeKind::Key, &key.id, &key.limits)];
