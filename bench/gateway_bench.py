@@ -13,10 +13,14 @@ checks that all of that really happened (see `check_tenancy`).
     cargo build --release -p ferry-cli -p ferry-mock-upstream
     apt-get install wrk
     python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
-    python3 bench/gateway_bench.py [--litellm /tmp/litellm-venv/bin/litellm] [--duration 10]
+    python3 bench/gateway_bench.py [--litellm /tmp/litellm-venv/bin/litellm] [--duration 10] [--rounds 1]
+
+With `--rounds N` the two Ferry rows are measured N times each, alternating, at every
+concurrency: their rows show the medians, and the tenancy ratio line each round's ratio.
 """
 import argparse
 import os
+import statistics
 import re
 import signal
 import socket
@@ -86,6 +90,14 @@ def measure(name, url, pid, concurrencies, duration, key="sk-bench"):
     return rows
 
 
+def median_row(runs):
+    """One row from several runs of a server: each figure's median; requests and errors summed."""
+    row = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "cpu_ms_per_request")}
+    row["requests"] = sum(r["requests"] for r in runs)
+    row["errors"] = sum(r["errors"] for r in runs)
+    return row
+
+
 def make_member_key(url, admin):
     """A tenant with a redact policy, a project and a member key, each with limits high
     enough never to refuse: the limiter's work is measured, not its refusals."""
@@ -148,6 +160,8 @@ def main():
     p.add_argument("--litellm", default="/tmp/litellm-venv/bin/litellm")
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternating runs of the two Ferry servers at each concurrency (medians shown)")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     procs = []
@@ -186,11 +200,17 @@ def main():
         rows = measure("mock alone", mock_url + "/v1/chat/completions", mock.pid, concurrencies, args.duration)
         # The two Ferry rows alternate at each concurrency, so that their ratio compares runs
         # seconds apart on a machine whose load drifts.
-        tenancy_rows = []
+        tenancy_rows, round_ratios = [], {}
         for c in concurrencies:
-            rows += measure("ferry", ferry_url + "/v1/chat/completions", ferry.pid, [c], args.duration)
-            tenancy_rows += measure("ferry+tenancy", tenancy_url + "/v1/chat/completions", tenancy.pid, [c],
-                                    args.duration, key=member)
+            runs = {"ferry": [], "ferry+tenancy": []}
+            for _ in range(args.rounds):
+                runs["ferry"] += measure("ferry", ferry_url + "/v1/chat/completions", ferry.pid, [c], args.duration)
+                runs["ferry+tenancy"] += measure("ferry+tenancy", tenancy_url + "/v1/chat/completions",
+                                                 tenancy.pid, [c], args.duration, key=member)
+            rows.append(("ferry", c, median_row([r for _, _, r in runs["ferry"]])))
+            tenancy_rows.append(("ferry+tenancy", c, median_row([r for _, _, r in runs["ferry+tenancy"]])))
+            round_ratios[c] = [t["cpu_ms_per_request"] / f["cpu_ms_per_request"]
+                               for (_, _, f), (_, _, t) in zip(runs["ferry"], runs["ferry+tenancy"])]
         rows += tenancy_rows
         # wrk's count plus the readiness probe.
         check_tenancy(tenancy_url, admin, member, sum(r["requests"] for _, _, r in tenancy_rows) + 1)
@@ -226,6 +246,8 @@ def main():
             t = by[("ferry+tenancy", c)]
             line += (f"; tenancy on: CPU/request {t['cpu_ms_per_request'] / f['cpu_ms_per_request']:.2f}x, "
                      f"requests/s {t['rps'] / f['rps']:.2f}x")
+            if args.rounds > 1:
+                line += " (CPU/request by round: " + " ".join(f"{r:.2f}" for r in round_ratios[c]) + ")"
             print(line)
     finally:
         for proc in procs:
