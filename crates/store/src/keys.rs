@@ -11,8 +11,19 @@ use crate::{Result, Store, StoreError, new_id, now_ms};
 
 /// Every key starts with this, so scanners and people recognise a leaked one.
 pub const KEY_PREFIX: &str = "sk-ferry-";
-/// How much of a key is kept in clear to tell keys apart in listings.
+/// How much of a generated key is kept in clear to tell keys apart in listings: the prefix
+/// and 24 of its 256 random bits.
 const DISPLAY_CHARS: usize = KEY_PREFIX.len() + 6;
+/// How much of an imported key (one chosen outside Ferry, such as `FERRY_ADMIN_KEY`) is kept
+/// in clear: its first four characters. Such a key may be as short as 16 characters, and no
+/// prefix of it is known to carry nothing secret.
+const IMPORTED_DISPLAY_CHARS: usize = 4;
+
+/// The part of `secret` stored and shown in clear.
+fn display_prefix(secret: &str) -> String {
+    let shown = if secret.starts_with(KEY_PREFIX) { DISPLAY_CHARS } else { IMPORTED_DISPLAY_CHARS };
+    secret.chars().take(shown).collect()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -168,7 +179,7 @@ impl Store {
                 (Some(project.tenant_id), Some(project.id))
             }
         };
-        let display: String = secret.chars().take(DISPLAY_CHARS).collect();
+        let display = display_prefix(secret);
         let models = new.models.as_ref().map(|m| serde_json::to_string(m).unwrap_or_default());
         let row = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO api_keys (id, hash, display_prefix, name, role, tenant_id, project_id, models, limits, \

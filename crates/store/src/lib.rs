@@ -170,6 +170,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_traces.sql")),
     (4, include_str!("../migrations/0004_usage_open_partial.sql")),
     (5, include_str!("../migrations/0005_trace_in_record.sql")),
+    (6, include_str!("../migrations/0006_imported_key_display.sql")),
 ];
 
 /// Milliseconds since the Unix epoch: every timestamp in the store.

@@ -130,6 +130,8 @@ async fn keys_suite(store: &Store) {
     let imported = store.import_key(&admin, "an-admin-secret-from-env").await.unwrap();
     // Importing the same secret again finds the stored key.
     assert_eq!(store.import_key(&admin, "an-admin-secret-from-env").await.unwrap(), imported);
+    // A secret chosen outside Ferry shows only its first four characters.
+    assert_eq!(imported.display_prefix, "an-a");
     assert!(store.has_active_admin_key().await.unwrap());
 
     let member = NewKey {
@@ -142,7 +144,7 @@ async fn keys_suite(store: &Store) {
     let (key, secret) = store.create_key(&member).await.unwrap();
     assert!(secret.starts_with(KEY_PREFIX));
     assert_eq!(secret.len(), KEY_PREFIX.len() + 64, "256 random bits, hex");
-    assert!(secret.starts_with(&key.display_prefix));
+    assert_eq!(key.display_prefix, secret[..KEY_PREFIX.len() + 6]);
     assert_eq!(key.tenant_id.as_deref(), Some(tenant.id.as_str()));
     assert!(key.allows_model("small") && !key.allows_model("large"));
     // Only the hash is stored.
@@ -596,4 +598,46 @@ async fn reports_suite(store: &Store) {
     assert_eq!(ids(store.traces(&prefix).await.unwrap()), vec!["req_b_1"]);
     let prefix = TraceQuery { id_prefix: Some("req_aa".into()), ..all };
     assert_eq!(store.traces(&prefix).await.unwrap().len(), 2);
+}
+
+/// Migration 6 shortens what an imported key kept in clear, on both databases, and leaves
+/// generated keys as they were.
+#[tokio::test]
+async fn migration_6_shortens_imported_keys_display() {
+    display_migration_suite(&sqlite_path()).await;
+    if let Some((url, name)) = fresh_postgres().await {
+        display_migration_suite(&url).await;
+        drop_postgres(&name).await;
+    }
+}
+
+async fn display_migration_suite(target: &str) {
+    let store = Store::open(target).await.unwrap();
+    let admin = NewKey {
+        name: "root".into(),
+        role: Role::Admin,
+        tenant_id: None,
+        project_id: None,
+        models: None,
+        limits: Default::default(),
+        expires_at: None,
+    };
+    let imported = store.import_key(&admin, "Tr0ub4dor-horse9-battery").await.unwrap();
+    let (generated, _) = store.create_key(&NewKey { name: "gen".into(), ..admin.clone() }).await.unwrap();
+    // As imports were stored before: fifteen characters.
+    sqlx::query("UPDATE api_keys SET display_prefix = 'Tr0ub4dor-horse' WHERE id = $1")
+        .bind(&imported.id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM ferry_migrations WHERE version = 6").execute(store.pool()).await.unwrap();
+    drop(store);
+    let store = Store::open(target).await.unwrap();
+    let shown = |id: &str| {
+        let id = id.to_string();
+        let store = &store;
+        async move { store.keys(None).await.unwrap().into_iter().find(|k| k.id == id).unwrap().display_prefix }
+    };
+    assert_eq!(shown(&imported.id).await, "Tr0u");
+    assert_eq!(shown(&generated.id).await, generated.display_prefix);
 }
