@@ -41,6 +41,52 @@ pub fn json_format_options() -> serde_json::Value {
     })
 }
 
+/// A request's JSON schema as it is compiled: objects that declare their properties are
+/// closed (see [`close_objects`]), and the format options ([`json_format_options`]) are added.
+pub fn constrained_schema(schema: &serde_json::Value) -> serde_json::Value {
+    let mut schema = schema.clone();
+    close_objects(&mut schema, true);
+    if let Some(object) = schema.as_object_mut() {
+        object.insert("x-guidance".into(), json_format_options());
+    }
+    schema
+}
+
+/// Makes every object schema that lists `properties` accept no others, unless it says what
+/// to do with them (`additionalProperties`, `patternProperties`, `unevaluatedProperties`).
+///
+/// JSON Schema leaves an object open by default, and a small model fills an open object
+/// with keys of its own (7 of 8 answers did, on SmolLM2). OpenAI's strict mode refuses a
+/// schema that does not close its objects; llama.cpp's grammars and vLLM's xgrammar close
+/// them. Here they are closed whatever `strict` says: a schema that wants extra keys says
+/// `"additionalProperties": true`. Objects with no `properties` (any object) stay open, and
+/// so do those combined with siblings (`allOf` members, and objects beside an `allOf` or a
+/// `$ref`), where closing each part would refuse the keys of the others.
+fn close_objects(schema: &mut serde_json::Value, closable: bool) {
+    use serde_json::Value;
+    let Some(object) = schema.as_object_mut() else { return };
+    let open = ["additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref"];
+    if closable && object.contains_key("properties") && !open.iter().any(|k| object.contains_key(*k)) {
+        object.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (keyword, value) in object.iter_mut() {
+        match (keyword.as_str(), value) {
+            (
+                "properties" | "$defs" | "definitions" | "patternProperties" | "dependentSchemas",
+                Value::Object(m),
+            ) => m.values_mut().for_each(|s| close_objects(s, true)),
+            ("anyOf" | "oneOf" | "prefixItems" | "items", Value::Array(list)) => {
+                list.iter_mut().for_each(|s| close_objects(s, true))
+            }
+            ("allOf", Value::Array(list)) => list.iter_mut().for_each(|s| close_objects(s, false)),
+            ("items" | "additionalItems" | "additionalProperties" | "contains" | "then" | "else", s) => {
+                close_objects(s, true)
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Compiles grammars against one model's vocabulary.
 pub struct GrammarCompiler {
     factory: ParserFactory,
@@ -76,13 +122,7 @@ impl GrammarCompiler {
     /// not take (an unsupported schema keyword, a grammar syntax error).
     pub fn compile(&self, grammar: &Grammar) -> Result<Constraint, String> {
         let top = match grammar {
-            Grammar::JsonSchema(schema) => {
-                let mut schema = schema.clone();
-                if let Some(object) = schema.as_object_mut() {
-                    object.insert("x-guidance".into(), json_format_options());
-                }
-                TopLevelGrammar::from_json_schema(schema)
-            }
+            Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(constrained_schema(schema)),
             Grammar::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
         };
         let parser = self.factory.create_parser(top).map_err(|e| e.to_string())?;
@@ -189,6 +229,45 @@ mod tests {
         // No free whitespace: the separators are fixed.
         let mut c = compile(Grammar::JsonSchema(schema));
         assert_eq!(accepted(&mut c, "{ "), 1);
+    }
+
+    #[test]
+    fn objects_that_list_their_properties_take_no_others() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "name": { "type": "string" },
+                "address": { "type": "object", "properties": { "city": { "type": "string" } } },
+                "tags": { "type": "object" },
+                "extra": { "type": "object", "properties": { "a": {} }, "additionalProperties": true },
+            },
+            "required": ["name"],
+        });
+        let ends = |text: &str| {
+            let mut c = compile(Grammar::JsonSchema(schema.clone()));
+            accepted(&mut c, text) == text.len() && can_end(&mut c)
+        };
+        assert!(ends(r#"{"name": "Ann", "address": {"city": "Rome"}}"#));
+        assert!(!ends(r#"{"name": "Ann", "age": 3}"#), "an undeclared key at the top");
+        assert!(!ends(r#"{"name": "Ann", "address": {"city": "Rome", "zip": "1"}}"#), "nested");
+        // An object with no properties listed is any object; an open one stays open.
+        assert!(ends(r#"{"name": "Ann", "tags": {"x": 1}}"#));
+        assert!(ends(r#"{"name": "Ann", "extra": {"a": 1, "b": 2}}"#));
+
+        // Members of `allOf` stay open (each would refuse the others' keys), their own
+        // properties' objects are closed; `anyOf` branches and `$defs` are closed.
+        let closed = constrained_schema(&serde_json::json!({
+            "allOf": [{ "properties": { "a": { "properties": { "b": {} } } } }, { "properties": { "c": {} } }],
+            "anyOf": [{ "properties": { "d": {} } }],
+            "$defs": { "E": { "type": "object", "properties": { "e": {} } } },
+            "items": { "properties": { "f": {} } },
+        }));
+        assert_eq!(closed["allOf"][0].get("additionalProperties"), None);
+        assert_eq!(closed["allOf"][0]["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(closed["anyOf"][0]["additionalProperties"], false);
+        assert_eq!(closed["$defs"]["E"]["additionalProperties"], false);
+        assert_eq!(closed["items"]["additionalProperties"], false);
+        assert!(closed.get("x-guidance").is_some());
     }
 
     #[test]

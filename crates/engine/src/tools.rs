@@ -14,7 +14,7 @@
 
 use serde_json::{Value, json};
 
-use crate::grammar::{Grammar, json_format_options};
+use crate::grammar::{Grammar, constrained_schema};
 use crate::template::ChatMessage;
 
 const OPEN: &str = "<tool_call>";
@@ -81,10 +81,7 @@ pub fn tool_grammar(tools: &[ToolSpec], mode: &ToolMode, parallel: bool) -> Gram
 pub fn tool_or_json_grammar(tools: &[ToolSpec], schema: &Value, parallel: bool) -> Grammar {
     let chosen: Vec<&ToolSpec> = tools.iter().collect();
     let body = call_body_schema(&chosen);
-    let mut answer = schema.clone();
-    if let Some(object) = answer.as_object_mut() {
-        object.insert("x-guidance".into(), json_format_options());
-    }
+    let answer = constrained_schema(schema);
     let more = if parallel { " (\"\\n\" call)*" } else { "" };
     Grammar::Lark(format!(
         "%llguidance {{}}\nstart: answer | body | call{more}\nanswer: %json {answer}\ncall: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {body}\n"
@@ -104,11 +101,11 @@ fn call_body_schema(chosen: &[&ToolSpec]) -> Value {
             })
         })
         .collect();
-    let mut body = if variants.len() == 1 { variants[0].clone() } else { json!({ "anyOf": variants }) };
-    if let Some(object) = body.as_object_mut() {
-        object.insert("x-guidance".into(), json_format_options());
+    if variants.len() == 1 {
+        constrained_schema(&variants[0])
+    } else {
+        constrained_schema(&json!({ "anyOf": variants }))
     }
-    body
 }
 
 /// The conversation for a template that does not render tools itself: the tool list and
