@@ -103,10 +103,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Human-readable lines, or one JSON object per line (`--log-format json`) for log shippers.
+/// Coloured only on a terminal, and never under `NO_COLOR` (no-color.org): a log written to
+/// a file or a pipe carries no escape codes.
 fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let logs =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     if json {
         logs.json().init();
     } else {
