@@ -53,8 +53,9 @@ def test_chat_streaming_equals_plain(client):
         model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=32, stream=True,
         stream_options={"include_usage": True},
     )
-    text, finish, usage, roles = "", None, None, []
+    text, finish, usage, roles, fingerprints = "", None, None, [], set()
     for chunk in stream:
+        fingerprints.add(chunk.system_fingerprint)
         if chunk.usage:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -67,11 +68,16 @@ def test_chat_streaming_equals_plain(client):
     assert finish == plain.choices[0].finish_reason
     assert usage.completion_tokens == plain.usage.completion_tokens
     assert usage.prompt_tokens == plain.usage.prompt_tokens
+    # Every chunk names the build, as the plain answer does.
+    assert fingerprints == {plain.system_fingerprint} and plain.system_fingerprint.startswith("ferry-")
 
 
 def test_completions(client):
     r = client.completions.create(model=MODEL_ID, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert r.object == "text_completion"
+    chunks = list(client.completions.create(model=MODEL_ID, prompt="The capital of France is", max_tokens=8,
+                                            temperature=0, stream=True))
+    assert {c.system_fingerprint for c in chunks} == {r.system_fingerprint} and r.system_fingerprint
     assert len(r.choices[0].text) > 0
     assert r.usage.completion_tokens <= 8
     batch = client.completions.create(model=MODEL_ID, prompt=["One, two,", "Red, green,"], max_tokens=4, temperature=0)

@@ -86,7 +86,8 @@ async fn local(
             events = structured::tool_call_events(events, &plan);
         }
         let include_usage = include_usage(&request);
-        return Ok(stream(events, n, id, display_model, include_usage).into_response());
+        let fingerprint = Some(state.fingerprint());
+        return Ok(stream(events, n, id, display_model, include_usage, fingerprint).into_response());
     }
     let collected = generation::collect(submitted).await?;
     let choices = collected
@@ -228,7 +229,7 @@ async fn upstream(
         let routed = crate::guard::chat_stream(&gateway, &request.model, neutral, use_cache).await?;
         let n = fields.n.unwrap_or(1).max(1) as usize;
         let include_usage = include_usage(&request);
-        let mut response = stream(routed.value, n, id, display_model, include_usage).into_response();
+        let mut response = stream(routed.value, n, id, display_model, include_usage, None).into_response();
         route_headers(&mut response, &routed.route);
         return Ok(response);
     }
@@ -309,6 +310,7 @@ fn stream(
     id: String,
     model: String,
     include_usage: bool,
+    fingerprint: Option<String>,
 ) -> impl IntoResponse {
     let created = unix_now();
     let chunk = move |choices: Vec<ChatChunkChoice>, usage_value: Option<Option<Usage>>| {
@@ -319,7 +321,8 @@ fn stream(
             model: model.clone(),
             choices,
             usage: usage_value.or(include_usage.then_some(None)),
-            system_fingerprint: None,
+            // A local model's, in every chunk as OpenAI sends it; a gateway's upstream says none.
+            system_fingerprint: fingerprint.clone(),
         };
         SseEvent::default().json_data(chunk).unwrap_or_else(|_| SseEvent::default().data("{}"))
     };

@@ -116,6 +116,7 @@ pub async fn completions(
     if request.stream {
         let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let echo_logprobs = request.echo && logprobs.is_some();
+        let fingerprint = state.fingerprint();
         let chunk = move |index: usize,
                           text: String,
                           logprobs: Option<CompletionLogprobs>,
@@ -137,7 +138,8 @@ pub async fn completions(
                 model: model_id.clone(),
                 choices,
                 usage,
-                system_fingerprint: None,
+                // As the non-streamed answer has it, in every chunk as OpenAI sends it.
+                system_fingerprint: Some(fingerprint.clone()),
             };
             SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))
         };
