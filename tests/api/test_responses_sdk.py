@@ -65,3 +65,8 @@ def test_responses_refuses_what_it_cannot_do(client):
     assert e.value.param == "tools[0].type"
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="nope", input="hi")
+    # Nothing is stored: retrieving or deleting a response is a 404 that says so.
+    for call in (client.responses.retrieve, client.responses.delete, client.responses.input_items.list):
+        with pytest.raises(openai.NotFoundError) as e:
+            call("resp_123")
+        assert "stateless" in e.value.message and "resp_123" in e.value.message

@@ -23,6 +23,16 @@ use crate::structured::LocalRun;
 use crate::validate;
 use output::Envelope;
 
+/// `GET` and `DELETE /v1/responses/{id}` (and `.../input_items`): nothing is stored to find,
+/// so the 404 says why instead of naming an unknown route.
+pub async fn not_stored(axum::extract::Path(rest): axum::extract::Path<String>) -> ApiError {
+    let id = rest.split('/').next().unwrap_or_default();
+    ApiError::NotFound(format!(
+        "No response found with id '{id}': Ferry's Responses API is stateless and stores no responses; \
+         each answer goes only to the request that made it"
+    ))
+}
+
 /// Refuses, by name, what a stateless server cannot honour.
 fn refuse_unsupported(request: &ResponsesRequest) -> Result<(), ApiError> {
     if request.previous_response_id.is_some() {
