@@ -43,8 +43,7 @@ pub fn json_format_options() -> serde_json::Value {
 
 /// A request's JSON schema as it is compiled: objects that declare their properties are
 /// closed (see [`close_objects`]), and the format options ([`json_format_options`]) are added.
-pub fn constrained_schema(schema: &serde_json::Value) -> serde_json::Value {
-    let mut schema = schema.clone();
+pub fn constrained_schema(mut schema: serde_json::Value) -> serde_json::Value {
     close_objects(&mut schema, true);
     if let Some(object) = schema.as_object_mut() {
         object.insert("x-guidance".into(), json_format_options());
@@ -122,7 +121,9 @@ impl GrammarCompiler {
     /// not take (an unsupported schema keyword, a grammar syntax error).
     pub fn compile(&self, grammar: &Grammar) -> Result<Constraint, String> {
         let top = match grammar {
-            Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(constrained_schema(schema)),
+            Grammar::JsonSchema(schema) => {
+                TopLevelGrammar::from_json_schema(constrained_schema(schema.clone()))
+            }
             Grammar::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
         };
         let parser = self.factory.create_parser(top).map_err(|e| e.to_string())?;
@@ -256,7 +257,7 @@ mod tests {
 
         // Members of `allOf` stay open (each would refuse the others' keys), their own
         // properties' objects are closed; `anyOf` branches and `$defs` are closed.
-        let closed = constrained_schema(&serde_json::json!({
+        let closed = constrained_schema(serde_json::json!({
             "allOf": [{ "properties": { "a": { "properties": { "b": {} } } } }, { "properties": { "c": {} } }],
             "anyOf": [{ "properties": { "d": {} } }],
             "$defs": { "E": { "type": "object", "properties": { "e": {} } } },

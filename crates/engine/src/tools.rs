@@ -81,7 +81,7 @@ pub fn tool_grammar(tools: &[ToolSpec], mode: &ToolMode, parallel: bool) -> Gram
 pub fn tool_or_json_grammar(tools: &[ToolSpec], schema: &Value, parallel: bool) -> Grammar {
     let chosen: Vec<&ToolSpec> = tools.iter().collect();
     let body = call_body_schema(&chosen);
-    let answer = constrained_schema(schema);
+    let answer = constrained_schema(schema.clone());
     let more = if parallel { " (\"\\n\" call)*" } else { "" };
     Grammar::Lark(format!(
         "%llguidance {{}}\nstart: answer | body | call{more}\nanswer: %json {answer}\ncall: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {body}\n"
@@ -90,7 +90,7 @@ pub fn tool_or_json_grammar(tools: &[ToolSpec], schema: &Value, parallel: bool) 
 
 /// The JSON schema of one call's object: `{"name": ..., "arguments": ...}` for any of `chosen`.
 fn call_body_schema(chosen: &[&ToolSpec]) -> Value {
-    let variants: Vec<Value> = chosen
+    let mut variants: Vec<Value> = chosen
         .iter()
         .map(|t| {
             json!({
@@ -101,11 +101,8 @@ fn call_body_schema(chosen: &[&ToolSpec]) -> Value {
             })
         })
         .collect();
-    if variants.len() == 1 {
-        constrained_schema(&variants[0])
-    } else {
-        constrained_schema(&json!({ "anyOf": variants }))
-    }
+    let body = if variants.len() == 1 { variants.swap_remove(0) } else { json!({ "anyOf": variants }) };
+    constrained_schema(body)
 }
 
 /// The conversation for a template that does not render tools itself: the tool list and
