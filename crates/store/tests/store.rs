@@ -64,6 +64,22 @@ macro_rules! both {
     };
 }
 
+/// Runs `suite` on a fresh SQLite file, then on a fresh PostgreSQL database, handing it the
+/// target to open itself (the migration suites reopen it).
+macro_rules! both_targets {
+    ($(#[$doc:meta])* $name:ident, $suite:ident) => {
+        $(#[$doc])*
+        #[tokio::test]
+        async fn $name() {
+            $suite(&sqlite_path()).await;
+            if let Some((url, name)) = fresh_postgres().await {
+                $suite(&url).await;
+                drop_postgres(&name).await;
+            }
+        }
+    };
+}
+
 both!(tenants_and_projects, tenants_and_projects_suite);
 both!(keys, keys_suite);
 both!(usage, usage_suite);
@@ -451,17 +467,13 @@ async fn traces_suite(store: &Store) {
     assert!(matches!(orphan, Err(StoreError::NotFound(_))));
 }
 
-/// Migration 5 moves the traces of their own table into their records' rows, on both
-/// databases: the schema is taken back to before it, traces are written the old way, and the
-/// next open migrates them.
-#[tokio::test]
-async fn migration_5_moves_traces_into_their_records() {
-    trace_migration_suite(&sqlite_path()).await;
-    if let Some((url, name)) = fresh_postgres().await {
-        trace_migration_suite(&url).await;
-        drop_postgres(&name).await;
-    }
-}
+both_targets!(
+    /// Migration 5 moves the traces of their own table into their records' rows, on both
+    /// databases: the schema is taken back to before it, traces are written the old way, and
+    /// the next open migrates them.
+    migration_5_moves_traces_into_their_records,
+    trace_migration_suite
+);
 
 async fn trace_migration_suite(target: &str) {
     let store = Store::open(target).await.unwrap();
@@ -600,16 +612,12 @@ async fn reports_suite(store: &Store) {
     assert_eq!(store.traces(&prefix).await.unwrap().len(), 2);
 }
 
-/// Migration 6 shortens what an imported key kept in clear, on both databases, and leaves
-/// generated keys as they were.
-#[tokio::test]
-async fn migration_6_shortens_imported_keys_display() {
-    display_migration_suite(&sqlite_path()).await;
-    if let Some((url, name)) = fresh_postgres().await {
-        display_migration_suite(&url).await;
-        drop_postgres(&name).await;
-    }
-}
+both_targets!(
+    /// Migration 6 shortens what an imported key kept in clear, on both databases, and leaves
+    /// generated keys as they were.
+    migration_6_shortens_imported_keys_display,
+    display_migration_suite
+);
 
 async fn display_migration_suite(target: &str) {
     let store = Store::open(target).await.unwrap();
@@ -632,12 +640,8 @@ async fn display_migration_suite(target: &str) {
         .unwrap();
     sqlx::query("DELETE FROM ferry_migrations WHERE version = 6").execute(store.pool()).await.unwrap();
     drop(store);
-    let store = Store::open(target).await.unwrap();
-    let shown = |id: &str| {
-        let id = id.to_string();
-        let store = &store;
-        async move { store.keys(None).await.unwrap().into_iter().find(|k| k.id == id).unwrap().display_prefix }
-    };
-    assert_eq!(shown(&imported.id).await, "Tr0u");
-    assert_eq!(shown(&generated.id).await, generated.display_prefix);
+    let keys = Store::open(target).await.unwrap().keys(None).await.unwrap();
+    let shown = |id: &str| keys.iter().find(|k| k.id == id).map(|k| k.display_prefix.as_str());
+    assert_eq!(shown(&imported.id), Some("Tr0u"));
+    assert_eq!(shown(&generated.id), Some(generated.display_prefix.as_str()));
 }
