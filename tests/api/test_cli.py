@@ -10,6 +10,16 @@ def run(*args, env=None, timeout=60):
     return subprocess.run([BINARY, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def test_serve_help_shows_the_defaults():
+    r = run("serve", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for flag, default in [("--port", "8080"), ("--ctx-size", "4096"), ("--parallel", "8"), ("--max-queue", "256"),
+                          ("--batch-size", "512"), ("--gpu-layers", "all"), ("--cors-origin", "loopback")]:
+        after = text[text.index(flag):]
+        assert f"[default: {default}" in after[:400], f"{flag}: {after[:400]}"
+
+
 def test_missing_default_model_says_how_to_fetch_it(tmp_path):
     r = run("serve", "--models-dir", str(tmp_path), "--port", "0")
     assert r.returncode != 0

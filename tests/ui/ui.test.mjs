@@ -7,6 +7,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import http from 'node:http';
 import { createInterface } from 'node:readline';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -25,17 +26,20 @@ const QUESTION = 'Alice lives in Paris. Bob lives in Rome. Where does Alice live
 
 let server;
 let base;
+/** Serves a blank page, for pages of other origins (tests of CORS). */
+let pageServer;
+let pagePort;
 let browser;
 let page;
 /** What one step leaves for the next. */
 const shared = {};
 
-async function startServer() {
+async function startServer(extraArgs = []) {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ui-'));
   const log = fs.openSync(path.join(ROOT, 'target', `ferry-ui-test-${process.pid}.log`), 'w');
   const child = spawn(BINARY, [
     'serve', '--port', '0', '--model', path.join(MODELS_DIR, `${MODEL_ID}.gguf`), '--threads', '2',
-    '--data-dir', dataDir, '--ctx-size', '2048', '--parallel', '4',
+    '--data-dir', dataDir, '--ctx-size', '2048', '--parallel', '4', ...extraArgs,
   ], { env: { ...process.env, FERRY_ADMIN_KEY: ADMIN_KEY }, stdio: ['ignore', 'pipe', log] });
   const lines = createInterface({ input: child.stdout });
   const first = await new Promise((resolve, reject) => {
@@ -75,7 +79,10 @@ async function go(hash, heading) {
 before(async () => {
   assert.ok(fs.existsSync(BINARY), `${BINARY} is missing: cargo build --release --bin ferry first`);
   fs.mkdirSync(SHOTS, { recursive: true });
-  server = await startServer();
+  pageServer = http.createServer((_, res) => res.end('<!doctype html><title>another app</title>'));
+  await new Promise((resolve) => pageServer.listen(0, '127.0.0.1', resolve));
+  pagePort = pageServer.address().port;
+  server = await startServer(['--cors-origin', `http://trusted.example:${pagePort}`]);
   base = server.url;
   // Some traffic for the overview: a few answers and one error (an unknown model).
   for (let i = 0; i < 3; i++) {
@@ -85,7 +92,11 @@ before(async () => {
     assert.equal(r.status, 200, JSON.stringify(r.json));
   }
   assert.equal((await call(ADMIN_KEY, 'POST', '/v1/chat/completions', { model: 'no-such-model', messages: [{ role: 'user', content: 'hi' }] })).status, 404);
-  browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', headless: true, args: ['--no-sandbox'] });
+  browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', headless: true, args: [
+    '--no-sandbox',
+    // Two more origins for the CORS test, both served by pageServer.
+    '--host-resolver-rules=MAP trusted.example 127.0.0.1, MAP untrusted.example 127.0.0.1',
+  ] });
   const context = await browser.newContext({ viewport: { width: 1440, height: 900 }, acceptDownloads: true });
   page = await context.newPage();
   page.on('pageerror', (err) => { shared.pageErrors = [...(shared.pageErrors || []), err.message]; });
@@ -93,6 +104,7 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
+  if (pageServer) pageServer.close();
   if (server) {
     server.child.kill('SIGTERM');
     await new Promise((resolve) => {
@@ -113,6 +125,39 @@ test('the UI is served by the binary with content types and revalidation', async
   const again = await fetch(`${base}/ui/app.js`, { headers: { 'If-None-Match': js.headers.get('etag') } });
   assert.equal(again.status, 304);
   assert.equal((await fetch(`${base}/ui/nope.js`)).status, 404);
+});
+
+test('pages of other origins: loopback and configured ones may call the API, others may not', async () => {
+  const context = await browser.newContext();
+  const other = await context.newPage();
+  const attempt = async (origin) => {
+    await other.goto(`${origin}/`);
+    return other.evaluate(async ({ base, key, model }) => {
+      try {
+        const r = await fetch(`${base}/v1/chat/completions`, {
+          method: 'POST',
+          headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+          body: JSON.stringify({ model, messages: [{ role: 'user', content: 'Say hi.' }], max_tokens: 4 }),
+        });
+        const json = await r.json();
+        return { status: r.status, requestId: r.headers.get('x-request-id'), object: json.object };
+      } catch (e) {
+        return { blocked: String(e) };
+      }
+    }, { base, key: ADMIN_KEY, model: MODEL_ID });
+  };
+  try {
+    for (const origin of [`http://localhost:${pagePort}`, `http://trusted.example:${pagePort}`]) {
+      const answer = await attempt(origin);
+      assert.equal(answer.status, 200, `${origin}: ${JSON.stringify(answer)}`);
+      assert.equal(answer.object, 'chat.completion');
+      assert.ok(answer.requestId, `${origin}: exposed headers are readable`);
+    }
+    const refused = await attempt(`http://untrusted.example:${pagePort}`);
+    assert.match(refused.blocked ?? JSON.stringify(refused), /Failed to fetch/);
+  } finally {
+    await context.close();
+  }
 });
 
 test('sign in: a wrong key is refused, the admin key opens the overview', async () => {

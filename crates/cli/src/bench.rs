@@ -21,6 +21,9 @@ pub struct BenchArgs {
     /// Generated tokens (llama-bench's -n)
     #[arg(long, short = 'n', default_value_t = 128)]
     gen_tokens: usize,
+    /// Layers offloaded to the GPU in a GPU build (llama-bench's -ngl); all by default
+    #[arg(long)]
+    gpu_layers: Option<u32>,
     /// Repetitions (llama-bench's -r)
     #[arg(long, short = 'r', default_value_t = 3)]
     reps: usize,
@@ -39,6 +42,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             batch_tokens: batch,
             threads: args.threads,
             kv_budget: None,
+            gpu_layers: args.gpu_layers,
         },
         prefill_chunk: batch,
         max_waiting: args.concurrent.iter().copied().max().unwrap_or(1).max(1),

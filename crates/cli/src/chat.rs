@@ -57,6 +57,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     batch_tokens: 512,
                     threads,
                     kv_budget: None,
+                    gpu_layers: None,
                 },
                 prefill_chunk: 512,
                 max_waiting: 1,

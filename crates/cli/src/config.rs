@@ -16,38 +16,42 @@ pub struct ServeArgs {
     /// TOML file with the same settings (flags and FERRY_* variables override it)
     #[arg(long, env = "FERRY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to listen on
+    /// Address to listen on [default: 127.0.0.1]
     #[arg(long, env = "FERRY_HOST")]
     pub host: Option<String>,
-    /// Port to listen on (0 picks a free one and prints it)
+    /// Port to listen on (0 picks a free one and prints it) [default: 8080]
     #[arg(long, env = "FERRY_PORT")]
     pub port: Option<u16>,
     /// A GGUF file, or a Hugging Face file as `hf:OWNER/REPO/FILE.gguf`; repeat to serve several
     #[arg(long = "model", short = 'm', env = "FERRY_MODEL", value_delimiter = ',')]
     pub models: Vec<String>,
-    /// Where the default model and downloads live
+    /// Where the default model and downloads live [default: models]
     #[arg(long, env = "FERRY_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
     /// A sentence-embedding model directory (e.g. models/all-MiniLM-L6-v2) to serve on /v1/embeddings
     #[arg(long, env = "FERRY_EMBEDDING_MODEL")]
     pub embedding_model: Option<PathBuf>,
-    /// CPU threads for the forward pass
+    /// CPU threads for the forward pass [default: all cores]
     #[arg(long, short = 't', env = "FERRY_THREADS")]
     pub threads: Option<usize>,
-    /// Context length of each sequence (prompt and completion)
+    /// Context length of each sequence (prompt and completion) [default: 4096]
     #[arg(long, short = 'c', env = "FERRY_CTX_SIZE")]
     pub ctx_size: Option<usize>,
-    /// Sequences decoded together (concurrent requests per model)
+    /// Sequences decoded together (concurrent requests per model) [default: 8]
     #[arg(long, short = 'p', env = "FERRY_PARALLEL")]
     pub parallel: Option<usize>,
-    /// Most tokens per forward pass
+    /// Layers of each model offloaded to the GPU in a GPU build (`--features cuda`); 0 keeps
+    /// models on the CPU [default: all]
+    #[arg(long, env = "FERRY_GPU_LAYERS")]
+    pub gpu_layers: Option<u32>,
+    /// Most tokens per forward pass [default: 512]
     #[arg(long, env = "FERRY_BATCH_SIZE")]
     pub batch_size: Option<usize>,
     /// Most prompt tokens prefilled per step while other sequences decode (chunked prefill);
-    /// with none decoding a step prefills up to --batch-size
+    /// with none decoding a step prefills up to --batch-size [default: 512]
     #[arg(long, env = "FERRY_PREFILL_CHUNK")]
     pub prefill_chunk: Option<usize>,
-    /// Most requests waiting for a sequence; past it the answer is 429
+    /// Most requests waiting for a sequence; past it the answer is 429 [default: 256]
     #[arg(long, env = "FERRY_MAX_QUEUE")]
     pub max_queue: Option<usize>,
     /// KV-cache cells of each model, shared by its sequences, when fewer than ctx-size ×
@@ -58,10 +62,15 @@ pub struct ServeArgs {
     /// past it the request is cancelled and answered 504 (`x-ferry-timeout` may shorten it)
     #[arg(long, env = "FERRY_REQUEST_TIMEOUT")]
     pub request_timeout: Option<f64>,
-    /// Largest request body in bytes; past it the answer is 413
+    /// Largest request body in bytes; past it the answer is 413 [default: 4194304]
     #[arg(long, env = "FERRY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Where Ferry keeps its database (tenants, keys, usage, audit log)
+    /// A browser origin (`https://app.example.com`) whose pages may call the API (CORS);
+    /// repeat for several, `*` for any [default: loopback pages only]
+    #[arg(long = "cors-origin", env = "FERRY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Where Ferry keeps its database (tenants, keys, usage, audit log) [default:
+    /// $XDG_DATA_HOME/ferry, else ~/.local/share/ferry]
     #[arg(long, env = "FERRY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// A postgres:// URL to keep state in PostgreSQL instead (several replicas)
@@ -76,16 +85,16 @@ pub struct ServeArgs {
     /// PEM private key of the certificate
     #[arg(long, env = "FERRY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// Seconds between purges of retained request content past its tenant's retention
+    /// Seconds between purges of retained request content past its tenant's retention [default: 600]
     #[arg(long, env = "FERRY_PURGE_INTERVAL_S")]
     pub purge_interval_s: Option<u64>,
-    /// Hours a request's trace is kept
+    /// Hours a request's trace is kept [default: 72]
     #[arg(long, env = "FERRY_TRACE_RETENTION_HOURS")]
     pub trace_retention_hours: Option<u64>,
     /// `text` (default) or `json`: one JSON object per log line
     #[arg(long, env = "FERRY_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
-    /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled
+    /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled [default: 30]
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_S")]
     pub shutdown_grace_s: Option<u64>,
     /// Reuse a finished request's KV cache for a later prompt that starts the same way
@@ -107,7 +116,7 @@ pub struct ServeArgs {
     /// loading past it unloads the least recently used
     #[arg(long, env = "FERRY_MEMORY_BUDGET", value_parser = parse_bytes)]
     pub memory_budget: Option<u64>,
-    /// Seconds a request waits for its model to load before a 503
+    /// Seconds a request waits for its model to load before a 503 [default: 300]
     #[arg(long, env = "FERRY_LOAD_TIMEOUT_S")]
     pub load_timeout_s: Option<u64>,
 }
@@ -149,6 +158,8 @@ pub struct ModelTable {
     pub ctx_size: Option<usize>,
     pub parallel: Option<usize>,
     pub prefix_cache: Option<bool>,
+    /// Layers offloaded to the GPU (overrides the server-wide setting).
+    pub gpu_layers: Option<u32>,
     /// Load at start instead of on the first request.
     #[serde(default)]
     pub preload: bool,
@@ -192,12 +203,14 @@ struct FileConfig {
     threads: Option<usize>,
     ctx_size: Option<usize>,
     parallel: Option<usize>,
+    gpu_layers: Option<u32>,
     batch_size: Option<usize>,
     prefill_chunk: Option<usize>,
     max_queue: Option<usize>,
     request_timeout: Option<f64>,
     kv_budget: Option<usize>,
     max_body_bytes: Option<usize>,
+    cors_origins: Option<Vec<String>>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     metering: Option<bool>,
@@ -244,6 +257,8 @@ pub struct ServeConfig {
     pub threads: usize,
     pub ctx_size: usize,
     pub parallel: usize,
+    /// `None`: every layer on the GPU, where the build has one.
+    pub gpu_layers: Option<u32>,
     pub batch_size: usize,
     pub prefill_chunk: usize,
     pub max_queue: usize,
@@ -252,6 +267,8 @@ pub struct ServeConfig {
     /// `None`: `ctx_size * parallel` cells, one context per sequence.
     pub kv_budget: Option<usize>,
     pub max_body_bytes: usize,
+    /// Browser origins besides loopback ones that may call the API (`*`: any).
+    pub cors_origins: Vec<String>,
     /// The SQLite file, or a postgres:// URL.
     pub database: String,
     pub insecure_no_auth: bool,
@@ -309,6 +326,7 @@ impl ServeArgs {
             threads: self.threads.or(file.threads).unwrap_or(threads_default),
             ctx_size: self.ctx_size.or(file.ctx_size).unwrap_or(4096),
             parallel: self.parallel.or(file.parallel).unwrap_or(8),
+            gpu_layers: self.gpu_layers.or(file.gpu_layers),
             batch_size: self.batch_size.or(file.batch_size).unwrap_or(512),
             prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(512),
             max_queue: self.max_queue.or(file.max_queue).unwrap_or(256),
@@ -323,6 +341,11 @@ impl ServeArgs {
             },
             kv_budget: self.kv_budget.or(file.kv_budget),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024),
+            cors_origins: if self.cors_origins.is_empty() {
+                file.cors_origins.unwrap_or_default()
+            } else {
+                self.cors_origins
+            },
             database: match self.database_url.or(file.database_url) {
                 Some(url) => url,
                 None => self
@@ -370,6 +393,15 @@ impl ServeArgs {
         ] {
             if value == 0 {
                 bail!("--{name} must be at least 1");
+            }
+        }
+        for origin in &config.cors_origins {
+            let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+            if origin != "*" && !rest.is_some_and(|r| !r.is_empty() && !r.trim_end_matches('/').contains('/'))
+            {
+                bail!(
+                    "--cors-origin takes an origin such as https://app.example.com (scheme, host, optional port) or *, not '{origin}'"
+                );
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -431,6 +463,7 @@ impl ServeConfig {
                 ctx_size: None,
                 parallel: None,
                 prefix_cache: None,
+                gpu_layers: None,
                 preload: true,
                 defaults: Default::default(),
                 pooling: Default::default(),
@@ -465,6 +498,7 @@ impl ServeConfig {
                     batch_tokens: self.batch_size.max(parallel),
                     threads: self.threads,
                     kv_budget: self.kv_budget,
+                    gpu_layers: table.gpu_layers.or(self.gpu_layers),
                 },
                 prefill_chunk: self.prefill_chunk,
                 max_waiting: self.max_queue,
@@ -513,6 +547,21 @@ mod tests {
     }
 
     #[test]
+    fn cors_origins_are_origins_or_a_star() {
+        let resolve = |origins: &[&str]| {
+            ServeArgs { cors_origins: origins.iter().map(|o| o.to_string()).collect(), ..Default::default() }
+                .resolve()
+                .map(|c| c.cors_origins)
+        };
+        assert_eq!(resolve(&["https://app.example.com", "*"]).unwrap().len(), 2);
+        assert!(resolve(&["http://localhost:3000/"]).is_ok(), "a trailing slash is tolerated");
+        for bad in ["app.example.com", "https://app.example.com/chat", "ftp://x", "https://"] {
+            let err = resolve(&[bad]).unwrap_err().to_string();
+            assert!(err.contains("--cors-origin"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn the_default_model_waits_on_disk_in_an_embedding_server() {
         let dir = std::env::temp_dir().join(format!("ferry-default-model-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -539,8 +588,9 @@ mod tests {
         std::fs::write(
             &config,
             format!(
-                "memory_budget = \"6G\"\nmax_loaded_models = 1\nparallel = 3\n\
-                 models = [\"{}\", {{ name = \"bee\", path = \"{}\", ctx_size = 512, defaults = {{ max_tokens = 7 }} }}]\n",
+                "memory_budget = \"6G\"\nmax_loaded_models = 1\nparallel = 3\ngpu_layers = 20\n\
+                 models = [\"{}\", {{ name = \"bee\", path = \"{}\", ctx_size = 512, gpu_layers = 0, \
+                 defaults = {{ max_tokens = 7 }} }}]\n",
                 a.display(),
                 b.display()
             ),
@@ -553,6 +603,8 @@ mod tests {
         assert_eq!(specs[0].name, "a");
         assert!(specs[0].preload, "a plain path loads at start");
         assert_eq!(specs[0].scheduler.session.n_sequences, 3);
+        assert_eq!(specs[0].scheduler.session.gpu_layers, Some(20));
+        assert_eq!(specs[1].scheduler.session.gpu_layers, Some(0), "a model's own setting wins");
         assert_eq!(specs[1].name, "bee");
         assert!(!specs[1].preload, "a table loads on first use");
         assert_eq!(specs[1].scheduler.session.ctx_per_sequence, 512);

@@ -63,7 +63,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for path in files {
         let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let info = match LlamaCppModel::load(&id, &path, |_| {}) {
+        let info = match LlamaCppModel::load(&id, &path, Some(0), |_| {}) {
             Ok(model) => ferry_engine::Backend::info(&model).clone(),
             Err(e) => {
                 eprintln!("{}: {e}", path.display());

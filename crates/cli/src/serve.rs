@@ -69,7 +69,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         });
         loader
     });
-    let http = HttpConfig { max_body_bytes: config.max_body_bytes };
+    let http =
+        HttpConfig { max_body_bytes: config.max_body_bytes, cors_origins: config.cors_origins.clone() };
     let mut state = AppState::new(registry, gateway, loader, http, tenancy);
     if let Some(service) = embeddings {
         state = state.with_embeddings(service);

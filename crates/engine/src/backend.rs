@@ -68,6 +68,10 @@ pub struct SessionConfig {
     /// then share one pool of cells (less memory; each token attends over the pool's used
     /// cells, masked to its own sequence), and the scheduler keeps what they may hold within it.
     pub kv_budget: Option<usize>,
+    /// Layers whose weights (and KV cache) go to a GPU, in a build with a GPU backend
+    /// (`--features cuda`): `None` offloads every layer, as llama.cpp does by default;
+    /// `Some(0)` keeps the model on the CPU. A CPU-only build ignores it.
+    pub gpu_layers: Option<u32>,
 }
 
 impl SessionConfig {

@@ -93,7 +93,8 @@ impl LocalModel {
         config: SchedulerConfig,
         progress: impl FnMut(f32) + 'static,
     ) -> Result<Self, EngineError> {
-        let backend: Arc<dyn Backend> = Arc::new(llama::LlamaCppModel::load(id, path, progress)?);
+        let backend: Arc<dyn Backend> =
+            Arc::new(llama::LlamaCppModel::load(id, path, config.session.gpu_layers, progress)?);
         Self::from_backend(backend, config)
     }
 

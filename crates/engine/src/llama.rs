@@ -26,7 +26,18 @@ fn llama_backend() -> Result<&'static LlamaBackend, EngineError> {
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
-            LlamaBackend::init().map_err(|e| e.to_string())
+            let backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+            for device in llama_cpp_2::list_llama_ggml_backend_devices() {
+                tracing::info!(
+                    device = %device.name,
+                    backend = %device.backend,
+                    memory_free_mib = device.memory_free >> 20,
+                    memory_total_mib = device.memory_total >> 20,
+                    "llama.cpp device: {}",
+                    device.description
+                );
+            }
+            Ok(backend)
         })
         .as_ref()
         .map_err(|e| EngineError::Load(format!("llama.cpp backend: {e}")))
@@ -42,16 +53,25 @@ pub struct LlamaCppModel {
 }
 
 impl LlamaCppModel {
-    /// Loads `path`; `progress` is called with the fraction loaded.
-    pub fn load(id: &str, path: &Path, mut progress: impl FnMut(f32) + 'static) -> Result<Self, EngineError> {
+    /// Loads `path` with `gpu_layers` of its layers on the GPU (`None`: all of them, where
+    /// the build has a GPU backend); `progress` is called with the fraction loaded.
+    pub fn load(
+        id: &str,
+        path: &Path,
+        gpu_layers: Option<u32>,
+        mut progress: impl FnMut(f32) + 'static,
+    ) -> Result<Self, EngineError> {
         if !path.is_file() {
             return Err(EngineError::Load(format!("model file {} does not exist", path.display())));
         }
         let backend = llama_backend()?;
-        let params = LlamaModelParams::default().with_progress_callback(move |p| {
+        let mut params = LlamaModelParams::default().with_progress_callback(move |p| {
             progress(p);
             true
         });
+        if let Some(layers) = gpu_layers {
+            params = params.with_n_gpu_layers(layers);
+        }
         let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
 

@@ -40,6 +40,7 @@ pub fn config(n_sequences: usize, prefix_cache: bool) -> SchedulerConfig {
             batch_tokens: 512,
             threads: 2,
             kv_budget: None,
+            gpu_layers: None,
         },
         prefill_chunk: 256,
         max_waiting: 64,

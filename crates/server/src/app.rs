@@ -23,11 +23,14 @@ use crate::{chat, completions, embeddings, messages, responses};
 pub struct HttpConfig {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Browser origins (`https://app.example.com`), besides loopback ones, whose pages may call
+    /// the API (CORS); `*` admits every origin.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { max_body_bytes: 4 * 1024 * 1024 }
+        HttpConfig { max_body_bytes: 4 * 1024 * 1024, cors_origins: Vec::new() }
     }
 }
 
@@ -194,8 +197,48 @@ pub fn app(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(cors(&state.inner.http.cors_origins))
         .layer(middleware::from_fn(log_requests))
         .with_state(state)
+}
+
+/// Cross-origin access for browser pages: pages served from a loopback address (a local
+/// app on another port, as Ollama allows) and the configured origins may call the API; a
+/// preflight from any other origin gets no `access-control-allow-origin`, so the browser
+/// keeps the answer from the page. Keys travel in headers, never in cookies, so no
+/// credentials mode is offered.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::HeaderValue;
+    use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
+    let any = origins.iter().any(|o| o == "*");
+    let listed: Vec<HeaderValue> =
+        origins.iter().filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()).collect();
+    let allow = AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+        any || listed.contains(origin) || is_loopback_origin(origin)
+    });
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        // The SDKs send their own headers (`x-stainless-*`, `anthropic-version`, ...).
+        .allow_headers(AllowHeaders::mirror_request())
+        // Rate-limit headers, request ids, `x-ferry-cache`: readable by the page.
+        .expose_headers(Any)
+        .max_age(std::time::Duration::from_secs(3600))
+}
+
+/// `http(s)://localhost`, `127.x.x.x` or `[::1]`, any port.
+fn is_loopback_origin(origin: &axum::http::HeaderValue) -> bool {
+    let Some(rest) =
+        origin.to_str().ok().and_then(|o| o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")))
+    else {
+        return false;
+    };
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => rest.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[utoipa::path(post, path = "/admin/v1/reload", tag = "Admin",
@@ -301,4 +344,27 @@ async fn log_requests(request: Request, next: Next) -> Response {
         tracing::info!(%method, %path, status = status.as_u16(), elapsed_ms, error, "request");
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn loopback_origins_are_local_pages_on_any_port() {
+        for origin in
+            ["http://localhost:3000", "https://localhost", "http://127.0.0.1:8080", "http://[::1]:5173"]
+        {
+            assert!(super::is_loopback_origin(&HeaderValue::from_static(origin)), "{origin}");
+        }
+        for origin in [
+            "http://localhost.evil.example",
+            "http://127.0.0.1.nip.io",
+            "https://example.com",
+            "null",
+            "file://",
+        ] {
+            assert!(!super::is_loopback_origin(&HeaderValue::from_static(origin)), "{origin}");
+        }
+    }
 }

@@ -496,6 +496,7 @@ mod tests {
                     batch_tokens: 256,
                     threads: 2,
                     kv_budget: None,
+                    gpu_layers: None,
                 },
                 prefill_chunk: 256,
                 max_waiting: 8,
