@@ -26,8 +26,10 @@ from procstat import peak_rss_mb
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FERRY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "ferry"))
-LLAMA_BENCH = os.path.join(ROOT, "bench", "peers", "bin", "llama-bench")
-LLAMA_BATCHED_BENCH = os.path.join(ROOT, "bench", "peers", "bin", "llama-batched-bench")
+# LLAMA_BIN_DIR: peers built elsewhere (bench/gpu-bench.sh's CUDA build).
+PEERS = os.environ.get("LLAMA_BIN_DIR", os.path.join(ROOT, "bench", "peers", "bin"))
+LLAMA_BENCH = os.path.join(PEERS, "llama-bench")
+LLAMA_BATCHED_BENCH = os.path.join(PEERS, "llama-batched-bench")
 
 
 def llama_bench(model, threads, prompt, gen, reps):

@@ -31,7 +31,8 @@ from procstat import peak_rss_mb, reset_peak_rss
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FERRY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "ferry"))
-LLAMA_SERVER = os.path.join(ROOT, "bench", "peers", "bin", "llama-server")
+# LLAMA_BIN_DIR: peers built elsewhere (bench/gpu-bench.sh's CUDA build).
+LLAMA_SERVER = os.path.join(os.environ.get("LLAMA_BIN_DIR", os.path.join(ROOT, "bench", "peers", "bin")), "llama-server")
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # Requests per level: enough for each client to send at least one, few enough for two cores.
 REQUESTS = {1: 2, 4: 4, 16: 16, 64: 64}
@@ -160,6 +161,7 @@ def main():
     p.add_argument("--max-prompt", type=int, default=1024)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--requests", type=int, default=0, help="requests per level (default: 2, 4, 16, 64)")
+    p.add_argument("--per-client", type=int, default=0, help="requests per level: this many per client")
     p.add_argument("--ferry-args", default="", help="extra flags for ferry serve")
     p.add_argument("--llama-args", default="", help="extra flags for llama-server")
     p.add_argument("--only", choices=["ferry", "llama-server"], help="run one server (profiling)")
@@ -193,7 +195,7 @@ def main():
             level(s, model_id, warm, 2, 8)
         results = {}
         for c in concurrencies:
-            prompts = workload(args.seed + c, args.requests or REQUESTS.get(c, 2 * c), args.min_prompt,
+            prompts = workload(args.seed + c, args.requests or args.per_client * c or REQUESTS.get(c, 2 * c), args.min_prompt,
                                args.max_prompt)
             for s in running:
                 r = level(s, model_id, prompts, c, args.gen)
