@@ -24,17 +24,18 @@ CASES = [
     ("invalid json", "POST", CHAT, b"{not json", 400, None, "invalid_json"),
     ("empty body", "POST", CHAT, b"", 400, None, "invalid_json"),
     ("json array body", "POST", CHAT, b"[1,2,3]", 400, None, None),
-    ("missing model", "POST", CHAT, json.dumps({"messages": MSG}).encode(), 400, "model", None),
-    ("missing messages", "POST", CHAT, json.dumps({"model": MODEL_ID}).encode(), 400, "messages", None),
+    ("missing model", "POST", CHAT, json.dumps({"messages": MSG}).encode(), 400, "model", "missing_required_parameter"),
+    ("missing messages", "POST", CHAT, json.dumps({"model": MODEL_ID}).encode(), 400, "messages", "missing_required_parameter"),
     ("missing role", "POST", CHAT, chat(messages=[{"content": "x"}]), 400, "messages[0].role", None),
-    ("model wrong type", "POST", CHAT, json.dumps({"model": 5, "messages": MSG}).encode(), 400, "model", None),
-    ("messages not a list", "POST", CHAT, chat(messages="hi"), 400, "messages", None),
+    ("model wrong type", "POST", CHAT, json.dumps({"model": 5, "messages": MSG}).encode(), 400, "model", "invalid_type"),
+    ("messages not a list", "POST", CHAT, chat(messages="hi"), 400, "messages", "invalid_type"),
     ("empty messages", "POST", CHAT, chat(messages=[]), 400, "messages", None),
     ("unknown role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", None),
+    ("user message without content", "POST", CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0].content", "missing_required_parameter"),
     ("content wrong type", "POST", CHAT, chat(messages=[{"role": "user", "content": 42}]), 400, None, None),
     ("image part", "POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, "messages[0].content[0]", None),
     ("temperature 5", "POST", CHAT, chat(temperature=5), 400, "temperature", "invalid_value"),
-    ("temperature string", "POST", CHAT, chat(temperature="hot"), 400, "temperature", None),
+    ("temperature string", "POST", CHAT, chat(temperature="hot"), 400, "temperature", "invalid_type"),
     ("negative max_tokens", "POST", CHAT, chat(max_tokens=-1), 400, "max_tokens", None),
     ("zero max_completion_tokens", "POST", CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens", None),
     ("huge max_tokens", "POST", CHAT, chat(max_tokens=10**9), 400, "messages", "context_length_exceeded"),
@@ -47,7 +48,7 @@ CASES = [
     ("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=3), 400, "top_logprobs", None),
     ("top_logprobs too many", "POST", CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs", None),
     ("too many stops", "POST", CHAT, chat(stop=[str(i) for i in range(40)]), 400, "stop", None),
-    ("stream not bool", "POST", CHAT, chat(stream="yes"), 400, "stream", None),
+    ("stream not bool", "POST", CHAT, chat(stream="yes"), 400, "stream", "invalid_type"),
     ("unknown model", "POST", CHAT, chat(model="gpt-17"), 404, "model", "model_not_found"),
     ("prompt longer than context", "POST", CHAT, chat(messages=[{"role": "user", "content": "hello " * 2000}]), 400, "messages", "context_length_exceeded"),
     ("invalid utf-8", "POST", CHAT, b'{"model": "' + MODEL_ID.encode() + b'", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None, None),
@@ -76,6 +77,17 @@ def test_bad_request(http, name, method, path, body, status, param, code):
         assert error["param"] == param
     if code is not None:
         assert error["code"] == code
+    if error["code"] != "invalid_json":  # a syntax error's position helps; a field's path says more
+        assert " at line " not in error["message"], error["message"]
+
+
+def test_messages_say_what_was_expected(http):
+    r = http.post(CHAT, content=chat(messages="hi"))
+    assert r.json()["error"]["message"] == "Invalid type for 'messages': expected an array, but got string \"hi\" instead."
+    r = http.post(CHAT, content=json.dumps({"model": MODEL_ID}).encode())
+    assert r.json()["error"]["message"] == "Missing required parameter: 'messages'."
+    r = http.post(CHAT, content=chat(max_tokens="ten"))
+    assert r.json()["error"]["message"] == "Invalid type for 'max_tokens': expected an integer, but got string \"ten\" instead."
 
 
 def test_table_is_large_enough():

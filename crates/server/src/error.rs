@@ -11,8 +11,10 @@ use ferry_engine::EngineError;
 pub enum ApiError {
     #[error("We could not parse the JSON body of your request: {0}")]
     InvalidJson(String),
+    /// A parameter that is missing, of the wrong type, or out of range (`code` says which:
+    /// OpenAI's `missing_required_parameter`, `invalid_type` or `invalid_value`).
     #[error("{message}")]
-    InvalidParameter { param: String, message: String },
+    InvalidParameter { param: String, message: String, code: &'static str },
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
     #[error(
@@ -75,7 +77,14 @@ fn deadline_message(admitted: bool, completion_tokens: usize) -> String {
 
 impl ApiError {
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::InvalidParameter { param: param.into(), message: message.into() }
+        ApiError::InvalidParameter { param: param.into(), message: message.into(), code: "invalid_value" }
+    }
+
+    /// A required parameter the request lacks, as OpenAI words it.
+    pub fn missing(param: impl Into<String>) -> Self {
+        let param = param.into();
+        let message = format!("Missing required parameter: '{param}'.");
+        ApiError::InvalidParameter { param, message, code: "missing_required_parameter" }
     }
 
     /// Status, OpenAI error type, code and param of each error.
@@ -83,8 +92,8 @@ impl ApiError {
         use ApiError::*;
         match self {
             InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_json"), None),
-            InvalidParameter { param, .. } => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value"), Some(param.clone()))
+            InvalidParameter { param, code, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", Some(*code), Some(param.clone()))
             }
             ModelNotFound(_) => (
                 StatusCode::NOT_FOUND,

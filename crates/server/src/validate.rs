@@ -95,13 +95,39 @@ pub fn parse_json<T: DeserializeOwned>(body: &impl JsonSource) -> Result<T, ApiE
             .and_then(|rest| rest.split('`').next())
             .map(|field| if path == "." { field.to_string() } else { format!("{path}.{field}") });
         match missing {
-            Some(param) => ApiError::invalid(param.clone(), format!("Missing required parameter: '{param}'")),
-            None if path != "." => {
-                ApiError::invalid(path.clone(), format!("Invalid value for '{path}': {message}"))
-            }
+            Some(param) => ApiError::missing(param),
+            None if path != "." => wrong_field(path, &message),
             None => ApiError::InvalidJson(message),
         }
     })
+}
+
+/// serde's account of a field's bad type or value, in OpenAI's words: `invalid type:
+/// string "hi", expected a sequence at line 1 column 53` becomes `Invalid type for
+/// 'messages': expected an array, but got string "hi" instead.` (code `invalid_type`).
+fn wrong_field(path: String, serde_message: &str) -> ApiError {
+    // The position is of the body's bytes, which the field's path already names better.
+    let message = match serde_message.rfind(" at line ") {
+        Some(at) if serde_message[at..].contains(" column ") => &serde_message[..at],
+        _ => serde_message,
+    };
+    let Some((got, expected)) =
+        message.strip_prefix("invalid type: ").and_then(|rest| rest.split_once(", expected "))
+    else {
+        return ApiError::invalid(path.clone(), format!("Invalid value for '{path}': {message}."));
+    };
+    let expected = match expected {
+        "a sequence" => "an array",
+        "a map" => "an object",
+        e if e.starts_with("struct ") || e.starts_with("internally tagged enum") => "an object",
+        "i8" | "i16" | "i32" | "i64" | "u8" | "u16" | "u32" | "u64" | "usize" | "isize" => "an integer",
+        "f32" | "f64" => "a number",
+        "a boolean" => "a boolean",
+        e => e,
+    };
+    let got = got.replace("map", "object").replace("sequence", "array");
+    let message = format!("Invalid type for '{path}': expected {expected}, but got {got} instead.");
+    ApiError::InvalidParameter { param: path, message, code: "invalid_type" }
 }
 
 /// The sampling part of a request, checked.
@@ -264,6 +290,8 @@ pub fn chat_messages(request: &ChatCompletionRequest) -> Result<Vec<ChatMessage>
                 }
             };
             let content = match &m.content {
+                // Only an assistant turn (one that called tools) may come without content.
+                None if role != "assistant" => return Err(ApiError::missing(format!("messages[{i}].content"))),
                 None => String::new(),
                 Some(MessageContent::Text(t)) => t.clone(),
                 Some(MessageContent::Parts(parts)) => {

@@ -132,11 +132,11 @@ async fn upstream(
 /// A provider's refusal names the neutral (chat) parameter; the client sent the Responses
 /// API's own.
 fn own_names(error: ApiError) -> ApiError {
-    let ApiError::InvalidParameter { param, message } = error else { return error };
+    let ApiError::InvalidParameter { param, message, code } = error else { return error };
     let renamed = match param.as_str() {
         "response_format" => "text.format",
         "max_tokens" => "max_output_tokens",
-        _ => return ApiError::InvalidParameter { param, message },
+        _ => return ApiError::InvalidParameter { param, message, code },
     };
-    ApiError::InvalidParameter { message: message.replace(&param, renamed), param: renamed.to_string() }
+    ApiError::InvalidParameter { message: message.replace(&param, renamed), param: renamed.to_string(), code }
 }
