@@ -4,6 +4,8 @@ the TOML file, and `ferry models ps|load|unload` against the running server."""
 import concurrent.futures
 import os
 import re
+import shutil
+import struct
 import subprocess
 
 import httpx
@@ -178,6 +180,58 @@ temperature = 0.0
             model="terse", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=8
         )
         assert r.usage.completion_tokens == 8
+    finally:
+        s.stop()
+
+
+def gguf_with_metadata(src, dst, floats):
+    """A copy of the GGUF file `src` with more float32 metadata, as llama.cpp's converter
+    writes `general.sampling.*` from a model's generation_config.json. The new keys go
+    first, padded (with a string key) to a multiple of 256 bytes, so that the tensor data
+    that follows keeps its alignment and every offset in the file stays right."""
+    def string(text):
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    block = b"".join(string(key) + struct.pack("<If", 6, value) for key, value in floats.items())
+    filler = len(string("ferry.test.padding")) + 4 + 8
+    block += string("ferry.test.padding") + struct.pack("<I", 8) + string("x" * (-(len(block) + filler) % 256))
+    assert len(block) % 256 == 0
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        magic, version, n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
+        assert magic == b"GGUF" and version >= 2
+        out.write(struct.pack("<4sIQQ", magic, version, n_tensors, n_kv + len(floats) + 1) + block)
+        shutil.copyfileobj(f, out)
+
+
+def test_a_files_recommended_sampling_is_the_default_below_the_configs(tmp_path):
+    """A request that sets no temperature samples as the file recommends (here greedily, so two
+    seeds agree); one that sets it samples as asked; the config's defaults win over the file."""
+    model = tmp_path / "smol-greedy.gguf"
+    gguf_with_metadata(MODEL_FILE, model, {"general.sampling.temp": 0.0, "general.sampling.top_k": 20.0})
+    config = tmp_path / "ferry.toml"
+    config.write_text(
+        f'[[models]]\nname = "file"\npath = "{model}"\nctx_size = 512\nparallel = 1\n'
+        f'[[models]]\nname = "configured"\npath = "{model}"\nctx_size = 512\nparallel = 1\n'
+        "[models.defaults]\ntemperature = 1.0\n"
+    )
+    s = Server("--config", str(config), "--max-loaded-models", "1", model=False)
+    prompt = [{"role": "user", "content": "Write a short poem about the sea."}]
+    try:
+        client = s.client(max_retries=0, timeout=120)
+
+        def answers(model, **kw):
+            return {client.chat.completions.create(model=model, messages=prompt, max_tokens=24, seed=seed, **kw)
+                    .choices[0].message.content for seed in (1, 2, 3)}
+
+        assert len(answers("file")) == 1, "the file's temperature 0 is greedy whatever the seed"
+        card = httpx.get(s.url + "/v1/models/file", timeout=30).json()
+        assert card["recommended_sampling"]["temperature"] == 0.0
+        assert card["recommended_sampling"]["top_k"] == 20
+        assert card["defaults"]["temperature"] == 0.0
+        assert len(answers("file", temperature=1.0)) > 1, "a request's own temperature wins"
+        assert len(answers("configured")) > 1, "the config's temperature wins over the file's"
+        assert httpx.get(s.url + "/v1/models/configured", timeout=30).json()["defaults"]["top_k"] == 20
     finally:
         s.stop()
 

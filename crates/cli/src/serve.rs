@@ -231,7 +231,8 @@ fn loader(config: &ServeConfig, tenancy: &ferry_server::Tenancy) -> ferry_server
             .map_err(|e| format!("the loading thread failed: {e}"))?
             .map_err(|e| e.to_string())?;
             let mut model = model;
-            model.defaults = spec.defaults;
+            // The configured defaults, and what the file recommends where they set nothing.
+            model.defaults = spec.defaults.or(&model.defaults);
             model.pooling = spec.pooling;
             let id = model.info().id.clone();
             let hashed = hashes.read().is_ok_and(|h| h.contains_key(&id));

@@ -85,6 +85,24 @@ pub struct ModelDefaults {
     pub stop: Option<Vec<String>>,
 }
 
+impl ModelDefaults {
+    /// These settings, with `fallback`'s wherever these set none.
+    pub fn or(self, fallback: &ModelDefaults) -> ModelDefaults {
+        ModelDefaults {
+            temperature: self.temperature.or(fallback.temperature),
+            top_p: self.top_p.or(fallback.top_p),
+            top_k: self.top_k.or(fallback.top_k),
+            min_p: self.min_p.or(fallback.min_p),
+            repetition_penalty: self.repetition_penalty.or(fallback.repetition_penalty),
+            presence_penalty: self.presence_penalty.or(fallback.presence_penalty),
+            frequency_penalty: self.frequency_penalty.or(fallback.frequency_penalty),
+            seed: self.seed.or(fallback.seed),
+            max_tokens: self.max_tokens.or(fallback.max_tokens),
+            stop: self.stop.or_else(|| fallback.stop.clone()),
+        }
+    }
+}
+
 impl LocalModel {
     /// Loads a GGUF file with llama.cpp and starts its scheduler.
     pub fn load(
@@ -104,12 +122,14 @@ impl LocalModel {
             Some(source) => Some(ChatTemplate::new(source, &info.bos_token, &info.eos_token)?),
             None => None,
         };
+        // What the file recommends; a configuration's defaults go over them (`ModelDefaults::or`).
+        let defaults = info.sampling.clone();
         let scheduler = Scheduler::start(backend.clone(), config)?;
         Ok(LocalModel {
             backend,
             template,
             scheduler,
-            defaults: ModelDefaults::default(),
+            defaults,
             pooling: Pooling::default(),
             grammar: OnceLock::new(),
             embedder: OnceLock::new(),

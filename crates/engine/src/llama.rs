@@ -113,8 +113,27 @@ impl LlamaCppModel {
             eos_token: token_text(vocab.eos()),
             license: meta("general.license"),
             source: meta("general.source.url").or_else(|| meta("general.url")),
+            sampling: recommended_sampling(&meta),
         };
         Ok(LlamaCppModel { model, info, pieces, eog })
+    }
+}
+
+/// The sampling a GGUF file recommends (`general.sampling.*`, written by llama.cpp's converter
+/// from the model's `generation_config.json`). Values out of the API's ranges are ignored.
+fn recommended_sampling(meta: &dyn Fn(&str) -> Option<String>) -> crate::ModelDefaults {
+    let number = |key: &str, range: std::ops::RangeInclusive<f64>| {
+        meta(&format!("general.sampling.{key}"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| range.contains(v))
+    };
+    crate::ModelDefaults {
+        temperature: number("temp", 0.0..=2.0),
+        top_p: number("top_p", 0.0..=1.0),
+        top_k: number("top_k", 0.0..=1e6).map(|k| k as i64),
+        min_p: number("min_p", 0.0..=1.0),
+        repetition_penalty: number("penalty_repeat", 0.0..=2.0).filter(|&p| p > 0.0),
+        ..Default::default()
     }
 }
 

@@ -30,6 +30,10 @@ pub struct ModelInfo {
     pub eos_token: String,
     pub license: Option<String>,
     pub source: Option<String>,
+    /// Sampling the file recommends (GGUF `general.sampling.*`, from the model's
+    /// `generation_config.json` at conversion), as llama.cpp reads it: the model's defaults
+    /// where the configuration sets none.
+    pub sampling: crate::ModelDefaults,
 }
 
 impl ModelInfo {

@@ -44,7 +44,9 @@ fn local_card(state: &AppState, status: &ModelStatus) -> Model {
         "n_ctx_train": info.map(|i| i.n_ctx_train),
         // Hashed in the background after the first load: null until that finishes.
         "sha256": sha256,
-        "defaults": spec.defaults,
+        // In force: the configured ones, and the file's recommendation where they set none.
+        "defaults": status.model.as_ref().map_or(&spec.defaults, |m| &m.defaults),
+        "recommended_sampling": info.map(|i| &i.sampling),
         "last_error": status.last_error,
     });
     Model {
