@@ -181,18 +181,29 @@ impl LocalModel {
         messages: &[ChatMessage],
         tools: &[ToolSpec],
     ) -> Result<Vec<TokenId>, EngineError> {
-        let template = self.template.as_ref().ok_or(TemplateError::Missing)?;
-        let has_tool_turns = messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty());
-        let text = if template.supports_tools() {
-            let listed: Vec<serde_json::Value> = tools.iter().map(ToolSpec::to_openai).collect();
-            template.render_with_tools(messages, &listed, true)?
-        } else if tools.is_empty() && !has_tool_turns {
-            template.render(messages, true)?
-        } else {
-            template.render(&tools::inline_tools(messages, tools), true)?
-        };
+        let text = self.render_chat(messages, tools, true)?;
         // The template writes BOS itself where the model wants one.
         Ok(self.backend.tokenize(&text, false))
+    }
+
+    /// The conversation as the chat template writes it, ending with the assistant's turn
+    /// opened when `add_generation_prompt` (as generation needs).
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
+        let template = self.template.as_ref().ok_or(TemplateError::Missing)?;
+        let has_tool_turns = messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        Ok(if template.supports_tools() {
+            let listed: Vec<serde_json::Value> = tools.iter().map(ToolSpec::to_openai).collect();
+            template.render_with_tools(messages, &listed, add_generation_prompt)?
+        } else if tools.is_empty() && !has_tool_turns {
+            template.render(messages, add_generation_prompt)?
+        } else {
+            template.render(&tools::inline_tools(messages, tools), add_generation_prompt)?
+        })
     }
 
     /// Compiles a grammar into a constraint for `GenerateRequest::constraint`. The first call

@@ -183,6 +183,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/traces/{id}", get(get_trace))
         .route("/v1/explanations", post(crate::explain::explanations))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        // vLLM's paths, outside /v1 there too; keys apply as on /v1.
+        .route("/tokenize", post(crate::tokenize::tokenize))
+        .route("/detokenize", post(crate::tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), crate::tenancy::admission));
     Router::new()
         .route("/health", get(health))

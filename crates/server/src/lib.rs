@@ -25,6 +25,7 @@ mod responses;
 mod structured;
 pub mod telemetry;
 pub mod tenancy;
+mod tokenize;
 mod translate;
 mod ui;
 mod validate;

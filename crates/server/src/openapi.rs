@@ -35,6 +35,8 @@ use utoipa::{Modify, OpenApi, ToSchema};
         crate::models::admin_model,
         crate::messages::messages,
         crate::messages::count_tokens,
+        crate::tokenize::tokenize,
+        crate::tokenize::detokenize,
         crate::explain::explanations,
         crate::app::get_trace,
         crate::admin::whoami,

@@ -146,7 +146,7 @@ fn response_schema(
     }
 }
 
-fn tool_specs(request: &ChatCompletionRequest) -> Result<Vec<ToolSpec>, ApiError> {
+pub(crate) fn tool_specs(request: &ChatCompletionRequest) -> Result<Vec<ToolSpec>, ApiError> {
     let mut specs: Vec<ToolSpec> = Vec::new();
     for (i, tool) in request.tools.iter().flatten().enumerate() {
         if tool.kind != "function" {

@@ -455,8 +455,9 @@ fn lenient<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Option<T
     serde_json::from_value(value).ok()
 }
 
-/// Runs on every `/v1` route: the request's deadline and authentication for all, admission
-/// and metering for the routes that run a model.
+/// Runs on every `/v1` route (and vLLM's `/tokenize` and `/detokenize`): the request's
+/// deadline and authentication for all, the key's models for every POST, admission and
+/// metering for the routes that run a model.
 pub async fn admission(State(state): State<AppState>, request: Request, next: Next) -> Response {
     // Time-ordered (UUIDv7: milliseconds, then 74 random bits), so that the records and
     // traces keyed by it are appended at the end of their indexes instead of dirtying a
@@ -505,9 +506,7 @@ async fn admit(
     let (identity, context) = tenancy.authenticate(request.headers()).await?;
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(identity.clone());
-    // Only model-running routes are metered; count_tokens and listings are not.
-    let metered = parts.method == Method::POST && !parts.uri.path().ends_with("/count_tokens");
-    if !metered {
+    if parts.method != Method::POST {
         return Ok(next.run(Request::from_parts(parts, body)).await);
     }
     let limit = state.max_body_bytes();
@@ -519,6 +518,11 @@ async fn admit(
         && !key.allows_model(&model)
     {
         return Err(ApiError::Forbidden(format!("This API key may not use the model '{model}'.")));
+    }
+    // Only model-running routes are metered; counting tokens is not.
+    let path = parts.uri.path();
+    if path.ends_with("/count_tokens") || path == "/tokenize" || path == "/detokenize" {
+        return Ok(next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await);
     }
     let subjects: &[Subject] = context.as_ref().map_or(&[], |c| &c.subjects);
     // The prompt's tokens are estimated from the body (about four bytes a token) until
