@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID, Server
+from conftest import MODEL_ID, Server, member_key
 from mock_upstream import MockUpstream
 
 HELLO = [{"role": "system", "content": "You are a helpful assistant."},
@@ -362,6 +362,35 @@ def test_exact_response_cache(mock, tmp_path):
         httpx.post(b.url + "/v1/messages", json=anthropic_body, timeout=30)
         r = httpx.post(b.url + "/v1/messages", json=anthropic_body, timeout=30)
         assert r.headers["x-ferry-cache"] == "hit" and r.json()["content"][0]["text"] == "Hello from the mock."
+    finally:
+        b.stop()
+
+
+def test_cached_answers_are_shared_within_a_tenant_only(mock, tmp_path):
+    admin = "cache-test-admin-key-0123456789"
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "cached", "cache_ttl_s": 60, "targets": [("m", "x")]}],
+                env={"FERRY_ADMIN_KEY": admin})
+    try:
+        acme, _, acme_tenant = member_key(b, admin)
+        other, _, _ = member_key(b, admin)
+        # A second key in acme's tenant, in a project of its own.
+        project = httpx.post(b.url + "/admin/v1/projects", json={"tenant_id": acme_tenant, "name": "q"},
+                             headers={"Authorization": f"Bearer {admin}"}).json()
+        acme_too = httpx.post(b.url + "/admin/v1/keys", json={"name": "k2", "role": "member", "project_id": project["id"]},
+                              headers={"Authorization": f"Bearer {admin}"}).json()["key"]
+        body = {"model": "cached", "messages": HELLO, "temperature": 0}
+
+        def ask(key):
+            return httpx.post(b.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                              timeout=30)
+
+        assert "x-ferry-cache" not in ask(acme).headers
+        calls = len(mock.requests)
+        assert ask(acme_too).headers.get("x-ferry-cache") == "hit", "the same tenant shares its answers"
+        r = ask(other)
+        assert r.status_code == 200 and "x-ferry-cache" not in r.headers, "another tenant never gets them"
+        assert len(mock.requests) == calls + 1
+        assert ask(other).headers.get("x-ferry-cache") == "hit", "it has its own"
     finally:
         b.stop()
 

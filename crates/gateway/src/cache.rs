@@ -42,11 +42,16 @@ impl ResponseCache {
         ResponseCache { max_bytes, inner: Mutex::new(Inner::default()) }
     }
 
-    /// The key of a request to an alias. The neutral request serialises its fields in a fixed
-    /// order, so equal requests give equal keys whatever the client's JSON looked like.
-    pub fn key<R: crate::Routable>(alias: &str, request: &R, stream: bool) -> [u8; 32] {
+    /// The key of a request to an alias within a scope (the tenant). The neutral request
+    /// serialises its fields in a fixed order, so equal requests give equal keys whatever the
+    /// client's JSON looked like.
+    pub fn key<R: crate::Routable>(alias: &str, scope: &str, request: &R, stream: bool) -> [u8; 32] {
         let mut hasher = Sha256::new();
+        // Lengths first: no alias and scope can run together into another pair.
+        hasher.update((alias.len() as u64).to_le_bytes());
         hasher.update(alias.as_bytes());
+        hasher.update((scope.len() as u64).to_le_bytes());
+        hasher.update(scope.as_bytes());
         hasher.update([0, u8::from(stream)]);
         hasher.update(R::KIND.as_bytes());
         hasher.update([0]);
@@ -138,17 +143,24 @@ mod tests {
     #[test]
     fn hits_expire_and_the_bound_evicts_the_oldest() {
         let cache = ResponseCache::new(400);
-        let (a, b) =
-            (ResponseCache::key("x", &request("a"), false), ResponseCache::key("x", &request("b"), false));
-        assert_ne!(a, ResponseCache::key("y", &request("a"), false));
-        assert_ne!(a, ResponseCache::key("x", &request("a"), true), "a stream is kept apart");
+        let (a, b) = (
+            ResponseCache::key("x", "t", &request("a"), false),
+            ResponseCache::key("x", "t", &request("b"), false),
+        );
+        assert_ne!(a, ResponseCache::key("y", "t", &request("a"), false));
+        assert_ne!(a, ResponseCache::key("x", "t", &request("a"), true), "a stream is kept apart");
+        assert_ne!(a, ResponseCache::key("x", "u", &request("a"), false), "another tenant is kept apart");
+        assert_ne!(
+            ResponseCache::key("xt", "", &request("a"), false),
+            ResponseCache::key("x", "t", &request("a"), false)
+        );
         cache.put(a, &response("A"), Duration::from_secs(60));
         assert!(matches!(cache.get(&a), Some(Cached::Response(r)) if r.id == "A"));
         cache.put(b, &response("B"), Duration::from_millis(0));
         assert!(cache.get(&b).is_none(), "expired");
         for i in 0..20 {
             cache.put(
-                ResponseCache::key("x", &request(&i.to_string()), false),
+                ResponseCache::key("x", "t", &request(&i.to_string()), false),
                 &response("filler"),
                 Duration::from_secs(60),
             );
@@ -162,6 +174,6 @@ mod tests {
         let mut two = request("a");
         one.response_format = serde_json::from_str(r#"{"type": "json_object", "x": {"b": 1, "a": 2}}"#).ok();
         two.response_format = serde_json::from_str(r#"{"x": {"a": 2, "b": 1}, "type": "json_object"}"#).ok();
-        assert_eq!(ResponseCache::key("x", &one, false), ResponseCache::key("x", &two, false));
+        assert_eq!(ResponseCache::key("x", "t", &one, false), ResponseCache::key("x", "t", &two, false));
     }
 }

@@ -47,6 +47,16 @@ pub struct Route {
     pub cache_hit: bool,
 }
 
+/// How a request may use the exact response cache.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheUse<'a> {
+    /// The request's own choice (`x-ferry-cache`); `None`: the alias decides.
+    pub enabled: Option<bool>,
+    /// Whose answers it may be given: entries are shared only within one scope (Ferry uses
+    /// the tenant), so a tenant never receives, nor learns the existence of, another's.
+    pub scope: &'a str,
+}
+
 #[derive(Debug)]
 pub struct Routed<T> {
     pub value: T,
@@ -216,14 +226,14 @@ impl Gateway {
         }
     }
 
-    /// A plain answer. `use_cache` is the request's own choice (`None`: the alias decides).
+    /// A plain answer, from the cache where `cache` and the alias allow.
     pub async fn chat(
         &self,
         alias: &str,
         request: ChatRequest,
-        use_cache: Option<bool>,
+        cache: CacheUse<'_>,
     ) -> Result<Routed<ChatResponse>, GatewayError> {
-        self.answer(alias, request, use_cache, |provider, request| provider.chat(request)).await
+        self.answer(alias, request, cache, |provider, request| provider.chat(request)).await
     }
 
     /// A streamed answer. With the cache on, a hit replays a stream recorded earlier; a miss
@@ -233,9 +243,9 @@ impl Gateway {
         &self,
         alias: &str,
         request: ChatRequest,
-        use_cache: Option<bool>,
+        cache: CacheUse<'_>,
     ) -> Result<Routed<EventStream>, GatewayError> {
-        self.stream(alias, request, use_cache, |provider, request| provider.chat_stream(request)).await
+        self.stream(alias, request, cache, |provider, request| provider.chat_stream(request)).await
     }
 
     /// A legacy text completion, routed, retried, cached and fallen back like a chat.
@@ -243,9 +253,9 @@ impl Gateway {
         &self,
         alias: &str,
         request: CompletionRequest,
-        use_cache: Option<bool>,
+        cache: CacheUse<'_>,
     ) -> Result<Routed<ChatResponse>, GatewayError> {
-        self.answer(alias, request, use_cache, |provider, request| provider.completion(request)).await
+        self.answer(alias, request, cache, |provider, request| provider.completion(request)).await
     }
 
     /// A streamed legacy text completion.
@@ -253,26 +263,26 @@ impl Gateway {
         &self,
         alias: &str,
         request: CompletionRequest,
-        use_cache: Option<bool>,
+        cache: CacheUse<'_>,
     ) -> Result<Routed<EventStream>, GatewayError> {
-        self.stream(alias, request, use_cache, |provider, request| provider.completion_stream(request)).await
+        self.stream(alias, request, cache, |provider, request| provider.completion_stream(request)).await
     }
 
     async fn answer<R, F>(
         &self,
         alias: &str,
         request: R,
-        use_cache: Option<bool>,
+        cache: CacheUse<'_>,
         call: F,
     ) -> Result<Routed<ChatResponse>, GatewayError>
     where
         R: Routable,
         F: for<'a> Fn(&'a dyn Provider, R) -> BoxFuture<'a, Result<ChatResponse, ProviderError>>,
     {
-        let Some(ttl) = self.cache_ttl(alias, use_cache) else {
+        let Some(ttl) = self.cache_ttl(alias, cache.enabled) else {
             return self.route(alias, request, call).await;
         };
-        let key = cache::ResponseCache::key(alias, &request, false);
+        let key = cache::ResponseCache::key(alias, cache.scope, &request, false);
         if let Some(cache::Cached::Response(value)) = self.cache.get(&key) {
             return Ok(Routed { value, route: Route { cache_hit: true, ..Route::default() } });
         }
@@ -285,17 +295,17 @@ impl Gateway {
         &self,
         alias: &str,
         request: R,
-        use_cache: Option<bool>,
+        cache_use: CacheUse<'_>,
         call: F,
     ) -> Result<Routed<EventStream>, GatewayError>
     where
         R: Routable,
         F: for<'a> Fn(&'a dyn Provider, R) -> BoxFuture<'a, Result<EventStream, ProviderError>>,
     {
-        let Some(ttl) = self.cache_ttl(alias, use_cache) else {
+        let Some(ttl) = self.cache_ttl(alias, cache_use.enabled) else {
             return self.route(alias, request, call).await;
         };
-        let key = cache::ResponseCache::key(alias, &request, true);
+        let key = cache::ResponseCache::key(alias, cache_use.scope, &request, true);
         if let Some(cache::Cached::Events(events)) = self.cache.get(&key) {
             let replay = futures::stream::iter(events.into_iter().map(Ok));
             return Ok(Routed {

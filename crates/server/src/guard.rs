@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ferry_gateway::{Gateway, Routed};
+use ferry_gateway::{CacheUse, Gateway, Routed};
 use ferry_guardrails::{Action, PiiKind, Policy, Redactor};
 use ferry_providers::{ChatEvent, ChatRequest, ChatResponse, CompletionRequest, EventStream, Part, Prompt};
 use futures::StreamExt;
@@ -38,6 +38,12 @@ pub fn stricter(a: &Policy, b: &Policy) -> Policy {
 /// preset's), kept on its meter.
 fn policy() -> Option<Arc<Policy>> {
     crate::tenancy::current().and_then(|m| m.policy())
+}
+
+/// The response cache's scope of the request being handled: its tenant's id (empty for a
+/// server without keys, or an admin key outside any tenant).
+fn cache_scope() -> Arc<str> {
+    crate::tenancy::current().map_or_else(|| Arc::from(""), |m| m.cache_scope.clone())
 }
 
 fn blocked(e: ferry_guardrails::Blocked) -> ApiError {
@@ -115,7 +121,8 @@ pub async fn chat(
         Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
-    let routed = gateway.chat(alias, request, use_cache).await;
+    let scope = cache_scope();
+    let routed = gateway.chat(alias, request, CacheUse { enabled: use_cache, scope: &scope }).await;
     answered(alias, policy, redactor, routed)
 }
 
@@ -132,7 +139,8 @@ pub async fn chat_stream(
         Some(policy) => Some(redact_request(policy, &mut request)?),
         None => None,
     };
-    let routed = gateway.chat_stream(alias, request, use_cache).await;
+    let scope = cache_scope();
+    let routed = gateway.chat_stream(alias, request, CacheUse { enabled: use_cache, scope: &scope }).await;
     streamed(alias, policy, redactor, routed)
 }
 
@@ -149,7 +157,8 @@ pub async fn completion(
         Some(policy) => Some(redact_prompts(policy, &mut request)?),
         None => None,
     };
-    let routed = gateway.completion(alias, request, use_cache).await;
+    let scope = cache_scope();
+    let routed = gateway.completion(alias, request, CacheUse { enabled: use_cache, scope: &scope }).await;
     answered(alias, policy, redactor, routed)
 }
 
@@ -165,7 +174,9 @@ pub async fn completion_stream(
         Some(policy) => Some(redact_prompts(policy, &mut request)?),
         None => None,
     };
-    let routed = gateway.completion_stream(alias, request, use_cache).await;
+    let scope = cache_scope();
+    let routed =
+        gateway.completion_stream(alias, request, CacheUse { enabled: use_cache, scope: &scope }).await;
     streamed(alias, policy, redactor, routed)
 }
 
