@@ -102,6 +102,20 @@ def test_redaction_round_trip_plain(ferry, mock):
     assert answer.choices[0].message.content == f"I will write to {EMAIL} about card {CARD} today."
 
 
+def test_placeholder_text_the_user_wrote_comes_back_as_written(ferry, mock):
+    client = openai.OpenAI(base_url=ferry.url + "/v1", api_key=key_for(ferry, "redact-all"), max_retries=0)
+    mock.script.append(("ok", "Noted: [EMAIL_1] is a literal and [EMAIL_2] is the address."))
+    answer = client.chat.completions.create(
+        model="remote",
+        messages=[{"role": "user", "content": "The token [EMAIL_1] is literal."},
+                  {"role": "user", "content": f"The real address is {EMAIL}."}],
+    )
+    upstream = sent_text(mock)
+    assert EMAIL not in upstream
+    assert "The token [EMAIL_1] is literal." in upstream and "The real address is [EMAIL_2]." in upstream
+    assert answer.choices[0].message.content == f"Noted: [EMAIL_1] is a literal and {EMAIL} is the address."
+
+
 def test_redaction_round_trip_streaming_text_and_tool_arguments(ferry, mock):
     client = openai.OpenAI(base_url=ferry.url + "/v1", api_key=key_for(ferry, "redact-all"), max_retries=0)
     mock.script.append(("ok", "Sending to [EMAIL_1] now."))

@@ -36,6 +36,9 @@ pub struct Redactor {
     last_number: BTreeMap<PiiKind, usize>,
     counts: BTreeMap<PiiKind, usize>,
     response_counts: BTreeMap<PiiKind, usize>,
+    /// Placeholder-shaped text the request itself holds (`[EMAIL_1]` typed by the user): never
+    /// issued, so that such text reaches the provider and comes back as it was written.
+    reserved: std::collections::HashSet<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -49,10 +52,29 @@ impl Redactor {
         Redactor::default()
     }
 
+    /// Notes the placeholder-shaped text in one of the request's texts, so that no value is
+    /// given a placeholder the request already holds literally. Call it on every text of the
+    /// request before redacting any ([`Redactor::redact`] does it for the text it is given).
+    pub fn reserve_literals(&mut self, text: &str) {
+        let mut rest = text;
+        while let Some(open) = rest.find('[') {
+            rest = &rest[open..];
+            // Both brackets are ASCII, so these slices fall on char boundaries.
+            if let Some(close) = rest.bytes().take(MAX_PLACEHOLDER_LEN).position(|byte| byte == b']') {
+                let candidate = &rest[..=close];
+                if is_placeholder(candidate) {
+                    self.reserved.insert(candidate.to_owned());
+                }
+            }
+            rest = &rest[1..];
+        }
+    }
+
     /// Applies `policy` to a text of the request: `Err` if a blocked kind is found (the redactor
     /// is then unchanged), else the text with every value of a redacted kind replaced by its
     /// placeholder.
     pub fn redact(&mut self, policy: &Policy, text: &str) -> Result<String, Blocked> {
+        self.reserve_literals(text);
         self.apply(policy, text, Direction::Request)
     }
 
@@ -131,8 +153,13 @@ impl Redactor {
             Some(existing) => existing.clone(),
             None => {
                 let number = self.last_number.entry(kind).or_default();
-                *number += 1;
-                let placeholder = format!("[{}_{}]", kind.label(), number);
+                let placeholder = loop {
+                    *number += 1;
+                    let candidate = format!("[{}_{}]", kind.label(), number);
+                    if !self.reserved.contains(&candidate) {
+                        break candidate;
+                    }
+                };
                 self.placeholders.insert(key, placeholder.clone());
                 placeholder
             }
@@ -205,6 +232,15 @@ impl fmt::Debug for StreamRestorer {
 
 /// The longest placeholder, `[SECRET_` and a number: any `]` further away ends something else.
 const MAX_PLACEHOLDER_LEN: usize = 32;
+
+/// `[EMAIL_3]`: a kind's label, `_`, and a number, in brackets.
+fn is_placeholder(text: &str) -> bool {
+    let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) else { return false };
+    let Some((label, number)) = inner.rsplit_once('_') else { return false };
+    !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+        && PiiKind::ALL.iter().any(|kind| kind.label() == label)
+}
 
 fn restore_into(originals: &HashMap<String, String>, text: &str, out: &mut String) {
     if originals.is_empty() {

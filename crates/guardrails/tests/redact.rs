@@ -31,6 +31,27 @@ fn same_value_same_placeholder_numbered_per_kind() {
 }
 
 #[test]
+fn placeholder_text_the_user_wrote_is_never_issued_nor_restored() {
+    // The user's literal "[EMAIL_1]" (in this message and the next) must reach the provider and
+    // come back as written; the real address gets a number no message holds.
+    let mut redactor = Redactor::new();
+    let (first, second) =
+        ("the token [EMAIL_1] is literal; real one is bob@example.org", "see also [EMAIL_2]");
+    redactor.reserve_literals(first);
+    redactor.reserve_literals(second);
+    let redacted = redactor.redact(&redact_all(), first).unwrap();
+    assert_eq!(redacted, "the token [EMAIL_1] is literal; real one is [EMAIL_3]");
+    assert_eq!(redactor.redact(&redact_all(), second).unwrap(), second);
+    assert_eq!(
+        redactor.restore("[EMAIL_1] and [EMAIL_2] stay, [EMAIL_3] is bob"),
+        "[EMAIL_1] and [EMAIL_2] stay, bob@example.org is bob"
+    );
+    // Within one text, redact reserves by itself; brackets near multi-byte text are safe.
+    let mut alone = Redactor::new();
+    assert_eq!(alone.redact(&redact_all(), "[EMAIL_1] é[ a@b.co").unwrap(), "[EMAIL_1] é[ [EMAIL_2]");
+}
+
+#[test]
 fn round_trip_of_every_kind() {
     let text = "email a@example.com phone +44 20 7946 0958 id 11010519491231002X card 4111 1111 1111 1111 \
                 iban GB82WEST12345698765432 ip 2001:db8::1 key sk-proj-a1B2c3D4e5F6g7H8i9J0k1L2";

@@ -54,6 +54,17 @@ fn blocked(e: ferry_guardrails::Blocked) -> ApiError {
 /// Redacts every text of the request the provider would see.
 fn redact_request(policy: &Policy, request: &mut ChatRequest) -> Result<Redactor, ApiError> {
     let mut redactor = Redactor::new();
+    // Placeholder-shaped text anywhere in the request is the user's own, never issued.
+    for message in &request.messages {
+        for part in &message.content {
+            if let Part::Text(text) = part {
+                redactor.reserve_literals(text);
+            }
+        }
+        for call in &message.tool_calls {
+            redactor.reserve_literals(&call.arguments);
+        }
+    }
     for message in &mut request.messages {
         for part in &mut message.content {
             if let Part::Text(text) = part {
@@ -182,6 +193,14 @@ pub async fn completion_stream(
 
 fn redact_prompts(policy: &Policy, request: &mut CompletionRequest) -> Result<Redactor, ApiError> {
     let mut redactor = Redactor::new();
+    for prompt in &request.prompts {
+        if let Prompt::Text(text) = prompt {
+            redactor.reserve_literals(text);
+        }
+    }
+    if let Some(suffix) = &request.suffix {
+        redactor.reserve_literals(suffix);
+    }
     for prompt in &mut request.prompts {
         if let Prompt::Text(text) = prompt {
             *text = redactor.redact(policy, text).map_err(blocked)?;
