@@ -74,6 +74,16 @@ def test_models_lists_files_with_facts():
     assert "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53" in line
 
 
+def test_a_listing_piped_to_a_reader_that_stops_ends_quietly():
+    # As `ferry models | head -0`: the reader is gone before the first line is written.
+    proc = subprocess.Popen([BINARY, "models", "--dir", MODELS_DIR, "--no-hash"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "panicked" not in stderr and "Broken pipe" not in stderr, stderr
+
+
 def test_chat_against_a_running_server(server):
     r = subprocess.run(
         [BINARY, "chat", "--url", server.url, "--temperature", "0", "--max-tokens", "12"],

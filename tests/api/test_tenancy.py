@@ -335,6 +335,7 @@ def test_audit_log_verifies_and_detects_tampering():
 
     ok = verify()
     assert ok.returncode == 0 and "intact" in ok.stdout, ok.stderr
+    assert "ferry.db" in ok.stdout, "it names the database it read"
     db = sqlite3.connect(os.path.join(s.data_dir, "ferry.db"))
     db.execute("UPDATE audit_log SET after_state = '{\"limits\":{\"rpm\":7000}}' WHERE seq = 2")
     db.commit()

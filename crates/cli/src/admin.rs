@@ -159,7 +159,8 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// Check the hash chain of the whole log, reading the database directly
+    /// Check the hash chain of the whole log, reading the database directly (not through the
+    /// server, which could not then vouch for itself: --url and --key are not used)
     Verify {
         /// The data directory of the server (FERRY_DATA_DIR)
         #[arg(long, env = "FERRY_DATA_DIR")]
@@ -219,7 +220,7 @@ impl Client {
     /// Prints a list answer as a table of `columns`, or the JSON.
     fn print_list(&self, value: &Value, columns: &[&str]) {
         if self.remote.json {
-            println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+            outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
             return;
         }
         let rows: Vec<Vec<String>> = value["data"]
@@ -230,7 +231,7 @@ impl Client {
     }
 
     fn print_one(&self, value: &Value) {
-        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
     }
 }
 
@@ -249,7 +250,7 @@ fn print_table(columns: &[&str], rows: &[Vec<String>]) {
         .collect();
     let line = |cells: Vec<&str>| {
         let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(columns.to_vec());
     for row in rows {
@@ -297,7 +298,7 @@ pub async fn models(remote: Remote, command: ServerModelCommand) -> anyhow::Resu
     if client.remote.json {
         client.print_one(&card);
     } else {
-        println!("{} is {}", cell(&card["id"]), cell(&card["state"]).replace('_', " "));
+        outln!("{} is {}", cell(&card["id"]), cell(&card["state"]).replace('_', " "));
     }
     Ok(())
 }
@@ -368,7 +369,7 @@ pub async fn keys(remote: Remote, command: KeyCommand) -> anyhow::Result<()> {
             if client.remote.json {
                 client.print_one(&created);
             } else {
-                println!("{}", created["key"].as_str().unwrap_or_default());
+                outln!("{}", created["key"].as_str().unwrap_or_default());
                 eprintln!(
                     "key {} ({}) created; the secret above is shown only this once",
                     cell(&created["id"]),
@@ -403,7 +404,7 @@ pub async fn usage(remote: Remote, args: UsageArgs) -> anyhow::Result<()> {
     }
     if args.csv {
         query.push("format=csv".into());
-        print!(
+        out!(
             "{}",
             client.call(reqwest::Method::GET, &format!("/admin/v1/usage?{}", query.join("&")), None).await?
         );
@@ -449,12 +450,18 @@ pub async fn audit(remote: Remote, command: AuditCommand) -> anyhow::Result<()> 
             }
             let store = ferry_store::Store::open(&target).await?;
             let verdict = store.verify_audit().await?;
+            // Which database was read: a default data directory may not be the server's.
+            let checked = if target.contains("://") { "the PostgreSQL database".to_string() } else { target };
             if verdict.ok {
-                println!("audit log intact: {} rows, head {}", verdict.rows, verdict.head.unwrap_or(0));
+                outln!(
+                    "audit log intact: {} rows, head {} (in {checked})",
+                    verdict.rows,
+                    verdict.head.unwrap_or(0)
+                );
                 Ok(())
             } else {
                 bail!(
-                    "audit log TAMPERED: {} ({} rows verified before it)",
+                    "audit log TAMPERED: {} ({} rows verified before it, in {checked})",
                     verdict.problem.unwrap_or_default(),
                     verdict.rows
                 )

@@ -1,5 +1,20 @@
 //! `ferry`: the command line. Thin: it parses settings and calls the library crates.
 
+/// `println!` for a command's output: when the reader has gone (`ferry audit list | head`),
+/// the command ends quietly with success, as other Unix tools do, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` that ends the command quietly once the reader has gone (see `outln!`).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod bench;
 mod chat;
@@ -116,5 +131,18 @@ fn init_logging(json: bool) {
         logs.json().init();
     } else {
         logs.init();
+    }
+}
+
+/// Writes to stdout; a closed pipe ends the process with success (the reader took what it
+/// wanted), any other failure with an error.
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
     }
 }

@@ -82,19 +82,19 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 v
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
     if rows.is_empty() {
-        println!(
+        outln!(
             "No GGUF models in {}. Fetch the test models with: python3 scripts/fetch-models.py",
             args.dir.display()
         );
         return Ok(());
     }
-    println!("{:<40} {:<8} {:>8} {:<9} {:>9}  SHA256", "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE");
+    outln!("{:<40} {:<8} {:>8} {:<9} {:>9}  SHA256", "MODEL", "ARCH", "PARAMS", "QUANT", "SIZE");
     for (info, sha) in rows {
-        println!(
+        outln!(
             "{:<40} {:<8} {:>8} {:<9} {:>9}  {}",
             info.id,
             info.architecture,
