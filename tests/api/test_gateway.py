@@ -158,6 +158,21 @@ def test_fallback_and_circuit_breaker(mock, tmp_path):
         b.stop()
 
 
+def test_an_unreachable_upstream_is_reported_without_its_address(tmp_path):
+    dead = dead_url()
+    b = gateway(tmp_path, {"dead": dead}, [{"name": "gone", "retries": 0, "targets": [("dead", "x")]}])
+    try:
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "gone", "messages": HELLO}, timeout=30)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
+        port = dead.split(":")[-1].split("/")[0]
+        assert port not in r.text and "127.0.0.1" not in r.text, r.text
+        m = httpx.post(b.url + "/v1/messages", json={"model": "gone", "max_tokens": 5,
+                                                     "messages": [{"role": "user", "content": "Hi"}]}, timeout=30)
+        assert m.status_code == 502 and port not in m.text, m.text
+    finally:
+        b.stop()
+
+
 def test_first_byte_timeout_falls_back(mock, tmp_path):
     slow, fast = mock, MockUpstream()
     b = gateway(tmp_path, {"slow": slow.url, "fast": fast.url},

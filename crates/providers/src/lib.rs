@@ -233,8 +233,11 @@ pub(crate) async fn after_first_event(
     Ok(futures::stream::iter(head).chain(events).boxed())
 }
 
-/// A transport failure, classified for retries, with any key scrubbed from the text.
+/// A transport failure, classified for retries, with any key scrubbed from the text and
+/// without the upstream's URL: the text reaches clients, who need not learn the internal
+/// addresses behind an alias (the log names the target).
 pub(crate) fn transport_error(e: reqwest::Error, secret: Option<&str>) -> ProviderError {
+    let e = e.without_url();
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
