@@ -139,6 +139,18 @@ def test_retries_honour_retry_after_then_succeed(mock, tmp_path):
         b.stop()
 
 
+def test_an_upstream_rate_limit_reaches_the_client_with_its_retry_after(mock, tmp_path):
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "limited", "retries": 0, "targets": [("m", "x")]}])
+    try:
+        mock.script = [("error", 429, {"error": {"message": "slow down", "type": "requests",
+                                                 "code": "rate_limit_exceeded"}}, {"Retry-After": "7"})]
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "limited", "messages": HELLO}, timeout=30)
+        assert r.status_code == 429 and r.headers.get("retry-after") == "7", r.headers
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        b.stop()
+
+
 def test_fallback_and_circuit_breaker(mock, tmp_path):
     b = gateway(tmp_path, {"dead": dead_url(), "m": mock.url},
                 [{"name": "fb", "retries": 0, "targets": [("dead", "x"), ("m", "y")]}],

@@ -55,7 +55,13 @@ pub enum ApiError {
     Internal(String),
     /// An upstream provider's error, passed on with its status.
     #[error("{message}")]
-    Upstream { status: u16, message: String, code: Option<String>, param: Option<String> },
+    Upstream {
+        status: u16,
+        message: String,
+        code: Option<String>,
+        param: Option<String>,
+        retry_after: Option<u64>,
+    },
     #[error("The upstream provider could not be reached: {0}")]
     BadGateway(String),
     #[error("The upstream provider timed out: {0}")]
@@ -148,6 +154,7 @@ impl ApiError {
                     401 => "authentication_error",
                     403 => "permission_error",
                     404 | 400 | 409 | 413 | 422 => "invalid_request_error",
+                    429 if code.as_deref() == Some("insufficient_quota") => "insufficient_quota",
                     429 => "rate_limit_error",
                     _ => "server_error",
                 };
@@ -157,6 +164,12 @@ impl ApiError {
                     Some("queue_full") => "queue_full",
                     Some("invalid_value") => "invalid_value",
                     Some("deadline_exceeded") => "deadline_exceeded",
+                    Some("rate_limit_exceeded") => "rate_limit_exceeded",
+                    Some("insufficient_quota") => "insufficient_quota",
+                    Some("missing_required_parameter") => "missing_required_parameter",
+                    Some("invalid_type") => "invalid_type",
+                    Some("invalid_api_key") => "invalid_api_key",
+                    Some("pii_blocked") => "pii_blocked",
                     _ => "upstream_error",
                 };
                 (status, kind, Some(code), param.clone())
@@ -216,9 +229,14 @@ impl From<ferry_providers::ProviderError> for ApiError {
         use ferry_providers::ProviderError as P;
         let message = e.to_string();
         match e {
-            P::Status { status, message, code, param, .. } => {
-                ApiError::Upstream { status, message, code, param }
-            }
+            P::Status { status, message, code, param, retry_after } => ApiError::Upstream {
+                status,
+                message,
+                code,
+                param,
+                // Whole seconds, rounded up: the client waits at least as long as the upstream asked.
+                retry_after: retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+            },
             P::Connect(m) => ApiError::BadGateway(m),
             P::Timeout(what) => ApiError::GatewayTimeout(what.to_string()),
             P::Decode(m) => ApiError::BadGateway(m),
@@ -240,7 +258,15 @@ impl From<ferry_gateway::GatewayError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::QueueFull { retry_after } | ApiError::RateLimited { retry_after, .. } = &self
+        let retry_after = match &self {
+            ApiError::QueueFull { retry_after } | ApiError::RateLimited { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            // An upstream's Retry-After reaches the client, whose SDK backs off by it.
+            ApiError::Upstream { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after
             && let Ok(value) = HeaderValue::from_str(&retry_after.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
