@@ -420,6 +420,27 @@ impl ServeArgs {
                 );
             }
         }
+        // Names clients use must each mean one thing, and a preset must sit on something.
+        let local: std::collections::HashSet<String> = config.local_model_names().into_iter().collect();
+        let aliases: std::collections::HashSet<&str> =
+            config.gateway.aliases.iter().map(|a| a.name.as_str()).collect();
+        for alias in &config.gateway.aliases {
+            if local.contains(&alias.name) {
+                bail!(
+                    "the alias '{}' has the name of a local model; give one of them another name",
+                    alias.name
+                );
+            }
+        }
+        for preset in &config.gateway.presets {
+            if !aliases.contains(preset.base.as_str()) && !local.contains(&preset.base) {
+                bail!(
+                    "the preset '{}' is over '{}', which is neither an alias nor a local model",
+                    preset.name,
+                    preset.base
+                );
+            }
+        }
         if config.max_loaded_models == Some(0) {
             bail!("--max-loaded-models must be at least 1");
         }
@@ -455,6 +476,32 @@ impl ServeConfig {
         self.models.iter().map(|entry| self.spec(entry)).collect()
     }
 
+    /// The names clients use for the local models (as `model_specs` names them, without
+    /// looking for the files).
+    fn local_model_names(&self) -> Vec<String> {
+        if self.models.is_empty() {
+            let gateway_only = !self.gateway.aliases.is_empty() && self.gateway.presets.is_empty();
+            let stem = DEFAULT_MODEL_FILE.trim_end_matches(".gguf").to_string();
+            return if gateway_only { Vec::new() } else { vec![stem] };
+        }
+        self.models.iter().map(|entry| Self::entry_name(entry).0).collect()
+    }
+
+    /// The name of a configured model and where its weights come from.
+    fn entry_name(entry: &ModelEntry) -> (String, Option<crate::hub::HubFile>) {
+        let (name, path) = match entry {
+            ModelEntry::Source(source) => (None, source.clone()),
+            ModelEntry::Table(table) => (table.name.clone(), table.path.clone()),
+        };
+        let hub = crate::hub::HubFile::parse(&path);
+        let file = match &hub {
+            Some(hub) => hub.file.clone(),
+            None => path.clone(),
+        };
+        let stem = Path::new(&file).file_stem().map(|s| s.to_string_lossy().into_owned());
+        (name.or(stem).unwrap_or(path), hub)
+    }
+
     fn spec(&self, entry: &ModelEntry) -> anyhow::Result<ferry_server::ModelSpec> {
         let table = match entry {
             ModelEntry::Source(source) => ModelTable {
@@ -470,13 +517,7 @@ impl ServeConfig {
             },
             ModelEntry::Table(table) => (**table).clone(),
         };
-        let hub = crate::hub::HubFile::parse(&table.path);
-        let file = match &hub {
-            Some(hub) => hub.file.clone(),
-            None => table.path.clone(),
-        };
-        let stem = Path::new(&file).file_stem().map(|s| s.to_string_lossy().into_owned());
-        let name = table.name.clone().or(stem).unwrap_or_else(|| table.path.clone());
+        let (name, hub) = Self::entry_name(entry);
         // A missing local file is a mistake to hear about now, not at the first request.
         let path = match hub {
             Some(_) => None,
@@ -559,6 +600,41 @@ mod tests {
             let err = resolve(&[bad]).unwrap_err().to_string();
             assert!(err.contains("--cors-origin"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn gateway_names_and_urls_are_checked_when_the_config_is_read() {
+        // As main does: providers build HTTP clients over rustls with ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = std::env::temp_dir().join(format!("ferry-gateway-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("ferry.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&config, text).unwrap();
+            let resolved = ServeArgs { config: Some(config.clone()), ..Default::default() }.resolve();
+            resolved.map(|c| c.gateway).map_err(|e| format!("{e:#}"))
+        };
+        let provider = "[providers.up]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n";
+        let alias = |name: &str| {
+            format!("[[aliases]]\nname = \"{name}\"\ntargets = [{{ provider = \"up\", model = \"m\" }}]\n")
+        };
+        let gateway = resolve(&format!("{provider}{}", alias("chat"))).unwrap();
+        assert!(ferry_gateway::Gateway::from_config(&gateway).is_ok());
+
+        let err =
+            resolve(&format!("models = [\"x/SmolLM2.gguf\"]\n{provider}{}", alias("SmolLM2"))).unwrap_err();
+        assert!(err.contains("the alias 'SmolLM2' has the name of a local model"), "{err}");
+
+        let preset = "[[presets]]\nname = \"triage\"\nbase = \"no-such-base\"\n";
+        let err = resolve(&format!("{provider}{}{preset}", alias("chat"))).unwrap_err();
+        assert!(err.contains("the preset 'triage' is over 'no-such-base'"), "{err}");
+
+        let schemeless = provider.replace("http://127.0.0.1:9/v1", "127.0.0.1:9");
+        let gateway = resolve(&format!("{schemeless}{}", alias("chat"))).unwrap();
+        let err =
+            ferry_gateway::Gateway::from_config(&gateway).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("must be an http:// or https:// URL"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

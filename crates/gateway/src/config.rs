@@ -61,6 +61,20 @@ pub struct ProviderConfig {
 
 impl ProviderConfig {
     /// The key from its variable or file; an error names the source, never the value.
+    /// The base URL, checked: `http://` or `https://` and a host. Without a scheme every call
+    /// would fail with a URL error; better to hear it when the config is read.
+    pub fn checked_base_url(&self) -> Result<&str, String> {
+        let url = self.base_url.trim();
+        let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+        match rest {
+            Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(url),
+            _ => Err(format!(
+                "base_url `{}` must be an http:// or https:// URL with a host, such as http://127.0.0.1:8000/v1",
+                self.base_url
+            )),
+        }
+    }
+
     pub fn api_key(&self) -> Result<Option<String>, String> {
         if let Some(var) = &self.api_key_env {
             return std::env::var(var)

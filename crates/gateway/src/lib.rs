@@ -129,6 +129,7 @@ impl Gateway {
     pub fn from_config(config: &GatewayConfig) -> Result<Self, GatewayError> {
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for (name, p) in &config.providers {
+            p.checked_base_url().map_err(|e| GatewayError::Config(name.clone(), e))?;
             let api_key = p.api_key().map_err(|e| GatewayError::Config(name.clone(), e))?;
             let timeouts = Timeouts {
                 connect: Duration::from_millis(p.connect_timeout_ms),
