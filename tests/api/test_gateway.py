@@ -514,6 +514,11 @@ def test_config_reload_keeps_requests_in_flight(mock, tmp_path):
         r = httpx.post(b.url + "/admin/v1/reload", timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "config"
         assert httpx.post(url, json={"model": "third", "messages": HELLO}, timeout=30).status_code == 200
+        # Both reloads are in the audit log, with the routing before and after; the refused one is not.
+        audit = httpx.get(b.url + "/admin/v1/audit", params={"limit": 10}, timeout=30).json()["data"]
+        reloads = sorted((e for e in audit if e["action"] == "config.reload"), key=lambda e: e["seq"])
+        assert [(e["actor"], e["before"]["aliases"], e["after"]["aliases"]) for e in reloads] == [
+            ("signal:SIGHUP", ["first"], ["second"]), (reloads[1]["actor"], ["second"], ["third"])]
     finally:
         b.stop()
         other.stop()

@@ -299,7 +299,8 @@ fn spawn_reload_on_sighup(state: AppState) {
             return;
         };
         while hangups.recv().await.is_some() {
-            if let Err(e) = state.reload() {
+            // Audited like the admin route's reload, with the signal as the actor.
+            if let Err(e) = state.reload_audited("signal:SIGHUP").await {
                 tracing::error!(error = %e, "config reload failed; keeping the previous config");
             }
         }

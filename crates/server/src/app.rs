@@ -121,14 +121,23 @@ impl AppState {
     }
 
     /// Re-reads the config and swaps in a new gateway; requests in flight finish on the old one.
-    pub fn reload(&self) -> Result<usize, String> {
+    /// Answers the routing before and after (alias and preset names), for the audit log.
+    pub fn reload(&self) -> Result<(serde_json::Value, serde_json::Value), String> {
         let loader = self.inner.loader.as_ref().ok_or("this server was started without a config file")?;
         let gateway = loader()?.map(Arc::new);
-        let aliases = gateway.as_ref().map_or(0, |g| g.alias_names().count());
+        let after = routing_summary(gateway.as_deref());
         let mut slot = self.inner.gateway.write().map_err(|_| "the gateway lock is poisoned".to_string())?;
+        let before = routing_summary(slot.as_deref());
         *slot = gateway;
-        tracing::info!(aliases, "gateway config reloaded");
-        Ok(aliases)
+        tracing::info!(aliases = after["aliases"].as_array().map_or(0, Vec::len), "gateway config reloaded");
+        Ok((before, after))
+    }
+
+    /// Reloads and records it in the audit log as done by `actor`.
+    pub async fn reload_audited(&self, actor: &str) -> Result<serde_json::Value, ApiError> {
+        let (before, after) = self.reload().map_err(|e| ApiError::invalid("config", e))?;
+        self.tenancy().store.audit(actor, "config.reload", "config", Some(&before), Some(&after)).await?;
+        Ok(after)
     }
 
     /// The local model `id`, loaded first if it is on disk (the request waits for it).
@@ -155,6 +164,16 @@ impl AppState {
     pub fn fingerprint(&self) -> String {
         format!("ferry-{}", env!("CARGO_PKG_VERSION"))
     }
+}
+
+/// What a gateway routes, by name: the before and after of a reload in the audit log.
+fn routing_summary(gateway: Option<&ferry_gateway::Gateway>) -> serde_json::Value {
+    let mut aliases: Vec<&str> = gateway.map(|g| g.alias_names().collect()).unwrap_or_default();
+    let mut presets: Vec<&str> =
+        gateway.map(|g| g.presets().map(|p| p.name.as_str()).collect()).unwrap_or_default();
+    aliases.sort_unstable();
+    presets.sort_unstable();
+    json!({"aliases": aliases, "presets": presets})
 }
 
 /// Turns the body extractor's rejection (too large, unreadable) into an OpenAI error.
@@ -257,9 +276,8 @@ async fn reload(
     if identity.role() != ferry_store::Role::Admin {
         return Err(ApiError::Forbidden("Reloading the config needs an admin key.".into()));
     }
-    let aliases = state.reload().map_err(|e| ApiError::invalid("config", e))?;
-    let after = json!({"aliases": aliases});
-    state.tenancy().store.audit(&identity.actor(), "config.reload", "config", None, Some(&after)).await?;
+    let after = state.reload_audited(&identity.actor()).await?;
+    let aliases = after["aliases"].as_array().map_or(0, Vec::len);
     Ok(axum::Json(ReloadResult { reloaded: true, aliases }))
 }
 
