@@ -22,7 +22,7 @@ def test_message_plain(claude, client):
         messages=[{"role": "user", "content": "What is the capital of France?"}],
     )
     assert m.type == "message" and m.role == "assistant"
-    assert m.id.startswith("msg-")
+    assert m.id.startswith("msg_"), "Anthropic's spelling"
     assert m.content[0].type == "text" and m.content[0].text
     assert m.stop_reason in ("end_turn", "max_tokens")
     # The same conversation through the OpenAI dialect gives the same greedy text and counts.

@@ -9,6 +9,7 @@ def test_responses_plain_matches_chat(client):
     r = client.responses.create(model=MODEL_ID, instructions="You are terse.", input="What is the capital of France?",
                                 temperature=0, max_output_tokens=24)
     assert r.object == "response"
+    assert r.id.startswith("resp_") and r.output[0].id.startswith("msg_"), "OpenAI's spelling"
     assert r.status in ("completed", "incomplete")
     assert r.output[0].type == "message" and r.output[0].role == "assistant"
     chat = client.chat.completions.create(

@@ -260,7 +260,7 @@ def weather_question():
 
 def check_weather_call(call):
     assert call.type == "function"
-    assert call.id.startswith("call")
+    assert call.id.startswith("call_"), "OpenAI's spelling"
     assert call.function.name == "get_weather"
     arguments = json.loads(call.function.arguments)
     assert set(arguments) == {"city", "unit"}

@@ -183,7 +183,10 @@ pub fn unix_now() -> u64 {
 }
 
 pub fn request_id(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+    // As the real APIs spell them: OpenAI's completions `chatcmpl-…` and `cmpl-…`, its
+    // Responses and tool calls `resp_…`, `msg_…`, `fc_…`, `call_…`, Anthropic's `msg_…`.
+    let separator = if matches!(prefix, "chatcmpl" | "cmpl") { '-' } else { '_' };
+    format!("{prefix}{separator}{}", uuid::Uuid::new_v4().simple())
 }
 
 /// Keeps the model alive as long as a response stream that uses it.
