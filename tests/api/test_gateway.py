@@ -185,6 +185,26 @@ def test_an_unreachable_upstream_is_reported_without_its_address(tmp_path):
         b.stop()
 
 
+def test_an_open_circuit_stops_the_retries_and_then_answers_503_with_retry_after(mock, tmp_path):
+    b = gateway(tmp_path, {"m": mock.url}, [{"name": "sick", "retries": 3, "targets": [("m", "x")]}],
+                extra="circuit_failure_threshold = 2\ncircuit_open_ms = 30000\n")
+    try:
+        failing = ("error", 500, {"error": {"message": "boom", "code": None}}, {})
+        mock.script = [failing] * 4
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "sick", "messages": HELLO}, timeout=30)
+        assert r.status_code == 500
+        assert len(mock.requests) == 2, "the second failure opened the circuit: no third try on that target"
+        r = httpx.post(b.url + "/v1/chat/completions", json={"model": "sick", "messages": HELLO}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable", r.text
+        assert 1 <= int(r.headers["retry-after"]) <= 30
+        assert len(mock.requests) == 2
+        bad = httpx.post(b.url + "/v1/chat/completions", json={"model": "sick", "messages": HELLO},
+                         headers={"x-ferry-cache": "yes"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-ferry-cache"
+    finally:
+        b.stop()
+
+
 def test_first_byte_timeout_falls_back(mock, tmp_path):
     slow, fast = mock, MockUpstream()
     b = gateway(tmp_path, {"slow": slow.url, "fast": fast.url},

@@ -30,8 +30,11 @@ pub enum GatewayError {
     /// Every target failed (or had its circuit open); the last failure.
     #[error(transparent)]
     Upstream(#[from] ProviderError),
-    #[error("every target of `{0}` is unavailable (circuit open)")]
+    #[error("no target of `{0}` is configured")]
     NoTarget(String),
+    /// Every target's circuit is open; the first closes again after `retry_after`.
+    #[error("every target of `{alias}` is unavailable for now (its circuit is open)")]
+    CircuitOpen { alias: String, retry_after: Duration },
 }
 
 /// Where a request went: for response headers and traces.
@@ -408,6 +411,10 @@ impl Gateway {
                         }
                         let wait = e.retry_after().unwrap_or_else(|| self.backoff(retry));
                         last_error = Some(e);
+                        if self.is_open(&target) {
+                            // This failure opened the circuit: no more tries here, fall back.
+                            break;
+                        }
                         if retry < alias.retries {
                             tokio::time::sleep(wait.min(self.reliability.backoff_max)).await;
                         }
@@ -416,9 +423,26 @@ impl Gateway {
             }
             fallbacks += 1;
         }
-        Err(last_error
-            .map(GatewayError::Upstream)
-            .unwrap_or_else(|| GatewayError::NoTarget(alias_name.to_string())))
+        Err(match last_error {
+            Some(e) => GatewayError::Upstream(e),
+            None => {
+                // Nothing was tried: every circuit was open. Say when the first one probes again.
+                let now = Instant::now();
+                let retry_after = alias
+                    .targets
+                    .iter()
+                    .filter_map(|t| t.circuit.lock().ok().and_then(|c| c.open_until))
+                    .map(|until| until.saturating_duration_since(now))
+                    .min()
+                    .unwrap_or_default();
+                GatewayError::CircuitOpen { alias: alias_name.to_string(), retry_after }
+            }
+        })
+    }
+
+    /// Whether `target`'s circuit is open now (its failures just opened it, say).
+    fn is_open(&self, target: &Target) -> bool {
+        target.circuit.lock().ok().and_then(|c| c.open_until).is_some_and(|until| Instant::now() < until)
     }
 
     fn backoff(&self, retry: u32) -> Duration {

@@ -51,7 +51,7 @@ pub async fn chat_completions(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(gateway, request, fields, cache_choice(&headers), client_model).await;
+        return upstream(gateway, request, fields, cache_choice(&headers)?, client_model).await;
     }
     let model = state.model(&request.model).await?;
     local(state, model, request, fields, client_model).await
@@ -239,12 +239,20 @@ async fn upstream(
     Ok(response)
 }
 
-/// The request's own say on the response cache: `x-ferry-cache: on` or `off`.
-pub fn cache_choice(headers: &HeaderMap) -> Option<bool> {
-    match headers.get("x-ferry-cache")?.to_str().ok()?.to_ascii_lowercase().as_str() {
-        "on" | "true" | "1" => Some(true),
-        "off" | "false" | "0" => Some(false),
-        _ => None,
+/// The request's own say on the response cache: `x-ferry-cache: on` or `off` (none: the
+/// alias decides). Any other value is refused rather than read as no say.
+pub fn cache_choice(headers: &HeaderMap) -> Result<Option<bool>, ApiError> {
+    let Some(value) = headers.get("x-ferry-cache") else { return Ok(None) };
+    match value.to_str().map(str::to_ascii_lowercase).as_deref() {
+        Ok("on" | "true" | "1") => Ok(Some(true)),
+        Ok("off" | "false" | "0") => Ok(Some(false)),
+        _ => Err(ApiError::invalid(
+            "x-ferry-cache",
+            format!(
+                "The x-ferry-cache header takes on or off, not '{}'",
+                String::from_utf8_lossy(value.as_bytes())
+            ),
+        )),
     }
 }
 

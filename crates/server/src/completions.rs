@@ -57,7 +57,7 @@ pub async fn completions(
             ));
         }
         if gateway.has_alias(&request.model) {
-            let use_cache = crate::chat::cache_choice(&headers);
+            let use_cache = crate::chat::cache_choice(&headers)?;
             return upstream(gateway, &request, &sampling_fields, use_cache).await;
         }
     }

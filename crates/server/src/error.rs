@@ -66,6 +66,9 @@ pub enum ApiError {
     BadGateway(String),
     #[error("The upstream provider timed out: {0}")]
     GatewayTimeout(String),
+    /// Every target of an alias has its circuit open: 503 with Retry-After.
+    #[error("{message}; retry after {retry_after} s")]
+    UpstreamUnavailable { message: String, retry_after: u64 },
     /// The request's deadline (`--request-timeout`, or its `x-ferry-timeout` header) passed.
     #[error("{}", deadline_message(*.admitted, *.completion_tokens))]
     DeadlineExceeded { admitted: bool, completion_tokens: usize },
@@ -175,6 +178,9 @@ impl ApiError {
                 (status, kind, Some(code), param.clone())
             }
             BadGateway(_) => (StatusCode::BAD_GATEWAY, "server_error", Some("upstream_unreachable"), None),
+            UpstreamUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("upstream_unavailable"), None)
+            }
             GatewayTimeout(_) => {
                 (StatusCode::GATEWAY_TIMEOUT, "server_error", Some("upstream_timeout"), None)
             }
@@ -250,6 +256,13 @@ impl From<ferry_gateway::GatewayError> for ApiError {
     fn from(e: ferry_gateway::GatewayError) -> Self {
         match e {
             ferry_gateway::GatewayError::Upstream(p) => p.into(),
+            ref circuit @ ferry_gateway::GatewayError::CircuitOpen { retry_after, .. } => {
+                ApiError::UpstreamUnavailable {
+                    message: circuit.to_string(),
+                    // Whole seconds, at least one: the client waits until the first probe.
+                    retry_after: (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1),
+                }
+            }
             other => ApiError::BadGateway(other.to_string()),
         }
     }
@@ -264,6 +277,7 @@ impl IntoResponse for ApiError {
             }
             // An upstream's Retry-After reaches the client, whose SDK backs off by it.
             ApiError::Upstream { retry_after, .. } => *retry_after,
+            ApiError::UpstreamUnavailable { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
         if let Some(retry_after) = retry_after

@@ -142,7 +142,7 @@ pub async fn messages(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        return upstream(gateway, request, crate::chat::cache_choice(&headers), client_model).await;
+        return upstream(gateway, request, crate::chat::cache_choice(&headers)?, client_model).await;
     }
     let model = state.model(&request.model).await?;
     if let Some(t) = request.temperature

@@ -94,7 +94,7 @@ pub async fn responses(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
-        let use_cache = crate::chat::cache_choice(&headers);
+        let use_cache = crate::chat::cache_choice(&headers)?;
         return upstream(gateway, neutral, request.stream, envelope, use_cache).await.map_err(own_names);
     }
     input::refuse_images(&request)?;
