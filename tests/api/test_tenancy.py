@@ -3,6 +3,7 @@ black box: the release binary with an admin key, the official SDKs, and the CLI.
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import sqlite3
 import ssl
@@ -301,13 +302,17 @@ def test_cli_manages_keys_against_a_running_server(keyed):
     assert tenant["limits"] == {"rpm": 100}
     project = ferry("projects", "create", "--tenant", tenant["id"], "web", "--json").stdout
     project_id = httpx.Response(200, text=project).json()["id"]
-    created = ferry("keys", "create", "--project", project_id, "--name", "cli")
+    created = ferry("keys", "create", "--project", project_id, "--name", "cli", "--expires-in-days", "30",
+                    "--models", MODEL_ID)
     secret = created.stdout.strip()
     assert secret.startswith("sk-ferry-") and "shown only this once" in created.stderr
     assert chat(keyed, secret).status_code == 200
     listing = ferry("keys", "list", "--tenant", tenant["id"]).stdout
     assert secret[:15] in listing and secret not in listing
     key_id = next(line.split()[0] for line in listing.splitlines() if "cli" in line)
+    # Its models and expiry are in the table, the expiry as a date.
+    row = next(line for line in listing.splitlines() if "cli" in line)
+    assert MODEL_ID in row and re.search(r"\b20\d\d-\d\d-\d\d \d\d:\d\d:\d\d\b", row), row
     ferry("keys", "revoke", key_id)
     assert chat(keyed, secret).status_code == 401
 

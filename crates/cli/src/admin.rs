@@ -225,7 +225,9 @@ impl Client {
         }
         let rows: Vec<Vec<String>> = value["data"]
             .as_array()
-            .map(|items| items.iter().map(|item| columns.iter().map(|c| cell(&item[*c])).collect()).collect())
+            .map(|items| {
+                items.iter().map(|item| columns.iter().map(|c| column_cell(c, &item[*c])).collect()).collect()
+            })
             .unwrap_or_default();
         print_table(columns, &rows);
     }
@@ -233,6 +235,38 @@ impl Client {
     fn print_one(&self, value: &Value) {
         outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
     }
+}
+
+/// A table cell: times (`at`, `…_at`, milliseconds) as UTC dates, lists joined by commas.
+fn column_cell(column: &str, v: &Value) -> String {
+    match v {
+        Value::Number(n) if column == "at" || column.ends_with("_at") => {
+            n.as_i64().map_or_else(|| cell(v), utc_time)
+        }
+        Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(","),
+        _ => cell(v),
+    }
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC): days to a civil date
+/// (Howard Hinnant's algorithm), the inverse of `date_ms`.
+fn utc_time(ms: i64) -> String {
+    let (days, seconds) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000) / 1000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        seconds / 3600,
+        seconds % 3600 / 60,
+        seconds % 60
+    )
 }
 
 fn cell(v: &Value) -> String {
@@ -355,7 +389,17 @@ pub async fn keys(remote: Remote, command: KeyCommand) -> anyhow::Result<()> {
             let v = client.json(reqwest::Method::GET, &path, None).await?;
             client.print_list(
                 &v,
-                &["id", "name", "display_prefix", "role", "tenant_id", "project_id", "revoked_at"],
+                &[
+                    "id",
+                    "name",
+                    "display_prefix",
+                    "role",
+                    "tenant_id",
+                    "project_id",
+                    "models",
+                    "expires_at",
+                    "revoked_at",
+                ],
             );
         }
         KeyCommand::Create { role, project, tenant, name, models, expires_in_days, limits } => {
@@ -467,5 +511,20 @@ pub async fn audit(remote: Remote, command: AuditCommand) -> anyhow::Result<()> 
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_as_utc_dates_and_round_trip_with_date_ms() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(1_796_087_055_000), "2026-12-01 01:04:15");
+        assert_eq!(utc_time(date_ms("2024-02-29").unwrap()), "2024-02-29 00:00:00");
+        assert_eq!(column_cell("expires_at", &json!(951_782_400_000_i64)), "2000-02-29 00:00:00");
+        assert_eq!(column_cell("models", &json!(["a", "b"])), "a,b");
+        assert_eq!(column_cell("requests", &json!(12)), "12");
     }
 }
