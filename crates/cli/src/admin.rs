@@ -248,25 +248,11 @@ fn column_cell(column: &str, v: &Value) -> String {
     }
 }
 
-/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC): days to a civil date
-/// (Howard Hinnant's algorithm), the inverse of `date_ms`.
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
 fn utc_time(ms: i64) -> String {
-    let (days, seconds) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000) / 1000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        seconds / 3600,
-        seconds % 3600 / 60,
-        seconds % 60
-    )
+    let seconds = ms.rem_euclid(86_400_000) / 1000;
+    let day = ferry_store::usage::format_day(ms.div_euclid(86_400_000));
+    format!("{day} {:02}:{:02}:{:02}", seconds / 3600, seconds % 3600 / 60, seconds % 60)
 }
 
 fn cell(v: &Value) -> String {
