@@ -391,6 +391,7 @@ def test_exact_response_cache(mock, tmp_path):
         calls = len(mock.requests)
         again = httpx.post(b.url + "/v1/chat/completions", json=dict(reversed(list(body.items()))), timeout=30)
         assert again.status_code == 200 and again.headers["x-ferry-cache"] == "hit"
+        assert again.headers["x-ferry-target"] == "m/x" and again.headers["x-ferry-attempts"] == "0"
         assert again.json()["choices"] == first.json()["choices"]
         assert len(mock.requests) == calls, "a hit costs no upstream call"
         # A different request misses; a request can opt out.

@@ -20,6 +20,8 @@ pub enum Cached {
 
 struct Entry {
     response: Cached,
+    /// The `provider/model` that produced it, for the hit's headers and trace.
+    target: String,
     expires: Instant,
     bytes: usize,
 }
@@ -61,10 +63,13 @@ impl ResponseCache {
         hasher.finalize().into()
     }
 
-    pub fn get(&self, key: &[u8; 32]) -> Option<Cached> {
+    /// The entry under `key` and the target that produced it, unless expired.
+    pub fn get(&self, key: &[u8; 32]) -> Option<(Cached, String)> {
         let mut inner = self.inner.lock().ok()?;
         match inner.entries.get(key) {
-            Some(entry) if entry.expires > Instant::now() => Some(entry.response.clone()),
+            Some(entry) if entry.expires > Instant::now() => {
+                Some((entry.response.clone(), entry.target.clone()))
+            }
             Some(_) => {
                 if let Some(old) = inner.entries.remove(key) {
                     inner.bytes -= old.bytes;
@@ -75,7 +80,7 @@ impl ResponseCache {
         }
     }
 
-    pub fn put(&self, key: [u8; 32], response: &Cached, ttl: Duration) {
+    pub fn put(&self, key: [u8; 32], response: &Cached, target: &str, ttl: Duration) {
         let bytes = serde_json::to_vec(response).map(|v| v.len()).unwrap_or(0) + 64;
         if bytes > self.max_bytes {
             return;
@@ -92,7 +97,13 @@ impl ResponseCache {
         }
         inner.order.push_back(key);
         inner.bytes += bytes;
-        inner.entries.insert(key, Entry { response: response.clone(), expires: Instant::now() + ttl, bytes });
+        let entry = Entry {
+            response: response.clone(),
+            target: target.to_owned(),
+            expires: Instant::now() + ttl,
+            bytes,
+        };
+        inner.entries.insert(key, entry);
         // Keys whose entries were replaced or expired linger in `order`; drop them lazily.
         if inner.order.len() > inner.entries.len() * 2 + 16 {
             let Inner { entries, order, .. } = &mut *inner;
@@ -154,14 +165,17 @@ mod tests {
             ResponseCache::key("xt", "", &request("a"), false),
             ResponseCache::key("x", "t", &request("a"), false)
         );
-        cache.put(a, &response("A"), Duration::from_secs(60));
-        assert!(matches!(cache.get(&a), Some(Cached::Response(r)) if r.id == "A"));
-        cache.put(b, &response("B"), Duration::from_millis(0));
+        cache.put(a, &response("A"), "up/m", Duration::from_secs(60));
+        assert!(
+            matches!(cache.get(&a), Some((Cached::Response(r), target)) if r.id == "A" && target == "up/m")
+        );
+        cache.put(b, &response("B"), "up/m", Duration::from_millis(0));
         assert!(cache.get(&b).is_none(), "expired");
         for i in 0..20 {
             cache.put(
                 ResponseCache::key("x", "t", &request(&i.to_string()), false),
                 &response("filler"),
+                "up/m",
                 Duration::from_secs(60),
             );
         }

@@ -287,11 +287,11 @@ impl Gateway {
             return self.route(alias, request, call).await;
         };
         let key = cache::ResponseCache::key(alias, cache.scope, &request, false);
-        if let Some(cache::Cached::Response(value)) = self.cache.get(&key) {
-            return Ok(Routed { value, route: Route { cache_hit: true, ..Route::default() } });
+        if let Some((cache::Cached::Response(value), target)) = self.cache.get(&key) {
+            return Ok(Routed { value, route: Route { cache_hit: true, target, ..Route::default() } });
         }
         let routed = self.route(alias, request, call).await?;
-        self.cache.put(key, &cache::Cached::Response(routed.value.clone()), ttl);
+        self.cache.put(key, &cache::Cached::Response(routed.value.clone()), &routed.route.target, ttl);
         Ok(routed)
     }
 
@@ -310,15 +310,16 @@ impl Gateway {
             return self.route(alias, request, call).await;
         };
         let key = cache::ResponseCache::key(alias, cache_use.scope, &request, true);
-        if let Some(cache::Cached::Events(events)) = self.cache.get(&key) {
+        if let Some((cache::Cached::Events(events), target)) = self.cache.get(&key) {
             let replay = futures::stream::iter(events.into_iter().map(Ok));
             return Ok(Routed {
                 value: Box::pin(replay),
-                route: Route { cache_hit: true, ..Route::default() },
+                route: Route { cache_hit: true, target, ..Route::default() },
             });
         }
         let routed = self.route(alias, request, call).await?;
         let cache = self.cache.clone();
+        let target = routed.route.target.clone();
         let recorded = Arc::new(Mutex::new(Some(Vec::new())));
         let tape = recorded.clone();
         let events = routed.value.inspect(move |event| {
@@ -337,7 +338,7 @@ impl Gateway {
                 .collect();
             let choices: std::collections::HashSet<u32> = events.iter().filter_map(event_choice).collect();
             if !finished.is_empty() && choices.is_subset(&finished) {
-                cache.put(key, &cache::Cached::Events(events), ttl);
+                cache.put(key, &cache::Cached::Events(events), &target, ttl);
             }
             None
         })

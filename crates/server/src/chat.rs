@@ -256,14 +256,16 @@ pub fn cache_choice(headers: &HeaderMap) -> Result<Option<bool>, ApiError> {
     }
 }
 
-/// Says which target answered and after how many calls, or that the cache did.
+/// Says which target answered and after how many calls; a cache hit says so, names the
+/// target that produced the answer, and made no call (attempts 0).
 pub fn route_headers(response: &mut Response, route: &Route) {
     let headers = response.headers_mut();
     if route.cache_hit {
         headers.insert("x-ferry-cache", HeaderValue::from_static("hit"));
-        return;
     }
-    if let Ok(v) = HeaderValue::from_str(&route.target) {
+    if let Ok(v) = HeaderValue::from_str(&route.target)
+        && !route.target.is_empty()
+    {
         headers.insert("x-ferry-target", v);
     }
     headers.insert("x-ferry-attempts", HeaderValue::from(route.attempts));
