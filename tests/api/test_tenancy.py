@@ -302,6 +302,14 @@ def test_cli_manages_keys_against_a_running_server(keyed):
     assert tenant["limits"] == {"rpm": 100}
     project = ferry("projects", "create", "--tenant", tenant["id"], "web", "--json").stdout
     project_id = httpx.Response(200, text=project).json()["id"]
+    # Privacy settings from the CLI: retention on the tenant, a policy (or none) on the project.
+    ferry("tenants", "privacy", tenant["id"], "--retain-content", "true", "--retention-days", "3")
+    shown = admin_request(keyed, ADMIN, "GET", f"/admin/v1/tenants/{tenant['id']}").json()
+    assert shown["retain_content"] is True and shown["retention_days"] == 3
+    refused = subprocess.run([BINARY, "projects", "policy", project_id, "--guardrail-policy", "no-such-policy"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "no-such-policy" in refused.stderr, refused.stderr
+    ferry("projects", "policy", project_id, "--no-guardrail-policy")
     created = ferry("keys", "create", "--project", project_id, "--name", "cli", "--expires-in-days", "30",
                     "--models", MODEL_ID)
     secret = created.stdout.strip()

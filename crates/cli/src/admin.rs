@@ -77,22 +77,64 @@ pub enum TenantCommand {
         #[command(flatten)]
         limits: LimitFlags,
     },
+    /// Set a tenant's privacy: its guardrail policy, and whether (and how long) prompts and
+    /// answers are kept; flags not given stay as they are
+    Privacy {
+        id: String,
+        #[command(flatten)]
+        policy: PolicyFlags,
+        /// Keep prompts and answers (true) or not (false)
+        #[arg(long)]
+        retain_content: Option<bool>,
+        /// Days kept content lives before the purge deletes it
+        #[arg(long)]
+        retention_days: Option<i64>,
+    },
+}
+
+/// A guardrail policy to set or clear.
+#[derive(Args, Debug, Default)]
+pub struct PolicyFlags {
+    /// A `[[guardrails]]` policy of the server's config
+    #[arg(long, conflicts_with = "no_guardrail_policy")]
+    guardrail_policy: Option<String>,
+    /// Clear the policy (a project then follows its tenant's)
+    #[arg(long)]
+    no_guardrail_policy: bool,
+}
+
+impl PolicyFlags {
+    fn put(&self, body: &mut serde_json::Map<String, Value>) {
+        if self.no_guardrail_policy {
+            body.insert("guardrail_policy".into(), Value::Null);
+        } else if let Some(name) = &self.guardrail_policy {
+            body.insert("guardrail_policy".into(), Value::from(name.as_str()));
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ProjectCommand {
     /// List projects
     List {
+        /// Only this tenant's (by id)
         #[arg(long)]
         tenant: Option<String>,
     },
     /// Create a project in a tenant
     Create {
+        /// The tenant's id
         #[arg(long)]
         tenant: String,
         name: String,
         #[command(flatten)]
         limits: LimitFlags,
+    },
+    /// Set or clear a project's guardrail policy (it overrides its tenant's)
+    Policy {
+        id: String,
+        #[command(flatten)]
+        policy: PolicyFlags,
     },
 }
 
@@ -100,6 +142,7 @@ pub enum ProjectCommand {
 pub enum KeyCommand {
     /// List keys (never their secrets)
     List {
+        /// Only this tenant's (by id)
         #[arg(long)]
         tenant: Option<String>,
     },
@@ -108,10 +151,13 @@ pub enum KeyCommand {
         /// admin, tenant_admin or member
         #[arg(long, default_value = "member")]
         role: String,
+        /// The project a member key belongs to (by id)
         #[arg(long)]
         project: Option<String>,
+        /// The tenant a tenant_admin key administers (by id)
         #[arg(long)]
         tenant: Option<String>,
+        /// A name to recognise the key by
         #[arg(long, default_value = "key")]
         name: String,
         /// Models this key may use (comma-separated); all when absent
@@ -339,6 +385,23 @@ pub async fn tenants(remote: Remote, command: TenantCommand) -> anyhow::Result<(
             let path = format!("/admin/v1/tenants/{id}");
             client.print_one(&client.json(reqwest::Method::PATCH, &path, Some(body)).await?);
         }
+        TenantCommand::Privacy { id, policy, retain_content, retention_days } => {
+            let mut body = serde_json::Map::new();
+            policy.put(&mut body);
+            if let Some(retain) = retain_content {
+                body.insert("retain_content".into(), Value::from(retain));
+            }
+            if let Some(days) = retention_days {
+                body.insert("retention_days".into(), Value::from(days));
+            }
+            if body.is_empty() {
+                bail!(
+                    "nothing to change: give --guardrail-policy, --no-guardrail-policy, --retain-content or --retention-days"
+                );
+            }
+            let path = format!("/admin/v1/tenants/{id}");
+            client.print_one(&client.json(reqwest::Method::PATCH, &path, Some(Value::Object(body))).await?);
+        }
     }
     Ok(())
 }
@@ -362,6 +425,15 @@ pub async fn projects(remote: Remote, command: ProjectCommand) -> anyhow::Result
         ProjectCommand::Create { tenant, name, limits } => {
             let body = json!({"tenant_id": tenant, "name": name, "limits": limits.to_json()});
             client.print_one(&client.json(reqwest::Method::POST, "/admin/v1/projects", Some(body)).await?);
+        }
+        ProjectCommand::Policy { id, policy } => {
+            let mut body = serde_json::Map::new();
+            policy.put(&mut body);
+            if body.is_empty() {
+                bail!("nothing to change: give --guardrail-policy NAME or --no-guardrail-policy");
+            }
+            let path = format!("/admin/v1/projects/{id}");
+            client.print_one(&client.json(reqwest::Method::PATCH, &path, Some(Value::Object(body))).await?);
         }
     }
     Ok(())
