@@ -228,9 +228,17 @@ def test_tpm_admits_on_the_maximum_and_reconciles_to_real_use(keyed):
     assert second.status_code == 200, second.text
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
     assert remaining <= 1000 - used - 600
-    # More than the whole limit can never be admitted.
+    # More than the whole limit can never be admitted: no wait helps, so no Retry-After, and
+    # the SDKs are told not to retry (they read x-should-retry before retrying a 429).
     r = chat(keyed, secret, max_tokens=5000)
     assert r.status_code == 429 and r.json()["error"]["type"] == "tokens"
+    assert "retry-after" not in r.headers and r.headers["x-should-retry"] == "false"
+    seen = []
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=secret, max_retries=2,
+                           http_client=httpx.Client(event_hooks={"request": [seen.append]}))
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
+    assert len(seen) == 1, "the SDK did not retry"
 
 
 def test_daily_token_budget(keyed):

@@ -42,9 +42,15 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    /// A rate limit (`tokens` is false for requests per minute).
+    /// A rate limit (`tokens` is false for requests per minute); `retry_after` is `None` for a
+    /// request larger than the limit itself, which no wait lets through.
     #[error("{message}")]
-    RateLimited { message: String, tokens: bool, retry_after: u64, headers: Box<axum::http::HeaderMap> },
+    RateLimited {
+        message: String,
+        tokens: bool,
+        retry_after: Option<u64>,
+        headers: Box<axum::http::HeaderMap>,
+    },
     /// The privacy policy refuses what the request holds (kinds only, never values).
     #[error("The request was blocked by the privacy policy: it contains {}.", .0.join(", "))]
     PiiBlocked(Vec<String>),
@@ -272,9 +278,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         let retry_after = match &self {
-            ApiError::QueueFull { retry_after } | ApiError::RateLimited { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            ApiError::QueueFull { retry_after } => Some(*retry_after),
+            ApiError::RateLimited { retry_after, .. } => *retry_after,
             // An upstream's Retry-After reaches the client, whose SDK backs off by it.
             ApiError::Upstream { retry_after, .. } => *retry_after,
             ApiError::UpstreamUnavailable { retry_after, .. } => Some(*retry_after),
@@ -288,8 +293,13 @@ impl IntoResponse for ApiError {
         if let ApiError::ModelUnavailable(_) = &self {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
-        if let ApiError::RateLimited { headers, .. } = &self {
+        if let ApiError::RateLimited { headers, retry_after, .. } = &self {
             response.headers_mut().extend((**headers).clone());
+            if retry_after.is_none() {
+                // The official SDKs read this before retrying a 429: a request larger than
+                // the limit would fail again after every wait.
+                response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+            }
         }
         response.extensions_mut().insert(LoggedError(self.to_string()));
         response

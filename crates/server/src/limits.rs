@@ -304,7 +304,7 @@ impl Limiter {
                         reset(wait)
                     ),
                     tokens: false,
-                    retry_after: wait.as_secs().max(1),
+                    retry_after: Some(wait.as_secs().max(1)),
                     headers: Box::new(headers(false, rpm, 0, wait)),
                 });
             }
@@ -317,7 +317,8 @@ impl Limiter {
                             "This request may use {tokens} tokens (prompt and max tokens), more than this {who}'s limit of {tpm} tokens per minute; lower max_tokens."
                         ),
                         tokens: true,
-                        retry_after: 60,
+                        // Waiting cannot help: the client is told not to retry.
+                        retry_after: None,
                         headers: Box::new(headers(true, tpm, tpm.saturating_sub(w.token_sum), WINDOW)),
                     });
                 }
@@ -330,7 +331,7 @@ impl Limiter {
                         reset(wait)
                     ),
                     tokens: true,
-                    retry_after: wait.as_secs().max(1),
+                    retry_after: Some(wait.as_secs().max(1)),
                     headers: Box::new(headers(true, tpm, tpm.saturating_sub(w.token_sum), wait)),
                 });
             }
