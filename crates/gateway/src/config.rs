@@ -60,7 +60,6 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
-    /// The key from its variable or file; an error names the source, never the value.
     /// The base URL, checked: `http://` or `https://` and a host. Without a scheme every call
     /// would fail with a URL error; better to hear it when the config is read.
     pub fn checked_base_url(&self) -> Result<&str, String> {
@@ -75,6 +74,7 @@ impl ProviderConfig {
         }
     }
 
+    /// The key from its variable or file; an error names the source, never the value.
     pub fn api_key(&self) -> Result<Option<String>, String> {
         if let Some(var) = &self.api_key_env {
             return std::env::var(var)

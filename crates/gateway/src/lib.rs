@@ -132,7 +132,7 @@ impl Gateway {
     pub fn from_config(config: &GatewayConfig) -> Result<Self, GatewayError> {
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for (name, p) in &config.providers {
-            p.checked_base_url().map_err(|e| GatewayError::Config(name.clone(), e))?;
+            let base_url = p.checked_base_url().map_err(|e| GatewayError::Config(name.clone(), e))?;
             let api_key = p.api_key().map_err(|e| GatewayError::Config(name.clone(), e))?;
             let timeouts = Timeouts {
                 connect: Duration::from_millis(p.connect_timeout_ms),
@@ -141,15 +141,15 @@ impl Gateway {
             };
             let provider: Arc<dyn Provider> = match p.kind.as_str() {
                 "openai" => Arc::new(
-                    OpenAiProvider::new(&p.base_url, api_key, timeouts)
+                    OpenAiProvider::new(base_url, api_key, timeouts)
                         .map_err(|e| GatewayError::Config(name.clone(), e.to_string()))?,
                 ),
                 "anthropic" => Arc::new(
-                    AnthropicProvider::new(&p.base_url, api_key, timeouts)
+                    AnthropicProvider::new(base_url, api_key, timeouts)
                         .map_err(|e| GatewayError::Config(name.clone(), e.to_string()))?,
                 ),
                 "gemini" => Arc::new(
-                    GeminiProvider::new(&p.base_url, api_key, timeouts)
+                    GeminiProvider::new(base_url, api_key, timeouts)
                         .map_err(|e| GatewayError::Config(name.clone(), e.to_string()))?,
                 ),
                 other => {

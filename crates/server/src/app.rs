@@ -122,7 +122,7 @@ impl AppState {
 
     /// Re-reads the config and swaps in a new gateway; requests in flight finish on the old one.
     /// Answers the routing before and after (alias and preset names), for the audit log.
-    pub fn reload(&self) -> Result<(serde_json::Value, serde_json::Value), String> {
+    fn reload(&self) -> Result<(serde_json::Value, serde_json::Value), String> {
         let loader = self.inner.loader.as_ref().ok_or("this server was started without a config file")?;
         let gateway = loader()?.map(Arc::new);
         let after = routing_summary(gateway.as_deref());

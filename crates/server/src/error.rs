@@ -246,8 +246,7 @@ impl From<ferry_providers::ProviderError> for ApiError {
                 message,
                 code,
                 param,
-                // Whole seconds, rounded up: the client waits at least as long as the upstream asked.
-                retry_after: retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+                retry_after: retry_after.map(whole_seconds_up),
             },
             P::Connect(m) => ApiError::BadGateway(m),
             P::Timeout(what) => ApiError::GatewayTimeout(what.to_string()),
@@ -258,6 +257,12 @@ impl From<ferry_providers::ProviderError> for ApiError {
     }
 }
 
+/// A wait as `Retry-After`'s whole seconds, rounded up: the client waits at least as long as
+/// asked.
+fn whole_seconds_up(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
 impl From<ferry_gateway::GatewayError> for ApiError {
     fn from(e: ferry_gateway::GatewayError) -> Self {
         match e {
@@ -265,8 +270,8 @@ impl From<ferry_gateway::GatewayError> for ApiError {
             ref circuit @ ferry_gateway::GatewayError::CircuitOpen { retry_after, .. } => {
                 ApiError::UpstreamUnavailable {
                     message: circuit.to_string(),
-                    // Whole seconds, at least one: the client waits until the first probe.
-                    retry_after: (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1),
+                    // At least one second: the client waits until the first probe.
+                    retry_after: whole_seconds_up(retry_after).max(1),
                 }
             }
             other => ApiError::BadGateway(other.to_string()),

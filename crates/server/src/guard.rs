@@ -40,10 +40,10 @@ fn policy() -> Option<Arc<Policy>> {
     crate::tenancy::current().and_then(|m| m.policy())
 }
 
-/// The response cache's scope of the request being handled: its tenant's id (empty for a
-/// server without keys, or an admin key outside any tenant).
-fn cache_scope() -> Arc<str> {
-    crate::tenancy::current().map_or_else(|| Arc::from(""), |m| m.cache_scope.clone())
+/// The response cache's scope of the request being handled: its tenant's id (none for a
+/// server without keys, or an admin key outside any tenant; `CacheUse` then gets "").
+fn cache_scope() -> Option<Arc<str>> {
+    crate::tenancy::current().and_then(|m| m.tenant_id.clone())
 }
 
 fn blocked(e: ferry_guardrails::Blocked) -> ApiError {
@@ -133,7 +133,9 @@ pub async fn chat(
         None => None,
     };
     let scope = cache_scope();
-    let routed = gateway.chat(alias, request, CacheUse { enabled: use_cache, scope: &scope }).await;
+    let routed = gateway
+        .chat(alias, request, CacheUse { enabled: use_cache, scope: scope.as_deref().unwrap_or("") })
+        .await;
     answered(alias, policy, redactor, routed)
 }
 
@@ -151,7 +153,9 @@ pub async fn chat_stream(
         None => None,
     };
     let scope = cache_scope();
-    let routed = gateway.chat_stream(alias, request, CacheUse { enabled: use_cache, scope: &scope }).await;
+    let routed = gateway
+        .chat_stream(alias, request, CacheUse { enabled: use_cache, scope: scope.as_deref().unwrap_or("") })
+        .await;
     streamed(alias, policy, redactor, routed)
 }
 
@@ -169,7 +173,9 @@ pub async fn completion(
         None => None,
     };
     let scope = cache_scope();
-    let routed = gateway.completion(alias, request, CacheUse { enabled: use_cache, scope: &scope }).await;
+    let routed = gateway
+        .completion(alias, request, CacheUse { enabled: use_cache, scope: scope.as_deref().unwrap_or("") })
+        .await;
     answered(alias, policy, redactor, routed)
 }
 
@@ -186,8 +192,13 @@ pub async fn completion_stream(
         None => None,
     };
     let scope = cache_scope();
-    let routed =
-        gateway.completion_stream(alias, request, CacheUse { enabled: use_cache, scope: &scope }).await;
+    let routed = gateway
+        .completion_stream(
+            alias,
+            request,
+            CacheUse { enabled: use_cache, scope: scope.as_deref().unwrap_or("") },
+        )
+        .await;
     streamed(alias, policy, redactor, routed)
 }
 

@@ -29,9 +29,9 @@ pub struct Meter {
     pub(super) guardrail_counts: Mutex<std::collections::BTreeMap<ferry_guardrails::PiiKind, usize>>,
     /// What the trace says beyond the counters: route, engine timings, the model's card.
     pub(super) trace: Mutex<TraceParts>,
-    /// The request's tenant id (empty without one): the gateway shares cached answers only
-    /// within it.
-    pub(crate) cache_scope: Arc<str>,
+    /// The request's tenant id (none for a server without keys or an admin key outside
+    /// tenants): the gateway shares cached answers only within it.
+    pub(crate) tenant_id: Option<Arc<str>>,
 }
 
 #[derive(Default)]

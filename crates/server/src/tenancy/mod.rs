@@ -568,7 +568,7 @@ async fn admit(
         policy: Mutex::new(policy),
         guardrail_counts: Mutex::new(Default::default()),
         trace: Mutex::new(TraceParts { sampling: peek.sampling, ..Default::default() }),
-        cache_scope: owner.tenant_id.as_deref().map_or_else(|| Arc::from(""), Arc::from),
+        tenant_id: owner.tenant_id.clone(),
     });
     // Content is kept only for tenants that opted in (and purged after their retention).
     let keep = context.as_ref().and_then(|c| c.tenant.as_ref()).filter(|t| t.retain_content).map(|t| Kept {
