@@ -64,15 +64,11 @@ pub fn enabled() -> bool {
     TRACER.get().is_some()
 }
 
-/// Exports one finished request from its trace record (JSON); `elapsed` is its whole duration.
-pub fn export(trace: &str, elapsed: Duration) {
+/// Exports one finished request from its trace; `elapsed` is its whole duration.
+pub fn export(trace: &Value, elapsed: Duration) {
     let Some(tracer) = TRACER.get() else {
         return;
     };
-    let Ok(trace) = serde_json::from_str::<Value>(trace) else {
-        return;
-    };
-    let trace = &trace;
     let end = SystemTime::now();
     let start = end - elapsed;
     let text = |v: &Value| v.as_str().map(String::from);

@@ -156,28 +156,27 @@ impl Store {
             scope.text("request_id LIKE {} ESCAPE '\\'", format!("{escaped}%"));
         }
         let filter = scope.clause();
+        // The summary is the record's own columns: no trace is read or parsed.
         let sql = format!(
-            "SELECT request_id, tenant_id, started_at, trace FROM usage_records {filter} \
+            "SELECT request_id, tenant_id, started_at, route, model, status, http_status, prompt_tokens, \
+             completion_tokens, latency_ms FROM usage_records {filter} \
              ORDER BY started_at DESC, request_id DESC LIMIT {}",
             query.limit.clamp(1, 1000)
         );
         let rows = scope.bind(sqlx::query(AssertSqlSafe(sql))).fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let text: String = row.try_get("trace")?;
-            let trace: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            let string = |v: &serde_json::Value| v.as_str().map(String::from);
             out.push(TraceSummary {
                 request_id: row.try_get("request_id")?,
                 tenant_id: row.try_get("tenant_id")?,
                 created_at: row.try_get("started_at")?,
-                route: string(&trace["route"]),
-                model: string(&trace["model"]),
-                status: string(&trace["status"]),
-                http_status: trace["http_status"].as_i64(),
-                prompt_tokens: trace["tokens"]["prompt"].as_i64(),
-                completion_tokens: trace["tokens"]["completion"].as_i64(),
-                total_ms: trace["timings"]["total_ms"].as_i64(),
+                route: row.try_get("route")?,
+                model: row.try_get("model")?,
+                status: row.try_get("status")?,
+                http_status: row.try_get("http_status")?,
+                prompt_tokens: row.try_get("prompt_tokens")?,
+                completion_tokens: row.try_get("completion_tokens")?,
+                total_ms: row.try_get("latency_ms")?,
             });
         }
         Ok(out)

@@ -202,9 +202,11 @@ pub(super) struct Finish {
 }
 
 impl Finish {
-    /// The request's trace: route, guardrail actions (counts only), timings, sampling
-    /// parameters, tokens and the model's provenance, written straight from its parts.
-    fn trace(&self, status: &str, finish: &UsageFinish) -> Option<String> {
+    /// The request's trace detail: what its usage record's columns don't already say (how it
+    /// was routed, guardrail actions as counts, engine timings, sampling parameters, the
+    /// model's provenance), written straight from its parts. `ferry_store::traces::whole`
+    /// adds the record's columns when the trace is read.
+    fn trace_detail(&self, finish: &UsageFinish) -> Option<String> {
         let m = &self.meter;
         let parts = m.trace.lock().ok()?;
         let counts = m.guardrail_counts.lock().ok()?;
@@ -221,28 +223,10 @@ impl Finish {
         let route = parts.route.as_ref();
         let engine = parts.engine_ms;
         let gaps = parts.inter_token_ms;
-        // Sized for a typical trace (600-700 bytes), so the buffer isn't regrown (and copied)
-        // while it is written; under 1 KiB, the allocator serves it from its per-thread cache.
-        let mut j = TraceWriter(Vec::with_capacity(768));
-        j.raw("{\"request_id\":");
-        j.str(&m.request_id);
-        j.raw(",\"route\":");
-        j.str(&self.route);
-        j.raw(",\"model\":");
-        j.str(&m.model);
-        j.raw(",\"status\":");
-        j.str(status);
-        j.raw(",\"http_status\":");
-        j.int(self.http_status as u64);
-        j.raw(",\"tenant_id\":");
-        j.opt_str(self.owner.tenant_id.as_deref());
-        j.raw(",\"project_id\":");
-        j.opt_str(self.owner.project_id.as_deref());
-        j.raw(",\"key_id\":");
-        j.opt_str(self.owner.key_id.as_deref());
-        j.raw(",\"routing\":{\"provider\":");
-        j.opt_str(finish.provider.as_deref());
-        j.raw(",\"target\":");
+        // Sized for a typical detail (200-300 bytes), so the buffer isn't regrown (and copied)
+        // while it is written.
+        let mut j = TraceWriter(Vec::with_capacity(384));
+        j.raw("{\"routing\":{\"target\":");
         j.opt_str(route.map(|r| r.target.as_str()));
         j.raw(",\"attempts\":");
         j.opt_int(route.map(|r| r.attempts as u64));
@@ -260,48 +244,62 @@ impl Finish {
             j.key(i == 0, kind.as_str());
             j.int(*n as u64);
         }
-        j.raw("}},\"timings\":{\"total_ms\":");
-        j.int(finish.latency_ms);
-        j.raw(",\"first_token_ms\":");
-        j.opt_int(finish.ttft_ms);
-        let upstream_ms = route.filter(|r| !r.cache_hit).map(|_| finish.latency_ms);
+        j.raw("}},\"timings\":{");
+        let upstream_ms = route.filter(|r| !r.cache_hit).map(|_| finish.latency_ms as f64);
         let timings = [
             ("queue_ms", engine.map(|e| e.0)),
             ("prefill_ms", engine.map(|e| e.1)),
             ("decode_ms", engine.map(|e| e.2)),
             ("inter_token_mean_ms", gaps.map(|g| g.0)),
             ("inter_token_max_ms", gaps.map(|g| g.1)),
+            ("upstream_ms", upstream_ms),
         ];
+        let mut first = true;
         for (key, value) in timings {
             if let Some(value) = value {
-                j.field(key);
-                j.float(value);
+                j.key(first, key);
+                first = false;
+                if key == "upstream_ms" {
+                    j.int(value as u64);
+                } else {
+                    j.float(value);
+                }
             }
-        }
-        if let Some(ms) = upstream_ms {
-            j.field("upstream_ms");
-            j.int(ms);
         }
         j.raw("},\"sampling\":{");
         for (i, (key, value)) in parts.sampling.given().enumerate() {
             j.key(i == 0, key);
             j.value(value);
         }
-        j.raw("},\"tokens\":{\"prompt\":");
-        j.int(finish.prompt_tokens);
-        j.raw(",\"completion\":");
-        j.int(finish.completion_tokens);
-        j.raw(",\"cached\":");
-        j.int(finish.cached_tokens);
-        j.raw("},\"cost\":");
-        j.float(finish.cost);
-        j.raw(",\"model_card\":");
+        j.raw("},\"model_card\":");
         match card.as_ref() {
             Some(card) => j.value(card),
             None => j.raw("null"),
         }
         j.raw("}");
         String::from_utf8(j.0).ok()
+    }
+
+    /// The record's columns as its trace shows them (for a span exported at the end).
+    fn columns(&self, finish: &UsageFinish) -> ferry_store::traces::RecordColumns {
+        let text = |v: &Option<Arc<str>>| v.as_deref().map(String::from);
+        ferry_store::traces::RecordColumns {
+            request_id: self.meter.request_id.to_string(),
+            route: self.route.to_string(),
+            model: self.meter.model.to_string(),
+            status: finish.status.clone(),
+            http_status: Some(finish.http_status as i64),
+            tenant_id: text(&self.owner.tenant_id),
+            project_id: text(&self.owner.project_id),
+            key_id: text(&self.owner.key_id),
+            provider: finish.provider.clone(),
+            latency_ms: Some(finish.latency_ms as i64),
+            ttft_ms: finish.ttft_ms.map(|t| t as i64),
+            prompt_tokens: finish.prompt_tokens as i64,
+            completion_tokens: finish.completion_tokens as i64,
+            cached_tokens: finish.cached_tokens as i64,
+            cost: finish.cost,
+        }
     }
 }
 
@@ -322,11 +320,6 @@ impl TraceWriter {
         self.raw(if first { "\"" } else { ",\"" });
         self.raw(key);
         self.raw("\":");
-    }
-
-    /// `,"key":` inside an object that has a field already.
-    fn field(&mut self, key: &str) {
-        self.key(false, key);
     }
 
     // serde_json writing into a `Vec` cannot fail: its only errors are the writer's, and
@@ -408,11 +401,14 @@ impl Drop for Finish {
             ttft_ms: (ttft > 0).then_some(ttft),
             trace: None,
         };
-        // The trace goes in the record's row.
+        // The trace's detail goes in the record's row.
         finish.trace =
-            (self.tenancy.metering || crate::otel::enabled()).then(|| self.trace(status, &finish)).flatten();
-        if let Some(trace) = &finish.trace {
-            crate::otel::export(trace, m.started.elapsed());
+            (self.tenancy.metering || crate::otel::enabled()).then(|| self.trace_detail(&finish)).flatten();
+        if crate::otel::enabled()
+            && let Some(detail) = &finish.trace
+        {
+            let trace = ferry_store::traces::whole(&self.columns(&finish), detail);
+            crate::otel::export(&trace, m.started.elapsed());
         }
         if self.tenancy.metering {
             self.tenancy.usage.finish(m.request_id.clone(), finish);
@@ -446,17 +442,17 @@ mod tests {
         let mut j = TraceWriter(Vec::new());
         j.raw("{\"s\":");
         j.str("a \"quoted\"\nline \u{1} é");
-        j.field("none");
+        j.key(false, "none");
         j.opt_str(None);
-        j.field("n");
+        j.key(false, "n");
         j.int(u64::MAX);
-        j.field("f");
+        j.key(false, "f");
         j.float(0.1 + 0.2);
-        j.field("whole");
+        j.key(false, "whole");
         j.float(3.0);
-        j.field("nan");
+        j.key(false, "nan");
         j.float(f64::NAN);
-        j.field("v");
+        j.key(false, "v");
         j.value(&serde_json::json!({"stop": ["</s>", "\\"]}));
         j.raw("}");
         let expected = serde_json::json!({
