@@ -138,7 +138,10 @@ def test_keys_limited_to_models(keyed):
     secret, _, _ = make_key(keyed, "models-tenant", models=["some-other-model"])
     r = chat(keyed, secret)
     assert r.status_code == 403
-    assert MODEL_ID in r.json()["error"]["message"]
+    # OpenAI's answer to a project without access to a model.
+    error = r.json()["error"]
+    assert MODEL_ID in error["message"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "model_not_found", "model")
     # A badly typed field elsewhere in the body doesn't hide the model from the check.
     assert chat(keyed, secret, max_tokens=-1).status_code == 403
     # The key sees only what it may use.

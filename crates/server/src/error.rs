@@ -36,6 +36,10 @@ pub enum ApiError {
     ModelUnavailable(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A key limited to other models: 403 with OpenAI's `model_not_found`, as OpenAI answers
+    /// a project without access to a model.
+    #[error("This API key does not have access to model `{0}`.")]
+    ModelForbidden(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -140,6 +144,12 @@ impl ApiError {
                 Some("model".into()),
             ),
             Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", Some("forbidden"), None),
+            ModelForbidden(_) => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                Some("model_not_found"),
+                Some("model".into()),
+            ),
             Unauthorized(_) => {
                 (StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), None)
             }

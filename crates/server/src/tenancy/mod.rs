@@ -488,7 +488,7 @@ pub async fn admission(State(state): State<AppState>, request: Request, next: Ne
 fn refusal(e: &ApiError) -> Option<&'static str> {
     Some(match e {
         ApiError::Unauthorized(_) => "unauthorized",
-        ApiError::Forbidden(_) => "forbidden",
+        ApiError::Forbidden(_) | ApiError::ModelForbidden(_) => "forbidden",
         ApiError::RateLimited { tokens: false, .. } => "rate_limit_requests",
         ApiError::RateLimited { tokens: true, .. } => "rate_limit_tokens",
         ApiError::QuotaExceeded(_) => "budget",
@@ -517,7 +517,7 @@ async fn admit(
         && !model.is_empty()
         && !key.allows_model(&model)
     {
-        return Err(ApiError::Forbidden(format!("This API key may not use the model '{model}'.")));
+        return Err(ApiError::ModelForbidden(model.to_string()));
     }
     // Only model-running routes are metered; counting tokens is not.
     let path = parts.uri.path();
