@@ -74,6 +74,28 @@ impl ProviderConfig {
         }
     }
 
+    /// A likely mistake in a base URL that is well formed: the path each kind appends makes
+    /// the upstream answer 404 to every request. Said in the log when the config is read.
+    pub fn base_url_hint(&self) -> Option<String> {
+        let url = self.base_url.trim().trim_end_matches('/');
+        let path = url.split_once("://").map_or("", |(_, rest)| rest.find('/').map_or("", |i| &rest[i..]));
+        match self.kind.as_str() {
+            "openai" if path.is_empty() => Some(format!(
+                "base_url `{url}` has no path, so requests go to {url}/chat/completions; \
+                 OpenAI-compatible servers (vLLM, Ollama, llama-server) serve under /v1, as in {url}/v1"
+            )),
+            "anthropic" if path.ends_with("/v1") => Some(format!(
+                "base_url `{url}` ends in /v1, so requests go to {url}/v1/messages; \
+                 the anthropic kind appends /v1/messages itself (base_url like https://api.anthropic.com)"
+            )),
+            "gemini" if path.ends_with("/v1beta") || path.ends_with("/v1") => Some(format!(
+                "base_url `{url}` ends in a version, so requests go to {url}/v1beta/models/…; \
+                 the gemini kind appends /v1beta itself (base_url like https://generativelanguage.googleapis.com)"
+            )),
+            _ => None,
+        }
+    }
+
     /// The key from its variable or file; an error names the source, never the value.
     pub fn api_key(&self) -> Result<Option<String>, String> {
         if let Some(var) = &self.api_key_env {
@@ -181,4 +203,34 @@ pub struct PresetParams {
     pub frequency_penalty: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(kind: &str, base_url: &str) -> ProviderConfig {
+        ProviderConfig {
+            kind: kind.into(),
+            base_url: base_url.into(),
+            api_key_env: None,
+            api_key_file: None,
+            connect_timeout_ms: 1,
+            first_byte_timeout_ms: 1,
+            total_timeout_ms: 1,
+        }
+    }
+
+    #[test]
+    fn base_urls_missing_or_repeating_the_version_are_pointed_out() {
+        let hint = |kind, url| provider(kind, url).base_url_hint();
+        assert!(hint("openai", "http://10.0.0.5:8000").unwrap().contains("http://10.0.0.5:8000/v1"));
+        assert!(hint("openai", "http://10.0.0.5:8000/").is_some());
+        assert_eq!(hint("openai", "http://10.0.0.5:8000/v1"), None);
+        assert_eq!(hint("openai", "https://dashscope.aliyuncs.com/compatible-mode/v1"), None);
+        assert!(hint("anthropic", "https://api.anthropic.com/v1").unwrap().contains("/v1/v1/messages"));
+        assert_eq!(hint("anthropic", "https://api.anthropic.com"), None);
+        assert!(hint("gemini", "https://generativelanguage.googleapis.com/v1beta/").is_some());
+        assert_eq!(hint("gemini", "https://generativelanguage.googleapis.com"), None);
+    }
 }

@@ -133,6 +133,9 @@ impl Gateway {
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for (name, p) in &config.providers {
             let base_url = p.checked_base_url().map_err(|e| GatewayError::Config(name.clone(), e))?;
+            if let Some(hint) = p.base_url_hint() {
+                tracing::warn!(provider = %name, "{hint}");
+            }
             let api_key = p.api_key().map_err(|e| GatewayError::Config(name.clone(), e))?;
             let timeouts = Timeouts {
                 connect: Duration::from_millis(p.connect_timeout_ms),
