@@ -100,9 +100,52 @@ def test_revoked_and_expired_keys_are_refused(keyed):
     assert admin(keyed, "POST", f"/admin/v1/keys/{key['id']}/revoke").status_code == 200
     r = chat(keyed, secret)
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
-    expired, _, _ = make_key(keyed, "revoke-tenant", expires_at=int(time.time() * 1000) - 1000)
-    r = chat(keyed, expired)
+    expiring, _, _ = make_key(keyed, "revoke-tenant", expires_at=int(time.time() * 1000) + 1500)
+    time.sleep(2)
+    r = chat(keyed, expiring)
     assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+    # A key can't be made expired.
+    r = admin(keyed, "POST", "/admin/v1/keys", {"name": "x", "role": "admin", "expires_at": 1000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "expires_at"
+
+
+def test_the_last_admin_key_is_not_revoked_and_auth_stays_on(tmp_path):
+    """Revoking every admin key used to turn authentication off: the server fell back to the
+    keyless single-user mode, open to anyone. The last usable admin key now can't be revoked,
+    and a server that had keys never goes back to having none."""
+    server = Server(model=False, env={"FERRY_ADMIN_KEY": ADMIN})
+    try:
+        bootstrap = admin(server, "GET", "/admin/v1/whoami").json()["key"]["id"]
+        r = admin(server, "POST", f"/admin/v1/keys/{bootstrap}/revoke")
+        assert r.status_code == 409, r.text
+        assert "last admin key" in r.json()["error"]["message"]
+        # With a second admin key the first can go, and the second is then the last.
+        second = admin(server, "POST", "/admin/v1/keys", {"name": "second", "role": "admin"}).json()
+        assert admin(server, "POST", f"/admin/v1/keys/{bootstrap}/revoke").status_code == 200
+        assert admin(server, "POST", f"/admin/v1/keys/{second['id']}/revoke", key=second["key"]).status_code == 409
+        for path in ("/v1/models", "/admin/v1/whoami"):
+            r = httpx.get(server.url + path)
+            assert r.status_code == 401, (path, r.status_code)
+        assert admin(server, "GET", "/admin/v1/whoami", key=ADMIN).status_code == 401
+    finally:
+        server.stop()
+
+
+def test_a_keyless_server_makes_an_admin_key_before_any_other(tmp_path):
+    """The first key turns authentication on for good: a member key made first would lock the
+    local user out of the admin API."""
+    server = Server(model=False)
+    try:
+        tenant = httpx.post(server.url + "/admin/v1/tenants", json={"name": "t"}).json()
+        project = httpx.post(server.url + "/admin/v1/projects", json={"tenant_id": tenant["id"], "name": "p"}).json()
+        r = httpx.post(server.url + "/admin/v1/keys", json={"name": "m", "role": "member", "project_id": project["id"]})
+        assert r.status_code == 409 and "admin key first" in r.json()["error"]["message"]
+        assert httpx.get(server.url + "/v1/models").status_code == 200  # still keyless
+        r = httpx.post(server.url + "/admin/v1/keys", json={"name": "a", "role": "admin"})
+        assert r.status_code == 201
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+    finally:
+        server.stop()
 
 
 def test_a_revocation_reaches_another_replica_within_the_key_cache_ttl():
@@ -345,7 +388,10 @@ def test_audit_log_verifies_and_detects_tampering():
         admin(s, "POST", f"/admin/v1/keys/{key['id']}/revoke")
         entries = admin(s, "GET", "/admin/v1/audit").json()["data"]
         actions = [e["action"] for e in reversed(entries)]
-        assert actions[:2] == ["tenant.create", "tenant.update"] and actions[-1] == "key.revoke"
+        # The admin key from FERRY_ADMIN_KEY is audited when it is first stored.
+        assert actions[:3] == ["key.import", "tenant.create", "tenant.update"] and actions[-1] == "key.revoke"
+        imported = entries[-1]
+        assert imported["actor"] == "FERRY_ADMIN_KEY" and imported["after"]["role"] == "admin"
         update = next(e for e in entries if e["action"] == "tenant.update")
         assert update["before"]["limits"] == {} and update["after"]["limits"] == {"rpm": 7}
         assert admin(s, "GET", "/admin/v1/audit/verify").json()["ok"]

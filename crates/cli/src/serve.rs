@@ -172,8 +172,16 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
             limits: Default::default(),
             expires_at: None,
         };
-        let key = store.import_key(&new, &secret).await.context("storing the admin key")?;
-        tracing::info!(key = %key.id, prefix = %key.display_prefix, "admin key ready");
+        let (key, stored) = store.import_key(&new, &secret).await.context("storing the admin key")?;
+        if stored {
+            let after = serde_json::to_value(&key).unwrap_or_default();
+            store.audit("FERRY_ADMIN_KEY", "key.import", &key.id, None, Some(&after)).await?;
+        }
+        if key.revoked_at.is_some() {
+            tracing::warn!(key = %key.id, "the admin key given in FERRY_ADMIN_KEY was revoked: it opens nothing");
+        } else {
+            tracing::info!(key = %key.id, prefix = %key.display_prefix, "admin key ready");
+        }
     }
     // Replicas sharing one database need distinct names: the host's, or FERRY_INSTANCE.
     let instance = std::env::var("FERRY_INSTANCE")

@@ -302,6 +302,21 @@ async fn create_key(
             (None, None) => new.tenant_id = caller.0.tenant_id().map(String::from),
         }
     }
+    if new.expires_at.is_some_and(|at| at <= ferry_store::now_ms()) {
+        return Err(ApiError::invalid(
+            "expires_at",
+            "expires_at must be in the future (milliseconds since the epoch)",
+        ));
+    }
+    // The first key turns authentication on for good: without an admin key among them,
+    // nobody could manage the server any more.
+    if new.role != Role::Admin && !store.has_active_admin_key().await? {
+        return Err(ApiError::Conflict(
+            "Create an admin key first (or start the server with FERRY_ADMIN_KEY): once a key exists, every \
+             request needs one, and the admin API an admin key."
+                .into(),
+        ));
+    }
     let (key, secret) = store.create_key(&new).await?;
     record(&state, &caller, "key.create", &key.id, None, Some(to_value(&key))).await?;
     state.tenancy().refresh().await?;

@@ -138,16 +138,25 @@ impl Store {
         Ok((key, secret))
     }
 
-    /// Stores a key whose secret comes from outside (the bootstrap admin key). Returns the
-    /// existing key when this secret is already stored.
-    pub async fn import_key(&self, new: &NewKey, secret: &str) -> Result<ApiKey> {
+    /// Stores a key whose secret comes from outside (the bootstrap admin key), and says
+    /// whether it was stored now: the key already stored under this secret is returned as it
+    /// is (a revoked one stays revoked).
+    pub async fn import_key(&self, new: &NewKey, secret: &str) -> Result<(ApiKey, bool)> {
         if secret.len() < 16 {
             return Err(StoreError::Invalid("an imported key must be at least 16 characters".into()));
         }
         if let Some(existing) = self.key_by_secret(secret).await? {
-            return Ok(existing);
+            return Ok((existing, false));
         }
-        self.insert_key(new, secret).await
+        match self.insert_key(new, secret).await {
+            Ok(key) => Ok((key, true)),
+            // Another replica starting with the same key stored it between the read and the
+            // insert: its key is this one.
+            Err(StoreError::Conflict(e)) => {
+                self.key_by_secret(secret).await?.map(|key| (key, false)).ok_or(StoreError::Conflict(e))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn insert_key(&self, new: &NewKey, secret: &str) -> Result<ApiKey> {
@@ -255,14 +264,37 @@ impl Store {
         Ok(count > 0)
     }
 
-    /// Revokes a key; revoking twice keeps the first time.
+    /// Whether any key was ever made (revoked and expired ones included): what turns
+    /// authentication on, for good. A server that had keys never falls back to the keyless
+    /// single-user mode because its keys were revoked or expired.
+    pub async fn has_keys(&self) -> Result<bool> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM api_keys LIMIT 1) AS any_key")
+                .fetch_one(self.pool())
+                .await?;
+        Ok(count > 0)
+    }
+
+    /// Revokes a key; revoking twice keeps the first time. The last admin key that can be
+    /// used is not revoked (a conflict): nobody could manage the server after it.
     pub async fn revoke_key(&self, id: &str) -> Result<ApiKey> {
-        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now_ms())
-            .bind(id)
-            .execute(self.pool())
-            .await?;
-        self.key(id).await
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
+             AND (role <> 'admin' OR EXISTS (SELECT 1 FROM api_keys other WHERE other.role = 'admin' \
+             AND other.id <> $2 AND other.revoked_at IS NULL AND (other.expires_at IS NULL OR other.expires_at > $1)))",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        let key = self.key(id).await?;
+        if done.rows_affected() == 0 && key.revoked_at.is_none() {
+            return Err(StoreError::Conflict(format!(
+                "key '{id}' is the last admin key that can be used: create another admin key before revoking it"
+            )));
+        }
+        Ok(key)
     }
 
     pub async fn set_key_limits(&self, id: &str, limits: &Limits) -> Result<ApiKey> {

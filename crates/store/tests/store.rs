@@ -133,6 +133,7 @@ async fn keys_suite(store: &Store) {
     let tenant = store.create_tenant("acme", &Limits::default()).await.unwrap();
     let project = store.create_project(&tenant.id, "web", &Limits::default()).await.unwrap();
     assert!(!store.has_active_admin_key().await.unwrap());
+    assert!(!store.has_keys().await.unwrap());
 
     let admin = NewKey {
         name: "bootstrap".into(),
@@ -143,9 +144,13 @@ async fn keys_suite(store: &Store) {
         limits: Limits::default(),
         expires_at: None,
     };
-    let imported = store.import_key(&admin, "an-admin-secret-from-env").await.unwrap();
+    let (imported, stored) = store.import_key(&admin, "an-admin-secret-from-env").await.unwrap();
+    assert!(stored);
     // Importing the same secret again finds the stored key.
-    assert_eq!(store.import_key(&admin, "an-admin-secret-from-env").await.unwrap(), imported);
+    assert_eq!(
+        store.import_key(&admin, "an-admin-secret-from-env").await.unwrap(),
+        (imported.clone(), false)
+    );
     // A secret chosen outside Ferry shows only its first four characters.
     assert_eq!(imported.display_prefix, "an-a");
     assert!(store.has_active_admin_key().await.unwrap());
@@ -202,6 +207,21 @@ async fn keys_suite(store: &Store) {
     assert_eq!(store.set_key_limits(&key.id, &limits).await.unwrap().limits, limits);
     assert_eq!(store.keys(Some(&tenant.id)).await.unwrap().len(), 4);
     assert_eq!(store.keys(None).await.unwrap().len(), 5);
+
+    // The last admin key that can be used is not revoked: nobody could manage the server.
+    assert!(matches!(store.revoke_key(&imported.id).await, Err(StoreError::Conflict(_))));
+    assert!(store.key(&imported.id).await.unwrap().is_active(now));
+    let (second, _) = store.create_key(&NewKey { expires_at: Some(now - 1), ..admin.clone() }).await.unwrap();
+    assert!(
+        matches!(store.revoke_key(&imported.id).await, Err(StoreError::Conflict(_))),
+        "an expired admin key manages nothing"
+    );
+    store.revoke_key(&second.id).await.unwrap();
+    let (third, _) = store.create_key(&admin).await.unwrap();
+    assert!(store.revoke_key(&imported.id).await.unwrap().revoked_at.is_some());
+    assert!(matches!(store.revoke_key(&third.id).await, Err(StoreError::Conflict(_))));
+    // Keys were made: authentication stays on whatever becomes of them.
+    assert!(store.has_keys().await.unwrap());
 }
 
 fn start(id: &str, tenant: Option<&str>, model: &str, at: i64) -> UsageStart {
@@ -651,7 +671,7 @@ async fn display_migration_suite(target: &str) {
         limits: Default::default(),
         expires_at: None,
     };
-    let imported = store.import_key(&admin, "Tr0ub4dor-horse9-battery").await.unwrap();
+    let (imported, _) = store.import_key(&admin, "Tr0ub4dor-horse9-battery").await.unwrap();
     let (generated, _) = store.create_key(&NewKey { name: "gen".into(), ..admin.clone() }).await.unwrap();
     // As imports were stored before: fifteen characters.
     sqlx::query("UPDATE api_keys SET display_prefix = 'Tr0ub4dor-horse' WHERE id = $1")

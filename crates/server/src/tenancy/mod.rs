@@ -95,7 +95,8 @@ pub struct Tenancy {
     pub metering: bool,
     /// The sha256 of each local model file by model id, filled in after loading.
     pub model_sha256: Arc<std::sync::RwLock<HashMap<String, String>>>,
-    /// On when an admin key exists; until then the server is a single local user's.
+    /// On once a key exists (revoked and expired ones too); until then the server is a
+    /// single local user's.
     auth_required: AtomicBool,
     /// Keys by the SHA-256 of their secret, raw: the hex text the store keeps would cost a
     /// string and its encoding per request.
@@ -143,7 +144,7 @@ impl Tenancy {
         policies: Vec<ferry_guardrails::Policy>,
         instance: String,
     ) -> Result<Tenancy, ApiError> {
-        let required = store.has_active_admin_key().await?;
+        let required = store.has_keys().await?;
         Ok(Tenancy {
             usage: store.open_usage_writer().await?,
             store,
@@ -197,10 +198,12 @@ impl Tenancy {
         self.auth_required.load(Ordering::Relaxed)
     }
 
-    /// Re-reads whether an admin key exists (after keys change) and forgets cached keys.
+    /// Re-reads whether keys exist (after keys change) and forgets cached keys. Once on,
+    /// authentication stays on.
     pub async fn refresh(&self) -> Result<(), ApiError> {
-        let required = self.store.has_active_admin_key().await?;
-        self.auth_required.store(required, Ordering::Relaxed);
+        if self.store.has_keys().await? {
+            self.auth_required.store(true, Ordering::Relaxed);
+        }
         if let Ok(mut keys) = self.keys.lock() {
             keys.clear();
         }
@@ -215,7 +218,7 @@ impl Tenancy {
         {
             return Ok(Some(found.clone()));
         }
-        // The store's reads are boxed: a key is read once a minute at most, and their futures
+        // The store's reads are boxed: a key is read once every `KEY_CACHE_TTL` at most, and their futures
         // would otherwise size every request's admission state.
         let Some(key) = Box::pin(self.store.key_by_secret(secret)).await? else { return Ok(None) };
         let project = match &key.project_id {
