@@ -16,7 +16,9 @@ class MockUpstream:
     def __init__(self, dialect="openai"):
         self.requests = []  # (headers, body) as received
         self.paths = []  # the path of each request, in the same order
-        self.script = []  # per request: ("error", status, body, headers) or ("ok", text or tool call)
+        # per request: ("error", status, body, headers), ("ok", text or tool call), ("sleep", s)
+        # or ("json", text): a plain JSON answer even to a stream request
+        self.script = []
         self.default = ("ok", "Hello from the mock.")
         mock = self
 
@@ -32,7 +34,7 @@ class MockUpstream:
                 step = mock.script.pop(0) if mock.script else mock.default
                 if step[0] == "error":
                     _, status, payload, headers = step
-                    data = json.dumps(payload).encode()
+                    data = b"" if payload is None else json.dumps(payload).encode()
                     self.send_response(status)
                     for k, v in headers.items():
                         self.send_header(k, v)
@@ -40,6 +42,10 @@ class MockUpstream:
                     self.send_header("content-length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+                    return
+                if step[0] == "json":
+                    # A server that ignores `stream` and answers plain JSON.
+                    self.plain(body, ("ok", step[1]))
                     return
                 if step[0] == "sleep":
                     time.sleep(step[1])

@@ -170,6 +170,34 @@ def test_fallback_and_circuit_breaker(mock, tmp_path):
         b.stop()
 
 
+def test_a_stream_answered_without_events_is_a_502_and_falls_back(tmp_path):
+    """An upstream that ignores `stream` (answers JSON) or sends an empty event stream used to
+    crash the request's task: the client's connection dropped without a response."""
+    first, second = MockUpstream(), MockUpstream()
+    b = gateway(tmp_path, {"a": first.url, "b": second.url},
+                [{"name": "one", "retries": 0, "targets": [("a", "x")]},
+                 {"name": "two", "retries": 0, "targets": [("a", "x"), ("b", "y")]}])
+    try:
+        client = b.client(max_retries=0)
+        first.script.append(("json", "not a stream"))
+        with pytest.raises(openai.APIStatusError) as e:
+            list(client.chat.completions.create(model="one", messages=HELLO, stream=True))
+        assert e.value.status_code == 502 and "ended before its first event" in e.value.message
+        first.script.append(("json", "not a stream"))
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="two", messages=HELLO, stream=True) if c.choices)
+        assert text.strip() == "Hello from the mock."
+        # An error without a body (a route the upstream doesn't serve) still says something.
+        first.script.append(("error", 404, None, {}))
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="one", messages=HELLO)
+        assert "404 Not Found with no message" in e.value.message
+    finally:
+        b.stop()
+        first.stop()
+        second.stop()
+
+
 def test_an_unreachable_upstream_is_reported_without_its_address(tmp_path):
     dead = dead_url()
     b = gateway(tmp_path, {"dead": dead}, [{"name": "gone", "retries": 0, "targets": [("dead", "x")]}])

@@ -48,14 +48,13 @@ pub enum ProviderError {
 
 impl ProviderError {
     /// Worth another try (on this target or the next): rate limits, server errors,
-    /// connection failures and timeouts; never a client error.
+    /// connection failures, timeouts and answers that could not be read (the upstream's
+    /// fault, like a 502); never a client error.
     pub fn is_retryable(&self) -> bool {
         match self {
             ProviderError::Status { status, .. } => *status == 429 || *status >= 500,
-            ProviderError::Connect(_) | ProviderError::Timeout(_) => true,
-            ProviderError::Decode(_) | ProviderError::Unsupported { .. } | ProviderError::Refused { .. } => {
-                false
-            }
+            ProviderError::Connect(_) | ProviderError::Timeout(_) | ProviderError::Decode(_) => true,
+            ProviderError::Unsupported { .. } | ProviderError::Refused { .. } => false,
         }
     }
 
@@ -226,11 +225,15 @@ pub(crate) async fn after_first_event(
     let first = tokio::time::timeout(first_byte, events.next())
         .await
         .map_err(|_| ProviderError::Timeout("first byte"))?;
-    let head = match first {
-        Some(Err(e)) => return Err(e),
-        other => other,
-    };
-    Ok(futures::stream::iter(head).chain(events).boxed())
+    match first {
+        Some(Err(e)) => Err(e),
+        Some(Ok(event)) => Ok(futures::stream::iter([Ok(event)]).chain(events).boxed()),
+        // A stream that ended before its first event (an empty body, or a server that ignored
+        // `stream` and answered JSON) is a bad answer, and the gateway may still fall back.
+        None => Err(ProviderError::Decode(
+            "the upstream's stream ended before its first event (does it support streaming?)".into(),
+        )),
+    }
 }
 
 /// A transport failure, classified for retries, with any key scrubbed from the text and
@@ -327,6 +330,14 @@ impl Upstream {
             .or_else(|| error.as_str())
             .map(str::to_string)
             .unwrap_or_else(|| text.chars().take(500).collect());
+        // An empty body (a route the upstream doesn't serve, often) still says what happened.
+        let message = if message.trim().is_empty() {
+            let reason = reqwest::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason());
+            format!("the upstream answered {status} {} with no message", reason.unwrap_or(""))
+                .replace("  ", " ")
+        } else {
+            message
+        };
         let code = ["code", "type", "status"].iter().find_map(|k| error[*k].as_str()).map(str::to_string);
         let param = error["param"].as_str().map(str::to_string);
         Err(ProviderError::Status {

@@ -74,6 +74,9 @@ pub enum ApiError {
     },
     #[error("The upstream provider could not be reached: {0}")]
     BadGateway(String),
+    /// An upstream answer that could not be read (not its wire format, or cut short).
+    #[error("The upstream provider's answer could not be read: {0}")]
+    BadUpstreamAnswer(String),
     #[error("The upstream provider timed out: {0}")]
     GatewayTimeout(String),
     /// Every target of an alias has its circuit open: 503 with Retry-After.
@@ -194,6 +197,9 @@ impl ApiError {
                 (status, kind, Some(code), param.clone())
             }
             BadGateway(_) => (StatusCode::BAD_GATEWAY, "server_error", Some("upstream_unreachable"), None),
+            BadUpstreamAnswer(_) => {
+                (StatusCode::BAD_GATEWAY, "server_error", Some("bad_upstream_response"), None)
+            }
             UpstreamUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("upstream_unavailable"), None)
             }
@@ -260,7 +266,7 @@ impl From<ferry_providers::ProviderError> for ApiError {
             },
             P::Connect(m) => ApiError::BadGateway(m),
             P::Timeout(what) => ApiError::GatewayTimeout(what.to_string()),
-            P::Decode(m) => ApiError::BadGateway(m),
+            P::Decode(m) => ApiError::BadUpstreamAnswer(m),
             P::Unsupported { param, .. } => ApiError::invalid(param, message),
             P::Refused { param, message } => ApiError::invalid(param, message),
         }
