@@ -55,6 +55,15 @@ def test_responses_refuses_what_it_cannot_do(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL_ID, input="hi", previous_response_id="resp_123")
     assert e.value.param == "previous_response_id"
+    # Stored conversations, background runs, stored prompts and log probabilities are named,
+    # never silently dropped.
+    refused = [({"conversation": "conv_1"}, "conversation"), ({"background": True}, "background"),
+               ({"prompt": {"id": "pmpt_1"}}, "prompt"), ({"top_logprobs": 2}, "top_logprobs"),
+               ({"include": ["message.output_text.logprobs"]}, "include")]
+    for extra, param in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL_ID, input="hi", max_output_tokens=16, **extra)
+        assert e.value.param == param, (extra, e.value.param)
     # The local models read text only: an image part is named, never dropped.
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL_ID, input=[{"role": "user", "content": [

@@ -23,6 +23,17 @@ pub struct ResponsesRequest {
     pub previous_response_id: Option<String>,
     pub store: Option<bool>,
     pub metadata: Option<serde_json::Value>,
+    /// Stateful or stored things a stateless server can't honour, read only to refuse them by
+    /// name rather than ignore them: a stored conversation, a background run, a stored prompt.
+    #[schema(value_type = Option<Object>)]
+    pub conversation: Option<serde_json::Value>,
+    pub background: Option<bool>,
+    #[schema(value_type = Option<Object>)]
+    pub prompt: Option<serde_json::Value>,
+    /// Log probabilities (`top_logprobs`, `include: ["message.output_text.logprobs"]`): refused
+    /// by name for now; Chat Completions serves them.
+    pub top_logprobs: Option<u32>,
+    pub include: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -251,6 +262,9 @@ pub enum StreamEvent {
     Completed { sequence_number: u64, response: Response },
     #[serde(rename = "response.incomplete")]
     Incomplete { sequence_number: u64, response: Response },
+    /// The response ended by an error: with the output it had, status `failed` and `error`.
+    #[serde(rename = "response.failed")]
+    Failed { sequence_number: u64, response: Response },
     #[serde(rename = "error")]
     Error { sequence_number: u64, code: Option<String>, message: String, param: Option<String> },
 }
@@ -271,6 +285,7 @@ impl StreamEvent {
             StreamEvent::OutputItemDone { .. } => "response.output_item.done",
             StreamEvent::Completed { .. } => "response.completed",
             StreamEvent::Incomplete { .. } => "response.incomplete",
+            StreamEvent::Failed { .. } => "response.failed",
             StreamEvent::Error { .. } => "error",
         }
     }

@@ -41,6 +41,34 @@ fn refuse_unsupported(request: &ResponsesRequest) -> Result<(), ApiError> {
             "Ferry's Responses API is stateless: send the whole conversation as 'input' instead of 'previous_response_id'",
         ));
     }
+    if request.conversation.as_ref().is_some_and(|c| !c.is_null()) {
+        return Err(ApiError::invalid(
+            "conversation",
+            "Ferry's Responses API is stateless and keeps no conversations: send the whole conversation as 'input'",
+        ));
+    }
+    if request.background == Some(true) {
+        return Err(ApiError::invalid(
+            "background",
+            "Ferry's Responses API stores no responses, so it can't run one in the background: send the request \
+             without 'background' (or stream it)",
+        ));
+    }
+    if request.prompt.as_ref().is_some_and(|p| !p.is_null()) {
+        return Err(ApiError::invalid(
+            "prompt",
+            "Ferry keeps no stored prompts: send the prompt's text as 'instructions' and 'input'",
+        ));
+    }
+    let logprobs = request.include.iter().flatten().any(|i| i == "message.output_text.logprobs");
+    if logprobs || request.top_logprobs.is_some_and(|n| n > 0) {
+        let param = if logprobs { "include" } else { "top_logprobs" };
+        return Err(ApiError::invalid(
+            param,
+            "Ferry's Responses API doesn't return log probabilities yet: use Chat Completions' 'logprobs' and \
+             'top_logprobs'",
+        ));
+    }
     Ok(())
 }
 

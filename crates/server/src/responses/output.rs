@@ -160,6 +160,8 @@ struct Renderer {
     blank: String,
     finish: Option<FinishReason>,
     usage: ferry_providers::Usage,
+    /// An error ended the response (`response.failed` was sent): nothing follows it.
+    failed: bool,
 }
 
 impl Renderer {
@@ -173,6 +175,7 @@ impl Renderer {
             blank: String::new(),
             finish: None,
             usage: Default::default(),
+            failed: false,
         }
     }
 
@@ -192,6 +195,9 @@ impl Renderer {
 
     fn event(&mut self, event: Result<ChatEvent, ferry_providers::ProviderError>) -> Vec<StreamEvent> {
         let mut out = Vec::new();
+        if self.failed {
+            return out;
+        }
         match event {
             // A Responses answer has one choice.
             Ok(ChatEvent::Text { choice, text, .. }) if choice == 0 && !text.is_empty() => {
@@ -238,14 +244,28 @@ impl Renderer {
             Ok(ChatEvent::Finish { choice: 0, reason }) => self.finish = Some(reason),
             Ok(ChatEvent::Usage(u)) => self.usage = u,
             Ok(_) => {}
+            // As OpenAI ends a response that fails midway: `error`, the open item closed as
+            // incomplete, then `response.failed` with what was output. Never `completed`.
             Err(e) => {
                 let body = ApiError::from(e).body().error;
                 out.push(StreamEvent::Error {
                     sequence_number: self.next(),
-                    code: body.code,
-                    message: body.message,
+                    code: body.code.clone(),
+                    message: body.message.clone(),
                     param: body.param,
                 });
+                let last = self.open;
+                self.close("incomplete", &mut out);
+                let output = self
+                    .items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| item.output(if Some(i) == last { "incomplete" } else { "completed" }))
+                    .collect();
+                let mut failed = self.envelope.response("failed", output, Some(usage(&self.usage)));
+                failed.error = Some(serde_json::json!({"code": body.code, "message": body.message}));
+                out.push(StreamEvent::Failed { sequence_number: self.next(), response: failed });
+                self.failed = true;
             }
         }
         out
@@ -338,6 +358,9 @@ impl Renderer {
     /// The last item closed, then `response.completed` (or `.incomplete`) with every item.
     fn end(&mut self) -> Vec<StreamEvent> {
         let mut out = Vec::new();
+        if self.failed {
+            return out;
+        }
         let status = status(self.finish);
         if self.items.is_empty() {
             let text = std::mem::take(&mut self.blank);
@@ -429,6 +452,38 @@ mod tests {
             name: name.map(str::to_string),
             arguments: arguments.into(),
         }
+    }
+
+    #[test]
+    fn an_error_midway_fails_the_response_and_ends_the_stream() {
+        let mut r = Renderer::new(envelope());
+        let mut out = r.opening();
+        out.extend(r.event(Ok(ChatEvent::Text { choice: 0, text: "Once upon".into(), logprobs: None })));
+        out.extend(r.event(Err(ProviderError::Timeout("total"))));
+        out.extend(r.event(Ok(ChatEvent::Text { choice: 0, text: " a time".into(), logprobs: None })));
+        out.extend(r.end());
+        let events: Vec<serde_json::Value> =
+            out.into_iter().map(|e| serde_json::to_value(e).unwrap()).collect();
+        assert_eq!(
+            types(&events),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "error",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.failed",
+            ]
+        );
+        let failed = &events.last().unwrap()["response"];
+        assert_eq!(failed["status"], "failed");
+        assert_eq!(failed["error"]["code"], "upstream_timeout");
+        assert_eq!(failed["output"][0]["status"], "incomplete");
+        assert_eq!(failed["output"][0]["content"][0]["text"], "Once upon");
     }
 
     #[test]
