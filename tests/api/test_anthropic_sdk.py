@@ -75,6 +75,22 @@ def test_count_tokens(claude):
     assert counted.input_tokens == m.usage.input_tokens
 
 
+def test_an_assistant_prefill_is_continued(claude):
+    """A conversation ending with the assistant's text is continued from it, and the answer is
+    only what follows (it used to be closed as a turn of its own, and the model began anew)."""
+    ask = {"role": "user", "content": "Count from 1 to 10 separated by commas"}
+    prefilled = [ask, {"role": "assistant", "content": "1, 2, 3,"}]
+    m = claude.messages.create(model=MODEL_ID, max_tokens=8, extra_body=GREEDY, messages=prefilled)
+    assert m.content[0].text.startswith(" 4, 5"), m.content[0].text
+    assert claude.messages.count_tokens(model=MODEL_ID, messages=prefilled).input_tokens == m.usage.input_tokens
+    plain = claude.messages.create(model=MODEL_ID, max_tokens=1, messages=[ask])
+    assert m.usage.input_tokens > plain.usage.input_tokens
+    # As Anthropic: the prefill may not end in white space.
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model=MODEL_ID, max_tokens=8, messages=[ask, {"role": "assistant", "content": "1, 2, "}])
+    assert "trailing whitespace" in e.value.message
+
+
 def test_errors_are_anthropic_shaped(claude, server):
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="claude-nope", max_tokens=5, messages=[{"role": "user", "content": "hi"}])

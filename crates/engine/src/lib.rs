@@ -186,6 +186,28 @@ impl LocalModel {
         Ok(self.backend.tokenize(&text, false))
     }
 
+    /// The conversation with its last message, the assistant's, left open: generation goes on
+    /// from that text (Anthropic's prefill; `continue_final_message` in transformers). The
+    /// template renders the whole conversation and the text is cut after that message's
+    /// content, so whatever closes its turn is left out.
+    pub fn continued_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EngineError> {
+        let last = messages
+            .last()
+            .filter(|m| m.role == "assistant")
+            .map(|m| m.content.trim_end())
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                EngineError::InvalidRequest("the last message is not the assistant's text".into())
+            })?;
+        let text = self.render_chat(messages, &[], false)?;
+        let end = text.rfind(last).map(|i| i + last.len()).ok_or_else(|| {
+            EngineError::InvalidRequest(
+                "this model's chat template rewrites the assistant's text, so it can't be continued".into(),
+            )
+        })?;
+        Ok(self.backend.tokenize(&text[..end], false))
+    }
+
     /// The conversation as the chat template writes it, ending with the assistant's turn
     /// opened when `add_generation_prompt` (as generation needs).
     pub fn render_chat(

@@ -200,6 +200,23 @@ pub async fn chat_prompt(
     chat_prompt_with_tools(model, messages, Vec::new()).await
 }
 
+/// A conversation whose last message, the assistant's, generation continues (Anthropic's
+/// prefill); see `LocalModel::continued_prompt`.
+pub async fn continued_prompt(
+    model: &SharedModel,
+    messages: Vec<ferry_engine::ChatMessage>,
+) -> Result<Vec<TokenId>, ApiError> {
+    crate::guard::check_local(messages.iter().map(|m| m.content.as_str()))?;
+    let model = model.clone();
+    tokio::task::spawn_blocking(move || model.continued_prompt(&messages))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            ferry_engine::EngineError::InvalidRequest(m) => ApiError::invalid("messages", m),
+            other => ApiError::from(other),
+        })
+}
+
 /// `chat_prompt` for a conversation that offers tools (and may hold earlier calls and results).
 pub async fn chat_prompt_with_tools(
     model: &SharedModel,

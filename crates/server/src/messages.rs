@@ -104,6 +104,25 @@ fn conversation(system: Option<&SystemPrompt>, messages: &[Message]) -> Result<V
     Ok(out)
 }
 
+/// Whether the conversation ends with the assistant's text, for the model to continue. As
+/// Anthropic, that text may not end in white space.
+fn prefilled(messages: &[Message]) -> Result<bool, ApiError> {
+    let Some(last) = messages.last().filter(|m| m.role == "assistant") else { return Ok(false) };
+    let text = match &last.content {
+        MessageContent::Text(text) => text.clone(),
+        MessageContent::Blocks(blocks) => {
+            block_text(blocks, &format!("messages.{}.content", messages.len() - 1))?
+        }
+    };
+    if text != text.trim_end() {
+        return Err(ApiError::invalid(
+            format!("messages.{}", messages.len() - 1),
+            "final assistant content cannot end with trailing whitespace",
+        ));
+    }
+    Ok(!text.is_empty())
+}
+
 fn block_text(blocks: &[ContentBlock], path: &str) -> Result<String, ApiError> {
     let mut text = String::new();
     for (j, block) in blocks.iter().enumerate() {
@@ -175,7 +194,13 @@ pub async fn messages(
         ..SamplingFields::default()
     };
     let sampling = validate::sampling(&fields, &model)?;
-    let prompt = generation::chat_prompt(&model, messages).await?;
+    // A conversation that ends with the assistant's text is continued from it (a prefill),
+    // and the answer is only what follows, as Anthropic does.
+    let prompt = if prefilled(&request.messages)? {
+        generation::continued_prompt(&model, messages).await?
+    } else {
+        generation::chat_prompt(&model, messages).await?
+    };
     let max_tokens = validate::max_tokens(Some(request.max_tokens), "max_tokens", prompt.len(), &model)?;
     let input_tokens = prompt.len() as u64;
     let submitted = generation::submit(
@@ -458,6 +483,10 @@ pub async fn count_tokens(
     let model: SharedModel = state.model(&request.model).await?;
     refuse_tools(&request.tools)?;
     let messages = conversation(request.system.as_ref(), &request.messages)?;
-    let prompt = generation::chat_prompt(&model, messages).await?;
+    let prompt = if prefilled(&request.messages)? {
+        generation::continued_prompt(&model, messages).await?
+    } else {
+        generation::chat_prompt(&model, messages).await?
+    };
     Ok(axum::Json(CountTokensResponse { input_tokens: prompt.len() as u64 }).into_response())
 }
