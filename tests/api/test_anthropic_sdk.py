@@ -75,6 +75,28 @@ def test_count_tokens(claude):
     assert counted.input_tokens == m.usage.input_tokens
 
 
+def test_count_tokens_with_tools_and_tool_turns(claude):
+    """count_tokens counts the prompt a create runs, tools and earlier tool turns included (it
+    refused both)."""
+    tools = [{"name": "get_weather", "description": "The weather in a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    counted = claude.messages.count_tokens(model=MODEL_ID, messages=ask, tools=tools)
+    m = claude.messages.create(model=MODEL_ID, max_tokens=1, messages=ask, tools=tools)
+    assert counted.input_tokens == m.usage.input_tokens
+    assert counted.input_tokens > claude.messages.count_tokens(model=MODEL_ID, messages=ask).input_tokens
+    turns = ask + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny, 21 C"}]},
+    ]
+    for offered in (tools, None):
+        extra = {"tools": offered} if offered else {}
+        counted = claude.messages.count_tokens(model=MODEL_ID, messages=turns, **extra)
+        m = claude.messages.create(model=MODEL_ID, max_tokens=1, messages=turns, **extra)
+        assert counted.input_tokens == m.usage.input_tokens, offered
+
+
 def test_an_assistant_prefill_is_continued(claude):
     """A conversation ending with the assistant's text is continued from it, and the answer is
     only what follows (it used to be closed as a turn of its own, and the model began anew)."""

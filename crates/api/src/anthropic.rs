@@ -29,6 +29,7 @@ pub struct CountTokensRequest {
     pub messages: Vec<Message>,
     pub system: Option<SystemPrompt>,
     pub tools: Option<Vec<serde_json::Value>>,
+    pub tool_choice: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, utoipa::ToSchema)]

@@ -171,7 +171,7 @@ pub async fn messages(
             ApiError::invalid("temperature", format!("temperature: {t} is not between 0 and 1")).into()
         );
     }
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) || has_tool_blocks(&request.messages) {
         // Tool use goes the neutral way: translated as for an upstream, generated under the
         // tool grammar, rendered back by the same code as an upstream's answer.
         let mut translatable = request.clone();
@@ -460,14 +460,14 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
 }
 
 /// Counting the tokens of a conversation with tools is not done yet: refused by name.
-fn refuse_tools(tools: &Option<Vec<serde_json::Value>>) -> Result<(), ApiError> {
-    match tools {
-        Some(tools) if !tools.is_empty() => Err(ApiError::invalid(
-            "tools",
-            "tools: counting tokens with tools is not supported by local models yet",
-        )),
-        _ => Ok(()),
-    }
+/// Whether earlier turns hold tool calls or their results (which the neutral path renders).
+fn has_tool_blocks(messages: &[Message]) -> bool {
+    messages.iter().any(|m| match &m.content {
+        MessageContent::Blocks(blocks) => {
+            blocks.iter().any(|b| b.kind == "tool_use" || b.kind == "tool_result")
+        }
+        MessageContent::Text(_) => false,
+    })
 }
 
 #[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "Anthropic",
@@ -481,7 +481,31 @@ pub async fn count_tokens(
     let body = read_body(body, &state)?;
     let request: CountTokensRequest = validate::parse_json(&body)?;
     let model: SharedModel = state.model(&request.model).await?;
-    refuse_tools(&request.tools)?;
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) || has_tool_blocks(&request.messages) {
+        // Counted on the prompt a create with the same tools and conversation runs.
+        let translatable = MessagesRequest {
+            model: request.model.clone(),
+            messages: request.messages.clone(),
+            system: request.system.clone(),
+            tools: request.tools.clone(),
+            tool_choice: request.tool_choice.clone(),
+            max_tokens: 1,
+            stop_sequences: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            stream: false,
+            metadata: None,
+        };
+        let neutral = translate::from_anthropic(&translatable)?;
+        let run = crate::structured::LocalRun {
+            top_k: None,
+            max_tokens_param: "max_tokens",
+            format_param: "response_format",
+        };
+        let (prompt, _) = crate::structured::local_neutral_prompt(&model, &neutral, &run).await?;
+        return Ok(axum::Json(CountTokensResponse { input_tokens: prompt.len() as u64 }).into_response());
+    }
     let messages = conversation(request.system.as_ref(), &request.messages)?;
     let prompt = if prefilled(&request.messages)? {
         generation::continued_prompt(&model, messages).await?

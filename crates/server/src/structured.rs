@@ -381,6 +381,37 @@ pub async fn local_neutral_events(
     request: ferry_providers::ChatRequest,
     run: LocalRun,
 ) -> Result<crate::chat::EventStream, ApiError> {
+    let (prompt, plan) = local_neutral_prompt(model, &request, &run).await?;
+    let p = &request.params;
+    let fields = ferry_api::openai::SamplingFields {
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: run.top_k,
+        stop: Some(ferry_api::openai::Stop::Many(p.stop.clone())),
+        seed: p.seed,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        ..ferry_api::openai::SamplingFields::default()
+    };
+    let sampling = crate::validate::sampling(&fields, model)?;
+    let constraint = compile(model, &plan).await?;
+    let requested = request.params.max_tokens.map(|m| m as i64);
+    let max_tokens = crate::validate::max_tokens(requested, run.max_tokens_param, prompt.len(), model)?;
+    let mut generate = crate::validate::generate_request(prompt, max_tokens, &sampling, None, false);
+    generate.constraint = constraint;
+    let submitted = crate::generation::submit(model, vec![generate])?;
+    let events = crate::chat::local_events(model.clone(), submitted);
+    Ok(if plan.calls_tools() { tool_call_events(events, &plan) } else { events })
+}
+
+/// The prompt a neutral request runs on a local model (its conversation, earlier calls and
+/// results included, rendered with the tools it offers) and the plan of its output. Counting
+/// a request's tokens uses the same prompt.
+pub async fn local_neutral_prompt(
+    model: &SharedModel,
+    request: &ferry_providers::ChatRequest,
+    run: &LocalRun,
+) -> Result<(Vec<ferry_engine::TokenId>, OutputPlan), ApiError> {
     use ferry_providers::{Part, Role, ToolChoice};
     let mut messages = Vec::with_capacity(request.messages.len());
     for (i, message) in request.messages.iter().enumerate() {
@@ -439,27 +470,8 @@ pub async fn local_neutral_events(
     let schema = response_schema(request.response_format.as_ref(), run.format_param)?;
     let parallel = request.params.parallel_tool_calls.unwrap_or(true);
     let plan = plan_of(tools, mode, schema, parallel, run.format_param)?;
-    let p = &request.params;
-    let fields = ferry_api::openai::SamplingFields {
-        temperature: p.temperature,
-        top_p: p.top_p,
-        top_k: run.top_k,
-        stop: Some(ferry_api::openai::Stop::Many(p.stop.clone())),
-        seed: p.seed,
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
-        ..ferry_api::openai::SamplingFields::default()
-    };
-    let sampling = crate::validate::sampling(&fields, model)?;
-    let constraint = compile(model, &plan).await?;
     let prompt = crate::generation::chat_prompt_with_tools(model, messages, plan.tools.clone()).await?;
-    let requested = request.params.max_tokens.map(|m| m as i64);
-    let max_tokens = crate::validate::max_tokens(requested, run.max_tokens_param, prompt.len(), model)?;
-    let mut generate = crate::validate::generate_request(prompt, max_tokens, &sampling, None, false);
-    generate.constraint = constraint;
-    let submitted = crate::generation::submit(model, vec![generate])?;
-    let events = crate::chat::local_events(model.clone(), submitted);
-    Ok(if plan.calls_tools() { tool_call_events(events, &plan) } else { events })
+    Ok((prompt, plan))
 }
 
 /// Collects neutral events into a whole neutral answer (one choice).
