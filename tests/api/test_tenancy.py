@@ -148,6 +148,29 @@ def test_a_keyless_server_makes_an_admin_key_before_any_other(tmp_path):
         server.stop()
 
 
+def test_a_budget_spent_on_one_replica_is_seen_by_another():
+    """Budgets were read from the records once per process, then counted locally: with N
+    replicas a daily budget could be spent N times. Each replica now reads them again every
+    5 seconds."""
+    a = Server("--parallel", "2", "--ctx-size", "512", env={"FERRY_ADMIN_KEY": ADMIN, "FERRY_INSTANCE": "a"})
+    b = None
+    try:
+        b = Server("--parallel", "2", "--ctx-size", "512", data_dir=a.data_dir,
+                   env={"FERRY_ADMIN_KEY": ADMIN, "FERRY_INSTANCE": "b"})
+        secret, _, _ = make_key(a, "shared-budget", limits={"tokens_per_day": 120})
+        assert chat(b, secret).status_code == 200  # b has read the budget's spending
+        while chat(a, secret).status_code == 200:
+            pass
+        assert chat(a, secret).status_code == 429
+        time.sleep(6)
+        r = chat(b, secret)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
+    finally:
+        if b:
+            b.stop()
+        a.stop()
+
+
 def test_a_revocation_reaches_another_replica_within_the_key_cache_ttl():
     """Two servers on one database: the one that revokes a key refuses it at once, the other
     (which trusts its cached copy of the key for up to 10 seconds) soon after."""
@@ -298,6 +321,8 @@ def test_daily_token_budget(keyed):
     r = chat(keyed, secret, max_tokens=8)
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "insufficient_quota"
+    # No wait within a client's backoff renews a budget: the SDKs are told not to retry.
+    assert r.headers["x-should-retry"] == "false"
 
 
 def test_usage_records_one_row_per_request_and_exports_csv(keyed):

@@ -201,6 +201,9 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     tenancy.metering = config.metering;
+    if !config.metering {
+        tenancy.limiter.read_budgets_once();
+    }
     let keep_traces_ms = config.trace_retention_hours as i64 * 3_600_000;
     spawn_purge(
         tenancy.store.clone(),

@@ -322,6 +322,11 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
             }
         }
+        if let ApiError::QuotaExceeded(_) = &self {
+            // A spent budget renews with the next day or month: no retry within the SDK's
+            // backoff can pass.
+            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         response.extensions_mut().insert(LoggedError(self.to_string()));
         response
     }

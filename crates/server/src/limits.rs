@@ -3,8 +3,10 @@
 //! Requests and tokens per minute are sliding windows (exact: never more than the limit in
 //! any 60 seconds). Tokens are admitted on an estimate (the prompt's size plus the requested
 //! maximum) and reconciled to the real count when the request ends. Day and month budgets
-//! start from what the usage records say was spent, then count in memory. The windows live
-//! in this process: replicas behind a load balancer each enforce the whole limit.
+//! start from what the usage records say was spent, count in memory, and are read again from
+//! the records every [`BUDGET_REFRESH`], so that replicas sharing a database see each other's
+//! spending within that time. The per-minute windows live in this process: replicas behind
+//! a load balancer each enforce the whole limit.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,8 @@ use ferry_store::{Limits, Store, now_ms};
 use crate::error::ApiError;
 
 const WINDOW: Duration = Duration::from_secs(60);
+/// How often a budget's spending is read again from the usage records.
+pub const BUDGET_REFRESH: Duration = Duration::from_secs(5);
 
 /// A scope a request counts against, with its limits.
 #[derive(Debug, Clone)]
@@ -89,7 +93,8 @@ struct Window {
     pruned: u64,
     day: Spend,
     month: Spend,
-    seeded: bool,
+    /// When the budgets' spending was last read from the usage records.
+    seeded_at: Option<Instant>,
 }
 
 impl Window {
@@ -177,6 +182,9 @@ static HEADER_NAMES: [[HeaderName; 3]; 2] = [
 
 pub struct Limiter {
     windows: Mutex<foldhash::HashMap<Arc<str>, Window>>,
+    /// How often budgets are read again from the usage records (`None`: once, for a server
+    /// that writes no records).
+    budget_refresh: Option<Duration>,
 }
 
 /// OpenAI's duration format for reset headers: `20ms`, `6s`, `1m30s`.
@@ -230,11 +238,21 @@ impl std::ops::Deref for ArrayText {
 
 impl Limiter {
     pub fn new() -> Limiter {
-        Limiter { windows: Mutex::new(Default::default()) }
+        Limiter { windows: Mutex::new(Default::default()), budget_refresh: Some(BUDGET_REFRESH) }
     }
 
-    /// Reads the day and month spending of scopes with budgets this process hasn't seen.
+    /// Reads budgets from the usage records once only (a server without metering writes none,
+    /// so its budgets count this process alone).
+    pub fn read_budgets_once(&mut self) {
+        self.budget_refresh = None;
+    }
+
+    /// Reads the day and month spending of scopes with budgets this process hasn't seen, or
+    /// hasn't read for [`BUDGET_REFRESH`] (other replicas spend too).
     async fn seed(&self, store: &Store, scoped: &[&Subject]) -> Result<(), ApiError> {
+        let fresh = |w: &Window| {
+            w.seeded_at.is_some_and(|at| self.budget_refresh.is_none_or(|every| at.elapsed() < every))
+        };
         for s in scoped {
             let key = &s.window;
             let l = &s.limits;
@@ -242,7 +260,7 @@ impl Limiter {
                 || l.tokens_per_month.is_some()
                 || l.cost_per_day.is_some()
                 || l.cost_per_month.is_some();
-            if !budgets || self.windows.lock().map_err(poisoned)?.get(key).is_some_and(|w| w.seeded) {
+            if !budgets || self.windows.lock().map_err(poisoned)?.get(key).is_some_and(fresh) {
                 continue;
             }
             let (day, month) = day_and_month_start(now_ms());
@@ -256,10 +274,13 @@ impl Limiter {
             let (month_tokens, month_cost) = Box::pin(store.spent(scope, month)).await?;
             let mut windows = self.windows.lock().map_err(poisoned)?;
             let w = windows.entry(key.clone()).or_default();
-            if !w.seeded {
+            // The records hold every replica's finished requests, this one's included (those of
+            // the last moments, still gathering for their group commit, are counted again at the
+            // next reading).
+            if !fresh(w) {
                 w.day = Spend { since_ms: day, tokens: day_tokens, cost: day_cost };
                 w.month = Spend { since_ms: month, tokens: month_tokens, cost: month_cost };
-                w.seeded = true;
+                w.seeded_at = Some(Instant::now());
             }
         }
         Ok(())
