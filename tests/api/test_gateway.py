@@ -187,6 +187,10 @@ def test_a_stream_answered_without_events_is_a_502_and_falls_back(tmp_path):
         text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="two", messages=HELLO, stream=True) if c.choices)
         assert text.strip() == "Hello from the mock."
+        # n is checked as OpenAI checks it before anything goes upstream.
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="one", messages=HELLO, n=0)
+        assert e.value.param == "n"
         # An error without a body (a route the upstream doesn't serve) still says something.
         first.script.append(("error", 404, None, {}))
         with pytest.raises(openai.NotFoundError) as e:

@@ -231,6 +231,9 @@ def test_tenant_admins_see_only_their_tenant(keyed):
     # Another tenant's things don't exist for it.
     assert admin(keyed, "GET", f"/admin/v1/tenants/{tenant_b}", key=a_admin).status_code == 404
     assert admin(keyed, "GET", f"/admin/v1/keys/{b_key['id']}", key=a_admin).status_code == 404
+    # Nor does its usage: asking for it is a 404, not its own totals under another name.
+    assert admin(keyed, "GET", f"/admin/v1/usage?tenant_id={tenant_b}", key=a_admin).status_code == 404
+    assert admin(keyed, "GET", f"/admin/v1/usage?tenant_id={tenant_a}", key=a_admin).status_code == 200
     assert admin(keyed, "POST", f"/admin/v1/keys/{b_key['id']}/revoke", key=a_admin).status_code == 404
     r = admin(keyed, "POST", "/admin/v1/projects", {"tenant_id": tenant_b, "name": "x"}, key=a_admin)
     assert r.status_code == 404

@@ -414,10 +414,7 @@ async fn usage(
             ApiError::invalid("group_by", format!("'{name}' is not one of tenant, project, key, model, day"))
         })?);
     }
-    let tenant_id = match caller.0.role() {
-        Role::Admin => params.tenant_id,
-        _ => caller.0.tenant_id().map(String::from),
-    };
+    let tenant_id = report_tenant(&caller, params.tenant_id)?;
     let query = UsageQuery { tenant_id, from_ms: params.from, to_ms: params.to, group_by: group_by.clone() };
     // Read this replica's own writes: records still gathering for the next group commit.
     state.tenancy().settle_writes().await;
@@ -465,10 +462,14 @@ async fn usage(
 }
 
 /// The tenant a report is narrowed to: the one asked for by an admin, a tenant admin's own.
-fn report_tenant(caller: &Caller, asked: Option<String>) -> Option<String> {
-    match caller.0.role() {
-        Role::Admin => asked,
-        _ => caller.0.tenant_id().map(String::from),
+fn report_tenant(caller: &Caller, asked: Option<String>) -> Result<Option<String>, ApiError> {
+    match (caller.0.role(), asked) {
+        (Role::Admin, asked) => Ok(asked),
+        // Another tenant doesn't exist for a tenant admin: the 404 any of its things gets.
+        (_, Some(asked)) if Some(asked.as_str()) != caller.0.tenant_id() => {
+            Err(ApiError::NotFound(format!("No such tenant '{asked}'")))
+        }
+        _ => Ok(caller.0.tenant_id().map(String::from)),
     }
 }
 
@@ -521,7 +522,7 @@ async fn usage_series(
         return Err(ApiError::invalid("from", "'from' must be before 'to'"));
     }
     let query = ferry_store::reports::SeriesQuery {
-        tenant_id: report_tenant(&caller, params.tenant_id),
+        tenant_id: report_tenant(&caller, params.tenant_id)?,
         from_ms: from,
         to_ms: to,
         bucket_ms,
@@ -565,7 +566,7 @@ async fn list_traces(
     Query(params): Query<TraceParams>,
 ) -> Result<impl IntoResponse, ApiError> {
     let query = ferry_store::reports::TraceQuery {
-        tenant_id: report_tenant(&caller, params.tenant_id),
+        tenant_id: report_tenant(&caller, params.tenant_id)?,
         from_ms: params.from,
         to_ms: params.to,
         id_prefix: params.id.map(|id| id.trim().to_string()),

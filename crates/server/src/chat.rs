@@ -51,6 +51,7 @@ pub async fn chat_completions(
     if let Some(gateway) = state.gateway()
         && gateway.has_alias(&request.model)
     {
+        validate::n_in_range(fields.n)?;
         return upstream(gateway, request, fields, cache_choice(&headers)?, client_model).await;
     }
     let model = state.model(&request.model).await?;

@@ -15,6 +15,15 @@ use crate::error::ApiError;
 /// Most choices one request may ask for (OpenAI allows 128; a local model is bounded
 /// further by its parallel sequences, checked against the model).
 const MAX_N: i64 = 128;
+
+/// `n` (default 1) between 1 and 128, as OpenAI takes it; a local model may take fewer.
+pub fn n_in_range(n: Option<i64>) -> Result<i64, ApiError> {
+    let n = n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid("n", format!("Invalid 'n': {n} is not between 1 and {MAX_N}")));
+    }
+    Ok(n)
+}
 const MAX_STOP: usize = 16;
 const MAX_TOP_LOGPROBS: i64 = 20;
 
@@ -183,11 +192,8 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
             ));
         }
     };
-    let n = fields.n.unwrap_or(1);
+    let n = n_in_range(fields.n)?;
     let parallel = model.scheduler.config().session.n_sequences;
-    if !(1..=MAX_N).contains(&n) {
-        return Err(ApiError::invalid("n", format!("Invalid 'n': {n} is not between 1 and {MAX_N}")));
-    }
     if n as usize > parallel {
         return Err(ApiError::invalid(
             "n",

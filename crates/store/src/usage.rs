@@ -351,7 +351,9 @@ impl Store {
                 prompt_tokens: row.try_get("prompt_tokens")?,
                 completion_tokens: row.try_get("completion_tokens")?,
                 cached_tokens: row.try_get("cached_tokens")?,
-                cost: row.try_get("cost")?,
+                // A sum of many float costs carries binary noise (0.8870000000000007); no
+                // price has more than nine decimals.
+                cost: (row.try_get::<f64, _>("cost")? * 1e9).round() / 1e9,
                 ..Default::default()
             };
             for (i, by) in query.group_by.iter().enumerate() {
