@@ -211,6 +211,21 @@ def test_streamed_structured_output_parses(smollm2):
     assert isinstance(final.choices[0].message.parsed, Review)
 
 
+def test_streamed_tool_calls_open_with_null_content(smollm2):
+    """A streamed answer of tool calls opens its choice with content null, as OpenAI's: the SDK's
+    stream helper then ends with the same message as the whole answer (content None, not "")."""
+    client = smollm2.client(max_retries=0, timeout=120)
+    kwargs = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Weather in Paris?"}], temperature=0,
+                  tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {
+                      "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+                  tool_choice="required", parallel_tool_calls=False, max_tokens=60)
+    whole = client.chat.completions.create(**kwargs).choices[0].message
+    with client.chat.completions.stream(**kwargs) as stream:
+        streamed = stream.get_final_completion().choices[0].message
+    assert whole.content is None and streamed.content is None, (whole.content, streamed.content)
+    assert streamed.tool_calls[0].function.name == whole.tool_calls[0].function.name == "get_weather"
+
+
 def test_bad_schemas_and_formats_are_400s_naming_the_parameter(smollm2):
     client = smollm2.client(max_retries=0, timeout=60)
     messages = [{"role": "user", "content": "Hi"}]

@@ -343,37 +343,66 @@ fn stream(
             chunk(vec![ChatChunkChoice { index, delta, logprobs, finish_reason }], None)
         }
     };
-    let role = ChatDelta { role: Some("assistant".into()), content: Some(String::new()), tool_calls: None };
-    let first: Vec<SseEvent> = (0..n).map(|i| delta_chunk(i as u32, role.clone(), None, None)).collect();
-    let body = events.map(move |event| match event {
-        Ok(ChatEvent::Text { choice, text, logprobs }) => {
-            let delta = ChatDelta { role: None, content: Some(text), tool_calls: None };
-            vec![delta_chunk(choice, delta, logprobs.and_then(|v| serde_json::from_value(v).ok()), None)]
+    // Each choice opens with the assistant's role, as OpenAI's does: with `content: ""` before
+    // text, `content: null` before tool calls (so the SDKs' stream helpers end with the same
+    // message as a whole answer). It goes with the choice's first event, which says which.
+    let mut opened = vec![false; n];
+    let body = events.map(move |event| {
+        let mut out = Vec::with_capacity(2);
+        let opening = match &event {
+            Ok(ChatEvent::Text { choice, .. }) | Ok(ChatEvent::Finish { choice, .. }) => {
+                Some((*choice, true))
+            }
+            Ok(ChatEvent::ToolCall { choice, .. }) => Some((*choice, false)),
+            _ => None,
+        };
+        if let Some((choice, text)) = opening
+            && let Some(open) = opened.get_mut(choice as usize)
+            && !*open
+        {
+            *open = true;
+            let content = text.then(String::new);
+            let role = ChatDelta { role: Some("assistant".into()), content, tool_calls: None };
+            out.push(delta_chunk(choice, role, None, None));
         }
-        Ok(ChatEvent::ToolCall { choice, index, id, name, arguments }) => {
-            let call = ToolCallDelta {
-                index,
-                kind: id.as_ref().map(|_| "function".to_string()),
-                id,
-                function: FunctionCallDelta { name, arguments },
-            };
-            let delta = ChatDelta { role: None, content: None, tool_calls: Some(vec![call]) };
-            vec![delta_chunk(choice, delta, None, None)]
+        match event {
+            Ok(ChatEvent::Text { choice, text, logprobs }) => {
+                let delta = ChatDelta { role: None, content: Some(text), tool_calls: None };
+                out.push(delta_chunk(
+                    choice,
+                    delta,
+                    logprobs.and_then(|v| serde_json::from_value(v).ok()),
+                    None,
+                ));
+            }
+            Ok(ChatEvent::ToolCall { choice, index, id, name, arguments }) => {
+                let call = ToolCallDelta {
+                    index,
+                    kind: id.as_ref().map(|_| "function".to_string()),
+                    id,
+                    function: FunctionCallDelta { name, arguments },
+                };
+                let delta = ChatDelta { role: None, content: None, tool_calls: Some(vec![call]) };
+                out.push(delta_chunk(choice, delta, None, None));
+            }
+            Ok(ChatEvent::Finish { choice, reason }) => {
+                out.push(delta_chunk(choice, ChatDelta::default(), None, Some(reason.openai().to_string())));
+            }
+            Ok(ChatEvent::Usage(u)) => {
+                let u = neutral_usage(&u);
+                out.extend(include_usage.then(|| chunk(vec![], Some(Some(u)))));
+            }
+            Err(e) => {
+                let body = ApiError::from(e).body();
+                out.push(
+                    SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}")),
+                );
+            }
         }
-        Ok(ChatEvent::Finish { choice, reason }) => {
-            vec![delta_chunk(choice, ChatDelta::default(), None, Some(reason.openai().to_string()))]
-        }
-        Ok(ChatEvent::Usage(u)) => {
-            let u = neutral_usage(&u);
-            include_usage.then(|| chunk(vec![], Some(Some(u)))).into_iter().collect()
-        }
-        Err(e) => {
-            let body = ApiError::from(e).body();
-            vec![SseEvent::default().json_data(body).unwrap_or_else(|_| SseEvent::default().data("{}"))]
-        }
+        out
     });
-    let all = futures::stream::iter(first)
-        .chain(body.flat_map(futures::stream::iter))
+    let all = body
+        .flat_map(futures::stream::iter)
         .chain(futures::stream::once(async { SseEvent::default().data("[DONE]") }))
         .map(Ok::<_, Infallible>);
     Sse::new(all).keep_alive(KeepAlive::default())
