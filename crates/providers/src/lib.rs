@@ -332,9 +332,10 @@ impl Upstream {
             .unwrap_or_else(|| text.chars().take(500).collect());
         // An empty body (a route the upstream doesn't serve, often) still says what happened.
         let message = if message.trim().is_empty() {
-            let reason = reqwest::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason());
-            format!("the upstream answered {status} {} with no message", reason.unwrap_or(""))
-                .replace("  ", " ")
+            match reqwest::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()) {
+                Some(reason) => format!("the upstream answered {status} {reason} with no message"),
+                None => format!("the upstream answered {status} with no message"),
+            }
         } else {
             message
         };

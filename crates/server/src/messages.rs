@@ -123,6 +123,21 @@ fn prefilled(messages: &[Message]) -> Result<bool, ApiError> {
     Ok(!text.is_empty())
 }
 
+/// The prompt of a conversation without tools: continued from the assistant's text when it
+/// ends with some (a prefill: the answer is only what follows, as Anthropic's is), else with
+/// the assistant's turn opened.
+async fn local_prompt(
+    model: &SharedModel,
+    request: &[Message],
+    messages: Vec<ChatMessage>,
+) -> Result<Vec<ferry_engine::TokenId>, ApiError> {
+    if prefilled(request)? {
+        generation::continued_prompt(model, messages).await
+    } else {
+        generation::chat_prompt(model, messages).await
+    }
+}
+
 fn block_text(blocks: &[ContentBlock], path: &str) -> Result<String, ApiError> {
     let mut text = String::new();
     for (j, block) in blocks.iter().enumerate() {
@@ -171,7 +186,7 @@ pub async fn messages(
             ApiError::invalid("temperature", format!("temperature: {t} is not between 0 and 1")).into()
         );
     }
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) || has_tool_blocks(&request.messages) {
+    if uses_tools(request.tools.as_deref(), &request.messages) {
         // Tool use goes the neutral way: translated as for an upstream, generated under the
         // tool grammar, rendered back by the same code as an upstream's answer.
         let mut translatable = request.clone();
@@ -194,13 +209,7 @@ pub async fn messages(
         ..SamplingFields::default()
     };
     let sampling = validate::sampling(&fields, &model)?;
-    // A conversation that ends with the assistant's text is continued from it (a prefill),
-    // and the answer is only what follows, as Anthropic does.
-    let prompt = if prefilled(&request.messages)? {
-        generation::continued_prompt(&model, messages).await?
-    } else {
-        generation::chat_prompt(&model, messages).await?
-    };
+    let prompt = local_prompt(&model, &request.messages, messages).await?;
     let max_tokens = validate::max_tokens(Some(request.max_tokens), "max_tokens", prompt.len(), &model)?;
     let input_tokens = prompt.len() as u64;
     let submitted = generation::submit(
@@ -459,8 +468,12 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
     Sse::new(all).keep_alive(KeepAlive::default())
 }
 
-/// Counting the tokens of a conversation with tools is not done yet: refused by name.
-/// Whether earlier turns hold tool calls or their results (which the neutral path renders).
+/// Whether the request offers tools or earlier turns hold tool calls or their results: the
+/// neutral path renders those (for a create and for count_tokens alike).
+fn uses_tools(tools: Option<&[serde_json::Value]>, messages: &[Message]) -> bool {
+    tools.is_some_and(|t| !t.is_empty()) || has_tool_blocks(messages)
+}
+
 fn has_tool_blocks(messages: &[Message]) -> bool {
     messages.iter().any(|m| match &m.content {
         MessageContent::Blocks(blocks) => {
@@ -481,7 +494,7 @@ pub async fn count_tokens(
     let body = read_body(body, &state)?;
     let request: CountTokensRequest = validate::parse_json(&body)?;
     let model: SharedModel = state.model(&request.model).await?;
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) || has_tool_blocks(&request.messages) {
+    if uses_tools(request.tools.as_deref(), &request.messages) {
         // Counted on the prompt a create with the same tools and conversation runs.
         let translatable = MessagesRequest {
             model: request.model.clone(),
@@ -498,19 +511,11 @@ pub async fn count_tokens(
             metadata: None,
         };
         let neutral = translate::from_anthropic(&translatable)?;
-        let run = crate::structured::LocalRun {
-            top_k: None,
-            max_tokens_param: "max_tokens",
-            format_param: "response_format",
-        };
+        let run = crate::structured::LocalRun::chat(None);
         let (prompt, _) = crate::structured::local_neutral_prompt(&model, &neutral, &run).await?;
         return Ok(axum::Json(CountTokensResponse { input_tokens: prompt.len() as u64 }).into_response());
     }
     let messages = conversation(request.system.as_ref(), &request.messages)?;
-    let prompt = if prefilled(&request.messages)? {
-        generation::continued_prompt(&model, messages).await?
-    } else {
-        generation::chat_prompt(&model, messages).await?
-    };
+    let prompt = local_prompt(&model, &request.messages, messages).await?;
     Ok(axum::Json(CountTokensResponse { input_tokens: prompt.len() as u64 }).into_response())
 }

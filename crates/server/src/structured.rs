@@ -360,6 +360,13 @@ pub struct LocalRun {
     pub format_param: &'static str,
 }
 
+impl LocalRun {
+    /// A Chat Completions or Messages request's run (`max_tokens`, `response_format`).
+    pub fn chat(top_k: Option<i64>) -> LocalRun {
+        LocalRun { top_k, max_tokens_param: "max_tokens", format_param: "response_format" }
+    }
+}
+
 /// A neutral request (Anthropic's Messages with tools, translated) run on a local model:
 /// the same tool grammar and parser as chat completions, answered as neutral events so the
 /// dialect's own renderer writes them. `top_k` is the dialect's, outside the neutral params.
@@ -368,7 +375,7 @@ pub async fn local_tool_events(
     request: ferry_providers::ChatRequest,
     top_k: Option<i64>,
 ) -> Result<crate::chat::EventStream, ApiError> {
-    let run = LocalRun { top_k, max_tokens_param: "max_tokens", format_param: "response_format" };
+    let run = LocalRun::chat(top_k);
     local_neutral_events(model, request, run).await
 }
 

@@ -256,12 +256,7 @@ impl Renderer {
                 });
                 let last = self.open;
                 self.close("incomplete", &mut out);
-                let output = self
-                    .items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, item)| item.output(if Some(i) == last { "incomplete" } else { "completed" }))
-                    .collect();
+                let output = self.outputs(last, "incomplete");
                 let mut failed = self.envelope.response("failed", output, Some(usage(&self.usage)));
                 failed.error = Some(serde_json::json!({"code": body.code, "message": body.message}));
                 out.push(StreamEvent::Failed { sequence_number: self.next(), response: failed });
@@ -355,6 +350,13 @@ impl Renderer {
         out.push(StreamEvent::OutputItemDone { sequence_number: self.next(), output_index, item });
     }
 
+    /// Every item as the final response shows it: the one at `last` with `status`, the
+    /// others completed.
+    fn outputs(&self, last: Option<usize>, status: &str) -> Vec<OutputItem> {
+        let status_of = |i| if Some(i) == last { status } else { "completed" };
+        self.items.iter().enumerate().map(|(i, item)| item.output(status_of(i))).collect()
+    }
+
     /// The last item closed, then `response.completed` (or `.incomplete`) with every item.
     fn end(&mut self) -> Vec<StreamEvent> {
         let mut out = Vec::new();
@@ -371,12 +373,7 @@ impl Renderer {
         }
         let last = self.items.len() - 1;
         self.close(status, &mut out);
-        let output = self
-            .items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| item.output(if i == last { status } else { "completed" }))
-            .collect();
+        let output = self.outputs(Some(last), status);
         let done = self.envelope.response(status, output, Some(usage(&self.usage)));
         let sequence_number = self.next();
         out.push(match status {

@@ -245,26 +245,24 @@ impl Finish {
             j.int(*n as u64);
         }
         j.raw("}},\"timings\":{");
-        let upstream_ms = route.filter(|r| !r.cache_hit).map(|_| finish.latency_ms as f64);
         let timings = [
             ("queue_ms", engine.map(|e| e.0)),
             ("prefill_ms", engine.map(|e| e.1)),
             ("decode_ms", engine.map(|e| e.2)),
             ("inter_token_mean_ms", gaps.map(|g| g.0)),
             ("inter_token_max_ms", gaps.map(|g| g.1)),
-            ("upstream_ms", upstream_ms),
         ];
         let mut first = true;
         for (key, value) in timings {
             if let Some(value) = value {
                 j.key(first, key);
                 first = false;
-                if key == "upstream_ms" {
-                    j.int(value as u64);
-                } else {
-                    j.float(value);
-                }
+                j.float(value);
             }
+        }
+        if route.is_some_and(|r| !r.cache_hit) {
+            j.key(first, "upstream_ms");
+            j.int(finish.latency_ms);
         }
         j.raw("},\"sampling\":{");
         for (i, (key, value)) in parts.sampling.given().enumerate() {
