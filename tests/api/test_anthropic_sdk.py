@@ -2,8 +2,12 @@
 
 Recent SDKs no longer take `temperature` as an argument; the API still accepts it, so the
 tests send it through `extra_body` (greedy decoding makes the answers comparable)."""
+import json
+from typing import Literal
+
 import anthropic
 import httpx
+import pydantic
 import pytest
 
 from conftest import MODEL_ID
@@ -131,3 +135,66 @@ def test_errors_are_anthropic_shaped(claude, server):
     assert body["error"]["type"] == "invalid_request_error"
     r = httpx.post(server.url + "/v1/messages", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    sky: Literal["sunny", "cloudy", "rainy", "snowy"]
+    windy: bool
+    temperature_c: int
+
+
+def test_structured_output_with_messages_parse(claude):
+    """`messages.parse(output_format=Model)` sends `output_config.format` with the model's
+    JSON schema; the answer is generated under that schema's grammar, so it always parses.
+    (The SDK moves bounds such as maxLength into descriptions, so the schema has none.)"""
+    for place in ["Paris", "Tokyo", "Lagos", "Lima"]:
+        m = claude.messages.parse(model=MODEL_ID, max_tokens=150, extra_body=GREEDY, output_format=Weather,
+                                  messages=[{"role": "user", "content": f"What is the weather like in {place} today? Answer in JSON."}])
+        assert isinstance(m.parsed_output, Weather), m.content
+        assert m.stop_reason == "end_turn"
+    # Streamed: the text deltas add up to JSON that validates.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "windy": {"type": "boolean"}},
+              "required": ["city", "windy"], "additionalProperties": False}
+    with claude.messages.stream(model=MODEL_ID, max_tokens=150, extra_body=GREEDY,
+                                output_config={"format": {"type": "json_schema", "schema": schema}},
+                                messages=[{"role": "user", "content": "Is it windy in Oslo? Answer in JSON."}]) as stream:
+        text = "".join(stream.text_stream)
+    answer = json.loads(text)
+    assert set(answer) == {"city", "windy"} and isinstance(answer["windy"], bool)
+
+
+def test_what_cannot_be_served_is_refused_by_name(claude):
+    """Each of these was answered 200 with the field dropped; Anthropic's API refuses them
+    (or Ferry cannot honour them), so they are 400s naming the field."""
+    hi = [{"role": "user", "content": "hi"}]
+    tool = {"name": "lookup", "description": "d", "input_schema": {"type": "object"}}
+    cases = [
+        ({"tool_choice": {"type": "auto"}}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages.0"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": []}, {"role": "user", "content": "b"}]}, "messages.1"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
+        ({"tools": [{**tool, "name": "look up!"}]}, "tools.0.name"),
+        ({"tools": [{"name": "lookup"}]}, "tools.0.input_schema"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ({"output_config": {"effort": "high"}}, "output_config.effort"),
+        ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format"),
+        ({"mcp_servers": [{"type": "url", "url": "https://example.com", "name": "x"}]}, "mcp_servers"),
+        ({"tools": [tool], "tool_choice": {"type": "tool", "name": "other"}}, "tool_choice.name"),
+    ]
+    for extra, named in cases:
+        body = {"messages": hi, **extra}
+        with pytest.raises(anthropic.BadRequestError) as e:
+            claude.messages.create(model=MODEL_ID, max_tokens=5, messages=body.pop("messages"), extra_body=body)
+        assert named in str(e.value), (extra, str(e.value))
+        assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+    # Thinking turned off, a service tier and a final empty assistant turn are served.
+    m = claude.messages.create(model=MODEL_ID, max_tokens=3, messages=hi + [{"role": "assistant", "content": ""}],
+                               extra_body={"thinking": {"type": "disabled"}, "service_tier": "auto"})
+    assert m.content[0].type == "text"
+
+
+def test_the_request_id_reads_as_anthropic_sends_it(claude):
+    raw = claude.messages.with_raw_response.create(model=MODEL_ID, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["request-id"] == raw.headers["x-request-id"]
+    assert raw.parse()._request_id == raw.headers["request-id"]

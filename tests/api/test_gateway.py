@@ -297,6 +297,19 @@ def test_openai_sdk_through_an_anthropic_upstream(tmp_path):
         calls = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
         assert calls[0].id == "toolu_1" and calls[0].function.name == "lookup"
         assert "".join(c.function.arguments for c in calls) == '{"q": "oslo"}'
+        # A JSON schema becomes Anthropic's structured output (output_config.format); JSON
+        # without a schema has no Anthropic equivalent and is refused by name.
+        upstream.default = ("ok", '{"city": "Paris", "population_millions": 2.1}')
+        schema = {"type": "object", "properties": {"city": {"type": "string"}, "population_millions": {"type": "number"}},
+                  "required": ["city", "population_millions"], "additionalProperties": False}
+        r = client.chat.completions.create(model="claude-alias", messages=[{"role": "user", "content": "Paris?"}],
+                                           response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+        assert json.loads(r.choices[0].message.content)["city"] == "Paris"
+        assert upstream.requests[-1][1]["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="claude-alias", response_format={"type": "json_object"},
+                                           messages=[{"role": "user", "content": "Hi"}])
+        assert e.value.param == "response_format"
         # What Anthropic cannot express is refused by name; its errors map to OpenAI's shape.
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="claude-alias", n=2, messages=[{"role": "user", "content": "Hi"}])

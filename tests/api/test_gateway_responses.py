@@ -183,10 +183,15 @@ def test_text_format_json_schema_through_aliases(gw, mocks):
     assert json.loads(r.output_text)["celsius"] == 21
     config = sent(gemini_mock)["generationConfig"]
     assert config["responseMimeType"] == "application/json" and config["responseJsonSchema"] == FORMAT["schema"]
-    # Anthropic's Messages API has no output schema: refused by name, never dropped.
+    # Anthropic: its structured output, `output_config.format`; JSON without a schema has no
+    # Anthropic equivalent: refused by name, never dropped.
+    mocks["anthropic"].script = [("ok", answer)]
+    r = gw.responses.create(model="anthropic-alias", input="Weather in Paris?", text={"format": FORMAT})
+    assert json.loads(r.output_text)["city"] == "Paris"
+    assert sent(mocks["anthropic"])["output_config"] == {"format": {"type": "json_schema", "schema": FORMAT["schema"]}}
     before = len(mocks["anthropic"].requests)
     with pytest.raises(openai.BadRequestError) as e:
-        gw.responses.create(model="anthropic-alias", input="Weather?", text={"format": FORMAT})
+        gw.responses.create(model="anthropic-alias", input="Weather?", text={"format": {"type": "json_object"}})
     assert e.value.param == "text.format" and "Anthropic" in e.value.message
     assert len(mocks["anthropic"].requests) == before
     # A malformed format is refused before any upstream call.

@@ -19,6 +19,14 @@ pub struct MessagesRequest {
     pub tools: Option<Vec<serde_json::Value>>,
     pub tool_choice: Option<serde_json::Value>,
     pub metadata: Option<serde_json::Value>,
+    /// Extended thinking: only `{"type": "disabled"}` is served.
+    pub thinking: Option<serde_json::Value>,
+    /// `format` (`{"type": "json_schema", "schema": ...}`): structured output.
+    pub output_config: Option<serde_json::Value>,
+    /// Every other field, each refused by name (Anthropic refuses fields it doesn't know).
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `count_tokens` takes the request without `max_tokens`.

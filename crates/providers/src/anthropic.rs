@@ -111,9 +111,15 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
     if p.logprobs == Some(true) {
         return refuse("logprobs");
     }
-    if request.response_format.as_ref().is_some_and(|f| f["type"] != "text") {
-        return refuse("response_format");
-    }
+    // A JSON schema is Anthropic's structured output (`output_config.format`); JSON without
+    // a schema has no equivalent.
+    let output_format = match &request.response_format {
+        Some(f) if f["type"] == "json_schema" && f["json_schema"]["schema"].is_object() => {
+            Some(json!({"type": "json_schema", "schema": f["json_schema"]["schema"]}))
+        }
+        Some(f) if f["type"] != "text" => return refuse("response_format"),
+        _ => None,
+    };
     // Anthropic's tool definitions take `strict` (structured outputs); images have no detail.
     crate::refuse_detail_and_strict(request, "Anthropic", true)?;
     let system: Vec<String> =
@@ -176,6 +182,9 @@ pub fn request_body(request: &ChatRequest, stream: bool) -> Result<Value, Provid
         if body["tool_choice"]["type"] != "none" {
             body["tool_choice"]["disable_parallel_tool_use"] = json!(true);
         }
+    }
+    if let Some(format) = output_format {
+        body["output_config"] = json!({"format": format});
     }
     if stream {
         body["stream"] = json!(true);

@@ -43,6 +43,7 @@ pub async fn completions(
     let body = read_body(body, &state)?;
     let request: CompletionRequest = validate::parse_json(&body)?;
     let sampling_fields: SamplingFields = validate::parse_json(&body)?;
+    validate::stream_options_need_stream(request.stream_options.is_some(), request.stream)?;
     if let Some(gateway) = state.gateway() {
         // A preset is a system prompt and parameters for a conversation; a raw prompt has no
         // place for the system prompt, and dropping it would change what the preset means.

@@ -99,6 +99,10 @@ fn conversation(system: Option<&SystemPrompt>, messages: &[Message]) -> Result<V
             MessageContent::Text(text) => text.clone(),
             MessageContent::Blocks(blocks) => block_text(blocks, &format!("messages.{i}.content"))?,
         };
+        // An empty final assistant turn prefills nothing: the answer starts a turn of its own.
+        if content.is_empty() && message.role == "assistant" && i + 1 == messages.len() {
+            break;
+        }
         out.push(ChatMessage::new(message.role.clone(), content));
     }
     Ok(out)
@@ -166,6 +170,7 @@ pub async fn messages(
 ) -> Result<Response, AnthropicError> {
     let body = read_body(body, &state)?;
     let mut request: MessagesRequest = validate::parse_json(&body)?;
+    check_request(&request)?;
     let client_model = request.model.clone();
     if let Some(gateway) = state.gateway()
         && let Some(preset) = gateway.preset(&request.model)
@@ -186,9 +191,10 @@ pub async fn messages(
             ApiError::invalid("temperature", format!("temperature: {t} is not between 0 and 1")).into()
         );
     }
-    if uses_tools(request.tools.as_deref(), &request.messages) {
-        // Tool use goes the neutral way: translated as for an upstream, generated under the
-        // tool grammar, rendered back by the same code as an upstream's answer.
+    if uses_tools(request.tools.as_deref(), &request.messages) || request.output_config.is_some() {
+        // Tool use and structured output go the neutral way: translated as for an upstream,
+        // generated under the tool or schema grammar, rendered back by the same code as an
+        // upstream's answer.
         let mut translatable = request.clone();
         let top_k = translatable.top_k.take();
         let neutral = translate::from_anthropic(&translatable)?;
@@ -468,6 +474,105 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
     Sse::new(all).keep_alive(KeepAlive::default())
 }
 
+/// Fields Anthropic's API takes that change nothing here: `service_tier` picks a capacity
+/// tier, `cache_control` marks where prompt caching may cut (Ferry's prefix cache needs no
+/// marks).
+const IGNORED_FIELDS: &[&str] = &["service_tier", "cache_control"];
+
+/// Refuses what this server would otherwise have to drop: fields it doesn't serve (each by
+/// name), thinking, output settings other than a JSON schema, messages without content,
+/// server tools, tools without a name or input schema, and a tool choice without tools or
+/// naming a tool not offered.
+fn check_request(request: &MessagesRequest) -> Result<(), ApiError> {
+    if let Some(name) = request.other.keys().find(|k| !IGNORED_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::invalid(name.clone(), format!("{name}: this parameter is not supported")));
+    }
+    if let Some(thinking) = &request.thinking
+        && thinking["type"] != "disabled"
+    {
+        return Err(ApiError::invalid(
+            "thinking",
+            format!(
+                "thinking: extended thinking (type '{}') is not supported; leave it out or send {{\"type\": \"disabled\"}}",
+                thinking["type"].as_str().unwrap_or("?")
+            ),
+        ));
+    }
+    if let Some(config) = &request.output_config {
+        let Some(config) = config.as_object() else {
+            return Err(ApiError::invalid("output_config", "output_config: must be an object"));
+        };
+        if let Some(name) = config.keys().find(|k| k.as_str() != "format") {
+            return Err(ApiError::invalid(
+                format!("output_config.{name}"),
+                format!("output_config.{name}: this parameter is not supported"),
+            ));
+        }
+    }
+    let last = request.messages.len().saturating_sub(1);
+    for (i, m) in request.messages.iter().enumerate() {
+        let empty = match &m.content {
+            MessageContent::Blocks(blocks) => blocks.is_empty(),
+            MessageContent::Text(text) => text.is_empty(),
+        };
+        // A final assistant turn may be empty (nothing prefilled).
+        if empty && !(i == last && m.role == "assistant") {
+            return Err(ApiError::invalid(
+                format!("messages.{i}.content"),
+                format!(
+                    "messages.{i}: all messages must have non-empty content except for the optional final assistant message"
+                ),
+            ));
+        }
+    }
+    let tools = request.tools.as_deref().unwrap_or_default();
+    for (i, tool) in tools.iter().enumerate() {
+        if let Some(kind) = tool["type"].as_str().filter(|k| *k != "custom") {
+            return Err(ApiError::invalid(
+                format!("tools.{i}.type"),
+                format!("tools.{i}: server tools (type '{kind}') are not supported; define a client tool with name and input_schema"),
+            ));
+        }
+        let name = tool["name"].as_str().unwrap_or_default();
+        if !valid_tool_name(name) {
+            return Err(ApiError::invalid(
+                format!("tools.{i}.name"),
+                format!("tools.{i}.name: '{name}' must be 1 to 64 letters, digits, underscores or hyphens"),
+            ));
+        }
+        if !tool["input_schema"].is_object() {
+            return Err(ApiError::invalid(
+                format!("tools.{i}.input_schema"),
+                format!("tools.{i}.input_schema: a JSON schema object is required"),
+            ));
+        }
+    }
+    if let Some(choice) = &request.tool_choice {
+        let kind = choice["type"].as_str().unwrap_or_default();
+        if tools.is_empty() && kind != "none" {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "tool_choice: may only be specified while providing tools",
+            ));
+        }
+        if kind == "tool" {
+            let name = choice["name"].as_str().unwrap_or_default();
+            if !tools.iter().any(|t| t["name"] == name) {
+                return Err(ApiError::invalid(
+                    "tool_choice.name",
+                    format!("tool_choice.name: '{name}' is not one of the tools offered"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Anthropic's (and OpenAI's) rule for tool names.
+fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Whether the request offers tools or earlier turns hold tool calls or their results: the
 /// neutral path renders those (for a create and for count_tokens alike).
 fn uses_tools(tools: Option<&[serde_json::Value]>, messages: &[Message]) -> bool {
@@ -509,6 +614,9 @@ pub async fn count_tokens(
             top_k: None,
             stream: false,
             metadata: None,
+            thinking: None,
+            output_config: None,
+            other: Default::default(),
         };
         let neutral = translate::from_anthropic(&translatable)?;
         let run = crate::structured::LocalRun::chat(None);

@@ -232,6 +232,8 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
             }
         };
         let blocks = match &m.content {
+            // An empty final assistant turn prefills nothing.
+            Content::Text(t) if t.is_empty() && role == Role::Assistant => continue,
             Content::Text(t) => {
                 messages.push(Message::text(role, t.clone()));
                 continue;
@@ -301,6 +303,22 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
             strict: t["strict"].as_bool(),
         })
         .collect();
+    let response_format = match request.output_config.as_ref().map(|c| &c["format"]) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(format) if format["type"] == "json_schema" && format["schema"].is_object() => Some(serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": format["schema"], "strict": true},
+        })),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "output_config.format",
+                "output_config.format: must be {\"type\": \"json_schema\", \"schema\": {...}}",
+            ));
+        }
+    };
+    // `disable_parallel_tool_use` asks for at most one call.
+    let parallel_tool_calls =
+        request.tool_choice.as_ref().and_then(|c| c["disable_parallel_tool_use"].as_bool()).map(|off| !off);
     let tool_choice = match &request.tool_choice {
         None => None,
         Some(c) => Some(match (c["type"].as_str(), c["name"].as_str()) {
@@ -308,7 +326,12 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
             (Some("any"), _) => ToolChoice::Required,
             (Some("none"), _) => ToolChoice::None,
             (Some("tool"), Some(name)) => ToolChoice::Function(name.to_string()),
-            _ => return Err(ApiError::invalid("tool_choice", "tool_choice: invalid")),
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "tool_choice: must be {\"type\": \"auto\"}, \"any\", \"none\", or \"tool\" with a name",
+                ));
+            }
         }),
     };
     Ok(ChatRequest {
@@ -319,11 +342,12 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
             top_p: request.top_p,
             max_tokens: Some(request.max_tokens as u64),
             stop: request.stop_sequences.clone().unwrap_or_default(),
+            parallel_tool_calls,
             ..Params::default()
         },
         tools,
         tool_choice,
-        response_format: None,
+        response_format,
     })
 }
 

@@ -24,6 +24,40 @@ pub fn n_in_range(n: Option<i64>) -> Result<i64, ApiError> {
     }
     Ok(n)
 }
+
+/// A `tool` message answers a call an earlier assistant message made, by its id: OpenAI
+/// refuses one without, and a model would otherwise read a result of nothing it asked for.
+pub fn tool_results_answer_calls(messages: &[ferry_api::openai::ChatMessage]) -> Result<(), ApiError> {
+    for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == "tool") {
+        let Some(id) = m.tool_call_id.as_deref().filter(|id| !id.is_empty()) else {
+            return Err(ApiError::missing(format!("messages[{i}].tool_call_id")));
+        };
+        let called = messages[..i].iter().any(|earlier| {
+            earlier.role == "assistant" && earlier.tool_calls.iter().flatten().any(|c| c.id == id)
+        });
+        if !called {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].tool_call_id"),
+                format!(
+                    "Invalid parameter: messages with role 'tool' must be a response to a preceding message with 'tool_calls'; no call has the id '{id}'"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// OpenAI refuses `stream_options` on a request that does not stream (it would be dropped).
+pub fn stream_options_need_stream(stream_options: bool, stream: bool) -> Result<(), ApiError> {
+    if stream_options && !stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ));
+    }
+    Ok(())
+}
+
 const MAX_STOP: usize = 16;
 const MAX_TOP_LOGPROBS: i64 = 20;
 

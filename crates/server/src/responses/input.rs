@@ -159,6 +159,14 @@ fn item_message(i: usize, item: &InputItem, out: &mut Vec<Message>) -> Result<()
         }
         Some("function_call_output") => {
             let call_id = required("call_id", &item.call_id)?;
+            // An output answers a call earlier in the input (a model would otherwise see a
+            // result of nothing it asked for).
+            if !out.iter().any(|m| m.tool_calls.iter().any(|c| c.id == call_id)) {
+                return Err(ApiError::invalid(
+                    format!("input[{i}].call_id"),
+                    format!("No tool call found for function call output with call_id {call_id}."),
+                ));
+            }
             let text = match &item.output {
                 Some(serde_json::Value::String(text)) => text.clone(),
                 Some(serde_json::Value::Array(parts)) => {
@@ -409,8 +417,14 @@ mod tests {
             ),
             (
                 serde_json::json!({"input": [{"role": "user", "content": "hi"},
+                                          {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
                                           {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image", "image_url": "x"}]}]}),
-                "input[1].output[0]",
+                "input[2].output[0]",
+            ),
+            (
+                serde_json::json!({"input": [{"role": "user", "content": "hi"},
+                                          {"type": "function_call_output", "call_id": "nobody", "output": "42"}]}),
+                "input[1].call_id",
             ),
             (serde_json::json!({"input": "hi", "tools": [{"type": "web_search"}]}), "tools[0].type"),
             (
