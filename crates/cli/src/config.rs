@@ -76,6 +76,17 @@ pub struct ServeArgs {
     /// A postgres:// URL to keep state in PostgreSQL instead (several replicas)
     #[arg(long, env = "FERRY_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// A redis:// URL shared by replicas: their requests- and tokens-per-minute limits then
+    /// count together, and key changes reach every replica at once
+    #[arg(long, env = "FERRY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Begins Ferry's Redis keys and channels, for deployments sharing one Redis [default: ferry]
+    #[arg(long, env = "FERRY_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Seconds a replica's heartbeat may stop before the others take it for crashed and close
+    /// the usage records of its requests in flight [default: 30]
+    #[arg(long, env = "FERRY_REPLICA_LEASE_S")]
+    pub replica_lease_s: Option<u64>,
     /// Serve without keys on a non-loopback address (anyone who can reach it may use it)
     #[arg(long)]
     pub insecure_no_auth: bool,
@@ -213,6 +224,9 @@ struct FileConfig {
     cors_origins: Option<Vec<String>>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
+    redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    replica_lease_s: Option<u64>,
     metering: Option<bool>,
     purge_interval_s: Option<u64>,
     shutdown_grace_s: Option<u64>,
@@ -271,6 +285,10 @@ pub struct ServeConfig {
     pub cors_origins: Vec<String>,
     /// The SQLite file, or a postgres:// URL.
     pub database: String,
+    /// Redis shared by replicas, and the prefix of Ferry's keys in it.
+    pub redis: Option<(String, String)>,
+    /// How long a replica's heartbeat may stop before it is taken for crashed.
+    pub replica_lease: std::time::Duration,
     pub insecure_no_auth: bool,
     /// Certificate and key files, for HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -355,6 +373,20 @@ impl ServeArgs {
                     .join("ferry.db")
                     .display()
                     .to_string(),
+            },
+            redis: match self.redis_url.or(file.redis_url) {
+                Some(url) => {
+                    let prefix = self.redis_prefix.or(file.redis_prefix).unwrap_or_else(|| "ferry".into());
+                    if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+                        bail!("--redis-prefix must be a word without spaces, not '{prefix}'");
+                    }
+                    Some((url, prefix))
+                }
+                None => None,
+            },
+            replica_lease: match self.replica_lease_s.or(file.replica_lease_s).unwrap_or(30) {
+                s @ 3..=86_400 => std::time::Duration::from_secs(s),
+                s => bail!("--replica-lease-s must be from 3 to 86400 seconds, not {s}"),
             },
             insecure_no_auth: self.insecure_no_auth,
             tls: match (self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key)) {

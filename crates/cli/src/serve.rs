@@ -78,6 +78,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(handle) = metrics {
         state = state.with_metrics(handle);
     }
+    state.watch_keys();
     spawn_reload_on_sighup(state.clone());
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
@@ -106,7 +107,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             served = axum::serve(listener, app).with_graceful_shutdown(signal).into_future() => served?,
             () = deadline => tracing::warn!(?grace, "requests still in flight after the grace period were cancelled"),
         }
-        stopped_state.tenancy().flush_usage().await;
+        leave(&stopped_state).await;
         return Ok(());
     };
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.with_context(|| {
@@ -123,8 +124,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     println!("Ferry listening on https://{addr}");
     tracing::info!(%addr, "listening with TLS");
     axum_server::from_tcp_rustls(listener.into_std()?, tls)?.handle(handle).serve(app).await?;
-    stopped_state.tenancy().flush_usage().await;
+    leave(&stopped_state).await;
     Ok(())
+}
+
+/// After the last request: the usage records committed, and this run's heartbeat row gone
+/// (nothing of it is left to reconcile).
+async fn leave(state: &AppState) {
+    let tenancy = state.tenancy();
+    tenancy.flush_usage().await;
+    if let Err(e) = tenancy.store.leave(&tenancy.instance).await {
+        tracing::warn!(error = %e, "this run's heartbeat row could not be removed; it expires with its lease");
+    }
 }
 
 /// Loads a sentence-embedding model (off the async threads) and starts its batching thread.
@@ -183,24 +194,45 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
             tracing::info!(key = %key.id, prefix = %key.display_prefix, "admin key ready");
         }
     }
-    // Replicas sharing one database need distinct names: the host's, or FERRY_INSTANCE.
+    // Replicas sharing one database need distinct names: the host's, or FERRY_INSTANCE. Each
+    // run adds a random suffix of its own, so that namesakes never close each other's records.
     let instance = std::env::var("FERRY_INSTANCE")
         .ok()
         .filter(|s| !s.is_empty())
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_else(|| "ferry".into());
-    // Records this instance left `started` were cut short by a crash; any instance's older
-    // than a day never finished.
-    let day_ago = ferry_store::now_ms() - 86_400_000;
-    let reconciled = store.reconcile_usage(&instance, day_ago).await?;
+    let lease = config.replica_lease;
+    let beat = lease / 3;
+    // A run of this name that beat lately is alive, or crashed a moment ago: its lease decides.
+    let live_since = ferry_store::now_ms() - 2 * beat.as_millis() as i64;
+    let (run, namesakes) = store.join(&instance, live_since).await?;
+    for other in &namesakes {
+        tracing::warn!(
+            run = %other.run,
+            "another server named {instance} beat moments ago: if it is not an earlier run of this one, \
+             give each replica its own FERRY_INSTANCE"
+        );
+    }
+    // Records earlier runs of this name left `started` were cut short by a crash; so were
+    // those of any replica whose heartbeat stopped for longer than the lease.
+    let reconciled = store.reconcile_earlier_runs(&instance, &run, live_since).await?
+        + store.reconcile_dead_replicas(lease.as_millis() as i64).await?;
     if reconciled > 0 {
         tracing::warn!(reconciled, "usage records of requests interrupted by an earlier crash were closed");
     }
+    spawn_heartbeat(store.clone(), run.clone(), instance, lease);
     let mut tenancy =
-        ferry_server::Tenancy::new(store, config.prices.clone(), config.guardrails.clone(), instance)
+        ferry_server::Tenancy::new(store, config.prices.clone(), config.guardrails.clone(), run)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     tenancy.metering = config.metering;
+    if let Some((url, prefix)) = &config.redis {
+        let shared = ferry_server::SharedState::connect(url, prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("Redis at {}: {e}", redact_url(url)))?;
+        tenancy.share(shared);
+        tracing::info!(redis = %redact_url(url), prefix = %prefix, "rate limits and key changes shared through Redis");
+    }
     if !config.metering {
         tenancy.limiter.read_budgets_once();
     }
@@ -300,6 +332,35 @@ fn redact_url(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// Renews this run's lease every third of it, and reconciles the records of replicas whose
+/// lease ran out (they crashed, or lost the database).
+fn spawn_heartbeat(store: ferry_store::Store, run: String, instance: String, lease: std::time::Duration) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(lease / 3);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            match store.heartbeat(&run, &instance).await {
+                Ok(true) => {}
+                Ok(false) => tracing::error!(
+                    %run,
+                    "this server's heartbeat had stopped for longer than the lease: other replicas took it for dead and closed the usage records of its requests in flight"
+                ),
+                Err(e) => tracing::warn!(error = %e, "the heartbeat could not be written"),
+            }
+            match store.reconcile_dead_replicas(lease.as_millis() as i64).await {
+                Ok(0) => {}
+                Ok(reconciled) => tracing::warn!(
+                    reconciled,
+                    "usage records of a replica whose heartbeat stopped were closed as interrupted"
+                ),
+                Err(e) => tracing::warn!(error = %e, "records of stopped replicas could not be reconciled"),
+            }
+        }
+    });
 }
 
 /// SIGHUP reloads the gateway config without dropping requests in flight.

@@ -36,6 +36,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/v1/traces", get(list_traces))
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/audit/verify", get(verify_audit))
+        .route("/admin/v1/replicas", get(list_replicas))
         .route("/admin/v1/requests/{id}/content", get(request_content))
 }
 
@@ -622,4 +623,12 @@ async fn audit(
 async fn verify_audit(State(state): State<AppState>, caller: Caller) -> Result<impl IntoResponse, ApiError> {
     caller.require_admin()?;
     Ok(Json(state.tenancy().store.verify_audit().await?))
+}
+
+#[utoipa::path(get, path = "/admin/v1/replicas", tag = "Admin",
+    summary = "The servers sharing this database, by their last heartbeat (admin)",
+    responses((status = 200, body = List<ferry_store::Replica>)))]
+async fn list_replicas(State(state): State<AppState>, caller: Caller) -> Result<impl IntoResponse, ApiError> {
+    caller.require_admin()?;
+    Ok(list(state.tenancy().store.replicas().await?))
 }

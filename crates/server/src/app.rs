@@ -107,6 +107,13 @@ impl AppState {
         &self.inner.tenancy
     }
 
+    /// Starts the tasks that keep this replica's keys current (see [`Tenancy::watch`]).
+    ///
+    /// [`Tenancy::watch`]: crate::tenancy::Tenancy::watch
+    pub fn watch_keys(&self) {
+        self.inner.tenancy.watch();
+    }
+
     pub(crate) fn tenancy_arc(&self) -> Arc<crate::tenancy::Tenancy> {
         self.inner.tenancy.clone()
     }

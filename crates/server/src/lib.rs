@@ -22,6 +22,7 @@ pub mod otel;
 mod presets;
 pub mod registry;
 mod responses;
+pub mod shared;
 mod structured;
 pub mod telemetry;
 pub mod tenancy;
@@ -32,4 +33,5 @@ mod validate;
 
 pub use app::{AppState, GatewayLoader, HttpConfig, app};
 pub use registry::{Loader, ModelSpec, Registry, RegistryLimits};
+pub use shared::SharedState;
 pub use tenancy::{Price, Tenancy};

@@ -6,7 +6,8 @@
 //! start from what the usage records say was spent, count in memory, and are read again from
 //! the records every [`BUDGET_REFRESH`], so that replicas sharing a database see each other's
 //! spending within that time. The per-minute windows live in this process: replicas behind
-//! a load balancer each enforce the whole limit.
+//! a load balancer each enforce the whole limit, unless they share Redis (`--redis-url`,
+//! `shared.rs`), which then holds the per-minute windows of every replica.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -16,9 +17,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use ferry_store::usage::{Scope, day_and_month_start};
 use ferry_store::{Limits, Store, now_ms};
 
+use crate::shared::Shared;
+
 use crate::error::ApiError;
 
-const WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 /// How often a budget's spending is read again from the usage records.
 pub const BUDGET_REFRESH: Duration = Duration::from_secs(5);
 
@@ -36,6 +39,114 @@ impl Subject {
     pub fn new(kind: ScopeKind, id: &str, limits: &Limits) -> Subject {
         let window = format!("{}:{id}", kind.name()).into();
         Subject { kind, id: id.to_string(), limits: limits.clone(), window }
+    }
+
+    /// `key:ID`, `project:ID` or `tenant:ID`.
+    pub(crate) fn window_name(&self) -> &str {
+        &self.window
+    }
+}
+
+/// What a scope's per-minute window holds, and when its oldest admission leaves it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InWindow {
+    pub requests: u64,
+    pub request_wait: Duration,
+    pub tokens: u64,
+    pub token_wait: Duration,
+}
+
+/// Marks a scope of a shared admission whose window is not shared (it has budgets only).
+const NO_BUCKET: u64 = u64::MAX;
+
+/// Whole seconds to wait, rounded up: `Retry-After` never says less than the message.
+fn retry_after(wait: Duration) -> u64 {
+    (wait.as_millis().div_ceil(1000) as u64).max(1)
+}
+
+/// Refuses a request that the scope's requests or tokens per minute cannot take now.
+fn check_rate(s: &Subject, used: &InWindow, tokens: u64) -> Result<(), ApiError> {
+    let l = &s.limits;
+    let who = s.kind.name();
+    if let Some(rpm) = l.rpm
+        && used.requests >= rpm
+    {
+        let wait = used.request_wait;
+        return Err(ApiError::RateLimited {
+            message: format!(
+                "Rate limit reached for this {who}: {rpm} requests per minute. Retry in {}.",
+                reset(wait)
+            ),
+            tokens: false,
+            retry_after: Some(retry_after(wait)),
+            headers: Box::new(headers(false, rpm, 0, wait)),
+        });
+    }
+    if let Some(tpm) = l.tpm
+        && used.tokens + tokens > tpm
+    {
+        let remaining = tpm.saturating_sub(used.tokens);
+        if tokens > tpm {
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "This request may use {tokens} tokens (prompt and max tokens), more than this {who}'s limit of {tpm} tokens per minute; lower max_tokens."
+                ),
+                tokens: true,
+                // Waiting cannot help: the client is told not to retry.
+                retry_after: None,
+                headers: Box::new(headers(true, tpm, remaining, WINDOW)),
+            });
+        }
+        let wait = used.token_wait;
+        return Err(ApiError::RateLimited {
+            message: format!(
+                "Rate limit reached for this {who}: {tpm} tokens per minute, {} in use, {tokens} requested. Retry in {}.",
+                used.tokens,
+                reset(wait)
+            ),
+            tokens: true,
+            retry_after: Some(retry_after(wait)),
+            headers: Box::new(headers(true, tpm, remaining, wait)),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a request that may take the scope past a token budget, or whose cost budget is
+/// spent.
+fn check_budget(s: &Subject, w: &Window, tokens: u64) -> Result<(), ApiError> {
+    let l = &s.limits;
+    let budgets = [
+        (l.tokens_per_day.is_some_and(|b| w.day.tokens + tokens > b), "daily token"),
+        (l.tokens_per_month.is_some_and(|b| w.month.tokens + tokens > b), "monthly token"),
+        (l.cost_per_day.is_some_and(|b| w.day.cost >= b), "daily cost"),
+        (l.cost_per_month.is_some_and(|b| w.month.cost >= b), "monthly cost"),
+    ];
+    match budgets.iter().find(|(over, _)| *over) {
+        Some((_, what)) => Err(ApiError::QuotaExceeded(format!(
+            "This {} has used its {what} budget. It renews at the start of the next UTC {}.",
+            s.kind.name(),
+            if what.starts_with("daily") { "day" } else { "month" }
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// (limit, remaining, reset) of the tightest scope, for requests and for tokens.
+#[derive(Default)]
+struct Tightest([Option<(u64, u64, Duration)>; 2]);
+
+impl Tightest {
+    fn add(&mut self, s: &Subject, used: &InWindow) {
+        let limits = [(s.limits.rpm, used.requests, used.request_wait), (s.limits.tpm, used.tokens, used.token_wait)];
+        for (tightest, (limit, used, wait)) in self.0.iter_mut().zip(limits) {
+            if let Some(limit) = limit {
+                let remaining = limit.saturating_sub(used);
+                if tightest.is_none_or(|(_, r, _)| remaining < r) {
+                    *tightest = Some((limit, remaining, wait));
+                }
+            }
+        }
     }
 }
 
@@ -98,6 +209,18 @@ struct Window {
 }
 
 impl Window {
+    fn in_window(&self, now: Instant) -> InWindow {
+        let wait = |buckets: &VecDeque<Bucket>| {
+            buckets.front().map_or(WINDOW, |(t, _)| WINDOW.saturating_sub(now.duration_since(*t)))
+        };
+        InWindow {
+            requests: self.request_count,
+            request_wait: wait(&self.requests),
+            tokens: self.token_sum,
+            token_wait: wait(&self.tokens),
+        }
+    }
+
     fn prune(&mut self, now: Instant) {
         while let Some(&(t, count)) = self.requests.front() {
             if now.duration_since(t) < WINDOW {
@@ -140,8 +263,11 @@ pub struct Admission {
     /// The tokens admitted, to be replaced by those used when it is settled.
     estimate: u64,
     /// Each scope's window, with the position of the bucket holding this admission's tokens
-    /// (see `Window::pruned`), so that settling finds them without a search.
+    /// (see `Window::pruned`), so that settling finds them without a search; or, when
+    /// `shared`, the bucket's time in the shared window (`NO_BUCKET`: the scope has none).
     scopes: Vec<(Arc<str>, u64)>,
+    /// Counted in the windows replicas share through Redis.
+    shared: bool,
     /// The `x-ratelimit-*` headers for the response: (limit, remaining, reset) of the
     /// tightest scope, for requests and for tokens.
     headers: [Option<[HeaderValue; 3]>; 2],
@@ -182,6 +308,8 @@ static HEADER_NAMES: [[HeaderName; 3]; 2] = [
 
 pub struct Limiter {
     windows: Mutex<foldhash::HashMap<Arc<str>, Window>>,
+    /// Per-minute windows shared with other replicas, when Redis is configured.
+    shared: Option<Arc<crate::shared::SharedState>>,
     /// How often budgets are read again from the usage records (`None`: once, for a server
     /// that writes no records).
     budget_refresh: Option<Duration>,
@@ -238,7 +366,12 @@ impl std::ops::Deref for ArrayText {
 
 impl Limiter {
     pub fn new() -> Limiter {
-        Limiter { windows: Mutex::new(Default::default()), budget_refresh: Some(BUDGET_REFRESH) }
+        Limiter { windows: Mutex::new(Default::default()), shared: None, budget_refresh: Some(BUDGET_REFRESH) }
+    }
+
+    /// Counts requests and tokens per minute in windows shared with other replicas.
+    pub fn share(&mut self, shared: Arc<crate::shared::SharedState>) {
+        self.shared = Some(shared);
     }
 
     /// Reads budgets from the usage records once only (a server without metering writes none,
@@ -299,6 +432,30 @@ impl Limiter {
             return Ok(Admission::default());
         }
         self.seed(store, &scoped).await?;
+        if let Some(shared) = &self.shared {
+            let windowed: Vec<&Subject> =
+                scoped.iter().copied().filter(|s| s.limits.rpm.is_some() || s.limits.tpm.is_some()).collect();
+            // Budgets are checked here first: the shared windows count an admission at once.
+            self.check_budgets(&scoped, tokens)?;
+            let outcome = if windowed.is_empty() {
+                Ok(Shared::Admitted(Vec::new()))
+            } else {
+                shared.admit(&windowed, tokens).await
+            };
+            match outcome {
+                Ok(Shared::Admitted(uses)) => return Ok(self.admitted_shared(&scoped, &windowed, &uses, tokens)),
+                Ok(Shared::Refused(index, in_window)) => {
+                    return match windowed.get(index) {
+                        Some(s) => check_rate(s, &in_window, tokens),
+                        None => Err(ApiError::Internal("the shared rate limiter named no scope".into())),
+                    }
+                    .map(|()| Admission::default());
+                }
+                // The shared windows are out of reach: this process counts alone until they
+                // are back (each replica then enforces the whole limit).
+                Err(e) => shared.unreachable(&e),
+            }
+        }
         let now = Instant::now();
         let wall = now_ms();
         let mut windows = self.windows.lock().map_err(poisoned)?;
@@ -312,95 +469,63 @@ impl Limiter {
             let Some(w) = windows.get_mut(&s.window) else { continue };
             w.prune(now);
             w.roll(wall);
-            let l = &s.limits;
-            let who = s.kind.name();
-            if let Some(rpm) = l.rpm
-                && w.request_count >= rpm
-            {
-                let wait =
-                    w.requests.front().map_or(WINDOW, |(t, _)| WINDOW.saturating_sub(now.duration_since(*t)));
-                return Err(ApiError::RateLimited {
-                    message: format!(
-                        "Rate limit reached for this {who}: {rpm} requests per minute. Retry in {}.",
-                        reset(wait)
-                    ),
-                    tokens: false,
-                    retry_after: Some(wait.as_secs().max(1)),
-                    headers: Box::new(headers(false, rpm, 0, wait)),
-                });
-            }
-            if let Some(tpm) = l.tpm
-                && w.token_sum + tokens > tpm
-            {
-                if tokens > tpm {
-                    return Err(ApiError::RateLimited {
-                        message: format!(
-                            "This request may use {tokens} tokens (prompt and max tokens), more than this {who}'s limit of {tpm} tokens per minute; lower max_tokens."
-                        ),
-                        tokens: true,
-                        // Waiting cannot help: the client is told not to retry.
-                        retry_after: None,
-                        headers: Box::new(headers(true, tpm, tpm.saturating_sub(w.token_sum), WINDOW)),
-                    });
-                }
-                let wait =
-                    w.tokens.front().map_or(WINDOW, |(t, ..)| WINDOW.saturating_sub(now.duration_since(*t)));
-                return Err(ApiError::RateLimited {
-                    message: format!(
-                        "Rate limit reached for this {who}: {tpm} tokens per minute, {} in use, {tokens} requested. Retry in {}.",
-                        w.token_sum,
-                        reset(wait)
-                    ),
-                    tokens: true,
-                    retry_after: Some(wait.as_secs().max(1)),
-                    headers: Box::new(headers(true, tpm, tpm.saturating_sub(w.token_sum), wait)),
-                });
-            }
-            // A token budget refuses a request that may take it past the budget.
-            let budgets = [
-                (l.tokens_per_day.is_some_and(|b| w.day.tokens + tokens > b), "daily token"),
-                (l.tokens_per_month.is_some_and(|b| w.month.tokens + tokens > b), "monthly token"),
-                (l.cost_per_day.is_some_and(|b| w.day.cost >= b), "daily cost"),
-                (l.cost_per_month.is_some_and(|b| w.month.cost >= b), "monthly cost"),
-            ];
-            if let Some((_, what)) = budgets.iter().find(|(over, _)| *over) {
-                return Err(ApiError::QuotaExceeded(format!(
-                    "This {who} has used its {what} budget. It renews at the start of the next UTC {}.",
-                    if what.starts_with("daily") { "day" } else { "month" }
-                )));
-            }
+            check_rate(s, &w.in_window(now), tokens)?;
+            check_budget(s, w, tokens)?;
         }
-        let mut admission =
-            Admission { estimate: tokens, scopes: Vec::with_capacity(scoped.len()), headers: [None, None] };
-        // (limit, remaining, reset) of the tightest scope, for requests and for tokens.
-        let mut requests: Option<(u64, u64, Duration)> = None;
-        let mut token_headers: Option<(u64, u64, Duration)> = None;
+        let mut admission = Admission {
+            estimate: tokens,
+            scopes: Vec::with_capacity(scoped.len()),
+            shared: false,
+            headers: [None, None],
+        };
+        let mut tightest = Tightest::default();
         for s in scoped {
             let Some(w) = windows.get_mut(&s.window) else { continue };
             add(&mut w.requests, now, 1);
             w.request_count += 1;
             let position = w.pruned + add(&mut w.tokens, now, tokens) as u64;
             w.token_sum += tokens;
-            if let Some(rpm) = s.limits.rpm {
-                let remaining = rpm.saturating_sub(w.request_count);
-                let wait =
-                    w.requests.front().map_or(WINDOW, |(t, _)| WINDOW.saturating_sub(now.duration_since(*t)));
-                if requests.is_none_or(|(_, r, _)| remaining < r) {
-                    requests = Some((rpm, remaining, wait));
-                }
-            }
-            if let Some(tpm) = s.limits.tpm {
-                let remaining = tpm.saturating_sub(w.token_sum);
-                let wait =
-                    w.tokens.front().map_or(WINDOW, |(t, ..)| WINDOW.saturating_sub(now.duration_since(*t)));
-                if token_headers.is_none_or(|(_, r, _)| remaining < r) {
-                    token_headers = Some((tpm, remaining, wait));
-                }
-            }
+            tightest.add(s, &w.in_window(now));
             admission.scopes.push((s.window.clone(), position));
         }
-        admission.headers = header_values([requests, token_headers]);
+        admission.headers = header_values(tightest.0);
         Ok(admission)
+    }
+
+    /// Refuses a request that the day or month budgets of any scope cannot take.
+    fn check_budgets(&self, scoped: &[&Subject], tokens: u64) -> Result<(), ApiError> {
+        let wall = now_ms();
+        let mut windows = self.windows.lock().map_err(poisoned)?;
+        for s in scoped {
+            let w = windows.entry(s.window.clone()).or_default();
+            w.roll(wall);
+            check_budget(s, w, tokens)?;
+        }
+        Ok(())
+    }
+
+    /// The admission the shared windows made: their buckets, to settle in them, and the
+    /// headers of the tightest scope.
+    fn admitted_shared(
+        &self,
+        scoped: &[&Subject],
+        windowed: &[&Subject],
+        uses: &[(u64, InWindow)],
+        tokens: u64,
+    ) -> Admission {
+        let mut admission =
+            Admission { estimate: tokens, scopes: Vec::with_capacity(scoped.len()), shared: true, headers: [None, None] };
+        let mut tightest = Tightest::default();
+        for (s, (bucket, in_window)) in windowed.iter().zip(uses) {
+            tightest.add(s, in_window);
+            admission.scopes.push((s.window.clone(), *bucket));
+        }
+        // Scopes with budgets only: settled in this process alone.
+        for s in scoped.iter().filter(|s| !windowed.iter().any(|w| Arc::ptr_eq(&w.window, &s.window))) {
+            admission.scopes.push((s.window.clone(), NO_BUCKET));
+        }
+        admission.headers = header_values(tightest.0);
+        admission
     }
 
     /// Replaces the admitted estimate with the tokens really used, and adds them and their
@@ -409,6 +534,12 @@ impl Limiter {
         if admission.scopes.is_empty() {
             return;
         }
+        if admission.shared
+            && let Some(shared) = &self.shared
+        {
+            let buckets = admission.scopes.iter().filter(|(_, b)| *b != NO_BUCKET).cloned().collect();
+            shared.settle(buckets, admission.estimate, tokens);
+        }
         let Ok(mut windows) = self.windows.lock() else { return };
         let wall = now_ms();
         for (key, position) in &admission.scopes {
@@ -416,7 +547,9 @@ impl Limiter {
             // Gone from the window once older than a minute (the position is then below
             // `pruned`); while there, its bucket holds the estimate among others' tokens.
             let index = position.checked_sub(w.pruned).and_then(|i| usize::try_from(i).ok());
-            if let Some(bucket) = index.and_then(|i| w.tokens.get_mut(i)) {
+            if !admission.shared
+                && let Some(bucket) = index.and_then(|i| w.tokens.get_mut(i))
+            {
                 let estimate = admission.estimate.min(bucket.1);
                 bucket.1 = bucket.1 - estimate + tokens;
                 w.token_sum = w.token_sum - estimate + tokens;
@@ -480,6 +613,8 @@ mod tests {
         let values =
             [Some((60, 0, Duration::from_millis(1500))), Some((u64::MAX, 1234, Duration::from_millis(7)))];
         let mut admission = Admission { headers: header_values(values), ..Default::default() };
+        assert_eq!(retry_after(Duration::from_millis(59_001)), 60);
+        assert_eq!(retry_after(Duration::from_millis(20)), 1);
         assert_eq!(admission.n_headers(), 6);
         admission.write_headers(&mut map);
         let get = |name: &str| map.get(name).and_then(|v| v.to_str().ok()).map(String::from);
@@ -519,8 +654,12 @@ mod tests {
         assert_eq!(window.tokens.len(), 2);
         limiter.windows.lock().unwrap().insert(key.clone(), window);
         // One admission used 3 of its 10 tokens: its bucket and the sum drop by 7.
-        let admission =
-            Admission { estimate: 10, scopes: vec![(key.clone(), positions[0])], headers: [None, None] };
+        let admission = Admission {
+            estimate: 10,
+            scopes: vec![(key.clone(), positions[0])],
+            shared: false,
+            headers: [None, None],
+        };
         limiter.settle(&admission, 3, 0.0);
         let windows = limiter.windows.lock().unwrap();
         let w = &windows[&key];

@@ -59,6 +59,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         crate::admin::request_content,
         crate::admin::audit,
         crate::admin::verify_audit,
+        crate::admin::list_replicas,
         crate::app::reload,
         crate::app::health,
         crate::app::ready,

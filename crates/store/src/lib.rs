@@ -18,6 +18,7 @@ pub mod audit;
 pub mod content;
 mod filter;
 pub mod keys;
+pub mod replicas;
 pub mod reports;
 pub mod tenants;
 pub mod traces;
@@ -31,6 +32,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use audit::{AuditEntry, AuditVerification};
 pub use keys::{ApiKey, NewKey, Role};
+pub use replicas::Replica;
 pub use tenants::{Limits, Project, Tenant};
 pub use usage::{UsageFinish, UsageGroup, UsageQuery, UsageRecord, UsageStart, UsageWriter};
 
@@ -171,6 +173,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_usage_open_partial.sql")),
     (5, include_str!("../migrations/0005_trace_in_record.sql")),
     (6, include_str!("../migrations/0006_imported_key_display.sql")),
+    (7, include_str!("../migrations/0007_replicas.sql")),
 ];
 
 /// Milliseconds since the Unix epoch: every timestamp in the store.

@@ -417,6 +417,50 @@ async fn a_whole_record_that_conflicts_fails_alone_in_its_group() {
     assert_eq!((total[0].requests, total[0].prompt_tokens), (3, 6));
 }
 
+both!(replicas, replicas_suite);
+
+/// Runs have names of their own: a namesake's records in flight are never closed by another
+/// run's start, a crashed run's are closed once its lease ran out, by any replica.
+async fn replicas_suite(store: &Store) {
+    let now = ferry_store::now_ms();
+    let (a, namesakes) = store.join("pod", now - 20_000).await.unwrap();
+    assert!(a.starts_with("pod/") && namesakes.is_empty());
+    // A second server under the same name (a misconfiguration) is told of the first, and
+    // its start leaves the first's record in flight alone.
+    let in_flight = |id: &str, run: &str| UsageStart { instance: run.into(), ..start(id, Some("t"), "m", now) };
+    store.start_usage(&in_flight("live-1", &a)).await.unwrap();
+    let (b, namesakes) = store.join("pod", now - 20_000).await.unwrap();
+    assert_ne!(a, b);
+    assert_eq!(namesakes.iter().map(|r| r.run.as_str()).collect::<Vec<_>>(), [a.as_str()]);
+    assert_eq!(store.reconcile_earlier_runs("pod", &b, now - 20_000).await.unwrap(), 0);
+    assert_eq!(store.reconcile_dead_replicas(30_000).await.unwrap(), 0);
+    assert_eq!(store.usage_record("live-1").await.unwrap().status, "started");
+    assert!(store.finish_usage("live-1", &finish(3, 4, 0.0)).await.unwrap());
+    // A records written under the bare name (before runs were named) is an earlier run's.
+    store.start_usage(&in_flight("legacy-1", "pod")).await.unwrap();
+    assert_eq!(store.reconcile_earlier_runs("pod", &b, now - 20_000).await.unwrap(), 1);
+    // b stops beating (it crashed): once its lease has run out, a survivor closes its records.
+    store.start_usage(&in_flight("crashed-1", &b)).await.unwrap();
+    assert_eq!(store.reconcile_dead_replicas(60_000).await.unwrap(), 0, "b's lease still runs");
+    sqlx::query("UPDATE replicas SET heartbeat_at = $1 WHERE run = $2")
+        .bind(now - 61_000)
+        .bind(&b)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert!(store.heartbeat(&a, "pod").await.unwrap());
+    assert_eq!(store.reconcile_dead_replicas(60_000).await.unwrap(), 1);
+    assert_eq!(store.usage_record("crashed-1").await.unwrap().status, "interrupted");
+    assert!(!store.finish_usage("crashed-1", &finish(1, 1, 0.0)).await.unwrap(), "closed once");
+    // Its row stays listed (silent) until a day has passed; a run that stopped cleanly leaves.
+    let runs: Vec<String> = store.replicas().await.unwrap().into_iter().map(|r| r.run).collect();
+    assert_eq!(runs, [a.clone(), b.clone()]);
+    store.leave(&a).await.unwrap();
+    // A run taken for dead that comes back is written again, and told.
+    assert!(!store.heartbeat(&a, "pod").await.unwrap());
+    assert!(store.heartbeat(&a, "pod").await.unwrap());
+}
+
 both!(content, content_suite);
 
 async fn content_suite(store: &Store) {

@@ -57,8 +57,11 @@ impl Price {
 }
 
 /// How long a key (with its project and tenant) is trusted from memory before the store
-/// is asked again; revocations through this server take effect at once.
+/// is asked again; revocations through this server take effect at once, and on replicas that
+/// share Redis with it as soon as they hear of them.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+/// How often a server without keys looks for a first key made by another replica.
+const FIRST_KEY_POLL: Duration = Duration::from_secs(2);
 
 /// A key as admission needs it: with its project and tenant, and the scopes its requests
 /// count against (made once per key, not per request).
@@ -101,6 +104,8 @@ pub struct Tenancy {
     /// Keys by the SHA-256 of their secret, raw: the hex text the store keeps would cost a
     /// string and its encoding per request.
     keys: Mutex<foldhash::HashMap<[u8; 32], Arc<KeyContext>>>,
+    /// Redis shared with other replicas (`--redis-url`), if any.
+    shared: Option<Arc<crate::shared::SharedState>>,
 }
 
 /// The caller of a request: a key, or the local user of a server without keys.
@@ -156,7 +161,44 @@ impl Tenancy {
             model_sha256: Default::default(),
             auth_required: AtomicBool::new(required),
             keys: Mutex::new(Default::default()),
+            shared: None,
         })
+    }
+
+    /// Shares rate-limit windows and key changes with the other replicas on this Redis.
+    pub fn share(&mut self, shared: Arc<crate::shared::SharedState>) {
+        self.limiter.share(shared.clone());
+        self.shared = Some(shared);
+    }
+
+    /// Starts what keeps this replica's view of keys current: word of other replicas' key
+    /// changes through Redis, if shared; and, while this server has no keys, a look every
+    /// [`FIRST_KEY_POLL`] for a first key another replica made (auth then turns on here too).
+    pub fn watch(self: &Arc<Self>) {
+        if let Some(shared) = &self.shared {
+            shared.clone().watch_keys(Arc::downgrade(self));
+        }
+        if self.auth_required() {
+            return;
+        }
+        let tenancy = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FIRST_KEY_POLL).await;
+                let Some(t) = tenancy.upgrade() else { return };
+                if t.auth_required() {
+                    return;
+                }
+                match t.store.has_keys().await {
+                    Ok(true) => {
+                        tracing::info!("another replica made a key: API keys are now required here too");
+                        t.forget_keys().await;
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not check the store for keys"),
+                }
+            }
+        });
     }
 
     /// A configured policy by name; an unknown one (named by a tenant, project or preset) is
@@ -198,16 +240,34 @@ impl Tenancy {
         self.auth_required.load(Ordering::Relaxed)
     }
 
-    /// Re-reads whether keys exist (after keys change) and forgets cached keys. Once on,
-    /// authentication stays on.
+    /// Re-reads whether keys exist (after keys change here) and forgets cached keys, and
+    /// tells the other replicas to do the same. Once on, authentication stays on.
     pub async fn refresh(&self) -> Result<(), ApiError> {
         if self.store.has_keys().await? {
             self.auth_required.store(true, Ordering::Relaxed);
         }
+        self.clear_key_cache();
+        if let Some(shared) = &self.shared {
+            shared.announce_key_change().await;
+        }
+        Ok(())
+    }
+
+    /// After another replica changed keys: forgets cached keys, and turns auth on if keys
+    /// now exist.
+    pub(crate) async fn forget_keys(&self) {
+        match self.store.has_keys().await {
+            Ok(true) => self.auth_required.store(true, Ordering::Relaxed),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not check the store for keys"),
+        }
+        self.clear_key_cache();
+    }
+
+    fn clear_key_cache(&self) {
         if let Ok(mut keys) = self.keys.lock() {
             keys.clear();
         }
-        Ok(())
     }
 
     async fn key_context(&self, secret: &str) -> Result<Option<Arc<KeyContext>>, ApiError> {
@@ -482,6 +542,10 @@ pub async fn admission(State(state): State<AppState>, request: Request, next: Ne
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
+        // Anthropic's SDKs read theirs from `request-id`.
+        if anthropic {
+            response.headers_mut().insert("request-id", v.clone());
+        }
         response.headers_mut().insert("x-request-id", v);
     }
     response
