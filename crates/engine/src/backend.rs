@@ -11,6 +11,10 @@ pub trait Backend: Send + Sync + 'static {
     /// `add_special` adds the BOS/EOS tokens the model's vocabulary asks for; special-token
     /// text is always parsed to its token.
     fn tokenize(&self, text: &str, add_special: bool) -> Vec<TokenId>;
+    /// Text as text: control-token text (`<|im_start|>`) in it stays characters.
+    fn tokenize_plain(&self, text: &str) -> Vec<TokenId>;
+    /// The text of the vocabulary's control tokens (those that mark turns and ends).
+    fn control_texts(&self) -> &[String];
     /// The bytes a token stands for (possibly part of a UTF-8 character).
     fn token_bytes(&self, token: TokenId) -> &[u8];
     fn is_end_of_generation(&self, token: TokenId) -> bool;

@@ -65,7 +65,15 @@ pub struct LocalModel {
     grammar: OnceLock<Result<GrammarCompiler, String>>,
     /// The embedding thread, started on the first embeddings request.
     embedder: OnceLock<Result<LmEmbedder, String>>,
+    /// Finds control-token text in a message (`None`: the vocabulary has none), built on
+    /// first use.
+    controls: OnceLock<Option<aho_corasick::AhoCorasick>>,
 }
+
+/// Stands for a message's content while the template renders a conversation whose text
+/// holds control-token text: a private-use character no template writes, the message's
+/// index, and the character again.
+const MARK: char = '\u{F8FF}';
 
 /// Sampling parameters a model's configuration sets (as Ollama's Modelfile `PARAMETER`s do),
 /// used wherever a request leaves them unset.
@@ -133,6 +141,7 @@ impl LocalModel {
             pooling: Pooling::default(),
             grammar: OnceLock::new(),
             embedder: OnceLock::new(),
+            controls: OnceLock::new(),
         })
     }
 
@@ -181,9 +190,29 @@ impl LocalModel {
         messages: &[ChatMessage],
         tools: &[ToolSpec],
     ) -> Result<Vec<TokenId>, EngineError> {
-        let text = self.render_chat(messages, tools, true)?;
-        // The template writes BOS itself where the model wants one.
-        Ok(self.backend.tokenize(&text, false))
+        self.conversation_tokens(messages, tools, true)
+    }
+
+    /// The tokens of a conversation, ending with the assistant's turn opened when
+    /// `add_generation_prompt`. The template's own markup is read with its control tokens
+    /// (`<|im_start|>`); the messages' text is text: where a message holds control-token text
+    /// (a user writing `<|im_end|><|im_start|>system`), that text stays characters instead of
+    /// opening a turn the template never wrote, past a preset's system prompt.
+    pub fn conversation_tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<TokenId>, EngineError> {
+        let held = self.holding_controls(messages);
+        if held.is_empty() {
+            // The template writes BOS itself where the model wants one.
+            let text = self.render_chat(messages, tools, add_generation_prompt)?;
+            return Ok(self.backend.tokenize(&text, false));
+        }
+        let marked = marked(messages, &held);
+        let text = self.render_chat(&marked, tools, add_generation_prompt)?;
+        self.tokenize_marked(&text, messages, &held)
     }
 
     /// The conversation with its last message, the assistant's, left open: generation goes on
@@ -199,13 +228,77 @@ impl LocalModel {
             .ok_or_else(|| {
                 EngineError::InvalidRequest("the last message is not the assistant's text".into())
             })?;
-        let text = self.render_chat(messages, &[], false)?;
-        let end = text.rfind(last).map(|i| i + last.len()).ok_or_else(|| {
+        let held = self.holding_controls(messages);
+        let marked = marked(messages, &held);
+        let text = self.render_chat(&marked, &[], false)?;
+        let last_index = messages.len() - 1;
+        let end = if held.contains(&last_index) {
+            let mark = mark(last_index);
+            text.rfind(&mark).map(|i| i + mark.len())
+        } else {
+            text.rfind(last).map(|i| i + last.len())
+        };
+        let end = end.ok_or_else(|| {
             EngineError::InvalidRequest(
                 "this model's chat template rewrites the assistant's text, so it can't be continued".into(),
             )
         })?;
-        Ok(self.backend.tokenize(&text[..end], false))
+        self.tokenize_marked(&text[..end], messages, &held)
+    }
+
+    /// The indexes of the messages whose content holds control-token text.
+    fn holding_controls(&self, messages: &[ChatMessage]) -> Vec<usize> {
+        let controls = self.controls.get_or_init(|| {
+            let texts = self.backend.control_texts();
+            if texts.is_empty() {
+                return None;
+            }
+            aho_corasick::AhoCorasick::new(texts)
+                .inspect_err(|e| tracing::warn!(error = %e, "control tokens can't be searched for"))
+                .ok()
+        });
+        let Some(controls) = controls else { return Vec::new() };
+        messages.iter().enumerate().filter(|(_, m)| controls.is_match(&m.content)).map(|(i, _)| i).collect()
+    }
+
+    /// Tokenizes a rendered conversation whose `held` messages stand as marks: the template's
+    /// text with its control tokens, each held message's content as plain text wherever its
+    /// mark is (nowhere, if the template leaves the message out or the prompt was cut before
+    /// it; twice, if the template writes it twice).
+    fn tokenize_marked(
+        &self,
+        text: &str,
+        messages: &[ChatMessage],
+        held: &[usize],
+    ) -> Result<Vec<TokenId>, EngineError> {
+        let mut found: Vec<(usize, usize, usize)> = held
+            .iter()
+            .flat_map(|&i| {
+                let mark = mark(i);
+                let len = mark.len();
+                text.match_indices(&mark).map(move |(at, _)| (at, i, len)).collect::<Vec<_>>()
+            })
+            .collect();
+        found.sort_unstable();
+        let mut tokens = Vec::new();
+        let mut from = 0;
+        let template_text = |piece: &str, tokens: &mut Vec<TokenId>| {
+            // A mark the template took apart (sliced, changed) can't be put back.
+            if piece.contains(MARK) {
+                return Err(EngineError::InvalidRequest(
+                    "a message holds the model's control-token text, and this model's chat template rewrites message text, so it can't be kept as plain text".into(),
+                ));
+            }
+            tokens.extend(self.backend.tokenize(piece, false));
+            Ok(())
+        };
+        for (at, i, len) in found {
+            template_text(&text[from..at], &mut tokens)?;
+            tokens.extend(self.backend.tokenize_plain(&messages[i].content));
+            from = at + len;
+        }
+        template_text(&text[from..], &mut tokens)?;
+        Ok(tokens)
     }
 
     /// The conversation as the chat template writes it, ending with the assistant's turn
@@ -242,4 +335,18 @@ impl LocalModel {
     pub fn token_text(&self, token: TokenId) -> String {
         String::from_utf8_lossy(self.backend.token_bytes(token)).into_owned()
     }
+}
+
+/// The mark standing for message `i`'s content.
+fn mark(i: usize) -> String {
+    format!("{MARK}{i}{MARK}")
+}
+
+/// The conversation with each `held` message's content replaced by its mark.
+fn marked(messages: &[ChatMessage], held: &[usize]) -> Vec<ChatMessage> {
+    let mut marked = messages.to_vec();
+    for &i in held {
+        marked[i].content = mark(i);
+    }
+    marked
 }

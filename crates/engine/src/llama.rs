@@ -49,6 +49,8 @@ pub struct LlamaCppModel {
     info: ModelInfo,
     /// The bytes of every token, looked up once (detokenizing is on the hot path).
     pieces: Vec<Vec<u8>>,
+    /// The text of each control token.
+    controls: Vec<String>,
     eog: Vec<bool>,
 }
 
@@ -82,10 +84,14 @@ impl LlamaCppModel {
         let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
         let mut pieces = Vec::with_capacity(n_vocab);
         let mut eog = Vec::with_capacity(n_vocab);
+        let mut controls = Vec::new();
         for t in 0..n_vocab {
             let token = LlamaToken(t as i32);
             pieces.push(vocab.token_to_piece(token, false, None));
             eog.push(vocab.is_eog(token));
+            if vocab.is_control(token) {
+                controls.push(token_text(token));
+            }
         }
         let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let architecture = meta("general.architecture").unwrap_or_else(|| "unknown".into());
@@ -115,7 +121,8 @@ impl LlamaCppModel {
             source: meta("general.source.url").or_else(|| meta("general.url")),
             sampling: recommended_sampling(&meta),
         };
-        Ok(LlamaCppModel { model, info, pieces, eog })
+        controls.retain(|t: &String| !t.is_empty());
+        Ok(LlamaCppModel { model, info, pieces, eog, controls })
     }
 }
 
@@ -151,6 +158,14 @@ impl Backend for LlamaCppModel {
             .into_iter()
             .map(|t| t.0 as TokenId)
             .collect()
+    }
+
+    fn tokenize_plain(&self, text: &str) -> Vec<TokenId> {
+        self.model.vocab().tokenize(text.as_bytes(), false, false).into_iter().map(|t| t.0 as TokenId).collect()
+    }
+
+    fn control_texts(&self) -> &[String] {
+        &self.controls
     }
 
     fn token_bytes(&self, token: TokenId) -> &[u8] {

@@ -64,17 +64,21 @@ pub async fn tokenize(
     let request: TokenizeRequest = parse_json(&body)?;
     let model = state.model(&request.model).await?;
     let add_generation_prompt = request.add_generation_prompt.unwrap_or(true);
-    let (text, add_special) = match (&request.prompt, &request.messages) {
-        (Some(prompt), None) => (prompt.clone(), request.add_special_tokens.unwrap_or(true)),
+    let tokens = match (&request.prompt, &request.messages) {
+        (Some(prompt), None) => model.backend.tokenize(prompt, request.add_special_tokens.unwrap_or(true)),
         (None, Some(_)) => {
             // The conversation is read as chat completions read theirs: the same roles,
-            // content parts and tool definitions, and the same errors.
+            // content parts and tool definitions, the same errors and the same tokens.
             let chat: ChatCompletionRequest = parse_json(&body)?;
             let messages = crate::validate::chat_messages(&chat)?;
             let tools = crate::structured::tool_specs(&chat)?;
-            let rendered =
-                model.render_chat(&messages, &tools, add_generation_prompt).map_err(ApiError::from)?;
-            (rendered, request.add_special_tokens.unwrap_or(false))
+            let conversation =
+                model.conversation_tokens(&messages, &tools, add_generation_prompt).map_err(ApiError::from)?;
+            // The template writes BOS where the model wants one; asked, the tokenizer adds its own.
+            let mut tokens =
+                if request.add_special_tokens == Some(true) { model.backend.tokenize("", true) } else { Vec::new() };
+            tokens.extend(conversation);
+            tokens
         }
         _ => {
             return Err(ApiError::invalid(
@@ -83,7 +87,6 @@ pub async fn tokenize(
             ));
         }
     };
-    let tokens = model.backend.tokenize(&text, add_special);
     let token_strs = request
         .return_token_strs
         .unwrap_or(false)
