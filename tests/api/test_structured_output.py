@@ -226,6 +226,31 @@ def test_streamed_tool_calls_open_with_null_content(smollm2):
     assert streamed.tool_calls[0].function.name == whole.tool_calls[0].function.name == "get_weather"
 
 
+def test_a_call_cut_off_by_max_tokens_is_returned_as_far_as_it_got(smollm2):
+    """A call cut off by max_tokens vanished: finish_reason length, no tool_calls, and (cut in
+    its opening tag) content '<tool_'. OpenAI returns the call as far as it was written."""
+    client = smollm2.client(max_retries=0, timeout=120)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    kwargs = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Weather in Paris?"}], temperature=0,
+                  tools=tools, tool_choice="required")
+    full = client.chat.completions.create(max_tokens=60, **kwargs).choices[0].message.tool_calls[0].function.arguments
+    for limit in (3, 16, 20):
+        choice = client.chat.completions.create(max_tokens=limit, **kwargs).choices[0]
+        assert choice.finish_reason == "length"
+        assert "<tool" not in (choice.message.content or ""), choice.message.content
+        chunks = list(client.chat.completions.create(max_tokens=limit, stream=True, **kwargs))
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert chunks[-1].choices[0].finish_reason == "length"
+        if limit == 3:
+            assert not choice.message.tool_calls and not deltas
+            continue
+        call = choice.message.tool_calls[0].function
+        assert call.name == "get_weather" and full.startswith(call.arguments) and len(call.arguments) < len(full)
+        assert deltas[0].function.name == "get_weather"
+        assert "".join(d.function.arguments or "" for d in deltas) == call.arguments
+
+
 def test_bad_schemas_and_formats_are_400s_naming_the_parameter(smollm2):
     client = smollm2.client(max_retries=0, timeout=60)
     messages = [{"role": "user", "content": "Hi"}]

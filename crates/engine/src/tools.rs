@@ -235,14 +235,31 @@ impl ToolCallParser {
         }
     }
 
-    /// The end of the output: whatever was held back.
-    pub fn finish(&mut self) -> Vec<ToolOutput> {
+    /// The end of the output: whatever was held back. `cut`: the output ended at its token
+    /// limit, not where the model ended it; a call it cut off is still a call (named, with the
+    /// arguments written so far, as OpenAI returns one), and the start of a `<tool_call>` tag
+    /// it cut off is not answer text.
+    pub fn finish(&mut self, cut: bool) -> Vec<ToolOutput> {
         let rest = std::mem::take(&mut self.buffer);
         match self.state {
+            State::Text if cut && !rest.trim().is_empty() && OPEN.starts_with(rest.trim()) => Vec::new(),
             State::Text if !(rest.is_empty() || self.calls > 0 && rest.trim().is_empty()) => {
                 vec![ToolOutput::Text(rest)]
             }
-            _ => Vec::new(),
+            // Cut before its arguments: the call's name, if the model wrote it whole.
+            State::Head => match called_name(&rest) {
+                Some(name) => {
+                    self.calls += 1;
+                    vec![ToolOutput::CallStart { index: self.calls - 1, name }]
+                }
+                None => Vec::new(),
+            },
+            // Cut in its arguments or its closing tag: a call, its arguments already sent.
+            State::Arguments { .. } => {
+                self.calls += 1;
+                Vec::new()
+            }
+            State::Text => Vec::new(),
         }
     }
 
@@ -385,6 +402,27 @@ impl ToolCallParser {
     }
 }
 
+/// The function's name at the head of a call object cut off before its arguments
+/// (`{"name": "get_weather", "argu`), when the name is whole.
+fn called_name(head: &str) -> Option<String> {
+    let rest = head.trim_start().strip_prefix('{')?.trim_start().strip_prefix("\"name\":")?.trim_start();
+    let body = rest.strip_prefix('"')?;
+    let mut escaped = false;
+    let end = body.char_indices().find_map(|(i, c)| match (escaped, c) {
+        (true, _) => {
+            escaped = false;
+            None
+        }
+        (false, '\\') => {
+            escaped = true;
+            None
+        }
+        (false, '"') => Some(i),
+        _ => None,
+    })?;
+    serde_json::from_str::<String>(&rest[..end + 2]).ok().filter(|n| !n.is_empty())
+}
+
 /// Whether `text` (the start of an answer) is a bare call of one of `names`: `None` while it
 /// could still go either way.
 fn bare_call_start(text: &str, names: &[String]) -> Option<bool> {
@@ -419,7 +457,7 @@ mod tests {
             pieces.extend(parser.push(&text[start..end]));
             start = end;
         }
-        pieces.extend(parser.finish());
+        pieces.extend(parser.finish(false));
         let mut content = String::new();
         let mut calls: Vec<(String, String)> = Vec::new();
         for piece in pieces {
@@ -474,7 +512,7 @@ mod tests {
             for chunk in text.as_bytes().chunks(step) {
                 pieces.extend(parser.push(std::str::from_utf8(chunk).unwrap()));
             }
-            pieces.extend(parser.finish());
+            pieces.extend(parser.finish(false));
             let (mut content, mut calls) = (String::new(), Vec::<(String, String)>::new());
             for piece in pieces {
                 match piece {
@@ -519,6 +557,40 @@ mod tests {
     fn plain_text_passes_and_a_lone_angle_bracket_is_released() {
         assert_eq!(parse("a < b and <tool", 1), ("a < b and <tool".to_string(), vec![]));
         assert_eq!(parse("héllo wörld", 1), ("héllo wörld".to_string(), vec![]));
+    }
+
+    /// Feeds `text` whole and finishes it as cut off at the token limit.
+    fn parse_cut(text: &str) -> (String, Vec<(String, String)>, usize) {
+        let mut parser = ToolCallParser::default();
+        let mut pieces = parser.push(text);
+        pieces.extend(parser.finish(true));
+        let mut content = String::new();
+        let mut calls: Vec<(String, String)> = Vec::new();
+        for piece in pieces {
+            match piece {
+                ToolOutput::Text(t) => content.push_str(&t),
+                ToolOutput::CallStart { name, .. } => calls.push((name, String::new())),
+                ToolOutput::Arguments { index, text } => calls[index].1.push_str(&text),
+            }
+        }
+        (content, calls, parser.calls())
+    }
+
+    #[test]
+    fn a_call_cut_off_by_the_token_limit_is_still_a_call() {
+        // Cut in the arguments: the call and what it wrote of them.
+        let (content, calls, n) = parse_cut("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa");
+        assert_eq!((content.as_str(), n), ("", 1));
+        assert_eq!(calls, vec![("get_weather".to_string(), "{\"city\": \"Pa".to_string())]);
+        // Cut after the name, before the arguments: the call, named, with none.
+        let (content, calls, _) = parse_cut("<tool_call>\n{\"name\": \"get_\\\"weather\", \"argu");
+        assert_eq!(content, "");
+        assert_eq!(calls, vec![("get_\"weather".to_string(), String::new())]);
+        // Cut inside the name, or inside the tag: no call, and no markup as answer text.
+        assert_eq!(parse_cut("<tool_call>\n{\"name\": \"get_wea"), (String::new(), vec![], 0));
+        assert_eq!(parse_cut("Let me look.<tool_"), ("Let me look.".to_string(), vec![], 0));
+        // Ended by the model, a trailing `<tool` is its text.
+        assert_eq!(parse("Let me look.<tool_", 3).0, "Let me look.<tool_");
     }
 
     #[test]

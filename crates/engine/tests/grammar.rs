@@ -90,7 +90,7 @@ fn a_required_tool_call_parses_into_its_function_and_arguments() {
         assert_eq!(out.finish, Some(FinishReason::Stop), "{mode:?}: {out:?}");
         let mut parser = ToolCallParser::default();
         let mut pieces = parser.push(&out.text);
-        pieces.extend(parser.finish());
+        pieces.extend(parser.finish(false));
         let mut arguments = String::new();
         let mut names = Vec::new();
         for piece in pieces {
@@ -125,7 +125,7 @@ fn weather_tool() -> ToolSpec {
 fn read_tool_or_json(text: &str) -> Result<Vec<(String, Value)>, String> {
     let mut parser = ToolCallParser::answering_json(vec!["get_weather".into()]);
     let mut pieces = parser.push(text);
-    pieces.extend(parser.finish());
+    pieces.extend(parser.finish(false));
     let mut calls: Vec<(String, String)> = Vec::new();
     let mut content = String::new();
     for piece in pieces {

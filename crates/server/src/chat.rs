@@ -99,7 +99,8 @@ async fn local(
         .enumerate()
         .map(|(index, c)| {
             let (content, tool_calls) = if plan.calls_tools() {
-                structured::split_calls(&c.text, plan.parser())
+                let cut = c.finish_reason == Some(ferry_engine::FinishReason::Length);
+                structured::split_calls(&c.text, plan.parser(), cut)
             } else {
                 (Some(c.text), Vec::new())
             };

@@ -256,10 +256,11 @@ async fn compile_one(
     }
 }
 
-/// A whole answer's text split into content and calls (`None` content when it is only calls).
-pub fn split_calls(text: &str, mut parser: ToolCallParser) -> (Option<String>, Vec<ToolCall>) {
+/// A whole answer's text split into content and calls (`None` content when it is only calls);
+/// `cut`: it ended at its token limit.
+pub fn split_calls(text: &str, mut parser: ToolCallParser, cut: bool) -> (Option<String>, Vec<ToolCall>) {
     let mut pieces = parser.push(text);
-    pieces.extend(parser.finish());
+    pieces.extend(parser.finish(cut));
     let mut content = String::new();
     let mut calls: Vec<ToolCall> = Vec::new();
     for piece in pieces {
@@ -304,7 +305,7 @@ pub fn tool_call_events(events: crate::chat::EventStream, plan: &OutputPlan) -> 
                 }
                 Ok(ChatEvent::Finish { choice, reason }) => {
                     let parser = parsers.entry(choice).or_insert_with(&new_parser);
-                    let mut out = render(choice, parser.finish());
+                    let mut out = render(choice, parser.finish(reason == FinishReason::Length));
                     let reason = if parser.calls() > 0 && reason == FinishReason::Stop {
                         FinishReason::ToolCalls
                     } else {
