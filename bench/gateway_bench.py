@@ -17,6 +17,11 @@ checks that all of that really happened (see `check_tenancy`).
 
 With `--rounds N` the two Ferry rows are measured N times each, alternating, at every
 concurrency: their rows show the medians, and the tenancy ratio line each round's ratio.
+
+With `--redis redis://127.0.0.1:6379` a third row, `ferry+redis`, runs the tenancy server's
+setup with its rate-limit windows shared through that Redis (`--redis-url`), alternating
+with the other two; its CPU column is Ferry's, and the Redis server's own CPU per request
+(read from /proc by its process id, so a local Redis only) is printed after the table.
 """
 import argparse
 import os
@@ -162,6 +167,7 @@ def main():
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--rounds", type=int, default=1,
                    help="alternating runs of the two Ferry servers at each concurrency (medians shown)")
+    p.add_argument("--redis", help="a local Redis URL: adds the ferry+redis row (shared rate-limit windows)")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     procs = []
@@ -197,23 +203,46 @@ def main():
         member = make_member_key(tenancy_url, admin)
         wait_ready(tenancy_url + "/v1/chat/completions", key=member)
 
+        servers = [("ferry", ferry_url, ferry.pid, "sk-bench"), ("ferry+tenancy", tenancy_url, tenancy.pid, member)]
+        redis_pid = None
+        if args.redis:
+            shared = subprocess.Popen([FERRY, "serve", "--config", tconfig.name, "--port", "0",
+                                       "--redis-url", args.redis, "--redis-prefix", f"bench-{os.getpid()}",
+                                       "--data-dir", tempfile.mkdtemp(prefix="ferry-bench-")], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True,
+                                      env={**env, "FERRY_LOG": "warn", "FERRY_ADMIN_KEY": admin})
+            procs.append(shared)
+            shared_url = re.search(r"(http://\S+)", shared.stdout.readline()).group(1)
+            shared_member = make_member_key(shared_url, admin)
+            wait_ready(shared_url + "/v1/chat/completions", key=shared_member)
+            servers.append(("ferry+redis", shared_url, shared.pid, shared_member))
+            info = subprocess.run(["redis-cli", "-u", args.redis, "info", "server"], capture_output=True,
+                                  text=True, check=True).stdout
+            redis_pid = int(re.search(r"process_id:(\d+)", info).group(1))
+        redis_cpu = {}
+
         rows = measure("mock alone", mock_url + "/v1/chat/completions", mock.pid, concurrencies, args.duration)
         # The two Ferry rows alternate at each concurrency, so that their ratio compares runs
         # seconds apart on a machine whose load drifts.
         tenancy_rows, round_ratios = [], {}
         for c in concurrencies:
-            runs = {"ferry": [], "ferry+tenancy": []}
+            runs = {name: [] for name, *_ in servers}
             for _ in range(args.rounds):
-                runs["ferry"] += measure("ferry", ferry_url + "/v1/chat/completions", ferry.pid, [c], args.duration)
-                runs["ferry+tenancy"] += measure("ferry+tenancy", tenancy_url + "/v1/chat/completions",
-                                                 tenancy.pid, [c], args.duration, key=member)
+                for name, url, pid, key in servers:
+                    before = cpu_seconds(redis_pid) if name == "ferry+redis" else None
+                    runs[name] += measure(name, url + "/v1/chat/completions", pid, [c], args.duration, key=key)
+                    if before is not None:
+                        redis_cpu.setdefault(c, []).append(
+                            (cpu_seconds(redis_pid) - before) * 1000 / max(runs[name][-1][2]["requests"], 1))
             rows.append(("ferry", c, median_row([r for _, _, r in runs["ferry"]])))
-            tenancy_rows.append(("ferry+tenancy", c, median_row([r for _, _, r in runs["ferry+tenancy"]])))
+            for name, *_ in servers[1:]:
+                tenancy_rows.append((name, c, median_row([r for _, _, r in runs[name]])))
             round_ratios[c] = [t["cpu_ms_per_request"] / f["cpu_ms_per_request"]
                                for (_, _, f), (_, _, t) in zip(runs["ferry"], runs["ferry+tenancy"])]
         rows += tenancy_rows
         # wrk's count plus the readiness probe.
-        check_tenancy(tenancy_url, admin, member, sum(r["requests"] for _, _, r in tenancy_rows) + 1)
+        for name, url, _, key in servers[1:]:
+            check_tenancy(url, admin, key, sum(r["requests"] for n, _, r in tenancy_rows if n == name) + 1)
 
         if os.path.exists(args.litellm):
             lport = free_port()
@@ -248,6 +277,10 @@ def main():
                      f"requests/s {t['rps'] / f['rps']:.2f}x")
             if args.rounds > 1:
                 line += " (CPU/request by round: " + " ".join(f"{r:.2f}" for r in round_ratios[c]) + ")"
+            shared = by.get(("ferry+redis", c))
+            if shared:
+                line += (f"; shared through Redis: Ferry CPU/request {shared['cpu_ms_per_request'] / t['cpu_ms_per_request']:.2f}x"
+                         f" the tenancy row's, plus Redis {statistics.median(redis_cpu[c]):.3f} ms/request")
             print(line)
     finally:
         for proc in procs:

@@ -162,6 +162,8 @@ def test_a_replica_keeps_limiting_alone_while_redis_is_away_and_shares_again_whe
             other, _, _ = make_key(a, "redis-back", limits={"rpm": n})
             time.sleep(1)
         assert codes == [200] * n + [429] * n, codes
+        with open(a.log.name) as log:
+            assert "Redis answers again" in log.read()
     finally:
         for s in (b, a):
             if s:
@@ -274,6 +276,8 @@ def test_a_crashed_replicas_open_records_are_closed_by_another_once_its_lease_ru
                 break
             time.sleep(0.5)
         assert sorted(s for (s,) in statuses) == ["interrupted"] * 3, statuses
+        alive = {r["instance"]: r["alive"] for r in admin_request(b, ADMIN, "GET", "/admin/v1/replicas").json()["data"]}
+        assert alive == {"pod-a": False, "pod-b": True}, alive
         with open(b.log.name) as log:
             assert "a replica whose heartbeat stopped" in log.read()
         for response, _, _ in streams:

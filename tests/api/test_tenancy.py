@@ -372,6 +372,33 @@ def test_a_response_x_request_id_names_its_usage_record(keyed):
     assert row == ("ok", r.json()["usage"]["completion_tokens"])
 
 
+def test_a_stream_the_client_leaves_is_billed_the_tokens_it_used(keyed):
+    """A client that read most of a streamed answer and hung up was billed 0 completion
+    tokens (they were counted only when the answer finished): a way around tpm and costs."""
+    secret, _, _ = make_key(keyed, "leaver-tenant")
+    body = {**CHAT, "max_tokens": 300, "stream": True, "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", keyed.url + "/v1/chat/completions", json=body,
+                           headers={"Authorization": f"Bearer {secret}"}) as r:
+            rid = r.headers["x-request-id"]
+            chunks = 0
+            for line in r.iter_lines():
+                if line.startswith("data:") and '"content":"' in line:
+                    chunks += 1
+                    if chunks == 25:
+                        break
+    db = sqlite3.connect(os.path.join(keyed.data_dir, "ferry.db"))
+    deadline = time.monotonic() + 10
+    row = None
+    while time.monotonic() < deadline:
+        row = db.execute("SELECT status, completion_tokens FROM usage_records WHERE request_id = ?", (rid,)).fetchone()
+        if row:
+            break
+        time.sleep(0.2)
+    assert row is not None and row[0] == "cancelled", row
+    assert 24 <= row[1] < 300, row
+
+
 def test_cli_manages_keys_against_a_running_server(keyed):
     env = {**os.environ, "FERRY_ADMIN_KEY": ADMIN, "FERRY_URL": keyed.url}
 

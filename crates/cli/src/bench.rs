@@ -131,5 +131,6 @@ fn greedy_ignoring_eos(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         prompt_logprobs: false,
         ignore_eos: true,
         constraint: None,
+        sampled: None,
     }
 }

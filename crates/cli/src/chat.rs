@@ -139,6 +139,7 @@ impl Backend {
                     prompt_logprobs: false,
                     ignore_eos: false,
                     constraint: None,
+                    sampled: None,
                 };
                 let mut events = model.scheduler.submit(request)?;
                 while let Some(event) = events.recv().await {

@@ -14,6 +14,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let _otel = ferry_server::otel::install(config.otlp_endpoint.as_deref()).map_err(anyhow::Error::msg)?;
     // Checked before the models load, so a refusal is immediate.
     let tenancy = open_tenancy(&config).await?;
+    let (store, run) = (tenancy.store.clone(), tenancy.instance.clone());
+    let served = serve(config, tenancy).await;
+    // A start that failed leaves no run behind for the others to list or wait on.
+    if served.is_err()
+        && let Err(e) = store.leave(&run).await
+    {
+        tracing::warn!(error = %e, "this run's heartbeat row could not be removed; it expires with its lease");
+    }
+    served
+}
+
+async fn serve(config: ServeConfig, tenancy: ferry_server::Tenancy) -> anyhow::Result<()> {
     if !tenancy.auth_required() && !is_loopback(&config.host) && !config.insecure_no_auth {
         anyhow::bail!(
             "refusing to serve {} without API keys: anyone who reaches it could use it.\n\
@@ -194,6 +206,18 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
             tracing::info!(key = %key.id, prefix = %key.display_prefix, "admin key ready");
         }
     }
+    // Redis, if configured, is reached before this run joins the replicas: a start that
+    // fails there leaves nothing behind.
+    let shared = match &config.redis {
+        Some((url, prefix)) => {
+            let shared = ferry_server::SharedState::connect(url, prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("Redis at {}: {e}", redact_url(url)))?;
+            tracing::info!(redis = %redact_url(url), prefix = %prefix, "rate limits and key changes shared through Redis");
+            Some(shared)
+        }
+        None => None,
+    };
     // Replicas sharing one database need distinct names: the host's, or FERRY_INSTANCE. Each
     // run adds a random suffix of its own, so that namesakes never close each other's records.
     let instance = std::env::var("FERRY_INSTANCE")
@@ -226,12 +250,9 @@ async fn open_tenancy(config: &ServeConfig) -> anyhow::Result<ferry_server::Tena
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     tenancy.metering = config.metering;
-    if let Some((url, prefix)) = &config.redis {
-        let shared = ferry_server::SharedState::connect(url, prefix)
-            .await
-            .map_err(|e| anyhow::anyhow!("Redis at {}: {e}", redact_url(url)))?;
+    tenancy.replica_lease = lease;
+    if let Some(shared) = shared {
         tenancy.share(shared);
-        tracing::info!(redis = %redact_url(url), prefix = %prefix, "rate limits and key changes shared through Redis");
     }
     if !config.metering {
         tenancy.limiter.read_budgets_once();
@@ -341,10 +362,21 @@ fn spawn_heartbeat(store: ferry_store::Store, run: String, instance: String, lea
         let mut ticks = tokio::time::interval(lease / 3);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
+        let mut beat_at = std::time::Instant::now();
         loop {
             ticks.tick().await;
             match store.heartbeat(&run, &instance).await {
-                Ok(true) => {}
+                Ok(true) => {
+                    let silent = beat_at.elapsed();
+                    beat_at = std::time::Instant::now();
+                    if silent > lease {
+                        tracing::error!(
+                            %run,
+                            silent_s = silent.as_secs(),
+                            "this server was silent for longer than its lease (stopped, or cut off from the database): other replicas may have closed its requests in flight as interrupted; those that finish now replace that with what they used"
+                        );
+                    }
+                }
                 Ok(false) => tracing::error!(
                     %run,
                     "this server's heartbeat had stopped for longer than the lease: other replicas took it for dead and closed the usage records of its requests in flight"

@@ -204,6 +204,7 @@ impl LocalModel {
         tools: &[ToolSpec],
         add_generation_prompt: bool,
     ) -> Result<Vec<TokenId>, EngineError> {
+        self.refuse_controls_outside_content(messages, tools)?;
         let held = self.holding_controls(messages);
         if held.is_empty() {
             // The template writes BOS itself where the model wants one.
@@ -228,6 +229,7 @@ impl LocalModel {
             .ok_or_else(|| {
                 EngineError::InvalidRequest("the last message is not the assistant's text".into())
             })?;
+        self.refuse_controls_outside_content(messages, &[])?;
         let held = self.holding_controls(messages);
         let marked = marked(messages, &held);
         let text = self.render_chat(&marked, &[], false)?;
@@ -246,19 +248,58 @@ impl LocalModel {
         self.tokenize_marked(&text[..end], messages, &held)
     }
 
+    /// Finds the vocabulary's control-token text (`None`: it has none).
+    fn control_matcher(&self) -> Option<&aho_corasick::AhoCorasick> {
+        self.controls
+            .get_or_init(|| {
+                let texts = self.backend.control_texts();
+                if texts.is_empty() {
+                    return None;
+                }
+                aho_corasick::AhoCorasick::new(texts)
+                    .inspect_err(|e| tracing::warn!(error = %e, "control tokens can't be searched for"))
+                    .ok()
+            })
+            .as_ref()
+    }
+
     /// The indexes of the messages whose content holds control-token text.
     fn holding_controls(&self, messages: &[ChatMessage]) -> Vec<usize> {
-        let controls = self.controls.get_or_init(|| {
-            let texts = self.backend.control_texts();
-            if texts.is_empty() {
-                return None;
-            }
-            aho_corasick::AhoCorasick::new(texts)
-                .inspect_err(|e| tracing::warn!(error = %e, "control tokens can't be searched for"))
-                .ok()
-        });
-        let Some(controls) = controls else { return Vec::new() };
+        let Some(controls) = self.control_matcher() else { return Vec::new() };
         messages.iter().enumerate().filter(|(_, m)| controls.is_match(&m.content)).map(|(i, _)| i).collect()
+    }
+
+    /// Refuses control-token text where the template writes it inside its own markup, as
+    /// JSON or names: tool definitions, and the calls and call ids of earlier turns. (A
+    /// message's content is kept as text instead; these are written by the developer or the
+    /// model, and could not be told apart from the template's markup once rendered.)
+    fn refuse_controls_outside_content(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> Result<(), EngineError> {
+        let Some(controls) = self.control_matcher() else { return Ok(()) };
+        let refuse = |place: String, text: &str| match controls.find(text) {
+            Some(found) => Err(EngineError::InvalidRequest(format!(
+                "{place} holds '{}', this model's control-token text, which its chat template would read as its own markup",
+                &text[found.range()]
+            ))),
+            None => Ok(()),
+        };
+        for tool in tools {
+            refuse(format!("the tool '{}'", tool.name), &tool.name)?;
+            refuse(format!("the tool '{}'", tool.name), tool.description.as_deref().unwrap_or_default())?;
+            refuse(format!("the tool '{}'", tool.name), &tool.parameters.to_string())?;
+        }
+        for (i, m) in messages.iter().enumerate() {
+            refuse(format!("messages[{i}].tool_call_id"), m.tool_call_id.as_deref().unwrap_or_default())?;
+            for call in &m.tool_calls {
+                refuse(format!("messages[{i}].tool_calls"), &call.id)?;
+                refuse(format!("messages[{i}].tool_calls"), &call.function.name)?;
+                refuse(format!("messages[{i}].tool_calls"), &call.function.arguments.to_string())?;
+            }
+        }
+        Ok(())
     }
 
     /// Tokenizes a rendered conversation whose `held` messages stand as marks: the template's

@@ -161,7 +161,12 @@ impl Backend for LlamaCppModel {
     }
 
     fn tokenize_plain(&self, text: &str) -> Vec<TokenId> {
-        self.model.vocab().tokenize(text.as_bytes(), false, false).into_iter().map(|t| t.0 as TokenId).collect()
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), false, false)
+            .into_iter()
+            .map(|t| t.0 as TokenId)
+            .collect()
     }
 
     fn control_texts(&self) -> &[String] {

@@ -579,7 +579,8 @@ mod tests {
     #[test]
     fn a_call_cut_off_by_the_token_limit_is_still_a_call() {
         // Cut in the arguments: the call and what it wrote of them.
-        let (content, calls, n) = parse_cut("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa");
+        let (content, calls, n) =
+            parse_cut("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa");
         assert_eq!((content.as_str(), n), ("", 1));
         assert_eq!(calls, vec![("get_weather".to_string(), "{\"city\": \"Pa".to_string())]);
         // Cut after the name, before the arguments: the call, named, with none.

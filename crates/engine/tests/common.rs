@@ -77,6 +77,7 @@ pub fn request(prompt: Vec<TokenId>, max_tokens: usize, sampling: SamplingParams
         prompt_logprobs: false,
         ignore_eos: false,
         constraint: None,
+        sampled: None,
     }
 }
 

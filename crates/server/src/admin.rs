@@ -630,5 +630,6 @@ async fn verify_audit(State(state): State<AppState>, caller: Caller) -> Result<i
     responses((status = 200, body = List<ferry_store::Replica>)))]
 async fn list_replicas(State(state): State<AppState>, caller: Caller) -> Result<impl IntoResponse, ApiError> {
     caller.require_admin()?;
-    Ok(list(state.tenancy().store.replicas().await?))
+    let lease = state.tenancy().replica_lease.as_millis() as i64;
+    Ok(list(state.tenancy().store.replicas(lease).await?))
 }

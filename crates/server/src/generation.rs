@@ -27,13 +27,17 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
     let n = requests.first().map_or(1, |r| r.n);
     let n_prompts = requests.len();
     let mut streams = Vec::with_capacity(requests.len());
-    for (prompt_idx, request) in requests.into_iter().enumerate() {
+    let meter = crate::tenancy::current();
+    for (prompt_idx, mut request) in requests.into_iter().enumerate() {
+        // The engine counts the tokens it samples into the request's usage record as it
+        // samples them, so that a cancelled request is billed what it used.
+        request.sampled = meter.as_ref().map(|m| m.sampled_tokens());
         // A failure drops the receivers already made, which cancels those requests.
         let receiver = model.scheduler.submit_until(request, crate::deadline::current())?;
         streams.push(UnboundedReceiverStream::new(receiver).map(move |e| (prompt_idx, e)));
     }
     let events = futures::stream::select_all(streams);
-    let Some(meter) = crate::tenancy::current() else {
+    let Some(meter) = meter else {
         return Ok(Submitted { events: Box::pin(events), prompt_tokens, n, n_prompts });
     };
     // The request's usage record counts what the engine really did.
@@ -50,16 +54,12 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
                 crate::telemetry::inter_token(&model_id, now.duration_since(last).as_secs_f64());
             }
         }
+        // (Completion tokens reach the meter from the engine, as they are sampled.)
         Event::Finished { choice, completion_tokens, cached_tokens, timings, .. } => {
-            meter.add_completion_tokens(*completion_tokens as u64);
             if *choice == 0 {
                 meter.add_cached_tokens(*cached_tokens as u64);
             }
             meter.engine_timings(timings, *completion_tokens);
-        }
-        // The tokens were computed: they count, though the answer is an error.
-        Event::DeadlineExceeded { completion_tokens, .. } => {
-            meter.add_completion_tokens(*completion_tokens as u64)
         }
         _ => {}
     });
@@ -211,10 +211,19 @@ pub async fn continued_prompt(
     tokio::task::spawn_blocking(move || model.continued_prompt(&messages))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| match e {
-            ferry_engine::EngineError::InvalidRequest(m) => ApiError::invalid("messages", m),
-            other => ApiError::from(other),
-        })
+        .map_err(prompt_error)
+}
+
+/// A conversation the engine could not make a prompt of: a 400 naming the tools or the
+/// messages.
+pub fn prompt_error(e: ferry_engine::EngineError) -> ApiError {
+    match e {
+        ferry_engine::EngineError::InvalidRequest(m) if m.starts_with("the tool") => {
+            ApiError::invalid("tools", m)
+        }
+        ferry_engine::EngineError::InvalidRequest(m) => ApiError::invalid("messages", m),
+        other => ApiError::from(other),
+    }
 }
 
 /// `chat_prompt` for a conversation that offers tools (and may hold earlier calls and results).
@@ -228,5 +237,5 @@ pub async fn chat_prompt_with_tools(
     tokio::task::spawn_blocking(move || model.chat_prompt_with_tools(&messages, &tools))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::from)
+        .map_err(prompt_error)
 }

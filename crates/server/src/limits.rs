@@ -138,7 +138,8 @@ struct Tightest([Option<(u64, u64, Duration)>; 2]);
 
 impl Tightest {
     fn add(&mut self, s: &Subject, used: &InWindow) {
-        let limits = [(s.limits.rpm, used.requests, used.request_wait), (s.limits.tpm, used.tokens, used.token_wait)];
+        let limits =
+            [(s.limits.rpm, used.requests, used.request_wait), (s.limits.tpm, used.tokens, used.token_wait)];
         for (tightest, (limit, used, wait)) in self.0.iter_mut().zip(limits) {
             if let Some(limit) = limit {
                 let remaining = limit.saturating_sub(used);
@@ -366,7 +367,11 @@ impl std::ops::Deref for ArrayText {
 
 impl Limiter {
     pub fn new() -> Limiter {
-        Limiter { windows: Mutex::new(Default::default()), shared: None, budget_refresh: Some(BUDGET_REFRESH) }
+        Limiter {
+            windows: Mutex::new(Default::default()),
+            shared: None,
+            budget_refresh: Some(BUDGET_REFRESH),
+        }
     }
 
     /// Counts requests and tokens per minute in windows shared with other replicas.
@@ -443,7 +448,9 @@ impl Limiter {
                 shared.admit(&windowed, tokens).await
             };
             match outcome {
-                Ok(Shared::Admitted(uses)) => return Ok(self.admitted_shared(&scoped, &windowed, &uses, tokens)),
+                Ok(Shared::Admitted(uses)) => {
+                    return Ok(self.admitted_shared(&scoped, &windowed, &uses, tokens));
+                }
                 Ok(Shared::Refused(index, in_window)) => {
                     return match windowed.get(index) {
                         Some(s) => check_rate(s, &in_window, tokens),
@@ -513,8 +520,12 @@ impl Limiter {
         uses: &[(u64, InWindow)],
         tokens: u64,
     ) -> Admission {
-        let mut admission =
-            Admission { estimate: tokens, scopes: Vec::with_capacity(scoped.len()), shared: true, headers: [None, None] };
+        let mut admission = Admission {
+            estimate: tokens,
+            scopes: Vec::with_capacity(scoped.len()),
+            shared: true,
+            headers: [None, None],
+        };
         let mut tightest = Tightest::default();
         for (s, (bucket, in_window)) in windowed.iter().zip(uses) {
             tightest.add(s, in_window);

@@ -530,7 +530,9 @@ fn check_request(request: &MessagesRequest) -> Result<(), ApiError> {
         if let Some(kind) = tool["type"].as_str().filter(|k| *k != "custom") {
             return Err(ApiError::invalid(
                 format!("tools.{i}.type"),
-                format!("tools.{i}: server tools (type '{kind}') are not supported; define a client tool with name and input_schema"),
+                format!(
+                    "tools.{i}: server tools (type '{kind}') are not supported; define a client tool with name and input_schema"
+                ),
             ));
         }
         let name = tool["name"].as_str().unwrap_or_default();
@@ -570,7 +572,8 @@ fn check_request(request: &MessagesRequest) -> Result<(), ApiError> {
 
 /// Anthropic's (and OpenAI's) rule for tool names.
 fn valid_tool_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Whether the request offers tools or earlier turns hold tool calls or their results: the
@@ -619,7 +622,7 @@ pub async fn count_tokens(
             other: Default::default(),
         };
         let neutral = translate::from_anthropic(&translatable)?;
-        let run = crate::structured::LocalRun::chat(None);
+        let run = crate::structured::LocalRun::messages(None);
         let (prompt, _) = crate::structured::local_neutral_prompt(&model, &neutral, &run).await?;
         return Ok(axum::Json(CountTokensResponse { input_tokens: prompt.len() as u64 }).into_response());
     }

@@ -47,8 +47,9 @@ for i = 1, n do
     local r = tonumber(redis.call('HGET', sums, 'r' .. oldest) or 0)
     local t = tonumber(redis.call('HGET', sums, 't' .. oldest) or 0)
     redis.call('HDEL', sums, 'r' .. oldest, 't' .. oldest)
-    redis.call('HINCRBY', sums, 'r', -r)
-    redis.call('HINCRBY', sums, 't', -t)
+    -- (Lua writes the negation of 0 as -0, which HINCRBY refuses.)
+    if r ~= 0 then redis.call('HINCRBY', sums, 'r', 0 - r) end
+    if t ~= 0 then redis.call('HINCRBY', sums, 't', 0 - t) end
   end
   local count = tonumber(redis.call('HGET', sums, 'r') or 0)
   local sum = tonumber(redis.call('HGET', sums, 't') or 0)
@@ -91,8 +92,10 @@ for i = 1, #KEYS do
   local held = redis.call('HGET', KEYS[i], field)
   if held then
     local delta = used - math.min(estimate, tonumber(held))
-    redis.call('HINCRBY', KEYS[i], field, delta)
-    redis.call('HINCRBY', KEYS[i], 't', delta)
+    if delta ~= 0 then
+      redis.call('HINCRBY', KEYS[i], field, delta)
+      redis.call('HINCRBY', KEYS[i], 't', delta)
+    end
   end
 end
 return 0
@@ -116,6 +119,8 @@ pub struct SharedState {
     /// Names this process in key-change announcements, so that it skips its own.
     me: String,
     warned_at: Mutex<Option<Instant>>,
+    /// Set while calls fail; the first that succeeds again says so in the log.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl SharedState {
@@ -145,6 +150,7 @@ impl SharedState {
             settle: redis::Script::new(SETTLE),
             me: uuid::Uuid::new_v4().simple().to_string(),
             warned_at: Mutex::new(None),
+            failing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -170,6 +176,9 @@ impl SharedState {
         let reply: Vec<i64> = tokio::time::timeout(CALL_TIMEOUT, call.invoke_async(&mut connection))
             .await
             .map_err(|_| timed_out())??;
+        if self.failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!("Redis answers again: rate limits are shared with the other replicas again");
+        }
         parse_admission(&reply, windowed.len())
     }
 
@@ -204,6 +213,7 @@ impl SharedState {
     /// Notes that Redis failed a call: counted, and warned about now and then.
     pub(crate) fn unreachable(&self, error: &redis::RedisError) {
         metrics::counter!("ferry_shared_state_errors_total").increment(1);
+        self.failing.store(true, std::sync::atomic::Ordering::Relaxed);
         let Ok(mut warned) = self.warned_at.lock() else { return };
         if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
             *warned = Some(Instant::now());
@@ -279,11 +289,7 @@ fn bad_reply() -> redis::RedisError {
 
 /// A scope's window as the script reports it.
 fn in_window(requests: i64, tokens: i64, age_ms: i64) -> InWindow {
-    let wait = if age_ms < 0 {
-        WINDOW
-    } else {
-        WINDOW.saturating_sub(Duration::from_millis(age_ms as u64))
-    };
+    let wait = if age_ms < 0 { WINDOW } else { WINDOW.saturating_sub(Duration::from_millis(age_ms as u64)) };
     InWindow {
         requests: requests.max(0) as u64,
         request_wait: wait,
@@ -295,9 +301,7 @@ fn in_window(requests: i64, tokens: i64, age_ms: i64) -> InWindow {
 fn parse_admission(reply: &[i64], scopes: usize) -> redis::RedisResult<Shared> {
     match reply {
         [1, rest @ ..] if rest.len() == 4 * scopes => Ok(Shared::Admitted(
-            rest.chunks_exact(4)
-                .map(|c| (c[0].max(0) as u64, in_window(c[1], c[2], c[3])))
-                .collect(),
+            rest.chunks_exact(4).map(|c| (c[0].max(0) as u64, in_window(c[1], c[2], c[3]))).collect(),
         )),
         [0, index, requests, tokens, age] if (1..=scopes as i64).contains(index) => {
             Ok(Shared::Refused(*index as usize - 1, in_window(*requests, *tokens, *age)))
@@ -322,5 +326,56 @@ mod tests {
         assert_eq!(w.token_wait, WINDOW);
         assert!(parse_admission(&[1, 5, 1, 1], 1).is_err());
         assert!(parse_admission(&[0, 3, 0, 0, 0], 2).is_err());
+    }
+
+    /// The scripts against the Redis at 127.0.0.1:6379 (`FERRY_TEST_REDIS_URL` names another;
+    /// outside CI the test passes without one).
+    async fn test_redis() -> Option<Arc<SharedState>> {
+        let url = std::env::var("FERRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("ferry-unit-{}", uuid::Uuid::new_v4().simple());
+        match SharedState::connect(&url, &prefix).await {
+            Ok(shared) => Some(shared),
+            Err(e) if std::env::var("CI").is_err() => {
+                eprintln!("skipped: no Redis at {url}: {e}");
+                None
+            }
+            Err(e) => panic!("Redis at {url} is needed in CI: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bucket_settled_to_nothing_leaves_the_window_cleanly() {
+        use crate::limits::ScopeKind;
+        let Some(shared) = test_redis().await else { return };
+        let limits = ferry_store::Limits { rpm: Some(3), tpm: Some(1000), ..Default::default() };
+        let key = Subject::new(ScopeKind::Key, "k1", &limits);
+        let [buckets, sums] = shared.window_keys(&key);
+        let mut connection = shared.connection.clone();
+        // A request a minute old that was admitted and then used no tokens (a 400 after
+        // admission): its bucket holds one request and 0 tokens. Pruning it wrote `-0`, which
+        // Redis refuses, and every admission of the scope failed over to counting alone.
+        let _: () = redis::pipe()
+            .rpush(&buckets, "1000")
+            .ignore()
+            .hset_multiple(&sums, &[("r1000", 1), ("t1000", 0), ("r", 1), ("t", 0)])
+            .ignore()
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Ok(Shared::Admitted(scopes)) = shared.admit(&[&key], 40).await else { panic!("admitted") };
+        assert_eq!((scopes[0].1.requests, scopes[0].1.tokens), (1, 40), "the old bucket left");
+        // Settled to nothing: the window keeps its request and drops its tokens.
+        let windows = vec![(Arc::from(key.window_name()), scopes[0].0)];
+        shared.settle(windows, 40, 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(Shared::Admitted(scopes)) = shared.admit(&[&key], 10).await else { panic!("admitted") };
+        assert_eq!((scopes[0].1.requests, scopes[0].1.tokens), (2, 10));
+        let Ok(Shared::Admitted(_)) = shared.admit(&[&key], 10).await else { panic!("admitted") };
+        let Ok(Shared::Refused(0, window)) = shared.admit(&[&key], 10).await else {
+            panic!("the fourth refused")
+        };
+        assert_eq!(window.requests, 3);
+        let _: () =
+            redis::cmd("DEL").arg(&buckets).arg(&sums).query_async(&mut connection).await.unwrap_or_default();
     }
 }

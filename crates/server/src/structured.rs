@@ -362,9 +362,9 @@ pub struct LocalRun {
 }
 
 impl LocalRun {
-    /// A Chat Completions or Messages request's run (`max_tokens`, `response_format`).
-    pub fn chat(top_k: Option<i64>) -> LocalRun {
-        LocalRun { top_k, max_tokens_param: "max_tokens", format_param: "response_format" }
+    /// A Messages request's run (`max_tokens`, `output_config.format`).
+    pub fn messages(top_k: Option<i64>) -> LocalRun {
+        LocalRun { top_k, max_tokens_param: "max_tokens", format_param: "output_config.format" }
     }
 }
 
@@ -376,8 +376,7 @@ pub async fn local_tool_events(
     request: ferry_providers::ChatRequest,
     top_k: Option<i64>,
 ) -> Result<crate::chat::EventStream, ApiError> {
-    let run = LocalRun::chat(top_k);
-    local_neutral_events(model, request, run).await
+    local_neutral_events(model, request, LocalRun::messages(top_k)).await
 }
 
 /// A neutral request run on a local model: its tools (with the tool grammar and the parser

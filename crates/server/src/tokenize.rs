@@ -72,11 +72,15 @@ pub async fn tokenize(
             let chat: ChatCompletionRequest = parse_json(&body)?;
             let messages = crate::validate::chat_messages(&chat)?;
             let tools = crate::structured::tool_specs(&chat)?;
-            let conversation =
-                model.conversation_tokens(&messages, &tools, add_generation_prompt).map_err(ApiError::from)?;
+            let conversation = model
+                .conversation_tokens(&messages, &tools, add_generation_prompt)
+                .map_err(crate::generation::prompt_error)?;
             // The template writes BOS where the model wants one; asked, the tokenizer adds its own.
-            let mut tokens =
-                if request.add_special_tokens == Some(true) { model.backend.tokenize("", true) } else { Vec::new() };
+            let mut tokens = if request.add_special_tokens == Some(true) {
+                model.backend.tokenize("", true)
+            } else {
+                Vec::new()
+            };
             tokens.extend(conversation);
             tokens
         }

@@ -305,10 +305,12 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
         .collect();
     let response_format = match request.output_config.as_ref().map(|c| &c["format"]) {
         None | Some(serde_json::Value::Null) => None,
-        Some(format) if format["type"] == "json_schema" && format["schema"].is_object() => Some(serde_json::json!({
-            "type": "json_schema",
-            "json_schema": {"name": "output", "schema": format["schema"], "strict": true},
-        })),
+        Some(format) if format["type"] == "json_schema" && format["schema"].is_object() => {
+            Some(serde_json::json!({
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": format["schema"], "strict": true},
+            }))
+        }
         Some(_) => {
             return Err(ApiError::invalid(
                 "output_config.format",

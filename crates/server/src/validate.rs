@@ -440,5 +440,6 @@ pub fn generate_request(
         prompt_logprobs,
         ignore_eos: sampling.ignore_eos,
         constraint: None,
+        sampled: None,
     }
 }

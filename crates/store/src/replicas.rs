@@ -20,6 +20,9 @@ pub struct Replica {
     pub instance: String,
     pub started_at: i64,
     pub heartbeat_at: i64,
+    /// Whether its last heartbeat is within the lease (a run silent for longer is taken
+    /// for crashed, and its open records are closed).
+    pub alive: bool,
 }
 
 /// A replica silent for a day is forgotten (its records were reconciled long before).
@@ -80,16 +83,21 @@ impl Store {
         Ok(())
     }
 
-    /// The runs that beat within the last day, latest first.
-    pub async fn replicas(&self) -> Result<Vec<Replica>> {
+    /// The runs that beat within the last day, latest first; alive if within `lease_ms`.
+    pub async fn replicas(&self, lease_ms: i64) -> Result<Vec<Replica>> {
+        let now = now_ms();
         let rows = sqlx::query_as::<_, (String, String, i64, i64)>(
             "SELECT run, instance, started_at, heartbeat_at FROM replicas \
              WHERE heartbeat_at >= $1 ORDER BY heartbeat_at DESC, run",
         )
-        .bind(now_ms() - FORGET_AFTER_MS)
+        .bind(now - FORGET_AFTER_MS)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().map(replica).collect())
+        Ok(rows
+            .into_iter()
+            .map(replica)
+            .map(|r| Replica { alive: r.heartbeat_at >= now - lease_ms, ..r })
+            .collect())
     }
 
     /// Marks `interrupted` the records left `started` by runs whose heartbeat is older than
@@ -119,7 +127,12 @@ impl Store {
     /// left `started` when they have been silent since `quiet_since_ms` (a run still beating
     /// may be a namesake replica, left to its lease), and those written under the bare name
     /// by versions before runs were named. Returns how many.
-    pub async fn reconcile_earlier_runs(&self, instance: &str, run: &str, quiet_since_ms: i64) -> Result<u64> {
+    pub async fn reconcile_earlier_runs(
+        &self,
+        instance: &str,
+        run: &str,
+        quiet_since_ms: i64,
+    ) -> Result<u64> {
         let done = sqlx::query(
             "UPDATE usage_records SET status = 'interrupted', finished_at = $1 \
              WHERE status = 'started' AND (instance = $2 OR instance IN \
@@ -136,5 +149,5 @@ impl Store {
 }
 
 fn replica((run, instance, started_at, heartbeat_at): (String, String, i64, i64)) -> Replica {
-    Replica { run, instance, started_at, heartbeat_at }
+    Replica { run, instance, started_at, heartbeat_at, alive: true }
 }

@@ -509,7 +509,7 @@ async fn update_finish<'e, DB: UsageDb, E: sqlx::Executor<'e, Database = DB>>(
     let done = sqlx::query_with(
         "UPDATE usage_records SET provider = $1, status = $2, http_status = $3, prompt_tokens = $4, \
          completion_tokens = $5, cached_tokens = $6, cost = $7, latency_ms = $8, ttft_ms = $9, finished_at = $10, \
-         trace = $11 WHERE request_id = $12 AND status = 'started'",
+         trace = $11 WHERE request_id = $12 AND status IN ('started', 'interrupted')",
         args,
     )
     .execute(executor)

@@ -277,7 +277,6 @@ async fn usage_suite(store: &Store) {
     assert_eq!(store.reconcile_usage("node-b", 0).await.unwrap(), 0, "another node's records wait");
     assert_eq!(store.reconcile_usage("node-a", 0).await.unwrap(), 1);
     assert_eq!(store.usage_record("r4").await.unwrap().status, "interrupted");
-    assert!(!store.finish_usage("r4", &finish(1, 1, 0.0)).await.unwrap());
 
     let total = store.usage(&UsageQuery::default()).await.unwrap();
     assert_eq!(total.len(), 1);
@@ -427,7 +426,8 @@ async fn replicas_suite(store: &Store) {
     assert!(a.starts_with("pod/") && namesakes.is_empty());
     // A second server under the same name (a misconfiguration) is told of the first, and
     // its start leaves the first's record in flight alone.
-    let in_flight = |id: &str, run: &str| UsageStart { instance: run.into(), ..start(id, Some("t"), "m", now) };
+    let in_flight =
+        |id: &str, run: &str| UsageStart { instance: run.into(), ..start(id, Some("t"), "m", now) };
     store.start_usage(&in_flight("live-1", &a)).await.unwrap();
     let (b, namesakes) = store.join("pod", now - 20_000).await.unwrap();
     assert_ne!(a, b);
@@ -451,10 +451,16 @@ async fn replicas_suite(store: &Store) {
     assert!(store.heartbeat(&a, "pod").await.unwrap());
     assert_eq!(store.reconcile_dead_replicas(60_000).await.unwrap(), 1);
     assert_eq!(store.usage_record("crashed-1").await.unwrap().status, "interrupted");
-    assert!(!store.finish_usage("crashed-1", &finish(1, 1, 0.0)).await.unwrap(), "closed once");
+    // b was only silent (stopped, not dead): its request's completion, arriving late,
+    // replaces the reconciliation with what it used; a finished record stays finished.
+    assert!(store.finish_usage("crashed-1", &finish(2, 3, 0.0)).await.unwrap());
+    let late = store.usage_record("crashed-1").await.unwrap();
+    assert_eq!((late.status.as_str(), late.completion_tokens), ("ok", 3));
+    assert!(!store.finish_usage("crashed-1", &finish(9, 9, 0.0)).await.unwrap(), "finished once");
     // Its row stays listed (silent) until a day has passed; a run that stopped cleanly leaves.
-    let runs: Vec<String> = store.replicas().await.unwrap().into_iter().map(|r| r.run).collect();
-    assert_eq!(runs, [a.clone(), b.clone()]);
+    let runs: Vec<(String, bool)> =
+        store.replicas(60_000).await.unwrap().into_iter().map(|r| (r.run, r.alive)).collect();
+    assert_eq!(runs, [(a.clone(), true), (b.clone(), false)]);
     store.leave(&a).await.unwrap();
     // A run taken for dead that comes back is written again, and told.
     assert!(!store.heartbeat(&a, "pod").await.unwrap());

@@ -141,6 +141,9 @@ impl Worker<'_> {
         g.sampler.accept(token);
         seq.tokens.push(token);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        if let Some(sampled) = &request.sampled {
+            sampled.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(top_n) = request.logprobs {
             let (logprob, top) = logprobs(logits, token, top_n);
             g.unsent.push(TokenInfo { token, logprob, top });

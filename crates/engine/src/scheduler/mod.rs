@@ -64,6 +64,9 @@ pub struct GenerateRequest {
     /// A grammar the output must follow (compiled by `LocalModel::compile_grammar`); each
     /// choice gets its own copy. The generation ends where the grammar is complete.
     pub constraint: Option<Constraint>,
+    /// Counts every token sampled for this request (all its choices) as it is sampled, so
+    /// that one cancelled mid-answer (its receiver dropped) still tells what it used.
+    pub sampled: Option<Arc<AtomicU64>>,
 }
 
 /// A token with its logprob and the most likely alternatives at its position.

@@ -20,6 +20,9 @@ pub struct Meter {
     pub(super) first_token_ms: AtomicU64,
     pub(super) prompt_tokens: AtomicU64,
     pub(super) completion_tokens: AtomicU64,
+    /// Tokens the local engine sampled for this request, counted by the engine as it samples
+    /// them: a stream the client left mid-answer is billed what it used.
+    pub(super) sampled_tokens: Arc<AtomicU64>,
     pub(super) cached_tokens: AtomicU64,
     pub(super) provider: Mutex<Option<String>>,
     pub(super) cache_hit: AtomicBool,
@@ -86,6 +89,11 @@ impl Meter {
 
     pub fn add_completion_tokens(&self, n: u64) {
         self.completion_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counter a local generation's engine request adds its sampled tokens to.
+    pub fn sampled_tokens(&self) -> Arc<AtomicU64> {
+        self.sampled_tokens.clone()
     }
 
     /// Marks the first token sent (the first call wins).
@@ -359,7 +367,8 @@ impl Drop for Finish {
     fn drop(&mut self) {
         let m = &self.meter;
         let prompt = m.prompt_tokens.load(Ordering::Relaxed);
-        let completion = m.completion_tokens.load(Ordering::Relaxed);
+        let completion =
+            m.completion_tokens.load(Ordering::Relaxed) + m.sampled_tokens.load(Ordering::Relaxed);
         let cached = m.cached_tokens.load(Ordering::Relaxed);
         let cost = if m.cache_hit.load(Ordering::Relaxed) {
             0.0

@@ -96,6 +96,8 @@ pub struct Tenancy {
     pub instance: Arc<str>,
     /// Whether usage records and traces are written (on unless `--no-metering`).
     pub metering: bool,
+    /// How long a replica's heartbeat may stop before it is taken for crashed.
+    pub replica_lease: Duration,
     /// The sha256 of each local model file by model id, filled in after loading.
     pub model_sha256: Arc<std::sync::RwLock<HashMap<String, String>>>,
     /// On once a key exists (revoked and expired ones too); until then the server is a
@@ -158,6 +160,7 @@ impl Tenancy {
             policies: policies.into_iter().map(|p| (p.name.clone(), Arc::new(p))).collect(),
             instance: instance.into(),
             metering: true,
+            replica_lease: Duration::from_secs(30),
             model_sha256: Default::default(),
             auth_required: AtomicBool::new(required),
             keys: Mutex::new(Default::default()),
@@ -629,6 +632,7 @@ async fn admit(
         first_token_ms: AtomicU64::new(0),
         prompt_tokens: AtomicU64::new(0),
         completion_tokens: AtomicU64::new(0),
+        sampled_tokens: Arc::new(AtomicU64::new(0)),
         cached_tokens: AtomicU64::new(0),
         provider: Mutex::new(None),
         cache_hit: AtomicBool::new(false),
