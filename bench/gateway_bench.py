@@ -194,28 +194,24 @@ def main():
         tconfig.write(open(config.name).read() + '\n[[guardrails]]\nname = "redact"\naction = "redact"\n')
         tconfig.close()
         admin = "bench-admin-key-0123456789abcdef"
-        tenancy = subprocess.Popen([FERRY, "serve", "--config", tconfig.name, "--port", "0",
-                                    "--data-dir", tempfile.mkdtemp(prefix="ferry-bench-")], stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True,
-                                   env={**env, "FERRY_LOG": "warn", "FERRY_ADMIN_KEY": admin})
-        procs.append(tenancy)
-        tenancy_url = re.search(r"(http://\S+)", tenancy.stdout.readline()).group(1)
-        member = make_member_key(tenancy_url, admin)
-        wait_ready(tenancy_url + "/v1/chat/completions", key=member)
 
-        servers = [("ferry", ferry_url, ferry.pid, "sk-bench"), ("ferry+tenancy", tenancy_url, tenancy.pid, member)]
+        def tenancy_server(name, *extra):
+            """A server with the tenancy config and an admin key, its member key made: a row."""
+            proc = subprocess.Popen([FERRY, "serve", "--config", tconfig.name, "--port", "0", *extra,
+                                     "--data-dir", tempfile.mkdtemp(prefix="ferry-bench-")], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True,
+                                    env={**env, "FERRY_LOG": "warn", "FERRY_ADMIN_KEY": admin})
+            procs.append(proc)
+            url = re.search(r"(http://\S+)", proc.stdout.readline()).group(1)
+            member = make_member_key(url, admin)
+            wait_ready(url + "/v1/chat/completions", key=member)
+            return (name, url, proc.pid, member)
+
+        servers = [("ferry", ferry_url, ferry.pid, "sk-bench"), tenancy_server("ferry+tenancy")]
         redis_pid = None
         if args.redis:
-            shared = subprocess.Popen([FERRY, "serve", "--config", tconfig.name, "--port", "0",
-                                       "--redis-url", args.redis, "--redis-prefix", f"bench-{os.getpid()}",
-                                       "--data-dir", tempfile.mkdtemp(prefix="ferry-bench-")], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True,
-                                      env={**env, "FERRY_LOG": "warn", "FERRY_ADMIN_KEY": admin})
-            procs.append(shared)
-            shared_url = re.search(r"(http://\S+)", shared.stdout.readline()).group(1)
-            shared_member = make_member_key(shared_url, admin)
-            wait_ready(shared_url + "/v1/chat/completions", key=shared_member)
-            servers.append(("ferry+redis", shared_url, shared.pid, shared_member))
+            servers.append(tenancy_server("ferry+redis", "--redis-url", args.redis,
+                                          "--redis-prefix", f"bench-{os.getpid()}"))
             info = subprocess.run(["redis-cli", "-u", args.redis, "info", "server"], capture_output=True,
                                   text=True, check=True).stdout
             redis_pid = int(re.search(r"process_id:(\d+)", info).group(1))

@@ -366,7 +366,8 @@ fn spawn_heartbeat(store: ferry_store::Store, run: String, instance: String, lea
         loop {
             ticks.tick().await;
             match store.heartbeat(&run, &instance).await {
-                Ok(true) => {
+                // (Its row gone, the run was silent for a day: written again, and told below.)
+                Ok(_) => {
                     let silent = beat_at.elapsed();
                     beat_at = std::time::Instant::now();
                     if silent > lease {
@@ -377,10 +378,6 @@ fn spawn_heartbeat(store: ferry_store::Store, run: String, instance: String, lea
                         );
                     }
                 }
-                Ok(false) => tracing::error!(
-                    %run,
-                    "this server's heartbeat had stopped for longer than the lease: other replicas took it for dead and closed the usage records of its requests in flight"
-                ),
                 Err(e) => tracing::warn!(error = %e, "the heartbeat could not be written"),
             }
             match store.reconcile_dead_replicas(lease.as_millis() as i64).await {

@@ -279,24 +279,28 @@ impl LocalModel {
         tools: &[ToolSpec],
     ) -> Result<(), EngineError> {
         let Some(controls) = self.control_matcher() else { return Ok(()) };
-        let refuse = |place: String, text: &str| match controls.find(text) {
+        // The place is named only when something is found (this runs on every request).
+        let refuse = |place: &dyn Fn() -> String, text: &str| match controls.find(text) {
             Some(found) => Err(EngineError::InvalidRequest(format!(
-                "{place} holds '{}', this model's control-token text, which its chat template would read as its own markup",
+                "{} holds '{}', this model's control-token text, which its chat template would read as its own markup",
+                place(),
                 &text[found.range()]
             ))),
             None => Ok(()),
         };
         for tool in tools {
-            refuse(format!("the tool '{}'", tool.name), &tool.name)?;
-            refuse(format!("the tool '{}'", tool.name), tool.description.as_deref().unwrap_or_default())?;
-            refuse(format!("the tool '{}'", tool.name), &tool.parameters.to_string())?;
+            let place = || format!("the tool '{}'", tool.name);
+            refuse(&place, &tool.name)?;
+            refuse(&place, tool.description.as_deref().unwrap_or_default())?;
+            refuse(&place, &tool.parameters.to_string())?;
         }
         for (i, m) in messages.iter().enumerate() {
-            refuse(format!("messages[{i}].tool_call_id"), m.tool_call_id.as_deref().unwrap_or_default())?;
+            refuse(&|| format!("messages[{i}].tool_call_id"), m.tool_call_id.as_deref().unwrap_or_default())?;
+            let place = || format!("messages[{i}].tool_calls");
             for call in &m.tool_calls {
-                refuse(format!("messages[{i}].tool_calls"), &call.id)?;
-                refuse(format!("messages[{i}].tool_calls"), &call.function.name)?;
-                refuse(format!("messages[{i}].tool_calls"), &call.function.arguments.to_string())?;
+                refuse(&place, &call.id)?;
+                refuse(&place, &call.function.name)?;
+                refuse(&place, &call.function.arguments.to_string())?;
             }
         }
         Ok(())

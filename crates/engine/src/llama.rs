@@ -90,7 +90,10 @@ impl LlamaCppModel {
             pieces.push(vocab.token_to_piece(token, false, None));
             eog.push(vocab.is_eog(token));
             if vocab.is_control(token) {
-                controls.push(token_text(token));
+                let text = token_text(token);
+                if !text.is_empty() {
+                    controls.push(text);
+                }
             }
         }
         let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -121,7 +124,6 @@ impl LlamaCppModel {
             source: meta("general.source.url").or_else(|| meta("general.url")),
             sampling: recommended_sampling(&meta),
         };
-        controls.retain(|t: &String| !t.is_empty());
         Ok(LlamaCppModel { model, info, pieces, eog, controls })
     }
 }

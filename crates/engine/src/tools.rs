@@ -405,22 +405,10 @@ impl ToolCallParser {
 /// The function's name at the head of a call object cut off before its arguments
 /// (`{"name": "get_weather", "argu`), when the name is whole.
 fn called_name(head: &str) -> Option<String> {
-    let rest = head.trim_start().strip_prefix('{')?.trim_start().strip_prefix("\"name\":")?.trim_start();
-    let body = rest.strip_prefix('"')?;
-    let mut escaped = false;
-    let end = body.char_indices().find_map(|(i, c)| match (escaped, c) {
-        (true, _) => {
-            escaped = false;
-            None
-        }
-        (false, '\\') => {
-            escaped = true;
-            None
-        }
-        (false, '"') => Some(i),
-        _ => None,
-    })?;
-    serde_json::from_str::<String>(&rest[..end + 2]).ok().filter(|n| !n.is_empty())
+    let rest = head.trim_start().strip_prefix('{')?.trim_start().strip_prefix("\"name\":")?;
+    // The first JSON value there, if it is a whole string (a cut one is an error).
+    let name = serde_json::Deserializer::from_str(rest).into_iter::<String>().next()?.ok()?;
+    Some(name).filter(|n| !n.is_empty())
 }
 
 /// Whether `text` (the start of an answer) is a bare call of one of `names`: `None` while it
@@ -458,6 +446,11 @@ mod tests {
             start = end;
         }
         pieces.extend(parser.finish(false));
+        joined(pieces)
+    }
+
+    /// The answer text and the calls (name, arguments) that `pieces` make.
+    fn joined(pieces: Vec<ToolOutput>) -> (String, Vec<(String, String)>) {
         let mut content = String::new();
         let mut calls: Vec<(String, String)> = Vec::new();
         for piece in pieces {
@@ -564,15 +557,7 @@ mod tests {
         let mut parser = ToolCallParser::default();
         let mut pieces = parser.push(text);
         pieces.extend(parser.finish(true));
-        let mut content = String::new();
-        let mut calls: Vec<(String, String)> = Vec::new();
-        for piece in pieces {
-            match piece {
-                ToolOutput::Text(t) => content.push_str(&t),
-                ToolOutput::CallStart { name, .. } => calls.push((name, String::new())),
-                ToolOutput::Arguments { index, text } => calls[index].1.push_str(&text),
-            }
-        }
+        let (content, calls) = joined(pieces);
         (content, calls, parser.calls())
     }
 

@@ -275,6 +275,12 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// An admission of `estimate` tokens about to be counted in `scopes` windows, the
+    /// process's own or (`shared`) those in Redis.
+    fn counting(estimate: u64, scopes: usize, shared: bool) -> Admission {
+        Admission { estimate, scopes: Vec::with_capacity(scopes), shared, headers: [None, None] }
+    }
+
     /// How many `x-ratelimit-*` headers [`Admission::write_headers`] adds.
     pub fn n_headers(&self) -> usize {
         self.headers.iter().flatten().count() * 3
@@ -479,12 +485,7 @@ impl Limiter {
             check_rate(s, &w.in_window(now), tokens)?;
             check_budget(s, w, tokens)?;
         }
-        let mut admission = Admission {
-            estimate: tokens,
-            scopes: Vec::with_capacity(scoped.len()),
-            shared: false,
-            headers: [None, None],
-        };
+        let mut admission = Admission::counting(tokens, scoped.len(), false);
         let mut tightest = Tightest::default();
         for s in scoped {
             let Some(w) = windows.get_mut(&s.window) else { continue };
@@ -520,12 +521,7 @@ impl Limiter {
         uses: &[(u64, InWindow)],
         tokens: u64,
     ) -> Admission {
-        let mut admission = Admission {
-            estimate: tokens,
-            scopes: Vec::with_capacity(scoped.len()),
-            shared: true,
-            headers: [None, None],
-        };
+        let mut admission = Admission::counting(tokens, scoped.len(), true);
         let mut tightest = Tightest::default();
         for (s, (bucket, in_window)) in windowed.iter().zip(uses) {
             tightest.add(s, in_window);

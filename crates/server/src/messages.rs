@@ -536,7 +536,7 @@ fn check_request(request: &MessagesRequest) -> Result<(), ApiError> {
             ));
         }
         let name = tool["name"].as_str().unwrap_or_default();
-        if !valid_tool_name(name) {
+        if !validate::valid_name(name) {
             return Err(ApiError::invalid(
                 format!("tools.{i}.name"),
                 format!("tools.{i}.name: '{name}' must be 1 to 64 letters, digits, underscores or hyphens"),
@@ -568,12 +568,6 @@ fn check_request(request: &MessagesRequest) -> Result<(), ApiError> {
         }
     }
     Ok(())
-}
-
-/// Anthropic's (and OpenAI's) rule for tool names.
-fn valid_tool_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Whether the request offers tools or earlier turns hold tool calls or their results: the

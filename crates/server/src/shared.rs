@@ -154,9 +154,18 @@ impl SharedState {
         }))
     }
 
+    /// A scope's window in Redis: its bucket list (`b`) or its hash (`h`).
+    fn window_key(&self, window: &str, part: &str) -> String {
+        format!("{}:rl:{window}:{part}", self.prefix)
+    }
+
     fn window_keys(&self, subject: &Subject) -> [String; 2] {
-        let base = format!("{}:rl:{}", self.prefix, subject.window_name());
-        [format!("{base}:b"), format!("{base}:h")]
+        ["b", "h"].map(|part| self.window_key(subject.window_name(), part))
+    }
+
+    /// A call to Redis, given up after [`CALL_TIMEOUT`].
+    async fn call<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
+        tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| timed_out())?
     }
 
     /// Counts a request of `tokens` (estimated) in every scope's window, or refuses it.
@@ -173,9 +182,7 @@ impl SharedState {
             call.arg(s.limits.tpm.map(|n| n.to_string()).unwrap_or_default());
         }
         let mut connection = self.connection.clone();
-        let reply: Vec<i64> = tokio::time::timeout(CALL_TIMEOUT, call.invoke_async(&mut connection))
-            .await
-            .map_err(|_| timed_out())??;
+        let reply: Vec<i64> = self.call(call.invoke_async(&mut connection)).await?;
         if self.failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
             tracing::info!("Redis answers again: rate limits are shared with the other replicas again");
         }
@@ -193,19 +200,15 @@ impl SharedState {
         runtime.spawn(async move {
             let mut call = shared.settle.prepare_invoke();
             for (window, _) in &windows {
-                call.key(format!("{}:rl:{window}:h", shared.prefix));
+                call.key(shared.window_key(window, "h"));
             }
             call.arg(estimate).arg(used);
             for (_, bucket) in &windows {
                 call.arg(*bucket);
             }
             let mut connection = shared.connection.clone();
-            let done: Result<redis::RedisResult<i64>, _> =
-                tokio::time::timeout(CALL_TIMEOUT, call.invoke_async(&mut connection)).await;
-            match done {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => shared.unreachable(&e),
-                Err(_) => shared.unreachable(&timed_out()),
+            if let Err(e) = shared.call::<i64>(call.invoke_async(&mut connection)).await {
+                shared.unreachable(&e);
             }
         });
     }
@@ -231,15 +234,10 @@ impl SharedState {
     /// Tells the other replicas that keys, projects or tenants changed.
     pub(crate) async fn announce_key_change(&self) {
         let mut connection = self.connection.clone();
-        let sent: Result<redis::RedisResult<i64>, _> = tokio::time::timeout(
-            CALL_TIMEOUT,
-            redis::cmd("PUBLISH").arg(self.keys_channel()).arg(&self.me).query_async(&mut connection),
-        )
-        .await;
-        match sent {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => self.unreachable(&e),
-            Err(_) => self.unreachable(&timed_out()),
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.keys_channel()).arg(&self.me);
+        if let Err(e) = self.call::<i64>(publish.query_async(&mut connection)).await {
+            self.unreachable(&e);
         }
     }
 

@@ -120,11 +120,7 @@ fn response_schema(
         ResponseFormat::Text => Ok(None),
         ResponseFormat::JsonObject => Ok(Some(serde_json::json!({ "type": "object" }))),
         ResponseFormat::JsonSchema { json_schema } => {
-            let name = &json_schema.name;
-            let name_ok = !name.is_empty()
-                && name.len() <= 64
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !name_ok {
+            if !crate::validate::valid_name(&json_schema.name) {
                 let field = field("name");
                 return Err(ApiError::invalid(
                     field.clone(),
@@ -156,10 +152,7 @@ pub(crate) fn tool_specs(request: &ChatCompletionRequest) -> Result<Vec<ToolSpec
             ));
         }
         let name = &tool.function.name;
-        let name_ok = !name.is_empty()
-            && name.len() <= 64
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !name_ok {
+        if !crate::validate::valid_name(name) {
             return Err(ApiError::invalid(
                 format!("tools[{i}].function.name"),
                 format!(

@@ -25,6 +25,13 @@ pub fn n_in_range(n: Option<i64>) -> Result<i64, ApiError> {
     Ok(n)
 }
 
+/// OpenAI's and Anthropic's rule for a function's, a tool's or a schema's name: 1 to 64
+/// ASCII letters, digits, `_` or `-`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// A `tool` message answers a call an earlier assistant message made, by its id: OpenAI
 /// refuses one without, and a model would otherwise read a result of nothing it asked for.
 pub fn tool_results_answer_calls(messages: &[ferry_api::openai::ChatMessage]) -> Result<(), ApiError> {

@@ -5,7 +5,7 @@
 //! How the admission is made durable depends on the database. On PostgreSQL (shared by
 //! replicas) the record is inserted with status `started` before the request runs and
 //! updated when it ends; records a crash left `started` are reconciled by
-//! [`Store::reconcile_usage`]. On SQLite (a local file) the admission is a line in a local
+//! [`Store::reconcile_dead_replicas`] and [`Store::reconcile_earlier_runs`]. On SQLite (a local file) the admission is a line in a local
 //! journal (`journal.rs`), and the record reaches the database once, complete, when the
 //! request ends; journal lines a crash left behind are ingested as `interrupted` by
 //! [`Store::open_usage_writer`] at the next start. Either way [`UsageWriter`] commits records
@@ -35,7 +35,7 @@ use crate::{Result, Store, StoreError, now_ms};
 pub struct UsageStart {
     #[serde(with = "shared")]
     pub request_id: Arc<str>,
-    /// The process that admitted it (see [`Store::reconcile_usage`]).
+    /// The run that admitted it, `INSTANCE/RANDOM` (see `replicas.rs`).
     #[serde(with = "shared")]
     pub instance: Arc<str>,
     #[serde(with = "shared_or_none", default)]
@@ -273,22 +273,6 @@ impl Store {
                 .fetch_optional(self.pool())
                 .await?;
         Ok(file.filter(|f| !f.is_empty()))
-    }
-
-    /// Marks `interrupted` the records left `started` by an earlier run of `instance` (it
-    /// crashed), and those of any instance started before `stale_before_ms` (it never came
-    /// back). Returns how many were reconciled.
-    pub async fn reconcile_usage(&self, instance: &str, stale_before_ms: i64) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE usage_records SET status = 'interrupted', finished_at = $1 \
-             WHERE status = 'started' AND (instance = $2 OR started_at < $3)",
-        )
-        .bind(now_ms())
-        .bind(instance)
-        .bind(stale_before_ms)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected())
     }
 
     pub async fn usage_record(&self, request_id: &str) -> Result<UsageRecord> {

@@ -274,8 +274,12 @@ async fn usage_suite(store: &Store) {
     assert_eq!(r1.ttft_ms, Some(3));
 
     // r4 was admitted by node-a, which then crashed: its next start reconciles it.
-    assert_eq!(store.reconcile_usage("node-b", 0).await.unwrap(), 0, "another node's records wait");
-    assert_eq!(store.reconcile_usage("node-a", 0).await.unwrap(), 1);
+    assert_eq!(
+        store.reconcile_earlier_runs("node-b", "node-b/1", 0).await.unwrap(),
+        0,
+        "another node's records wait"
+    );
+    assert_eq!(store.reconcile_earlier_runs("node-a", "node-a/1", 0).await.unwrap(), 1);
     assert_eq!(store.usage_record("r4").await.unwrap().status, "interrupted");
 
     let total = store.usage(&UsageQuery::default()).await.unwrap();

@@ -249,10 +249,7 @@ fn tools(request: &ResponsesRequest) -> Result<Vec<Tool>, ApiError> {
             ));
         }
         let name = tool.name.clone().unwrap_or_default();
-        let name_ok = !name.is_empty()
-            && name.len() <= 64
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !name_ok {
+        if !crate::validate::valid_name(&name) {
             return Err(ApiError::invalid(
                 format!("tools[{i}].name"),
                 format!("Invalid 'tools[{i}].name': '{name}'; use 1 to 64 letters, digits, '_' or '-'"),

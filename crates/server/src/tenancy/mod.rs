@@ -92,7 +92,7 @@ pub struct Tenancy {
     pub prices: HashMap<String, Price>,
     /// Guardrail policies by name.
     pub policies: HashMap<String, Arc<ferry_guardrails::Policy>>,
-    /// Names this process in usage records (see `Store::reconcile_usage`).
+    /// Names this run in usage records, `INSTANCE/RANDOM` (see `ferry_store::replicas`).
     pub instance: Arc<str>,
     /// Whether usage records and traces are written (on unless `--no-metering`).
     pub metering: bool,
