@@ -6,8 +6,10 @@
 //! A window is a scope's admissions of the last minute in millisecond buckets, as in
 //! `limits.rs`: a list of bucket times (oldest first) and a hash of each bucket's requests and
 //! tokens with their running sums. One Lua script prunes, checks and counts every scope of a
-//! request atomically, on Redis's clock (replicas' clocks may disagree); another settles a
-//! request's tokens to what it used. Keys expire a minute after their last admission.
+//! request atomically, on Redis's clock (replicas' clocks may disagree). A request's tokens are
+//! settled to what it used by the same script at the next admission (one round trip a
+//! request), or after a few milliseconds by a script of their own when no admission comes.
+//! Keys expire a minute after their last admission.
 //!
 //! Redis is a helper, not a dependency of serving: while it is out of reach each replica
 //! counts in its own windows (and says so in its log and in
@@ -27,17 +29,42 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Out of reach, it is warned about at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
-/// Prunes, checks and counts a request in every scope's window, or in none.
-/// KEYS: per scope its bucket list and its hash. ARGV: tokens, the window in ms, then per
-/// scope its requests and tokens per minute ('' for no limit).
+/// Settles requests' tokens to what they used (a bucket gone from the window is left alone):
+/// one entry per scope of a request, KEYS from `first_key` on (each the scope's hash), three
+/// ARGV from `first_arg` on (the estimate, the tokens used, the bucket).
+const SETTLE_FN: &str = r"
+local function settle(first_key, first_arg)
+  local a = first_arg
+  for k = first_key, #KEYS do
+    local estimate, used, field = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), 't' .. ARGV[a + 2]
+    local held = redis.call('HGET', KEYS[k], field)
+    if held then
+      local delta = used - math.min(estimate, tonumber(held))
+      if delta ~= 0 then
+        redis.call('HINCRBY', KEYS[k], field, delta)
+        redis.call('HINCRBY', KEYS[k], 't', delta)
+      end
+    end
+    a = a + 3
+  end
+end
+";
+
+/// Settles the entries given (see [`SETTLE_FN`]) first, then prunes, checks and counts a
+/// request in every scope's window, or in none. Settles ride along with the next admission
+/// so that a request costs one round trip to Redis, not two.
+/// KEYS: per scope its bucket list and its hash, then the settles' hashes. ARGV: tokens, the
+/// window in ms, the number of scopes, per scope its requests and tokens per minute ('' for
+/// no limit), then the settles' arguments.
 /// Returns {1, then per scope: bucket, requests, tokens, age of its oldest bucket in ms}, or
 /// {0, the refusing scope (from 1), requests, tokens, age (-1: empty)}.
 const ADMIT: &str = r"
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local tokens = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
-local n = #KEYS / 2
+local n = tonumber(ARGV[3])
+settle(2 * n + 1, 4 + 2 * n)
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 for i = 1, n do
   local buckets, sums = KEYS[2 * i - 1], KEYS[2 * i]
   while true do
@@ -53,7 +80,7 @@ for i = 1, n do
   end
   local count = tonumber(redis.call('HGET', sums, 'r') or 0)
   local sum = tonumber(redis.call('HGET', sums, 't') or 0)
-  local rpm, tpm = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  local rpm, tpm = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
   if (rpm and count >= rpm) or (tpm and sum + tokens > tpm) then
     local oldest = redis.call('LINDEX', buckets, 0)
     return {0, i, count, sum, oldest and now - tonumber(oldest) or -1}
@@ -82,24 +109,38 @@ end
 return out
 ";
 
-/// Replaces a request's estimated tokens in its buckets with those it used (a bucket gone
-/// from the window is left alone). KEYS: each scope's hash. ARGV: estimate, used, then each
-/// scope's bucket.
+/// Settles the entries given, alone (when no admission came to carry them).
 const SETTLE: &str = r"
-local estimate, used = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 1, #KEYS do
-  local field = 't' .. ARGV[2 + i]
-  local held = redis.call('HGET', KEYS[i], field)
-  if held then
-    local delta = used - math.min(estimate, tonumber(held))
-    if delta ~= 0 then
-      redis.call('HINCRBY', KEYS[i], field, delta)
-      redis.call('HINCRBY', KEYS[i], 't', delta)
-    end
-  end
-end
+settle(1, 1)
 return 0
 ";
+
+/// How long a settle may wait for an admission to carry it before it goes in a call of its own.
+const SETTLE_DELAY: Duration = Duration::from_millis(20);
+/// At most this many scopes' settles go in one call.
+const SETTLES_PER_CALL: usize = 256;
+
+/// One scope's settle: its window, the bucket that holds the request, the estimate, the
+/// tokens used.
+struct Settle {
+    window: Arc<str>,
+    bucket: u64,
+    estimate: u64,
+    used: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    settles: Vec<Settle>,
+    /// A call of their own is on its way (after [`SETTLE_DELAY`]).
+    flush_scheduled: bool,
+}
+
+/// Takes up to [`SETTLES_PER_CALL`] of the settles waiting, oldest first.
+fn oldest_settles(pending: &mut Pending) -> Vec<Settle> {
+    let n = pending.settles.len().min(SETTLES_PER_CALL);
+    pending.settles.drain(..n).collect()
+}
 
 /// What the shared windows said of a request.
 pub(crate) enum Shared {
@@ -116,6 +157,8 @@ pub struct SharedState {
     prefix: String,
     admit: redis::Script,
     settle: redis::Script,
+    /// Settles not sent yet: the next admission carries them, or a call of their own.
+    pending: Mutex<Pending>,
     /// Names this process in key-change announcements, so that it skips its own.
     me: String,
     warned_at: Mutex<Option<Instant>>,
@@ -146,8 +189,9 @@ impl SharedState {
             client,
             connection,
             prefix: prefix.to_string(),
-            admit: redis::Script::new(ADMIT),
-            settle: redis::Script::new(SETTLE),
+            admit: redis::Script::new(&format!("{SETTLE_FN}{ADMIT}")),
+            settle: redis::Script::new(&format!("{SETTLE_FN}{SETTLE}")),
+            pending: Mutex::new(Pending::default()),
             me: uuid::Uuid::new_v4().simple().to_string(),
             warned_at: Mutex::new(None),
             failing: std::sync::atomic::AtomicBool::new(false),
@@ -168,19 +212,22 @@ impl SharedState {
         tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| timed_out())?
     }
 
-    /// Counts a request of `tokens` (estimated) in every scope's window, or refuses it.
+    /// Counts a request of `tokens` (estimated) in every scope's window, or refuses it; sends
+    /// the settles waiting with it.
     pub(crate) async fn admit(&self, windowed: &[&Subject], tokens: u64) -> redis::RedisResult<Shared> {
+        let settles = self.take_settles();
         let mut call = self.admit.prepare_invoke();
         for s in windowed {
             for key in self.window_keys(s) {
                 call.key(key);
             }
         }
-        call.arg(tokens).arg(WINDOW.as_millis() as u64);
+        call.arg(tokens).arg(WINDOW.as_millis() as u64).arg(windowed.len());
         for s in windowed {
             call.arg(s.limits.rpm.map(|n| n.to_string()).unwrap_or_default());
             call.arg(s.limits.tpm.map(|n| n.to_string()).unwrap_or_default());
         }
+        self.add_settles(&mut call, &settles);
         let mut connection = self.connection.clone();
         let reply: Vec<i64> = self.call(call.invoke_async(&mut connection)).await?;
         if self.failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
@@ -189,28 +236,65 @@ impl SharedState {
         parse_admission(&reply, windowed.len())
     }
 
-    /// Settles a shared admission's tokens in the background (a request's end must not wait
-    /// for Redis). `buckets` are (scope window, bucket) pairs.
+    /// Settles a shared admission's tokens: `windows` are (scope window, bucket) pairs. The
+    /// next admission carries them to Redis; when none comes within [`SETTLE_DELAY`] they go
+    /// in a call of their own. A request's end never waits for Redis.
     pub(crate) fn settle(self: &Arc<Self>, windows: Vec<(Arc<str>, u64)>, estimate: u64, used: u64) {
         if windows.is_empty() || estimate == used {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(mut pending) = self.pending.lock() else { return };
+        pending.settles.extend(windows.into_iter().map(|(window, bucket)| Settle {
+            window,
+            bucket,
+            estimate,
+            used,
+        }));
+        if pending.flush_scheduled {
+            return;
+        }
+        pending.flush_scheduled = true;
+        drop(pending);
         let shared = self.clone();
         runtime.spawn(async move {
-            let mut call = shared.settle.prepare_invoke();
-            for (window, _) in &windows {
-                call.key(shared.window_key(window, "h"));
-            }
-            call.arg(estimate).arg(used);
-            for (_, bucket) in &windows {
-                call.arg(*bucket);
-            }
-            let mut connection = shared.connection.clone();
-            if let Err(e) = shared.call::<i64>(call.invoke_async(&mut connection)).await {
-                shared.unreachable(&e);
-            }
+            tokio::time::sleep(SETTLE_DELAY).await;
+            shared.flush_settles().await;
         });
+    }
+
+    /// Sends the settles no admission carried, in calls of their own.
+    async fn flush_settles(&self) {
+        loop {
+            let settles = {
+                let Ok(mut pending) = self.pending.lock() else { return };
+                if pending.settles.is_empty() {
+                    pending.flush_scheduled = false;
+                    return;
+                }
+                oldest_settles(&mut pending)
+            };
+            let mut call = self.settle.prepare_invoke();
+            self.add_settles(&mut call, &settles);
+            let mut connection = self.connection.clone();
+            if let Err(e) = self.call::<i64>(call.invoke_async(&mut connection)).await {
+                self.unreachable(&e);
+            }
+        }
+    }
+
+    /// Up to [`SETTLES_PER_CALL`] waiting settles, oldest first. (Those a failed call took
+    /// are lost: the windows then hold the estimates, the cautious side, for their minute.)
+    fn take_settles(&self) -> Vec<Settle> {
+        self.pending.lock().map(|mut pending| oldest_settles(&mut pending)).unwrap_or_default()
+    }
+
+    /// Appends settles to a script call, in [`SETTLE_FN`]'s layout.
+    fn add_settles(&self, call: &mut redis::ScriptInvocation<'_>, settles: &[Settle]) {
+        for s in settles {
+            call.key(self.window_key(&s.window, "h"));
+            call.arg(s.estimate).arg(s.used).arg(s.bucket);
+        }
     }
 
     /// Notes that Redis failed a call: counted, and warned about now and then.
@@ -362,12 +446,18 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let Ok(Shared::Admitted(scopes)) = shared.admit(&[&key], 40).await else { panic!("admitted") };
         assert_eq!((scopes[0].1.requests, scopes[0].1.tokens), (1, 40), "the old bucket left");
-        // Settled to nothing: the window keeps its request and drops its tokens.
+        // Settled to nothing: the window keeps its request and drops its tokens. The next
+        // admission carries the settle, ahead of its own count.
         let windows = vec![(Arc::from(key.window_name()), scopes[0].0)];
         shared.settle(windows, 40, 0);
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let Ok(Shared::Admitted(scopes)) = shared.admit(&[&key], 10).await else { panic!("admitted") };
         assert_eq!((scopes[0].1.requests, scopes[0].1.tokens), (2, 10));
+        // With no admission after it, a settle goes alone after a moment.
+        shared.settle(vec![(Arc::from(key.window_name()), scopes[0].0)], 10, 4);
+        tokio::time::sleep(SETTLE_DELAY * 5).await;
+        let held: i64 =
+            redis::cmd("HGET").arg(&sums).arg("t").query_async(&mut connection).await.unwrap_or(-1);
+        assert_eq!(held, 4, "settled without an admission to carry it");
         let Ok(Shared::Admitted(_)) = shared.admit(&[&key], 10).await else { panic!("admitted") };
         let Ok(Shared::Refused(0, window)) = shared.admit(&[&key], 10).await else {
             panic!("the fourth refused")
