@@ -256,6 +256,8 @@ def test_admin_api_rejects_bad_input_in_openai_shape(keyed):
     admin(keyed, "POST", "/admin/v1/tenants", {"name": "dup"})
     assert admin(keyed, "POST", "/admin/v1/tenants", {"name": "dup"}).status_code == 409
     assert admin(keyed, "GET", "/admin/v1/usage?group_by=planet").status_code == 400
+    r = admin(keyed, "GET", "/admin/v1/usage?from=1800000000000&to=1700000000000")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "from"
 
 
 def test_rpm_admits_exactly_n_of_3n_concurrent_requests(keyed):

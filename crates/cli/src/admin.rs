@@ -329,6 +329,17 @@ fn date_ms(date: &str) -> anyhow::Result<i64> {
     let parts: Vec<i64> =
         date.split('-').map(|p| p.parse()).collect::<Result<_, _>>().context("a date is YYYY-MM-DD")?;
     let [y, m, d] = parts[..] else { bail!("a date is YYYY-MM-DD, not '{date}'") };
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let days_in_month = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => bail!("'{date}' is not a date: there is no month {m}"),
+    };
+    if !(1..=days_in_month).contains(&d) {
+        bail!("'{date}' is not a date: month {m} has {days_in_month} days");
+    }
     // Days from civil (Howard Hinnant), the inverse of the store's day formatting.
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
@@ -581,6 +592,9 @@ mod tests {
         assert_eq!(utc_time(0), "1970-01-01 00:00:00");
         assert_eq!(utc_time(1_796_087_055_000), "2026-12-01 01:04:15");
         assert_eq!(utc_time(date_ms("2024-02-29").unwrap()), "2024-02-29 00:00:00");
+        for not_a_date in ["2026-13-01", "2026-00-10", "2026-04-31", "2025-02-29", "2026-01-00", "2026-01"] {
+            assert!(date_ms(not_a_date).is_err(), "{not_a_date}");
+        }
         assert_eq!(column_cell("expires_at", &json!(951_782_400_000_i64)), "2000-02-29 00:00:00");
         assert_eq!(column_cell("models", &json!(["a", "b"])), "a,b");
         assert_eq!(column_cell("requests", &json!(12)), "12");

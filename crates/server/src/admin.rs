@@ -415,6 +415,11 @@ async fn usage(
             ApiError::invalid("group_by", format!("'{name}' is not one of tenant, project, key, model, day"))
         })?);
     }
+    if let (Some(from), Some(to)) = (params.from, params.to)
+        && from > to
+    {
+        return Err(ApiError::invalid("from", "'from' must not be after 'to'"));
+    }
     let tenant_id = report_tenant(&caller, params.tenant_id)?;
     let query = UsageQuery { tenant_id, from_ms: params.from, to_ms: params.to, group_by: group_by.clone() };
     // Read this replica's own writes: records still gathering for the next group commit.
