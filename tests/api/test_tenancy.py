@@ -247,6 +247,37 @@ def test_tenant_admins_see_only_their_tenant(keyed):
     assert admin(keyed, "GET", "/admin/v1/audit", key=a_admin).status_code == 403
 
 
+def test_tenants_never_share_cached_prompts():
+    """The prefix cache reuses a prompt's cells only within its tenant: another tenant sending
+    the same prompt recomputes it all, so `cached_tokens` (or the first token's time) tells it
+    nothing about what others asked."""
+    keyed = Server("--parallel", "4", "--ctx-size", "1024", "--prefix-cache", env={"FERRY_ADMIN_KEY": ADMIN})
+    try:
+        check_cache_isolation(keyed)
+    finally:
+        keyed.stop()
+
+
+def check_cache_isolation(keyed):
+    a, _, _ = make_key(keyed, "cache-a")
+    b, _, _ = make_key(keyed, "cache-b")
+    system = f"Run {time.monotonic_ns()}. You answer questions about tide tables for small harbours in one short line."
+    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "When is high tide?"}]}
+
+    def cached(key):
+        r = chat(keyed, key, **body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        return usage["prompt_tokens"], (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+
+    prompt_tokens, first = cached(a)
+    assert prompt_tokens > 30 and first == 0
+    assert cached(a)[1] == prompt_tokens - 1, "the tenant's own second request reuses its prompt"
+    assert cached(b)[1] == 0, "another tenant's identical prompt is not served from the first one's cells"
+    assert cached(b)[1] == prompt_tokens - 1
+    assert cached(a)[1] == prompt_tokens - 1, "the other tenant left the first one's cells alone"
+
+
 def test_admin_api_rejects_bad_input_in_openai_shape(keyed):
     r = admin(keyed, "POST", "/admin/v1/tenants", {"name": "x", "limits": {"rpm": "many"}})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

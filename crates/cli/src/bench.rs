@@ -132,5 +132,6 @@ fn greedy_ignoring_eos(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         ignore_eos: true,
         constraint: None,
         sampled: None,
+        cache_scope: 0,
     }
 }

@@ -140,6 +140,7 @@ impl Backend {
                     ignore_eos: false,
                     constraint: None,
                     sampled: None,
+                    cache_scope: 0,
                 };
                 let mut events = model.scheduler.submit(request)?;
                 while let Some(event) = events.recv().await {

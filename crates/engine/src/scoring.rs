@@ -28,6 +28,8 @@ pub struct ScoreRequest {
     /// Alternatives reported with each of the base's scored tokens.
     pub top_logprobs: usize,
     pub variants: Vec<ScoreVariant>,
+    /// Whose cached prefixes the base may reuse and leave (see `GenerateRequest::cache_scope`).
+    pub cache_scope: u64,
 }
 
 /// One variant: a part of the base's KV cache, then tokens of its own.
@@ -129,7 +131,13 @@ mod tests {
 
     #[test]
     fn check_refuses_what_cannot_be_scored() {
-        let base = |variants| ScoreRequest { tokens: vec![1; 8], n_scored: 2, top_logprobs: 0, variants };
+        let base = |variants| ScoreRequest {
+            tokens: vec![1; 8],
+            n_scored: 2,
+            top_logprobs: 0,
+            variants,
+            cache_scope: 0,
+        };
         assert!(base(vec![variant(4, vec![1..2])]).check(2, 16).is_ok());
         assert!(base(vec![variant(4, vec![])]).check(1, 16).is_err());
         assert!(base(vec![variant(9, vec![])]).check(2, 16).is_err());

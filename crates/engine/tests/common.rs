@@ -78,6 +78,7 @@ pub fn request(prompt: Vec<TokenId>, max_tokens: usize, sampling: SamplingParams
         ignore_eos: false,
         constraint: None,
         sampled: None,
+        cache_scope: 0,
     }
 }
 

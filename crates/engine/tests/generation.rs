@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Output, QWEN, SMOLLM2, collect, load, request, run};
-use ferry_engine::{ChatMessage, FinishReason, SamplingParams};
+use ferry_engine::{ChatMessage, FinishReason, GenerateRequest, SamplingParams};
 use serde_json::Value;
 
 fn user(content: &str) -> Vec<ChatMessage> {
@@ -52,6 +52,27 @@ fn a_repeated_prompt_reuses_its_cached_prefix() {
     assert!(next.cached_tokens >= prompt.len() - 1, "{} cached", next.cached_tokens);
     assert_eq!(fresh.cached_tokens, 0);
     assert_eq!(next.tokens, fresh.tokens);
+}
+
+/// Cached prefixes are shared only within a cache scope (the server's tenants): another
+/// scope's request recomputes the whole prompt and leaves the owner's cells alone.
+#[test]
+fn a_cached_prefix_is_reused_only_within_its_scope() {
+    let model = common::load_with(SMOLLM2, 3, true);
+    let prompt = model.chat_prompt(&user("Name three colours of the rainbow.")).expect("prompt");
+    let in_scope = |scope| GenerateRequest {
+        cache_scope: scope,
+        ..request(prompt.clone(), 4, SamplingParams::greedy())
+    };
+    let owner = &run(&model, in_scope(7))[0];
+    let other = &run(&model, in_scope(8))[0];
+    let single_user = &run(&model, in_scope(0))[0];
+    let owner_again = &run(&model, in_scope(7))[0];
+    let other_again = &run(&model, in_scope(8))[0];
+    assert_eq!((owner.cached_tokens, other.cached_tokens, single_user.cached_tokens), (0, 0, 0));
+    assert_eq!(owner_again.cached_tokens, prompt.len() - 1);
+    assert_eq!(other_again.cached_tokens, prompt.len() - 1);
+    assert_eq!(owner_again.tokens, owner.tokens);
 }
 
 #[test]

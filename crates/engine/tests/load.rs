@@ -228,7 +228,13 @@ fn under_a_kv_budget_scoring_variants_are_refused_and_a_lone_base_is_scored() {
     let model = budgeted(4);
     let tokens = plain_prompt(1000, 200);
     let variant = ScoreVariant { keep: 150, masked: Vec::new(), tokens: tokens[150..].to_vec(), n_scored: 5 };
-    let job = |variants| ScoreRequest { tokens: tokens.clone(), n_scored: 5, top_logprobs: 0, variants };
+    let job = |variants| ScoreRequest {
+        tokens: tokens.clone(),
+        n_scored: 5,
+        top_logprobs: 0,
+        variants,
+        cache_scope: 0,
+    };
     assert!(model.scheduler.score(job(vec![variant])).is_err());
     let mut receiver = model.scheduler.score(job(Vec::new())).expect("submitted");
     let Some(ScoreEvent::Base { tokens: scored, .. }) = receiver.blocking_recv() else {

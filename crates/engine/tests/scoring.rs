@@ -51,7 +51,7 @@ fn score_cached(model: &LocalModel, request: ScoreRequest) -> (Vec<TokenInfo>, u
 }
 
 fn alone(tokens: &[TokenId], n_scored: usize) -> ScoreRequest {
-    ScoreRequest { tokens: tokens.to_vec(), n_scored, top_logprobs: 0, variants: Vec::new() }
+    ScoreRequest { tokens: tokens.to_vec(), n_scored, top_logprobs: 0, variants: Vec::new(), cache_scope: 0 }
 }
 
 fn assert_close(a: &[TokenInfo], b: &[TokenInfo], what: &str) {

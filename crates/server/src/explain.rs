@@ -476,8 +476,13 @@ pub async fn explanations(
     // found in the cache (with `--prefix-cache`: the generation being explained).
     let decoded = full_sequence.len() - 1 + variants.iter().map(|v| v.tokens.len() - 1).sum::<usize>();
     let tail = completion_tokens.len();
-    let job =
-        ScoreRequest { tokens: full_sequence.clone(), n_scored: tail, top_logprobs: TOP_LOGPROBS, variants };
+    let job = ScoreRequest {
+        tokens: full_sequence.clone(),
+        n_scored: tail,
+        top_logprobs: TOP_LOGPROBS,
+        variants,
+        cache_scope: crate::tenancy::cache_scope(),
+    };
     let Scored { base: full_scored, cached: cached_tokens, variants: scored } = score(&model, job).await?;
     let computed_tokens = decoded - cached_tokens;
     let total = |tokens: &[TokenInfo]| tokens.iter().map(|t| f64::from(t.logprob)).sum::<f64>();

@@ -448,5 +448,6 @@ pub fn generate_request(
         ignore_eos: sampling.ignore_eos,
         constraint: None,
         sampled: None,
+        cache_scope: crate::tenancy::cache_scope(),
     }
 }

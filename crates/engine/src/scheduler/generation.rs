@@ -41,7 +41,7 @@ impl Worker<'_> {
         let pending = Arc::new(pending);
         let request = &pending.request;
         let reserve = generation_reserve(request, self.config.session.ctx_per_sequence);
-        let order = self.by_shared_prefix(free, &request.prompt);
+        let order = self.by_shared_prefix(free, &request.prompt, request.cache_scope);
         for (choice, &(slot, shared)) in order.iter().take(request.n).enumerate() {
             let want_prompt = request.prompt_logprobs && choice == 0;
             // The last prompt token is always computed (its logits give the first token), and
@@ -58,6 +58,7 @@ impl Worker<'_> {
                 n_prompt: request.prompt.len(),
                 n_cached: reuse,
                 reserve,
+                scope: request.cache_scope,
                 work: Work::Generate(Box::new(Generation {
                     request: pending.clone(),
                     choice,

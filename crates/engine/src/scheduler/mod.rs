@@ -67,6 +67,10 @@ pub struct GenerateRequest {
     /// Counts every token sampled for this request (all its choices) as it is sampled, so
     /// that one cancelled mid-answer (its receiver dropped) still tells what it used.
     pub sampled: Option<Arc<AtomicU64>>,
+    /// Who may share cached prefixes with this request: only requests of the same scope reuse
+    /// each other's cells (the server gives each tenant its own, so that no tenant learns
+    /// from `cached_tokens` or timing what another one asked). 0 for a single user.
+    pub cache_scope: u64,
 }
 
 /// A token with its logprob and the most likely alternatives at its position.
@@ -143,10 +147,11 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Most requests waiting for a slot; past it `submit` fails with `QueueFull`.
     pub max_waiting: usize,
-    /// Keep a finished generation's cells in its slot and let a later prompt that starts the
-    /// same way reuse them. Off by default: llama.cpp's kernels depend on the batch's shape,
-    /// so cells computed in another batch differ in their last bits and a greedy answer can
-    /// drift from the uncached one after some tokens.
+    /// Keep a finished generation's cells in its slot and let a later prompt of the same
+    /// cache scope that starts the same way reuse them. llama.cpp's kernels depend on the
+    /// batch's shape (the CPU's attention takes a tiled kernel for 64 or more of a sequence's
+    /// tokens), so cells computed in another batch differ in their last bits and a greedy
+    /// answer can drift from the uncached one after some tokens.
     pub prefix_cache: bool,
     /// A request's deadline when it brings none: this long after `submit`.
     pub request_timeout: Option<Duration>,
@@ -371,6 +376,8 @@ struct Sequence {
     /// prompt and `max_tokens`; a scoring sequence's kept cells and tokens (cells a variant
     /// shares with its base are counted again: an overestimate, never an underestimate).
     reserve: usize,
+    /// The request's cache scope: the cells it leaves are reused only within it.
+    scope: u64,
     work: Work,
 }
 
@@ -448,13 +455,23 @@ struct Worker<'m> {
     /// Scoring jobs holding slots, oldest first.
     jobs: Vec<ScoreJob>,
     admissions: u64,
-    /// Per free slot: the tokens whose KV cells a finished generation left there (positions
-    /// from 0), and when it finished. A new prompt takes the free slot that shares the
-    /// longest prefix with it and recomputes only the rest (the prefix cache); a slot with
-    /// nothing to share goes to the oldest cache.
-    cached: Vec<(Vec<TokenId>, u64)>,
+    /// Per free slot, what a finished generation left there. A new prompt takes the free
+    /// slot that shares the longest prefix with it and recomputes only the rest (the prefix
+    /// cache); a slot with nothing to share goes to the oldest cache.
+    cached: Vec<SlotCache>,
     /// A scoring variant waits for room under the KV budget: admit nothing until it forks.
     variant_waits: bool,
+}
+
+/// The cells a finished sequence left in a free slot.
+#[derive(Default)]
+struct SlotCache {
+    /// The tokens whose KV cells they are (positions from 0).
+    tokens: Vec<TokenId>,
+    /// The admission count when it was left: the oldest is evicted first.
+    left_at: u64,
+    /// The cache scope of the request that left them; only its own scope reuses them.
+    scope: u64,
 }
 
 /// What one batch entry's logits are for.
@@ -475,7 +492,7 @@ impl<'m> Worker<'m> {
         stats: Arc<SchedulerStats>,
     ) -> Self {
         let slots = (0..config.session.n_sequences).map(|_| None).collect();
-        let cached = (0..config.session.n_sequences).map(|_| (Vec::new(), 0)).collect();
+        let cached = (0..config.session.n_sequences).map(|_| SlotCache::default()).collect();
         Worker {
             backend,
             session,
@@ -583,7 +600,7 @@ impl<'m> Worker<'m> {
             let cells = seq.kv_cells();
             let mut tokens = seq.tokens;
             tokens.truncate(cells);
-            self.cached[slot] = (tokens, self.admissions);
+            self.cached[slot] = SlotCache { tokens, left_at: self.admissions, scope: seq.scope };
         } else {
             self.forget(slot);
         }
@@ -602,14 +619,14 @@ impl<'m> Worker<'m> {
             return false;
         }
         loop {
-            let cached: usize = self.cached.iter().map(|(tokens, _)| tokens.len()).sum();
+            let cached: usize = self.cached.iter().map(|c| c.tokens.len()).sum();
             if reserved + cells + cached <= budget {
                 return true;
             }
             // Cached prefixes live only in free slots (admission clears a slot's).
             let Some(oldest) = (0..self.slots.len())
-                .filter(|&slot| self.slots[slot].is_none() && !self.cached[slot].0.is_empty())
-                .min_by_key(|&slot| self.cached[slot].1)
+                .filter(|&slot| self.slots[slot].is_none() && !self.cached[slot].tokens.is_empty())
+                .min_by_key(|&slot| self.cached[slot].left_at)
             else {
                 return false;
             };
@@ -621,15 +638,15 @@ impl<'m> Worker<'m> {
     /// Clears a free slot's cells and forgets what they held.
     fn forget(&mut self, slot: usize) {
         self.session.clear_sequence(slot);
-        self.cached[slot].0.clear();
+        self.cached[slot].tokens.clear();
     }
 
-    /// Free slots with how many leading tokens of `tokens` each one's cache holds: the
-    /// longest shared prefix first; among equals, the oldest cache.
-    fn by_shared_prefix(&self, free: &[usize], tokens: &[TokenId]) -> Vec<(usize, usize)> {
+    /// Free slots with how many leading tokens of `tokens` each one's cache holds for
+    /// `scope`: the longest shared prefix first; among equals, the oldest cache.
+    fn by_shared_prefix(&self, free: &[usize], tokens: &[TokenId], scope: u64) -> Vec<(usize, usize)> {
         let mut order: Vec<(usize, usize)> =
-            free.iter().map(|&slot| (slot, self.shared_prefix(slot, tokens))).collect();
-        order.sort_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].1));
+            free.iter().map(|&slot| (slot, self.shared_prefix(slot, tokens, scope))).collect();
+        order.sort_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].left_at));
         order
     }
 
@@ -642,14 +659,19 @@ impl<'m> Worker<'m> {
             self.forget(slot);
             0
         };
-        self.cached[slot].0.clear();
+        self.cached[slot].tokens.clear();
         self.stats.cached_tokens.fetch_add(kept as u64, Ordering::Relaxed);
         kept
     }
 
-    /// How many leading tokens of `prompt` a free slot's cells already hold.
-    fn shared_prefix(&self, slot: usize, prompt: &[TokenId]) -> usize {
-        self.cached[slot].0.iter().zip(prompt).take_while(|(a, b)| a == b).count()
+    /// How many leading tokens of `prompt` a free slot's cells already hold for `scope`
+    /// (none when another scope left them).
+    fn shared_prefix(&self, slot: usize, prompt: &[TokenId], scope: u64) -> usize {
+        let cache = &self.cached[slot];
+        if cache.scope != scope {
+            return 0;
+        }
+        cache.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
     }
 
     fn free_slots(&self) -> Vec<usize> {

@@ -30,7 +30,7 @@ impl Worker<'_> {
         // Empty slots first, then the oldest caches: the prefixes most likely to be asked
         // for again stay.
         let mut free = self.free_slots();
-        free.sort_by_key(|&slot| (!self.cached[slot].0.is_empty(), self.cached[slot].1));
+        free.sort_by_key(|&slot| (!self.cached[slot].tokens.is_empty(), self.cached[slot].left_at));
         let mut free = free.into_iter();
         let mut failed = Vec::new();
         self.variant_waits = false;
@@ -50,7 +50,7 @@ impl Worker<'_> {
                 let job = &mut self.jobs[j];
                 let index = job.next_variant;
                 let variant = &job.request.variants[index];
-                self.cached[slot].0.clear();
+                self.cached[slot].tokens.clear();
                 self.session.copy_sequence(base_slot, slot);
                 let mut removed = self.session.remove_range(slot, variant.keep, None);
                 for range in &variant.masked {
@@ -74,6 +74,7 @@ impl Worker<'_> {
                     n_prompt: tokens.len() - 1,
                     n_cached: 0,
                     reserve,
+                    scope: job.request.cache_scope,
                     work: Work::Score(Scoring {
                         job: job.id,
                         variant: Some(index),
@@ -102,7 +103,8 @@ impl Worker<'_> {
     /// shared cells are reused up to the token before the first scored one.
     pub(super) fn admit_scoring(&mut self, pending: ScorePending, free: &[usize]) {
         let request = pending.request;
-        let Some(&(slot, shared)) = self.by_shared_prefix(free, &request.tokens).first() else {
+        let Some(&(slot, shared)) = self.by_shared_prefix(free, &request.tokens, request.cache_scope).first()
+        else {
             return;
         };
         let scored_from = request.tokens.len() - request.n_scored;
@@ -116,6 +118,7 @@ impl Worker<'_> {
             n_prompt: request.tokens.len() - 1,
             n_cached: reuse,
             reserve: request.tokens.len(),
+            scope: request.cache_scope,
             work: Work::Score(Scoring {
                 job: id,
                 variant: None,

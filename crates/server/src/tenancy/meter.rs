@@ -167,6 +167,17 @@ pub fn current() -> Option<Arc<Meter>> {
     METER.try_with(Arc::clone).ok()
 }
 
+/// The engine's prefix-cache scope of the request being handled: its tenant's, so that no
+/// tenant reuses another's cached prompt (and learns from `cached_tokens` or the first token's
+/// time what that one asked); 0 without a tenant.
+pub fn cache_scope() -> u64 {
+    use std::hash::BuildHasher;
+    let tenant = current().and_then(|m| m.tenant_id.clone());
+    // SipHash with fixed keys: the same tenant gets the same scope in every request.
+    let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    tenant.map_or(0, |t| hasher.hash_one(&*t).max(1))
+}
+
 /// Counts an upstream stream's first token and usage into the current meter.
 pub fn tap_upstream(
     route: &ferry_gateway::Route,

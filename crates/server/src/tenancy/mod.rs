@@ -33,7 +33,7 @@ use crate::limits::{Limiter, ScopeKind, Subject};
 mod meter;
 
 use meter::{Finish, Kept, MAX_KEPT_RESPONSE, METER, TraceParts};
-pub use meter::{Meter, current, tap_upstream};
+pub use meter::{Meter, cache_scope, current, tap_upstream};
 
 /// Prices per million tokens, in the currency budgets are written in.
 #[derive(Debug, Clone, Default, Deserialize)]
