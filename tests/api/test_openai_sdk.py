@@ -98,6 +98,36 @@ def test_chat_logprobs(client):
     assert "".join(e.token for e in content) == r.choices[0].message.content
 
 
+def test_logprobs_end_where_a_stop_sequence_ends_the_answer(client):
+    """Tokens that only spell the stop sequence are not part of the answer, so their logprobs
+    are not either (chat, streamed chat and completions), as with OpenAI."""
+    ask = [{"role": "user", "content": "Count from 1 to 10 separated by commas."}]
+    free = client.chat.completions.create(model=MODEL_ID, messages=ask, temperature=0, max_tokens=16, logprobs=True)
+    tokens = [e.token for e in free.choices[0].logprobs.content]
+    # A stop made of two whole tokens that first occur at token k.
+    k = next(k for k in range(2, len(tokens) - 2)
+             if "".join(tokens[:k + 2]).find(tokens[k] + tokens[k + 1]) == len("".join(tokens[:k])))
+    stop = tokens[k] + tokens[k + 1]
+    r = client.chat.completions.create(model=MODEL_ID, messages=ask, temperature=0, max_tokens=16, logprobs=True,
+                                       stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == "".join(tokens[:k])
+    assert [e.token for e in r.choices[0].logprobs.content] == tokens[:k]
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=ask, temperature=0, max_tokens=16,
+                                                 logprobs=True, stop=[stop], stream=True))
+    streamed = [e.token for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content or []]
+    assert streamed == tokens[:k]
+    prompt = "1, 2, 3,"
+    free = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, logprobs=1)
+    tokens = free.choices[0].logprobs.tokens
+    stop = tokens[2] + tokens[3]
+    if "".join(tokens).find(stop) == len("".join(tokens[:2])):
+        r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, logprobs=1,
+                                      stop=[stop])
+        assert r.choices[0].text == "".join(tokens[:2])
+        assert r.choices[0].logprobs.tokens == tokens[:2]
+
+
 def test_completion_logprobs_and_echo(client):
     prompt = "The capital of France is"
     r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True)

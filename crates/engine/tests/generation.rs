@@ -145,6 +145,22 @@ fn stop_sequence_split_across_tokens() {
     assert_eq!(stopped.text, free.text[..at]);
     assert_eq!(stopped.finish, Some(FinishReason::Stop));
     assert!(!stopped.text.contains(&stop));
+    // The logprobs end with the answer: the token that straddles the stop string is one of
+    // them (part of its text is in the answer), the next one, wholly inside it, is not.
+    let mut start = 0;
+    let kept: Vec<u32> = free
+        .tokens
+        .iter()
+        .zip(&pieces)
+        .take_while(|(_, piece)| {
+            let begins = start;
+            start += piece.len();
+            begins < at
+        })
+        .map(|(&token, _)| token)
+        .collect();
+    assert_eq!(stopped.tokens, kept);
+    assert!(kept.len() < free.tokens.len() && stopped.completion_tokens > kept.len());
 }
 
 #[test]

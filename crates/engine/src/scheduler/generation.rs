@@ -24,8 +24,13 @@ pub(super) struct Generation {
     sampler: Sampler,
     utf8: Utf8Stream,
     stops: StopMatcher,
-    /// Tokens sampled whose text the stop matcher still holds back.
+    /// Logprobs of tokens sampled whose text is still held back (a character's first bytes,
+    /// a possible stop sequence), with where each token's text starts in the choice's output.
     unsent: Vec<TokenInfo>,
+    unsent_starts: Vec<usize>,
+    /// Bytes of text the sampled tokens make, and bytes of it released as the answer so far.
+    bytes_sampled: usize,
+    bytes_released: usize,
     /// Collects prompt logprobs during prefill (only for the first choice, when asked).
     pub(super) prompt_logprobs: Option<Vec<TokenInfo>>,
     /// Prompt tokens found in the slot's cache and not recomputed.
@@ -70,6 +75,9 @@ impl Worker<'_> {
                     utf8: Utf8Stream::default(),
                     stops: StopMatcher::new(request.stop.clone()),
                     unsent: Vec::new(),
+                    unsent_starts: Vec::new(),
+                    bytes_sampled: 0,
+                    bytes_released: 0,
                     prompt_logprobs: want_prompt.then(Vec::new),
                     cached_tokens: reuse,
                     constraint: request.constraint.clone(),
@@ -148,6 +156,7 @@ impl Worker<'_> {
         if let Some(top_n) = request.logprobs {
             let (logprob, top) = logprobs(logits, token, top_n);
             g.unsent.push(TokenInfo { token, logprob, top });
+            g.unsent_starts.push(g.bytes_sampled);
         }
         let generated = seq.tokens.len() - seq.n_prompt;
 
@@ -157,7 +166,9 @@ impl Worker<'_> {
         if eog(token) {
             finish = Some(FinishReason::Stop);
         } else {
-            let piece = g.utf8.push(backend.token_bytes(token));
+            let bytes = backend.token_bytes(token);
+            g.bytes_sampled += bytes.len();
+            let piece = g.utf8.push(bytes);
             let released = g.stops.push(&piece);
             text = released.text;
             stop_sequence = released.stopped;
@@ -180,8 +191,18 @@ impl Worker<'_> {
                 text.push_str(&g.stops.finish());
             }
         }
-        if !text.is_empty() || (finish.is_some() && !g.unsent.is_empty()) {
-            let tokens = std::mem::take(&mut g.unsent);
+        g.bytes_released += text.len();
+        // A token's logprob goes out with the first of its text. Past a stop sequence, the
+        // tokens that only made the stop (or what followed it) are not part of the answer;
+        // any other end sends the rest (an end-of-generation token has no text).
+        let ready = if finish.is_some() && stop_sequence.is_none() {
+            g.unsent.len()
+        } else {
+            g.unsent_starts.iter().take_while(|&&start| start < g.bytes_released).count()
+        };
+        if !text.is_empty() || (finish.is_some() && ready > 0) {
+            let tokens: Vec<TokenInfo> = g.unsent.drain(..ready).collect();
+            g.unsent_starts.drain(..ready);
             let _ = events.send(Event::Delta { choice: g.choice, text, tokens });
         }
         if let Some(reason) = finish {
