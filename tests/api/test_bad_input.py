@@ -53,6 +53,12 @@ CASES = [
     ("tool result without an id", "POST", CHAT, chat(messages=MSG + [{"role": "tool", "content": "42"}]), 400, "messages[1].tool_call_id", "missing_required_parameter"),
     ("stream_options without stream", "POST", CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options", None),
     ("completions stream_options without stream", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": "x", "stream_options": {"include_usage": True}}).encode(), 400, "stream_options", None),
+    # What OpenAI honours and Ferry cannot is refused by name, never answered without it.
+    ("legacy functions", "POST", CHAT, chat(functions=[{"name": "f", "parameters": {"type": "object"}}]), 400, "functions", None),
+    ("legacy function_call", "POST", CHAT, chat(function_call="auto"), 400, "function_call", None),
+    ("audio output", "POST", CHAT, chat(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), 400, "modalities", None),
+    ("audio parameters", "POST", CHAT, chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", None),
+    ("completions prompt longer than context", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": "hello " * 2000}).encode(), 400, "prompt", "context_length_exceeded"),
     ("unknown model", "POST", CHAT, chat(model="gpt-17"), 404, "model", "model_not_found"),
     ("prompt longer than context", "POST", CHAT, chat(messages=[{"role": "user", "content": "hello " * 2000}]), 400, "messages", "context_length_exceeded"),
     ("invalid utf-8", "POST", CHAT, b'{"model": "' + MODEL_ID.encode() + b'", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None, None),

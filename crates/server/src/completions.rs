@@ -97,7 +97,13 @@ pub async fn completions(
     let mut engine_requests = Vec::with_capacity(prompts.len());
     let mut prompt_texts = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        let max_tokens = validate::max_tokens(requested, "max_tokens", prompt.len(), &model)?;
+        let max_tokens =
+            validate::max_tokens(requested, "max_tokens", prompt.len(), &model).map_err(|e| match e {
+                ApiError::ContextLengthExceeded { limit, requested, prompt, completion, .. } => {
+                    ApiError::ContextLengthExceeded { limit, requested, prompt, completion, input: "prompt" }
+                }
+                other => other,
+            })?;
         prompt_texts.push(request.echo.then(|| detokenize(&model, &prompt)));
         let prompt_logprobs = request.echo && logprobs.is_some();
         engine_requests.push(validate::generate_request(

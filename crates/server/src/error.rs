@@ -20,7 +20,14 @@ pub enum ApiError {
     #[error(
         "This model's maximum context length is {limit} tokens. However, you requested {requested} tokens ({prompt} in the prompt, {completion} for the completion). Please reduce the length of the prompt or of max_tokens."
     )]
-    ContextLengthExceeded { limit: usize, requested: usize, prompt: usize, completion: usize },
+    ContextLengthExceeded {
+        limit: usize,
+        requested: usize,
+        prompt: usize,
+        completion: usize,
+        /// The request's field holding the prompt (`messages`, completions' `prompt`).
+        input: &'static str,
+    },
     #[error("The request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("The server is busy: its request queue is full. Retry after {retry_after} seconds.")]
@@ -123,11 +130,11 @@ impl ApiError {
                 Some("model_not_found"),
                 Some("model".into()),
             ),
-            ContextLengthExceeded { .. } => (
+            ContextLengthExceeded { input, .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 Some("context_length_exceeded"),
-                Some("messages".into()),
+                Some((*input).into()),
             ),
             BodyTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large"), None)

@@ -469,6 +469,7 @@ pub async fn explanations(
             requested: longest,
             prompt: longest - completion_tokens.len(),
             completion: completion_tokens.len(),
+            input: "messages",
         });
     }
     // Tokens the engine decodes: the full sequence once, then each variant's own (a

@@ -54,6 +54,44 @@ pub fn tool_results_answer_calls(messages: &[ferry_api::openai::ChatMessage]) ->
     Ok(())
 }
 
+/// Chat fields OpenAI honours and Ferry cannot serve: refused by name, never dropped.
+#[derive(serde::Deserialize)]
+struct UnservedChatFields {
+    functions: Option<serde::de::IgnoredAny>,
+    function_call: Option<serde::de::IgnoredAny>,
+    audio: Option<serde::de::IgnoredAny>,
+    modalities: Option<Vec<String>>,
+}
+
+/// Refuses the legacy `functions`/`function_call` and audio output (`audio`, `modalities`
+/// other than text), which a model would otherwise silently answer without.
+pub fn refuse_unserved_chat_fields(body: &Bytes) -> Result<(), ApiError> {
+    let fields: UnservedChatFields = parse_json(body)?;
+    for (param, given) in
+        [("functions", fields.functions.is_some()), ("function_call", fields.function_call.is_some())]
+    {
+        if given {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "'{param}' (deprecated by OpenAI) is not supported: send the functions as 'tools' and choose \
+                     one with 'tool_choice'"
+                ),
+            ));
+        }
+    }
+    if fields.modalities.iter().flatten().any(|m| m != "text") {
+        return Err(ApiError::invalid(
+            "modalities",
+            "Only text output is supported: 'modalities' may only be [\"text\"]",
+        ));
+    }
+    if fields.audio.is_some() {
+        return Err(ApiError::invalid("audio", "Audio output is not supported by this server"));
+    }
+    Ok(())
+}
+
 /// OpenAI refuses `stream_options` on a request that does not stream (it would be dropped).
 pub fn stream_options_need_stream(stream_options: bool, stream: bool) -> Result<(), ApiError> {
     if stream_options && !stream {
@@ -306,6 +344,7 @@ pub fn max_tokens(
             requested: needed,
             prompt: prompt_len,
             completion: completion.unwrap_or(1),
+            input: "messages",
         });
     }
     // The model's configured default, where the request names none, within what is left.
