@@ -47,6 +47,7 @@ CASES = [
     ("logit_bias out of range", "POST", CHAT, chat(logit_bias={"5": 500}), 400, "logit_bias", None),
     ("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=3), 400, "top_logprobs", None),
     ("top_logprobs too many", "POST", CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs", None),
+    ("stop wrong type", "POST", CHAT, chat(stop=5), 400, "stop", "invalid_type"),
     ("too many stops", "POST", CHAT, chat(stop=[str(i) for i in range(40)]), 400, "stop", None),
     ("stream not bool", "POST", CHAT, chat(stream="yes"), 400, "stream", "invalid_type"),
     ("tool result without its call", "POST", CHAT, chat(messages=MSG + [{"role": "tool", "tool_call_id": "call_nobody", "content": "42"}]), 400, "messages[1].tool_call_id", None),
@@ -89,6 +90,7 @@ def test_bad_request(http, name, method, path, body, status, param, code):
         assert error["code"] == code
     if error["code"] != "invalid_json":  # a syntax error's position helps; a field's path says more
         assert " at line " not in error["message"], error["message"]
+    assert "untagged" not in error["message"] and "variant" not in error["message"], error["message"]
 
 
 def test_messages_say_what_was_expected(http):
@@ -98,6 +100,10 @@ def test_messages_say_what_was_expected(http):
     assert r.json()["error"]["message"] == "Missing required parameter: 'messages'."
     r = http.post(CHAT, content=chat(max_tokens="ten"))
     assert r.json()["error"]["message"] == "Invalid type for 'max_tokens': expected an integer, but got string \"ten\" instead."
+    r = http.post(CHAT, content=chat(stop=5))
+    assert r.json()["error"]["message"] == "Invalid value for 'stop': expected a string or an array of strings."
+    r = http.post(COMPLETIONS, content=json.dumps({"model": MODEL_ID, "prompt": [1, "a"]}).encode())
+    assert r.json()["error"]["param"] == "prompt" and "an array of token ids" in r.json()["error"]["message"]
 
 
 def test_table_is_large_enough():

@@ -199,6 +199,19 @@ fn wrong_field(path: String, serde_message: &str) -> ApiError {
         Some(at) if serde_message[at..].contains(" column ") => &serde_message[..at],
         _ => serde_message,
     };
+    // A field of several forms (serde's untagged enums) says which forms it takes.
+    if let Some(form) = message.strip_prefix("data did not match any variant of untagged enum ") {
+        let expected = match form.trim() {
+            "Stop" => "a string or an array of strings",
+            "MessageContent" | "InputContent" => "a string or an array of content parts",
+            "SystemPrompt" => "a string or an array of text blocks",
+            "Prompt" => "a string, an array of strings, an array of token ids or an array of such arrays",
+            "Input" => "a string or an array of input items",
+            _ => "one of the forms it takes (see the API reference)",
+        };
+        let message = format!("Invalid value for '{path}': expected {expected}.");
+        return ApiError::InvalidParameter { param: path, message, code: "invalid_type" };
+    }
     let Some((got, expected)) =
         message.strip_prefix("invalid type: ").and_then(|rest| rest.split_once(", expected "))
     else {
