@@ -8,11 +8,16 @@ from conftest import MODEL_ID
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
 MSG = [{"role": "user", "content": "Hi"}]
 
 
 def chat(**fields):
     return json.dumps({"model": MODEL_ID, "messages": MSG, **fields}).encode()
+
+
+def responses(**fields):
+    return json.dumps({"model": MODEL_ID, "input": "Hi", **fields}).encode()
 
 
 def nested(depth):
@@ -60,6 +65,15 @@ CASES = [
     ("audio output", "POST", CHAT, chat(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), 400, "modalities", None),
     ("audio parameters", "POST", CHAT, chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", None),
     ("completions prompt longer than context", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": "hello " * 2000}).encode(), 400, "prompt", "context_length_exceeded"),
+    # A client moving from chat: what the Responses API spells otherwise, or has not, is named.
+    ("responses max_tokens", "POST", RESPONSES, responses(max_tokens=3), 400, "max_tokens", None),
+    ("responses response_format", "POST", RESPONSES, responses(response_format={"type": "json_object"}), 400, "response_format", None),
+    ("responses top_k", "POST", RESPONSES, responses(top_k=1), 400, "top_k", None),
+    ("responses stop", "POST", RESPONSES, responses(stop=["5"]), 400, "stop", None),
+    ("responses truncation auto", "POST", RESPONSES, responses(truncation="auto"), 400, "truncation", None),
+    ("responses reasoning", "POST", RESPONSES, responses(reasoning={"effort": "high"}), 400, "reasoning", None),
+    ("responses json_schema without schema", "POST", RESPONSES, responses(text={"format": {"type": "json_schema", "name": "a"}}), 400, "text.format.schema", "missing_required_parameter"),
+    ("responses input longer than context", "POST", RESPONSES, responses(input="hello " * 2000), 400, "input", "context_length_exceeded"),
     ("unknown model", "POST", CHAT, chat(model="gpt-17"), 404, "model", "model_not_found"),
     ("prompt longer than context", "POST", CHAT, chat(messages=[{"role": "user", "content": "hello " * 2000}]), 400, "messages", "context_length_exceeded"),
     ("invalid utf-8", "POST", CHAT, b'{"model": "' + MODEL_ID.encode() + b'", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None, None),

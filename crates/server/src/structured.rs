@@ -352,12 +352,19 @@ pub struct LocalRun {
     pub max_tokens_param: &'static str,
     /// `response_format`, or the Responses API's `text.format`.
     pub format_param: &'static str,
+    /// The field holding the conversation: `messages`, or the Responses API's `input`.
+    pub input_param: &'static str,
 }
 
 impl LocalRun {
     /// A Messages request's run (`max_tokens`, `output_config.format`).
     pub fn messages(top_k: Option<i64>) -> LocalRun {
-        LocalRun { top_k, max_tokens_param: "max_tokens", format_param: "output_config.format" }
+        LocalRun {
+            top_k,
+            max_tokens_param: "max_tokens",
+            format_param: "output_config.format",
+            input_param: "messages",
+        }
     }
 }
 
@@ -396,7 +403,8 @@ pub async fn local_neutral_events(
     let sampling = crate::validate::sampling(&fields, model)?;
     let constraint = compile(model, &plan).await?;
     let requested = request.params.max_tokens.map(|m| m as i64);
-    let max_tokens = crate::validate::max_tokens(requested, run.max_tokens_param, prompt.len(), model)?;
+    let max_tokens = crate::validate::max_tokens(requested, run.max_tokens_param, prompt.len(), model)
+        .map_err(|e| e.on_input(run.input_param))?;
     let mut generate = crate::validate::generate_request(prompt, max_tokens, &sampling, None, false);
     generate.constraint = constraint;
     let submitted = crate::generation::submit(model, vec![generate])?;

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use ferry_api::openai::SamplingFields;
 use ferry_api::responses::ResponsesRequest;
 use ferry_providers::ChatRequest;
+use serde::de::IgnoredAny;
 
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
@@ -31,6 +32,77 @@ pub async fn not_stored(axum::extract::Path(rest): axum::extract::Path<String>) 
         "No response found with id '{id}': Ferry's Responses API is stateless and stores no responses; \
          each answer goes only to the request that made it"
     ))
+}
+
+/// Fields a client moving from Chat Completions may send, which the Responses API spells
+/// otherwise or has not: read only to refuse them by name, as OpenAI does, rather than answer
+/// without them (at another length, in free text, unseeded).
+#[derive(serde::Deserialize)]
+struct ChatOnlyFields {
+    max_tokens: Option<IgnoredAny>,
+    max_completion_tokens: Option<IgnoredAny>,
+    response_format: Option<IgnoredAny>,
+    stop: Option<IgnoredAny>,
+    n: Option<IgnoredAny>,
+    seed: Option<IgnoredAny>,
+    logit_bias: Option<IgnoredAny>,
+    presence_penalty: Option<IgnoredAny>,
+    frequency_penalty: Option<IgnoredAny>,
+    top_k: Option<IgnoredAny>,
+    min_p: Option<IgnoredAny>,
+    repetition_penalty: Option<IgnoredAny>,
+    ignore_eos: Option<IgnoredAny>,
+    truncation: Option<String>,
+    reasoning: Option<serde_json::Value>,
+}
+
+fn refuse_chat_only(body: &Bytes) -> Result<(), ApiError> {
+    let f: ChatOnlyFields = validate::parse_json(body)?;
+    let renamed = [
+        ("max_tokens", f.max_tokens.is_some(), "max_output_tokens"),
+        ("max_completion_tokens", f.max_completion_tokens.is_some(), "max_output_tokens"),
+        ("response_format", f.response_format.is_some(), "text.format"),
+    ];
+    if let Some((param, _, instead)) = renamed.into_iter().find(|(_, given, _)| *given) {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "Unsupported parameter: '{param}' is not supported with the Responses API: use '{instead}'"
+            ),
+        ));
+    }
+    let chat_only = [
+        ("stop", f.stop.is_some()),
+        ("n", f.n.is_some()),
+        ("seed", f.seed.is_some()),
+        ("logit_bias", f.logit_bias.is_some()),
+        ("presence_penalty", f.presence_penalty.is_some()),
+        ("frequency_penalty", f.frequency_penalty.is_some()),
+        ("top_k", f.top_k.is_some()),
+        ("min_p", f.min_p.is_some()),
+        ("repetition_penalty", f.repetition_penalty.is_some()),
+        ("ignore_eos", f.ignore_eos.is_some()),
+    ];
+    if let Some((param, _)) = chat_only.into_iter().find(|(_, given)| *given) {
+        return Err(ApiError::invalid(
+            param,
+            format!("'{param}' is not a parameter of the Responses API: send it to /v1/chat/completions"),
+        ));
+    }
+    if f.truncation.as_deref().is_some_and(|t| t != "disabled") {
+        return Err(ApiError::invalid(
+            "truncation",
+            "Only 'truncation': 'disabled' is supported: an input over the context is refused \
+             (context_length_exceeded), never cut",
+        ));
+    }
+    if f.reasoning.as_ref().is_some_and(|r| !r.is_null() && r.as_object().is_none_or(|o| !o.is_empty())) {
+        return Err(ApiError::invalid(
+            "reasoning",
+            "'reasoning' is not supported: Ferry serves no reasoning models",
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses, by name, what a stateless server cannot honour.
@@ -60,6 +132,12 @@ fn refuse_unsupported(request: &ResponsesRequest) -> Result<(), ApiError> {
             "Ferry keeps no stored prompts: send the prompt's text as 'instructions' and 'input'",
         ));
     }
+    if let Some(format) = request.text.as_ref().and_then(|t| t.format.as_ref())
+        && format.kind == "json_schema"
+        && format.schema.is_none()
+    {
+        return Err(ApiError::missing("text.format.schema"));
+    }
     let logprobs = request.include.iter().flatten().any(|i| i == "message.output_text.logprobs");
     if logprobs || request.top_logprobs.is_some_and(|n| n > 0) {
         let param = if logprobs { "include" } else { "top_logprobs" };
@@ -88,6 +166,7 @@ pub async fn responses(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(body, &state)?;
     let mut request: ResponsesRequest = validate::parse_json(&body)?;
+    refuse_chat_only(&body)?;
     // The response names the model and repeats the instructions as the client sent them,
     // never a preset's.
     let client_model = request.model.clone();
@@ -127,7 +206,12 @@ pub async fn responses(
     }
     input::refuse_images(&request)?;
     let model = state.model(&request.model).await?;
-    let run = LocalRun { top_k: None, max_tokens_param: "max_output_tokens", format_param: "text.format" };
+    let run = LocalRun {
+        top_k: None,
+        max_tokens_param: "max_output_tokens",
+        format_param: "text.format",
+        input_param: "input",
+    };
     let events = crate::structured::local_neutral_events(&model, neutral, run).await?;
     if request.stream {
         return Ok(output::stream(events, envelope).into_response());
