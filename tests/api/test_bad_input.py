@@ -63,6 +63,8 @@ CASES = [
     ("legacy functions", "POST", CHAT, chat(functions=[{"name": "f", "parameters": {"type": "object"}}]), 400, "functions", None),
     ("legacy function_call", "POST", CHAT, chat(function_call="auto"), 400, "function_call", None),
     ("audio output", "POST", CHAT, chat(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), 400, "modalities", None),
+    ("reasoning_effort", "POST", CHAT, chat(reasoning_effort="high"), 400, "reasoning_effort", None),
+    ("responses bad role", "POST", RESPONSES, responses(input=[{"role": "tool", "content": "x"}]), 400, "input[0].role", None),
     ("audio parameters", "POST", CHAT, chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", None),
     ("completions prompt longer than context", "POST", COMPLETIONS, json.dumps({"model": MODEL_ID, "prompt": "hello " * 2000}).encode(), 400, "prompt", "context_length_exceeded"),
     # A client moving from chat: what the Responses API spells otherwise, or has not, is named.

@@ -61,10 +61,11 @@ struct UnservedChatFields {
     function_call: Option<serde::de::IgnoredAny>,
     audio: Option<serde::de::IgnoredAny>,
     modalities: Option<Vec<String>>,
+    reasoning_effort: Option<String>,
 }
 
-/// Refuses the legacy `functions`/`function_call` and audio output (`audio`, `modalities`
-/// other than text), which a model would otherwise silently answer without.
+/// Refuses the legacy `functions`/`function_call`, audio output (`audio`, `modalities` other
+/// than text) and `reasoning_effort`, which a model would otherwise silently answer without.
 pub fn refuse_unserved_chat_fields(body: &Bytes) -> Result<(), ApiError> {
     let fields: UnservedChatFields = parse_json(body)?;
     for (param, given) in
@@ -88,6 +89,13 @@ pub fn refuse_unserved_chat_fields(body: &Bytes) -> Result<(), ApiError> {
     }
     if fields.audio.is_some() {
         return Err(ApiError::invalid("audio", "Audio output is not supported by this server"));
+    }
+    // As OpenAI answers for a model that does not reason.
+    if fields.reasoning_effort.is_some() {
+        return Err(ApiError::invalid(
+            "reasoning_effort",
+            "Unsupported parameter: 'reasoning_effort' is not supported with this model",
+        ));
     }
     Ok(())
 }

@@ -130,14 +130,15 @@ fn item_message(i: usize, item: &InputItem, out: &mut Vec<Message>) -> Result<()
                 Some("user") => Role::User,
                 Some("assistant") => Role::Assistant,
                 Some("system" | "developer") => Role::System,
-                other => {
+                Some(other) => {
                     return Err(ApiError::invalid(
                         format!("input[{i}].role"),
                         format!(
-                            "Invalid role {other:?} in input[{i}]; expected user, assistant, system or developer"
+                            "Invalid role '{other}' in input[{i}]; expected user, assistant, system or developer"
                         ),
                     ));
                 }
+                None => return Err(ApiError::missing(format!("input[{i}].role"))),
             };
             out.push(Message { role, content: content(i, item)?, tool_calls: vec![], tool_call_id: None });
         }
