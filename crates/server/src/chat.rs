@@ -78,7 +78,7 @@ async fn local(
         Some(m) => ("max_completion_tokens", Some(m)),
         None => ("max_tokens", request.max_tokens),
     };
-    let max_tokens = validate::max_tokens(requested, param, prompt.len(), &model)?;
+    let max_tokens = validate::max_tokens(requested, param, "messages", prompt.len(), &model)?;
     let mut generate = validate::generate_request(prompt, max_tokens, &sampling, logprobs, false);
     generate.constraint = constraint;
     let submitted = generation::submit(&model, vec![generate])?;

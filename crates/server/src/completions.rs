@@ -97,8 +97,7 @@ pub async fn completions(
     let mut engine_requests = Vec::with_capacity(prompts.len());
     let mut prompt_texts = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        let max_tokens = validate::max_tokens(requested, "max_tokens", prompt.len(), &model)
-            .map_err(|e| e.on_input("prompt"))?;
+        let max_tokens = validate::max_tokens(requested, "max_tokens", "prompt", prompt.len(), &model)?;
         prompt_texts.push(request.echo.then(|| detokenize(&model, &prompt)));
         let prompt_logprobs = request.echo && logprobs.is_some();
         engine_requests.push(validate::generate_request(

@@ -116,17 +116,6 @@ impl ApiError {
         ApiError::InvalidParameter { param, message, code: "missing_required_parameter" }
     }
 
-    /// A context-length error naming the request's field that holds the prompt (`prompt`,
-    /// `input`); any other error as it is.
-    pub fn on_input(self, input: &'static str) -> Self {
-        match self {
-            ApiError::ContextLengthExceeded { limit, requested, prompt, completion, .. } => {
-                ApiError::ContextLengthExceeded { limit, requested, prompt, completion, input }
-            }
-            other => other,
-        }
-    }
-
     /// Status, OpenAI error type, code and param of each error.
     fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>, Option<String>) {
         use ApiError::*;

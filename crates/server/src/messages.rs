@@ -216,7 +216,8 @@ pub async fn messages(
     };
     let sampling = validate::sampling(&fields, &model)?;
     let prompt = local_prompt(&model, &request.messages, messages).await?;
-    let max_tokens = validate::max_tokens(Some(request.max_tokens), "max_tokens", prompt.len(), &model)?;
+    let max_tokens =
+        validate::max_tokens(Some(request.max_tokens), "max_tokens", "messages", prompt.len(), &model)?;
     let input_tokens = prompt.len() as u64;
     let submitted = generation::submit(
         &model,

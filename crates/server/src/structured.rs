@@ -403,8 +403,8 @@ pub async fn local_neutral_events(
     let sampling = crate::validate::sampling(&fields, model)?;
     let constraint = compile(model, &plan).await?;
     let requested = request.params.max_tokens.map(|m| m as i64);
-    let max_tokens = crate::validate::max_tokens(requested, run.max_tokens_param, prompt.len(), model)
-        .map_err(|e| e.on_input(run.input_param))?;
+    let max_tokens =
+        crate::validate::max_tokens(requested, run.max_tokens_param, run.input_param, prompt.len(), model)?;
     let mut generate = crate::validate::generate_request(prompt, max_tokens, &sampling, None, false);
     generate.constraint = constraint;
     let submitted = crate::generation::submit(model, vec![generate])?;

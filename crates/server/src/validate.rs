@@ -341,10 +341,12 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
     })
 }
 
-/// Checks `max_tokens` against the context and gives the completion budget.
+/// Checks `max_tokens` (named `param`) against the context and gives the completion budget;
+/// a context-length error names `input`, the field holding the prompt.
 pub fn max_tokens(
     requested: Option<i64>,
     param: &str,
+    input: &'static str,
     prompt_len: usize,
     model: &LocalModel,
 ) -> Result<usize, ApiError> {
@@ -365,7 +367,7 @@ pub fn max_tokens(
             requested: needed,
             prompt: prompt_len,
             completion: completion.unwrap_or(1),
-            input: "messages",
+            input,
         });
     }
     // The model's configured default, where the request names none, within what is left.
