@@ -139,6 +139,11 @@ def test_completion_logprobs_and_echo(client):
     assert len(lp.tokens) == r.usage.prompt_tokens + r.usage.completion_tokens
     assert lp.text_offset == sorted(lp.text_offset)
     assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    # Alternatives most likely first, as OpenAI orders them (clients take the first key as the top).
+    r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, temperature=0, logprobs=5)
+    for token, top in zip(r.choices[0].logprobs.tokens, r.choices[0].logprobs.top_logprobs):
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+        assert next(iter(top)) == token, "greedy: the chosen token is the likeliest"
 
 
 def test_n_choices(client):

@@ -39,7 +39,8 @@ def test_document_lists_every_route_with_its_schemas(server):
     for path, method in [
         ("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/responses", "post"),
         ("/v1/embeddings", "post"), ("/v1/models", "get"), ("/v1/models/{id}", "get"),
-        ("/v1/messages", "post"), ("/v1/messages/count_tokens", "post"), ("/v1/explanations", "post"),
+        ("/v1/messages", "post"), ("/v1/messages/count_tokens", "post"), ("/v1/responses/input_tokens", "post"),
+        ("/v1/explanations", "post"),
         ("/v1/traces/{id}", "get"), ("/admin/v1/keys", "post"), ("/admin/v1/usage", "get"),
         ("/admin/v1/audit/verify", "get"), ("/metrics", "get"), ("/health", "get"),
     ]:

@@ -80,3 +80,22 @@ def test_responses_refuses_what_it_cannot_do(client):
         with pytest.raises(openai.NotFoundError) as e:
             call("resp_123")
         assert "stateless" in e.value.message and "resp_123" in e.value.message
+
+
+def test_input_tokens_counts_the_prompt_a_response_runs(client):
+    kwargs = dict(model=MODEL_ID, instructions="You are terse.", input="What is the capital of France?")
+    counted = client.responses.input_tokens.count(**kwargs)
+    assert counted.object == "response.input_tokens"
+    ran = client.responses.create(temperature=0, max_output_tokens=4, **kwargs)
+    assert counted.input_tokens == ran.usage.input_tokens > 0
+    # Tools are part of the prompt, as they are when the response runs.
+    tool = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    with_tool = client.responses.input_tokens.count(tools=[tool], **kwargs)
+    ran_with_tool = client.responses.create(temperature=0, max_output_tokens=4, tools=[tool], **kwargs)
+    assert with_tool.input_tokens == ran_with_tool.usage.input_tokens > counted.input_tokens
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_tokens.count(model="no-such-model", input="hi")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.input_tokens.count(model=MODEL_ID, input="hi", previous_response_id="resp_1")
+    assert e.value.param == "previous_response_id"

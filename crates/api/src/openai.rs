@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use indexmap::IndexMap;
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 /// `stop`: one string or a list of strings.
@@ -49,6 +51,18 @@ pub struct ChatCompletionRequest {
     pub parallel_tool_calls: Option<bool>,
     #[schema(value_type = Option<ResponseFormat>)]
     pub response_format: Option<serde_json::Value>,
+    /// Fields OpenAI honours and Ferry cannot serve (the legacy functions, audio output,
+    /// reasoning), read only to refuse them by name rather than answer without them.
+    #[schema(ignore)]
+    pub functions: Option<IgnoredAny>,
+    #[schema(ignore)]
+    pub function_call: Option<IgnoredAny>,
+    #[schema(ignore)]
+    pub audio: Option<IgnoredAny>,
+    #[schema(ignore)]
+    pub modalities: Option<Vec<String>>,
+    #[schema(ignore)]
+    pub reasoning_effort: Option<String>,
 }
 
 /// `response_format`: free text, any JSON object, or JSON that follows a schema.
@@ -311,9 +325,11 @@ pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     #[serde(deserialize_with = "null_as_default")]
     pub token_logprobs: Vec<Option<f32>>,
-    /// Upstreams send `null` here when no alternatives were asked for.
+    /// Each token's alternatives, most likely first (as OpenAI orders them); upstreams send
+    /// `null` here when no alternatives were asked for.
     #[serde(deserialize_with = "null_as_default")]
-    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    #[schema(value_type = Vec<Option<BTreeMap<String, f32>>>)]
+    pub top_logprobs: Vec<Option<IndexMap<String, f32>>>,
     #[serde(deserialize_with = "null_as_default")]
     pub text_offset: Vec<usize>,
 }

@@ -176,6 +176,15 @@ pub struct ResponseUsage {
     pub total_tokens: u64,
 }
 
+/// `POST /v1/responses/input_tokens`: the prompt's tokens, without running it.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = ResponseInputTokens)]
+pub struct InputTokens {
+    /// Always `response.input_tokens`.
+    pub object: &'static str,
+    pub input_tokens: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct IncompleteDetails {
     pub reason: String,

@@ -41,7 +41,7 @@ pub async fn chat_completions(
     let mut request: ChatCompletionRequest = validate::parse_json(&body)?;
     let mut fields: SamplingFields = validate::parse_json(&body)?;
     validate::stream_options_need_stream(request.stream_options.is_some(), request.stream)?;
-    validate::refuse_unserved_chat_fields(&body)?;
+    validate::refuse_unserved_chat_fields(&request)?;
     validate::tool_results_answer_calls(&request.messages)?;
     let client_model = request.model.clone();
     if let Some(gateway) = state.gateway()

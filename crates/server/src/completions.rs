@@ -3,7 +3,6 @@
 //! OpenAI-compatible target's own `/completions`; other providers answer the prompt as one
 //! user message, see `ferry_providers::completion_as_chat`).
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use axum::body::Bytes;
@@ -18,6 +17,7 @@ use ferry_api::openai::{
 use ferry_engine::{Event, LocalModel, TokenId, TokenInfo};
 use ferry_providers::{ChatEvent, EventStream};
 use futures::StreamExt;
+use indexmap::IndexMap;
 
 use crate::app::{AppState, read_body};
 use crate::error::ApiError;
@@ -452,8 +452,11 @@ fn legacy_logprobs(
     for info in tokens {
         push_text(&mut out, info.token);
         out.token_logprobs.push(Some(info.logprob));
-        let top: BTreeMap<String, f32> =
-            info.top.iter().map(|t| (model.token_text(t.token), t.logprob)).collect();
+        // Most likely first; of two tokens spelling the same text, the likelier one's.
+        let mut top = IndexMap::with_capacity(info.top.len());
+        for t in &info.top {
+            top.entry(model.token_text(t.token)).or_insert(t.logprob);
+        }
         out.top_logprobs.push(Some(top));
     }
     out

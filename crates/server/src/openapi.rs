@@ -29,6 +29,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         crate::chat::chat_completions,
         crate::completions::completions,
         crate::responses::responses,
+        crate::responses::input_tokens,
         crate::embeddings::embeddings,
         crate::models::list_models,
         crate::models::get_model,

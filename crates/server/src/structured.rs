@@ -366,6 +366,16 @@ impl LocalRun {
             input_param: "messages",
         }
     }
+
+    /// A Responses API request's run (`max_output_tokens`, `text.format`, `input`).
+    pub fn responses() -> LocalRun {
+        LocalRun {
+            top_k: None,
+            max_tokens_param: "max_output_tokens",
+            format_param: "text.format",
+            input_param: "input",
+        }
+    }
 }
 
 /// A neutral request (Anthropic's Messages with tools, translated) run on a local model:

@@ -54,20 +54,9 @@ pub fn tool_results_answer_calls(messages: &[ferry_api::openai::ChatMessage]) ->
     Ok(())
 }
 
-/// Chat fields OpenAI honours and Ferry cannot serve: refused by name, never dropped.
-#[derive(serde::Deserialize)]
-struct UnservedChatFields {
-    functions: Option<serde::de::IgnoredAny>,
-    function_call: Option<serde::de::IgnoredAny>,
-    audio: Option<serde::de::IgnoredAny>,
-    modalities: Option<Vec<String>>,
-    reasoning_effort: Option<String>,
-}
-
 /// Refuses the legacy `functions`/`function_call`, audio output (`audio`, `modalities` other
 /// than text) and `reasoning_effort`, which a model would otherwise silently answer without.
-pub fn refuse_unserved_chat_fields(body: &Bytes) -> Result<(), ApiError> {
-    let fields: UnservedChatFields = parse_json(body)?;
+pub fn refuse_unserved_chat_fields(fields: &ChatCompletionRequest) -> Result<(), ApiError> {
     for (param, given) in
         [("functions", fields.functions.is_some()), ("function_call", fields.function_call.is_some())]
     {

@@ -206,18 +206,53 @@ pub async fn responses(
     }
     input::refuse_images(&request)?;
     let model = state.model(&request.model).await?;
-    let run = LocalRun {
-        top_k: None,
-        max_tokens_param: "max_output_tokens",
-        format_param: "text.format",
-        input_param: "input",
-    };
-    let events = crate::structured::local_neutral_events(&model, neutral, run).await?;
+    let events = crate::structured::local_neutral_events(&model, neutral, LocalRun::responses()).await?;
     if request.stream {
         return Ok(output::stream(events, envelope).into_response());
     }
     let answer = crate::structured::collect_events(events).await?;
     Ok(axum::Json(output::response(&envelope, answer)).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/responses/input_tokens", tag = "OpenAI",
+    summary = "Count a response's input tokens",
+    description = "The tokens of the prompt a `POST /v1/responses` with the same `input`, `instructions`, \
+        `tools` and `text.format` would run on a local model, counted through its chat template.",
+    request_body = ResponsesRequest,
+    responses((status = 200, body = ferry_api::responses::InputTokens)))]
+pub async fn input_tokens(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(body, &state)?;
+    let mut request: ResponsesRequest = validate::parse_json(&body)?;
+    let mut fields = SamplingFields::default();
+    // A preset's instructions are part of the prompt it runs.
+    if let Some(gateway) = state.gateway()
+        && let Some(preset) = gateway.preset(&request.model)
+    {
+        fields = crate::presets::apply_responses(preset, &mut request)?;
+    }
+    refuse_unsupported(&request)?;
+    if state.gateway().is_some_and(|g| g.has_alias(&request.model)) {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "Counting input tokens is served for local models only: '{}' is answered by an upstream provider",
+                request.model
+            ),
+        ));
+    }
+    input::refuse_images(&request)?;
+    let neutral = input::to_neutral(&request, &fields)?;
+    let model = state.model(&request.model).await?;
+    let (prompt, _) =
+        crate::structured::local_neutral_prompt(&model, &neutral, &LocalRun::responses()).await?;
+    let counted = ferry_api::responses::InputTokens {
+        object: "response.input_tokens",
+        input_tokens: prompt.len() as u64,
+    };
+    Ok(axum::Json(counted).into_response())
 }
 
 /// A Responses request for a gateway alias, routed like any chat.

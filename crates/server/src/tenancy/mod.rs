@@ -591,7 +591,11 @@ async fn admit(
     }
     // Only model-running routes are metered; counting tokens is not.
     let path = parts.uri.path();
-    if path.ends_with("/count_tokens") || path == "/tokenize" || path == "/detokenize" {
+    if path.ends_with("/count_tokens")
+        || path == "/v1/responses/input_tokens"
+        || path == "/tokenize"
+        || path == "/detokenize"
+    {
         return Ok(next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await);
     }
     let subjects: &[Subject] = context.as_ref().map_or(&[], |c| &c.subjects);
