@@ -166,7 +166,8 @@ def main():
     p.add_argument("--llama-args", default="", help="extra flags for llama-server")
     p.add_argument("--only", choices=["ferry", "llama-server"], help="run one server (profiling)")
     args = p.parse_args()
-    for path in (FERRY, LLAMA_SERVER, args.model):
+    needed = {None: (FERRY, LLAMA_SERVER), "ferry": (FERRY,), "llama-server": (LLAMA_SERVER,)}[args.only]
+    for path in (*needed, args.model):
         if not os.path.exists(path):
             raise SystemExit(f"missing {path}: see the docstring")
     concurrencies = [int(c) for c in args.concurrency.split(",")]

@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Layers offloaded to the GPU in a GPU build (llama-bench's -ngl); all by default
     #[arg(long)]
     gpu_layers: Option<u32>,
+    /// llama.cpp's flash attention: auto, on or off (llama-bench's -fa)
+    #[arg(long, default_value = "auto")]
+    flash_attention: ferry_engine::FlashAttention,
     /// Repetitions (llama-bench's -r)
     #[arg(long, short = 'r', default_value_t = 3)]
     reps: usize,
@@ -43,6 +46,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             threads: args.threads,
             kv_budget: None,
             gpu_layers: args.gpu_layers,
+            flash_attention: args.flash_attention,
         },
         prefill_chunk: batch,
         max_waiting: args.concurrent.iter().copied().max().unwrap_or(1).max(1),

@@ -58,6 +58,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     threads,
                     kv_budget: None,
                     gpu_layers: None,
+                    flash_attention: Default::default(),
                 },
                 prefill_chunk: 512,
                 max_waiting: 1,

@@ -44,6 +44,11 @@ pub struct ServeArgs {
     /// models on the CPU [default: all]
     #[arg(long, env = "FERRY_GPU_LAYERS")]
     pub gpu_layers: Option<u32>,
+    /// llama.cpp's flash attention: `auto` (its choice: on for the CPU), `on`, or `off`
+    /// (slower under load, but a prefix cache's reuse of long prompts measured exact)
+    /// [default: auto]
+    #[arg(long, env = "FERRY_FLASH_ATTENTION")]
+    pub flash_attention: Option<ferry_engine::FlashAttention>,
     /// Most tokens per forward pass [default: 512]
     #[arg(long, env = "FERRY_BATCH_SIZE")]
     pub batch_size: Option<usize>,
@@ -171,6 +176,8 @@ pub struct ModelTable {
     pub prefix_cache: Option<bool>,
     /// Layers offloaded to the GPU (overrides the server-wide setting).
     pub gpu_layers: Option<u32>,
+    /// `auto`, `on` or `off` (overrides the server-wide setting).
+    pub flash_attention: Option<ferry_engine::FlashAttention>,
     /// Load at start instead of on the first request.
     #[serde(default)]
     pub preload: bool,
@@ -215,6 +222,7 @@ struct FileConfig {
     ctx_size: Option<usize>,
     parallel: Option<usize>,
     gpu_layers: Option<u32>,
+    flash_attention: Option<ferry_engine::FlashAttention>,
     batch_size: Option<usize>,
     prefill_chunk: Option<usize>,
     max_queue: Option<usize>,
@@ -273,6 +281,7 @@ pub struct ServeConfig {
     pub parallel: usize,
     /// `None`: every layer on the GPU, where the build has one.
     pub gpu_layers: Option<u32>,
+    pub flash_attention: ferry_engine::FlashAttention,
     pub batch_size: usize,
     pub prefill_chunk: usize,
     pub max_queue: usize,
@@ -345,6 +354,7 @@ impl ServeArgs {
             ctx_size: self.ctx_size.or(file.ctx_size).unwrap_or(4096),
             parallel: self.parallel.or(file.parallel).unwrap_or(8),
             gpu_layers: self.gpu_layers.or(file.gpu_layers),
+            flash_attention: self.flash_attention.or(file.flash_attention).unwrap_or_default(),
             batch_size: self.batch_size.or(file.batch_size).unwrap_or(512),
             prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(512),
             max_queue: self.max_queue.or(file.max_queue).unwrap_or(256),
@@ -543,6 +553,7 @@ impl ServeConfig {
                 parallel: None,
                 prefix_cache: None,
                 gpu_layers: None,
+                flash_attention: None,
                 preload: true,
                 defaults: Default::default(),
                 pooling: Default::default(),
@@ -572,6 +583,7 @@ impl ServeConfig {
                     threads: self.threads,
                     kv_budget: self.kv_budget,
                     gpu_layers: table.gpu_layers.or(self.gpu_layers),
+                    flash_attention: table.flash_attention.unwrap_or(self.flash_attention),
                 },
                 prefill_chunk: self.prefill_chunk,
                 max_waiting: self.max_queue,
@@ -697,8 +709,9 @@ mod tests {
             &config,
             format!(
                 "memory_budget = \"6G\"\nmax_loaded_models = 1\nparallel = 3\ngpu_layers = 20\n\
+                 flash_attention = \"off\"\n\
                  models = [\"{}\", {{ name = \"bee\", path = \"{}\", ctx_size = 512, gpu_layers = 0, \
-                 defaults = {{ max_tokens = 7 }} }}]\n",
+                 flash_attention = \"on\", defaults = {{ max_tokens = 7 }} }}]\n",
                 a.display(),
                 b.display()
             ),
@@ -713,6 +726,8 @@ mod tests {
         assert_eq!(specs[0].scheduler.session.n_sequences, 3);
         assert_eq!(specs[0].scheduler.session.gpu_layers, Some(20));
         assert_eq!(specs[1].scheduler.session.gpu_layers, Some(0), "a model's own setting wins");
+        assert_eq!(specs[0].scheduler.session.flash_attention, ferry_engine::FlashAttention::Off);
+        assert_eq!(specs[1].scheduler.session.flash_attention, ferry_engine::FlashAttention::On);
         assert_eq!(specs[1].name, "bee");
         assert!(!specs[1].preload, "a table loads on first use");
         assert_eq!(specs[1].scheduler.session.ctx_per_sequence, 512);

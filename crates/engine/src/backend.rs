@@ -76,6 +76,46 @@ pub struct SessionConfig {
     /// (`--features cuda`): `None` offloads every layer, as llama.cpp does by default;
     /// `Some(0)` keeps the model on the CPU. A CPU-only build ignores it.
     pub gpu_layers: Option<u32>,
+    /// Attention through llama.cpp's flash-attention kernels or the plain matrix products.
+    pub flash_attention: FlashAttention,
+}
+
+/// Whether attention runs through llama.cpp's flash-attention kernels (`--flash-attention`,
+/// as llama-server's `-fa`). On the CPU they are faster under load (less memory too, at long
+/// contexts) but take another kernel for 64 or more of a sequence's tokens in a batch than
+/// for fewer, so a prefix cached from a long prompt differs in its last bits from the same
+/// tokens recomputed. Without them, reusing a long prompt's cells measured exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttention {
+    /// llama.cpp's choice: on where the backend has the kernels.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl FlashAttention {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlashAttention::Auto => "auto",
+            FlashAttention::On => "on",
+            FlashAttention::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for FlashAttention {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(FlashAttention::Auto),
+            "on" => Ok(FlashAttention::On),
+            "off" => Ok(FlashAttention::Off),
+            other => Err(format!("flash attention is auto, on or off, not '{other}'")),
+        }
+    }
 }
 
 impl SessionConfig {

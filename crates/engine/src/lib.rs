@@ -20,7 +20,7 @@ pub mod tools;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-pub use backend::{Backend, EmbeddingConfig, Pooling, SessionConfig};
+pub use backend::{Backend, EmbeddingConfig, FlashAttention, Pooling, SessionConfig};
 pub use embedding::LmEmbedder;
 pub use grammar::{Constraint, Grammar, GrammarCompiler};
 pub use model_info::ModelInfo;

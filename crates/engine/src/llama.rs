@@ -15,7 +15,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::backend::{
-    Backend, BatchEntry, EmbeddingConfig, EmbeddingSession, Pooling, Session, SessionConfig,
+    Backend, BatchEntry, EmbeddingConfig, EmbeddingSession, FlashAttention, Pooling, Session, SessionConfig,
 };
 use crate::model_info::{ModelInfo, quantization_name};
 use crate::{EngineError, TokenId};
@@ -199,7 +199,13 @@ impl Backend for LlamaCppModel {
             // sequences). Under a KV budget smaller than that, one pool shared by all.
             .with_kv_unified(shared.is_some())
             .with_n_threads(threads)
-            .with_n_threads_batch(threads);
+            .with_n_threads_batch(threads)
+            // llama.h's `llama_flash_attn_type`.
+            .with_flash_attention_policy(match config.flash_attention {
+                FlashAttention::Auto => -1,
+                FlashAttention::Off => 0,
+                FlashAttention::On => 1,
+            });
         let context = self
             .model
             .new_context(backend, params)

@@ -41,6 +41,7 @@ pub fn config(n_sequences: usize, prefix_cache: bool) -> SchedulerConfig {
             threads: 2,
             kv_budget: None,
             gpu_layers: None,
+            flash_attention: Default::default(),
         },
         prefill_chunk: 256,
         max_waiting: 64,
@@ -60,6 +61,8 @@ pub struct Output {
     /// Each delta as it arrived.
     pub deltas: Vec<String>,
     pub tokens: Vec<TokenId>,
+    /// Each token's logprob (the request's `logprobs` is `Some(0)`).
+    pub logprobs: Vec<f32>,
     pub finish: Option<FinishReason>,
     pub completion_tokens: usize,
     /// Prompt tokens the prefix cache served.
@@ -98,6 +101,7 @@ pub fn collect(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usi
                 o.text.push_str(&text);
                 o.deltas.push(text);
                 o.tokens.extend(tokens.iter().map(|t| t.token));
+                o.logprobs.extend(tokens.iter().map(|t| t.logprob));
             }
             Event::Finished { choice, reason, completion_tokens, cached_tokens, .. } => {
                 outputs[choice].finish = Some(reason);

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Output, QWEN, SMOLLM2, collect, load, request, run};
-use ferry_engine::{ChatMessage, FinishReason, GenerateRequest, SamplingParams};
+use ferry_engine::{ChatMessage, FinishReason, FlashAttention, GenerateRequest, SamplingParams};
 use serde_json::Value;
 
 fn user(content: &str) -> Vec<ChatMessage> {
@@ -52,6 +52,37 @@ fn a_repeated_prompt_reuses_its_cached_prefix() {
     assert!(next.cached_tokens >= prompt.len() - 1, "{} cached", next.cached_tokens);
     assert_eq!(fresh.cached_tokens, 0);
     assert_eq!(next.tokens, fresh.tokens);
+}
+
+/// With the prefix cache and flash attention off, reusing a long prompt's cells gives exactly
+/// the logprobs recomputing them gives: the next turn's answer does not depend on the turn
+/// before it having been cached. With llama.cpp's CPU flash attention it would (this test
+/// fails with `FlashAttention::On`): the first turn's prompt is computed 64 or more tokens to
+/// a batch (its tiled kernel), while the follow-up's tail is computed with fewer.
+#[test]
+fn without_flash_attention_a_cached_prefix_gives_exactly_the_recomputed_logprobs() {
+    let facts: String = (0..12).map(|i| format!("Fact {i}: box {i} holds {} coins. ", i * 7 % 31)).collect();
+    let mut turns =
+        vec![ChatMessage::new("system", facts), ChatMessage::new("user", "Which box holds the most coins?")];
+    let exact = |n_sequences| {
+        let mut config = common::config(n_sequences, true);
+        config.session.flash_attention = FlashAttention::Off;
+        common::load_config(SMOLLM2, config)
+    };
+    let model = exact(2);
+    let prompt = model.chat_prompt(&turns).expect("prompt");
+    assert!(prompt.len() >= 128, "a prompt long enough for the tiled kernel: {}", prompt.len());
+    let first = &run(&model, request(prompt.clone(), 16, SamplingParams::greedy()))[0];
+    turns.push(ChatMessage::new("assistant", first.text.clone()));
+    turns.push(ChatMessage::new("user", "And which one holds the fewest?"));
+    let follow = model.chat_prompt(&turns).expect("prompt");
+    let cached = &run(&model, request(follow.clone(), 16, SamplingParams::greedy()))[0];
+    let fresh_model = exact(1);
+    let fresh = &run(&fresh_model, request(follow, 16, SamplingParams::greedy()))[0];
+    assert!(cached.cached_tokens >= prompt.len() - 1, "{} cached", cached.cached_tokens);
+    assert_eq!(fresh.cached_tokens, 0);
+    assert_eq!(cached.tokens, fresh.tokens);
+    assert_eq!(cached.logprobs, fresh.logprobs, "bit for bit");
 }
 
 /// Cached prefixes are shared only within a cache scope (the server's tenants): another

@@ -33,6 +33,8 @@ fn local_card(state: &AppState, status: &ModelStatus) -> Model {
         "memory_bytes": status.memory,
         "context_length": config.ctx_per_sequence,
         "parallel_sequences": config.n_sequences,
+        "prefix_cache": spec.scheduler.prefix_cache,
+        "flash_attention": config.flash_attention.as_str(),
         "has_chat_template": status.model.as_ref().map(|m| m.template.is_some())
             .or_else(|| info.map(|i| i.chat_template.is_some())),
         "license": info.and_then(|i| i.license.as_ref()),

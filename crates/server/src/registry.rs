@@ -497,6 +497,7 @@ mod tests {
                     threads: 2,
                     kv_budget: None,
                     gpu_layers: None,
+                    flash_attention: Default::default(),
                 },
                 prefill_chunk: 256,
                 max_waiting: 8,

@@ -34,16 +34,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::backend::{Backend, BatchEntry, Session, SessionConfig};
+use crate::backend::{Backend, BatchEntry, FlashAttention, Session, SessionConfig};
 use crate::grammar::Constraint;
 use crate::sampler::{SamplingParams, TokenLogprob};
 use crate::scoring::{ScoreEvent, ScoreRequest};
 use crate::{EngineError, TokenId};
 
 mod generation;
+mod prefix_cache;
 mod scoring_jobs;
 
 use generation::Generation;
+use prefix_cache::SlotCache;
 
 /// A request the API layer has validated: the prompt fits, the numbers are in range.
 #[derive(Debug, Clone)]
@@ -463,17 +465,6 @@ struct Worker<'m> {
     variant_waits: bool,
 }
 
-/// The cells a finished sequence left in a free slot.
-#[derive(Default)]
-struct SlotCache {
-    /// The tokens whose KV cells they are (positions from 0).
-    tokens: Vec<TokenId>,
-    /// The admission count when it was left: the oldest is evicted first.
-    left_at: u64,
-    /// The cache scope of the request that left them; only its own scope reuses them.
-    scope: u64,
-}
-
 /// What one batch entry's logits are for.
 enum RowUse {
     /// The next token of a sequence.
@@ -586,7 +577,9 @@ impl<'m> Worker<'m> {
 
     /// Frees a slot. The cells of a generation or of a scoring job's base stay for the next
     /// prompt or base that shares their prefix; a variant's (copied, with cells dropped) are
-    /// cleared.
+    /// cleared. Without flash attention, where reusing a prompt's cells measured exact, a
+    /// generation keeps only its prompt's: those of its answer, computed a token at a time,
+    /// differ in their last bits from what the next turn's prompt computes for the same tokens.
     fn free(&mut self, slot: usize) {
         let Some(seq) = self.slots[slot].take() else {
             return;
@@ -596,82 +589,21 @@ impl<'m> Worker<'m> {
             Work::Generate(_) => true,
             Work::Score(s) => s.variant.is_none(),
         };
-        if self.config.prefix_cache && whole && seq.first_pos == 0 {
-            let cells = seq.kv_cells();
-            let mut tokens = seq.tokens;
-            tokens.truncate(cells);
-            self.cached[slot] = SlotCache { tokens, left_at: self.admissions, scope: seq.scope };
-        } else {
+        if !(self.config.prefix_cache && whole && seq.first_pos == 0) {
             self.forget(slot);
+            return;
         }
-    }
-
-    /// Makes room for `cells` more reserved KV cells under the KV budget, evicting cached
-    /// prefixes least recently used first; `false` (evicting nothing) when the reservations of
-    /// the running sequences leave too little even with no cache. Always `true` without a
-    /// budget (each slot has its own context).
-    fn make_room(&mut self, cells: usize) -> bool {
-        let Some(budget) = self.config.session.shared_kv_cells() else {
-            return true;
-        };
-        let reserved: usize = self.slots.iter().flatten().map(|s| s.reserve).sum();
-        if reserved + cells > budget {
-            return false;
-        }
-        loop {
-            let cached: usize = self.cached.iter().map(|c| c.tokens.len()).sum();
-            if reserved + cells + cached <= budget {
-                return true;
+        let mut cells = seq.kv_cells();
+        if self.config.session.flash_attention == FlashAttention::Off && cells > seq.n_prompt {
+            if !self.session.remove_range(slot, seq.n_prompt, None) {
+                self.forget(slot);
+                return;
             }
-            // Cached prefixes live only in free slots (admission clears a slot's).
-            let Some(oldest) = (0..self.slots.len())
-                .filter(|&slot| self.slots[slot].is_none() && !self.cached[slot].tokens.is_empty())
-                .min_by_key(|&slot| self.cached[slot].left_at)
-            else {
-                return false;
-            };
-            self.forget(oldest);
-            self.stats.evicted_prefixes.fetch_add(1, Ordering::Relaxed);
+            cells = seq.n_prompt;
         }
-    }
-
-    /// Clears a free slot's cells and forgets what they held.
-    fn forget(&mut self, slot: usize) {
-        self.session.clear_sequence(slot);
-        self.cached[slot].tokens.clear();
-    }
-
-    /// Free slots with how many leading tokens of `tokens` each one's cache holds for
-    /// `scope`: the longest shared prefix first; among equals, the oldest cache.
-    fn by_shared_prefix(&self, free: &[usize], tokens: &[TokenId], scope: u64) -> Vec<(usize, usize)> {
-        let mut order: Vec<(usize, usize)> =
-            free.iter().map(|&slot| (slot, self.shared_prefix(slot, tokens, scope))).collect();
-        order.sort_by_key(|&(slot, shared)| (std::cmp::Reverse(shared), self.cached[slot].left_at));
-        order
-    }
-
-    /// Keeps the first `reuse` cells of a free slot's cache for the sequence taking it (none
-    /// where the memory cannot drop the rest) and forgets what it held; how many it kept.
-    fn reuse_cache(&mut self, slot: usize, reuse: usize) -> usize {
-        let kept = if reuse > 0 && self.session.remove_range(slot, reuse, None) {
-            reuse
-        } else {
-            self.forget(slot);
-            0
-        };
-        self.cached[slot].tokens.clear();
-        self.stats.cached_tokens.fetch_add(kept as u64, Ordering::Relaxed);
-        kept
-    }
-
-    /// How many leading tokens of `prompt` a free slot's cells already hold for `scope`
-    /// (none when another scope left them).
-    fn shared_prefix(&self, slot: usize, prompt: &[TokenId], scope: u64) -> usize {
-        let cache = &self.cached[slot];
-        if cache.scope != scope {
-            return 0;
-        }
-        cache.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
+        let mut tokens = seq.tokens;
+        tokens.truncate(cells);
+        self.cached[slot] = SlotCache { tokens, left_at: self.admissions, scope: seq.scope };
     }
 
     fn free_slots(&self) -> Vec<usize> {
