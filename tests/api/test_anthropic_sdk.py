@@ -79,6 +79,21 @@ def test_count_tokens(claude):
     assert counted.input_tokens == m.usage.input_tokens
 
 
+def test_usage_and_a_tool_stream_count_the_prompt_at_message_start(claude):
+    """Anthropic's usage fields, and `message_start` counting the prompt in a stream with
+    tools too (it said 0, and only `message_delta` had the count)."""
+    tools = [{"name": "get_weather", "description": "The weather in a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    counted = claude.messages.count_tokens(model=MODEL_ID, messages=ask, tools=tools).input_tokens
+    m = claude.messages.create(model=MODEL_ID, max_tokens=2, messages=ask)
+    assert (m.usage.cache_creation_input_tokens, m.usage.cache_read_input_tokens) == (0, 0)
+    with claude.messages.stream(model=MODEL_ID, max_tokens=2, messages=ask, tools=tools) as stream:
+        start = next(e for e in stream if e.type == "message_start")
+        final = stream.get_final_message()
+    assert start.message.usage.input_tokens == counted == final.usage.input_tokens
+
+
 def test_count_tokens_with_tools_and_tool_turns(claude):
     """count_tokens counts the prompt a create runs, tools and earlier tool turns included (it
     refused both)."""
@@ -181,6 +196,25 @@ def test_what_cannot_be_served_is_refused_by_name(claude):
         ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format"),
         ({"mcp_servers": [{"type": "url", "url": "https://example.com", "name": "x"}]}, "mcp_servers"),
         ({"tools": [tool], "tool_choice": {"type": "tool", "name": "other"}}, "tool_choice.name"),
+        ({"tools": [tool, tool]}, "tools.1.name"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text"),
+    ]
+    # Tool turns that don't fit together, and a result holding what the model cannot read
+    # (an image was dropped from it, and the model answered about what it never saw).
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}]}
+    def result(**block):
+        return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", **block}]}
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    cases += [
+        ({"tools": [tool], "messages": hi + [call, result(tool_use_id="toolu_nope", content="x")]},
+         "messages.2.content.0.tool_use_id"),
+        ({"tools": [tool], "messages": hi + [call, result(content=[image])]}, "messages.2.content.0.content.0"),
+        ({"tools": [tool], "messages": hi + [call, result(content=5)]}, "messages.2.content.0.content"),
+        ({"tools": [tool], "messages": hi + [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": "x"}]}, result(content="x")]},
+         "messages.1.content.0.input"),
+        ({"tools": [tool], "messages": [{"role": "user", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}]}]}, "messages.0.content.0"),
     ]
     for extra, named in cases:
         body = {"messages": hi, **extra}

@@ -51,6 +51,7 @@ def test_a_request_past_its_deadline_gets_504_deadline_exceeded(server, client):
     r = httpx.post(server.url + "/v1/messages", headers={"x-ferry-timeout": "0"}, timeout=60,
                    json={"model": MODEL_ID, "max_tokens": 20, "messages": MESSAGES})
     assert r.status_code == 504 and r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "timeout_error", "Anthropic's type for a 504"
 
 
 def test_a_generous_deadline_does_not_interfere(client):

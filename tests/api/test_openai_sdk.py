@@ -45,6 +45,9 @@ def test_chat_plain(client):
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.usage.prompt_tokens > 5
+    # The details OpenAI always sends, which clients read without checking for None.
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_chat_streaming_equals_plain(client):
@@ -68,6 +71,8 @@ def test_chat_streaming_equals_plain(client):
     assert finish == plain.choices[0].finish_reason
     assert usage.completion_tokens == plain.usage.completion_tokens
     assert usage.prompt_tokens == plain.usage.prompt_tokens
+    assert usage.prompt_tokens_details == plain.usage.prompt_tokens_details
+    assert usage.completion_tokens_details == plain.usage.completion_tokens_details
     # Every chunk names the build, as the plain answer does.
     assert fingerprints == {plain.system_fingerprint} and plain.system_fingerprint.startswith("ferry-")
 
@@ -268,3 +273,32 @@ def check_prefix_cache(client):
     usage = chunks[-1].usage
     assert usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
     assert usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+
+
+def test_a_cache_salt_shares_cached_prompts_only_with_the_same_salt():
+    """vLLM's `cache_salt`: users behind one key keep their cached prompts apart."""
+    server = Server("--parallel", "3", "--ctx-size", "1024", "--prefix-cache")
+    try:
+        client = server.client(max_retries=0, timeout=120)
+        ask = [{"role": "user", "content": "Write one sentence about the sea and the wind."}]
+
+        def cached(**salt):
+            r = client.chat.completions.create(model=MODEL_ID, messages=ask, max_tokens=2, temperature=0,
+                                               extra_body=salt)
+            return r.usage.prompt_tokens_details.cached_tokens
+
+        assert cached(cache_salt="alice") == 0
+        assert cached(cache_salt="bob") == 0, "another salt does not reuse alice's prompt"
+        assert cached() == 0, "nor does a request without a salt"
+        assert cached(cache_salt="alice") > 0
+        legacy = client.completions.create(model=MODEL_ID, prompt="The sea and the wind", max_tokens=2,
+                                           temperature=0, extra_body={"cache_salt": "carol"})
+        again = client.completions.create(model=MODEL_ID, prompt="The sea and the wind", max_tokens=2,
+                                          temperature=0, extra_body={"cache_salt": "carol"})
+        assert legacy.usage.prompt_tokens_details.cached_tokens == 0
+        assert again.usage.prompt_tokens_details.cached_tokens > 0
+        with pytest.raises(openai.BadRequestError) as e:
+            cached(cache_salt="")
+        assert e.value.param == "cache_salt"
+    finally:
+        server.stop()

@@ -384,6 +384,35 @@ def test_tool_choice_variants_on_qwen(qwen):
     assert none.choices[0].message.tool_calls is None
 
 
+def test_a_stop_sequence_never_cuts_a_call_or_a_json_answer(qwen):
+    """A stop string ends free text only: inside a tool call's arguments or a JSON answer it
+    would leave arguments that do not parse and a call to run without them."""
+    client = qwen.client(max_retries=0, timeout=300)
+    question = weather_question()
+    for tool_choice in ("required", "auto"):
+        r = client.chat.completions.create(model=QWEN_ID, messages=question, tools=[WEATHER_TOOL],
+                                           tool_choice=tool_choice, stop=["Paris", "celsius"], max_tokens=80,
+                                           temperature=0)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", (tool_choice, choice)
+        arguments = check_weather_call(choice.message.tool_calls[0])
+        assert "Paris" in arguments["city"] and arguments["unit"] == "celsius", tool_choice
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    r = client.chat.completions.create(
+        model=QWEN_ID, messages=[{"role": "user", "content": "Which city is the capital of France? Answer in JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        stop=["Paris", "}"], max_tokens=40, temperature=0)
+    assert "Paris" in json.loads(r.choices[0].message.content)["city"]
+    # Free text before a call still stops, as a stop sequence should.
+    plain = client.chat.completions.create(model=QWEN_ID, messages=question, tools=[WEATHER_TOOL], tool_choice="none",
+                                           max_tokens=40, temperature=0)
+    words = plain.choices[0].message.content.split()
+    assert len(words) > 2
+    cut = client.chat.completions.create(model=QWEN_ID, messages=question, tools=[WEATHER_TOOL], tool_choice="none",
+                                         stop=[words[2]], max_tokens=40, temperature=0)
+    assert cut.choices[0].finish_reason == "stop" and words[2] not in cut.choices[0].message.content
+
+
 def test_parallel_tool_calls_on_qwen(qwen):
     client = qwen.client(max_retries=0, timeout=300)
     completion = client.chat.completions.create(

@@ -89,6 +89,10 @@ def test_member_key_works_with_both_sdks_and_not_on_admin_routes(keyed):
     message = claude.messages.create(model=MODEL_ID, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert message.usage.output_tokens > 0
     assert [m.id for m in client.models.list()] == [MODEL_ID]
+    # The card without the server's file path (the operator's), with its provenance.
+    card = client.models.retrieve(MODEL_ID).model_extra
+    assert "file" not in card and "last_error" not in card and card["architecture"] == "llama"
+    assert "file" in admin(keyed, "GET", f"/v1/models/{MODEL_ID}").json(), "the admin sees it"
     r = admin(keyed, "GET", "/admin/v1/tenants", key=secret)
     assert r.status_code == 403
     assert r.json()["error"]["type"] == "permission_error"

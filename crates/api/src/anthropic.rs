@@ -84,8 +84,27 @@ pub struct ContentBlock {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[schema(as = AnthropicUsage)]
 pub struct Usage {
+    /// Prompt tokens not read from a cache.
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Always 0: nothing is written to a cache at a price.
+    #[serde(default)]
+    pub cache_creation_input_tokens: u64,
+    /// Prompt tokens the prefix cache served (`--prefix-cache`), or an upstream's cache.
+    #[serde(default)]
+    pub cache_read_input_tokens: u64,
+}
+
+impl Usage {
+    /// Anthropic's split of a prompt's tokens: those read from a cache apart from the rest.
+    pub fn of_prompt(prompt_tokens: u64, cached_tokens: u64, output_tokens: u64) -> Usage {
+        Usage {
+            input_tokens: prompt_tokens.saturating_sub(cached_tokens),
+            output_tokens,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: cached_tokens,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -139,6 +158,9 @@ pub struct OutputUsage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_tokens: Option<u64>,
     pub output_tokens: u64,
+    /// Sent with `input_tokens` when part of the prompt came from a cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read_input_tokens: Option<u64>,
 }
 
 /// The events of a streamed message, in the order Anthropic sends them.

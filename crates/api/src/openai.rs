@@ -194,6 +194,10 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub stop: Option<Stop>,
     pub ignore_eos: Option<bool>,
+    /// vLLM's prefix-cache isolation: a prompt reuses only cached prefixes left by requests
+    /// with the same salt (and the same tenant), so users sharing a key learn nothing from
+    /// `cached_tokens` or timing about each other's prompts.
+    pub cache_salt: Option<String>,
 }
 
 /// `prompt`: a string, a list of strings, a list of token ids or a list of such lists.
@@ -228,14 +232,23 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
-    /// `cached_tokens`: prompt tokens served from the prefix cache (sent when there are any).
+    /// `cached_tokens`: prompt tokens served from the prefix cache (0 when none were), as
+    /// OpenAI always sends it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// `reasoning_tokens`: always 0 (no served model reasons), as OpenAI always sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct PromptTokensDetails {
     pub cached_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct CompletionTokensDetails {
+    pub reasoning_tokens: u64,
 }
 
 /// One token's logprob in chat completions' format.

@@ -131,6 +131,7 @@ fn greedy_ignoring_eos(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         n: 1,
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
+        free_text: None,
         logprobs: None,
         prompt_logprobs: false,
         ignore_eos: true,

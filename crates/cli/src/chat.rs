@@ -136,6 +136,7 @@ impl Backend {
                     n: 1,
                     sampling: SamplingParams { temperature: args.temperature, ..SamplingParams::default() },
                     stop: Vec::new(),
+                    free_text: None,
                     logprobs: None,
                     prompt_logprobs: false,
                     ignore_eos: false,

@@ -28,6 +28,7 @@ pub use sampler::SamplingParams;
 pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, Timings, TokenInfo};
 pub use scoring::{ScoreEvent, ScoreRequest, ScoreVariant};
 pub use template::{ChatMessage, ChatTemplate, TemplateError, TemplateFunction, TemplateToolCall};
+pub use text::FreeText;
 pub use tools::{ToolCallParser, ToolMode, ToolOutput, ToolSpec};
 
 /// A token id in the model's vocabulary.

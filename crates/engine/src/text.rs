@@ -60,18 +60,90 @@ pub struct Released {
     pub stopped: Option<String>,
 }
 
+/// Which part of an output is free text, the only part stop sequences end: what a grammar
+/// constrains (a tool call, a JSON answer) no stop string may cut, or it would not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreeText {
+    /// Free text ends where this marker appears (the opening of a tool call); empty: the
+    /// output has none.
+    pub ends_at: &'static str,
+    /// An output that opens with this character has none either (a call written without
+    /// its marker).
+    pub unless_opening_with: Option<char>,
+}
+
+impl FreeText {
+    /// None at all: the whole output follows a grammar.
+    pub const NONE: FreeText = FreeText { ends_at: "", unless_opening_with: None };
+}
+
 /// Holds back text that may be the beginning of a stop sequence.
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// Where free text ends, while it has not ended.
+    free: Option<FreeText>,
+    /// Whether any text came yet.
+    opened: bool,
+    /// The end of the text so far that may be the start of the marker.
+    seen: String,
 }
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
+        Self::for_free_text(stops, None)
+    }
+
+    /// Stop sequences that end only `free` text (`None`: all of it); past it, the text
+    /// passes as it is.
+    pub fn for_free_text(stops: Vec<String>, free: Option<FreeText>) -> Self {
+        let stops = match free {
+            Some(f) if f.ends_at.is_empty() => Vec::new(),
+            _ => stops.into_iter().filter(|s| !s.is_empty()).collect(),
+        };
+        let free = free.filter(|_| !stops.is_empty());
+        StopMatcher { stops, held: String::new(), free, opened: false, seen: String::new() }
+    }
+
+    /// No stop applies from here on.
+    fn free_text_ended(&mut self) {
+        self.stops.clear();
+        self.free = None;
     }
 
     pub fn push(&mut self, text: &str) -> Released {
+        let Some(free) = self.free else { return self.push_stops(text) };
+        if !self.opened && !text.is_empty() {
+            self.opened = true;
+            if free.unless_opening_with.is_some_and(|c| text.starts_with(c)) {
+                self.free_text_ended();
+                return self.push_stops(text);
+            }
+        }
+        let marker = free.ends_at;
+        let window = format!("{}{text}", self.seen);
+        let Some(at) = window.find(marker) else {
+            // Keep what could still be the marker's beginning.
+            let mut from = window.len().saturating_sub(marker.len() - 1);
+            while !window.is_char_boundary(from) {
+                from += 1;
+            }
+            self.seen = window[from..].to_string();
+            return self.push_stops(text);
+        };
+        // `seen` is shorter than the marker, so the marker ends inside `text`, at a
+        // character boundary.
+        let end = at + marker.len() - self.seen.len();
+        let mut released = self.push_stops(&text[..end]);
+        if released.stopped.is_none() {
+            released.text.push_str(&std::mem::take(&mut self.held));
+            released.text.push_str(&text[end..]);
+            self.free_text_ended();
+        }
+        released
+    }
+
+    fn push_stops(&mut self, text: &str) -> Released {
         self.held.push_str(text);
         if self.stops.is_empty() {
             return Released { text: std::mem::take(&mut self.held), stopped: None };
@@ -143,5 +215,37 @@ mod tests {
         assert_eq!(m.push("y"), Released { text: "\ny".into(), stopped: None });
         assert_eq!(m.push("E"), Released { text: "".into(), stopped: None });
         assert_eq!(m.finish(), "E");
+    }
+
+    #[test]
+    fn stops_end_only_free_text() {
+        let call = Some(FreeText { ends_at: "<tool_call>", unless_opening_with: Some('{') });
+        // Before the marker, a stop ends the text as always.
+        let mut m = StopMatcher::for_free_text(vec!["Paris".into()], call);
+        assert_eq!(m.push("Let me call Par"), Released { text: "Let me call ".into(), stopped: None });
+        assert_eq!(m.push("is<tool"), Released { text: "".into(), stopped: Some("Paris".into()) });
+        // The marker split across pieces; from it on, no stop applies.
+
+        let mut m = StopMatcher::for_free_text(vec!["Paris".into()], call);
+        assert_eq!(m.push("Calling <tool_"), Released { text: "Calling <tool_".into(), stopped: None });
+        assert_eq!(
+            m.push("call>\n{\"city\": \"Par"),
+            Released { text: "call>\n{\"city\": \"Par".into(), stopped: None }
+        );
+        assert_eq!(m.push("is\"}"), Released { text: "is\"}".into(), stopped: None }, "inside the call");
+        assert_eq!(m.finish(), "");
+
+        // A call without its marker: no free text at all.
+        let mut m = StopMatcher::for_free_text(vec!["Paris".into()], call);
+        assert_eq!(m.push(""), Released { text: "".into(), stopped: None });
+        assert_eq!(
+            m.push("{\"city\": \"Paris\"}"),
+            Released { text: "{\"city\": \"Paris\"}".into(), stopped: None }
+        );
+
+        let mut m = StopMatcher::for_free_text(vec!["}".into()], Some(FreeText::NONE));
+        assert_eq!(m.push("{\"a\": 1}"), Released { text: "{\"a\": 1}".into(), stopped: None }, "no stops");
+        let mut m = StopMatcher::for_free_text(vec!["ü".into()], call);
+        assert_eq!(m.push("aü"), Released { text: "a".into(), stopped: Some("ü".into()) }, "multibyte text");
     }
 }

@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use crate::grammar::{Grammar, constrained_schema};
 use crate::template::ChatMessage;
 
-const OPEN: &str = "<tool_call>";
+/// Opens a tool call in the output.
+pub const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 
 /// A function the model may call.

@@ -76,6 +76,7 @@ pub fn request(prompt: Vec<TokenId>, max_tokens: usize, sampling: SamplingParams
         n: 1,
         sampling,
         stop: Vec::new(),
+        free_text: None,
         logprobs: Some(0),
         prompt_logprobs: false,
         ignore_eos: false,

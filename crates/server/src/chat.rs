@@ -81,6 +81,7 @@ async fn local(
     let max_tokens = validate::max_tokens(requested, param, "messages", prompt.len(), &model)?;
     let mut generate = validate::generate_request(prompt, max_tokens, &sampling, logprobs, false);
     generate.constraint = constraint;
+    generate.free_text = plan.free_text();
     let submitted = generation::submit(&model, vec![generate])?;
     let id = request_id("chatcmpl");
     if request.stream {

@@ -482,7 +482,7 @@ pub async fn explanations(
         n_scored: tail,
         top_logprobs: TOP_LOGPROBS,
         variants,
-        cache_scope: crate::tenancy::cache_scope(),
+        cache_scope: crate::tenancy::cache_scope(None),
     };
     let Scored { base: full_scored, cached: cached_tokens, variants: scored } = score(&model, job).await?;
     let computed_tokens = decoded - cached_tokens;

@@ -4,7 +4,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use ferry_api::openai::{ChatTokenLogprob, ChatTopLogprob, PromptTokensDetails, Usage};
+use ferry_api::openai::{
+    ChatTokenLogprob, ChatTopLogprob, CompletionTokensDetails, PromptTokensDetails, Usage,
+};
 use ferry_engine::{Event, FinishReason, GenerateRequest, LocalModel, TokenId, TokenInfo};
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -132,26 +134,25 @@ pub async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
         }
     }
     let mut usage = usage(submitted.prompt_tokens, completion_tokens);
-    usage.prompt_tokens_details =
-        (cached_tokens > 0).then_some(PromptTokensDetails { cached_tokens: cached_tokens as u64 });
+    usage.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens: cached_tokens as u64 });
     Ok(Collected { choices, usage })
 }
 
-/// OpenAI's usage from the neutral one, with `prompt_tokens_details` when part of the prompt
-/// was cached.
+/// OpenAI's usage from the neutral one, with the prompt's cached tokens.
 pub fn neutral_usage(u: &ferry_providers::Usage) -> Usage {
     let mut out = usage(u.prompt_tokens as usize, u.completion_tokens as usize);
-    out.prompt_tokens_details =
-        (u.cached_tokens > 0).then_some(PromptTokensDetails { cached_tokens: u.cached_tokens });
+    out.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens: u.cached_tokens });
     out
 }
 
+/// OpenAI's usage, its details as OpenAI always sends them (none cached, none reasoning).
 pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
     Usage {
         prompt_tokens: prompt_tokens as u64,
         completion_tokens: completion_tokens as u64,
         total_tokens: (prompt_tokens + completion_tokens) as u64,
-        prompt_tokens_details: None,
+        prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: 0 }),
+        completion_tokens_details: Some(CompletionTokensDetails { reasoning_tokens: 0 }),
     }
 }
 

@@ -51,6 +51,7 @@ fn error_type(status: StatusCode) -> &'static str {
         413 => "request_too_large",
         429 => "rate_limit_error",
         503 | 529 => "overloaded_error",
+        504 => "timeout_error",
         _ => "api_error",
     }
 }
@@ -147,6 +148,7 @@ fn block_text(blocks: &[ContentBlock], path: &str) -> Result<String, ApiError> {
     for (j, block) in blocks.iter().enumerate() {
         match (block.kind.as_str(), &block.text) {
             ("text", Some(t)) => text.push_str(t),
+            ("text", None) => return Err(ApiError::missing(format!("{path}.{j}.text"))),
             (kind, _) => {
                 return Err(ApiError::invalid(
                     format!("{path}.{j}"),
@@ -198,10 +200,10 @@ pub async fn messages(
         let mut translatable = request.clone();
         let top_k = translatable.top_k.take();
         let neutral = translate::from_anthropic(&translatable)?;
-        let events = crate::structured::local_tool_events(&model, neutral, top_k).await?;
+        let (events, prompt_tokens) = crate::structured::local_tool_events(&model, neutral, top_k).await?;
         let id = request_id("msg");
         if request.stream {
-            return Ok(upstream_stream(events, id, client_model).into_response());
+            return Ok(upstream_stream(events, id, client_model, Some(prompt_tokens)).into_response());
         }
         let answer = crate::structured::collect_events(events).await?;
         return Ok(answer_response(answer, id, client_model));
@@ -237,7 +239,11 @@ pub async fn messages(
         content: vec![ResponseBlock::Text { text: choice.text }],
         stop_reason: choice.finish_reason.map(|r| stop_reason(r, choice.stop_sequence.as_deref()).into()),
         stop_sequence: choice.stop_sequence,
-        usage: Usage { input_tokens, output_tokens: collected.usage.completion_tokens },
+        usage: Usage::of_prompt(
+            input_tokens,
+            collected.usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            collected.usage.completion_tokens,
+        ),
     })
     .into_response())
 }
@@ -254,7 +260,7 @@ async fn upstream(
     let id = request_id("msg");
     if request.stream {
         let routed = crate::guard::chat_stream(&gateway, &request.model, neutral, use_cache).await?;
-        let mut response = upstream_stream(routed.value, id, display_model).into_response();
+        let mut response = upstream_stream(routed.value, id, display_model, None).into_response();
         crate::chat::route_headers(&mut response, &routed.route);
         return Ok(response);
     }
@@ -288,10 +294,11 @@ fn answer_response(answer: ferry_providers::ChatResponse, id: String, model: Str
         content,
         stop_reason: Some(reason.into()),
         stop_sequence: None,
-        usage: Usage {
-            input_tokens: answer.usage.prompt_tokens,
-            output_tokens: answer.usage.completion_tokens,
-        },
+        usage: Usage::of_prompt(
+            answer.usage.prompt_tokens,
+            answer.usage.cached_tokens,
+            answer.usage.completion_tokens,
+        ),
     })
     .into_response()
 }
@@ -308,7 +315,12 @@ fn upstream_stop_reason(reason: ferry_providers::FinishReason) -> &'static str {
 /// Anthropic's event sequence from neutral events: a text block opens on the first text, a
 /// tool_use block on each tool call (closing the block before it), then message_delta with
 /// the stop reason and usage, and message_stop.
-fn upstream_stream(events: ferry_providers::EventStream, id: String, model: String) -> impl IntoResponse {
+fn upstream_stream(
+    events: ferry_providers::EventStream,
+    id: String,
+    model: String,
+    input_tokens: Option<u64>,
+) -> impl IntoResponse {
     #[derive(Default)]
     struct Blocks {
         /// Index and kind of the open block: `Some((index, tool_index))`, `None` for text.
@@ -346,7 +358,8 @@ fn upstream_stream(events: ferry_providers::EventStream, id: String, model: Stri
             content: vec![],
             stop_reason: None,
             stop_sequence: None,
-            usage: Usage { input_tokens: 0, output_tokens: 0 },
+            // Known here for a local model; an upstream's count comes with message_delta.
+            usage: Usage::of_prompt(input_tokens.unwrap_or(0), 0, 0),
         },
     };
     let mut blocks = Blocks::default();
@@ -380,9 +393,11 @@ fn upstream_stream(events: ferry_providers::EventStream, id: String, model: Stri
                     stop_reason: Some(blocks.reason.unwrap_or("end_turn").into()),
                     stop_sequence: None,
                 };
+                let u = &blocks.usage;
                 let usage = OutputUsage {
-                    input_tokens: Some(blocks.usage.prompt_tokens),
-                    output_tokens: blocks.usage.completion_tokens,
+                    input_tokens: Some(u.prompt_tokens.saturating_sub(u.cached_tokens)),
+                    output_tokens: u.completion_tokens,
+                    cache_read_input_tokens: (u.cached_tokens > 0).then_some(u.cached_tokens),
                 };
                 out.push(StreamEvent::MessageDelta { delta, usage });
                 out.push(StreamEvent::MessageStop);
@@ -423,7 +438,7 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
             content: vec![],
             stop_reason: None,
             stop_sequence: None,
-            usage: Usage { input_tokens, output_tokens: 0 },
+            usage: Usage::of_prompt(input_tokens, 0, 0),
         },
     };
     let opening = [
@@ -434,7 +449,7 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
         },
         StreamEvent::Ping,
     ];
-    let events = futures::stream::unfold(Some(submitted), |state| async move {
+    let events = futures::stream::unfold(Some(submitted), move |state| async move {
         let mut submitted = state?;
         loop {
             let (_, event) = submitted.events.next().await?;
@@ -444,12 +459,18 @@ fn stream(submitted: Submitted, id: String, model_id: String, input_tokens: u64)
                 Event::Delta { text, .. } => {
                     vec![StreamEvent::ContentBlockDelta { index: 0, delta: BlockDelta::TextDelta { text } }]
                 }
-                Event::Finished { reason, stop_sequence, completion_tokens, .. } => {
+                Event::Finished { reason, stop_sequence, completion_tokens, cached_tokens, .. } => {
                     let delta = MessageDelta {
                         stop_reason: Some(stop_reason(reason, stop_sequence.as_deref()).into()),
                         stop_sequence,
                     };
-                    let usage = OutputUsage { input_tokens: None, output_tokens: completion_tokens as u64 };
+                    // message_start counted the whole prompt: corrected where a cache served part.
+                    let cached = (cached_tokens > 0).then_some(cached_tokens as u64);
+                    let usage = OutputUsage {
+                        input_tokens: cached.map(|c| input_tokens.saturating_sub(c)),
+                        output_tokens: completion_tokens as u64,
+                        cache_read_input_tokens: cached,
+                    };
                     let tail = vec![
                         StreamEvent::ContentBlockStop { index: 0 },
                         StreamEvent::MessageDelta { delta, usage },
@@ -528,6 +549,15 @@ fn check_request(request: &MessagesRequest) -> Result<(), ApiError> {
     }
     let tools = request.tools.as_deref().unwrap_or_default();
     for (i, tool) in tools.iter().enumerate() {
+        if tools[..i].iter().any(|earlier| earlier["name"] == tool["name"]) {
+            return Err(ApiError::invalid(
+                format!("tools.{i}.name"),
+                format!(
+                    "tools.{i}.name: tool names must be unique; '{}' is defined twice",
+                    tool["name"].as_str().unwrap_or("?")
+                ),
+            ));
+        }
         if let Some(kind) = tool["type"].as_str().filter(|k| *k != "custom") {
             return Err(ApiError::invalid(
                 format!("tools.{i}.type"),

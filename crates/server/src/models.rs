@@ -8,6 +8,7 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use ferry_api::openai::{Model, ModelList};
+use ferry_store::Role;
 use serde_json::json;
 
 use crate::app::AppState;
@@ -16,13 +17,15 @@ use crate::error::ApiError;
 use crate::registry::ModelStatus;
 
 /// A local model's card: OpenAI's fields, then Ferry's (state, provenance, limits). What the
-/// last load learned stays on the card while the model is on disk.
-fn local_card(state: &AppState, status: &ModelStatus) -> Model {
+/// last load learned stays on the card while the model is on disk. The file's path and the
+/// last load's error (which may name paths) are the server operator's: a tenant's key gets
+/// the card without them.
+fn local_card(state: &AppState, status: &ModelStatus, operator: bool) -> Model {
     let spec = &status.spec;
     let info = status.model.as_ref().map(|m| m.info()).or(status.info.as_ref());
     let config = &spec.scheduler.session;
     let sha256 = state.tenancy().model_sha256.read().ok().and_then(|s| s.get(&spec.name).cloned());
-    let details = json!({
+    let mut details = json!({
         "state": status.state,
         "file": spec.source,
         "architecture": info.map(|i| &i.architecture),
@@ -51,6 +54,10 @@ fn local_card(state: &AppState, status: &ModelStatus) -> Model {
         "recommended_sampling": info.map(|i| &i.sampling),
         "last_error": status.last_error,
     });
+    if !operator && let Some(fields) = details.as_object_mut() {
+        fields.remove("file");
+        fields.remove("last_error");
+    }
     Model {
         id: spec.name.clone(),
         object: "model".into(),
@@ -69,7 +76,9 @@ pub async fn list_models(
     State(state): State<AppState>,
     axum::Extension(identity): axum::Extension<crate::tenancy::Identity>,
 ) -> impl IntoResponse {
-    let mut data: Vec<Model> = state.registry().list().iter().map(|s| local_card(&state, s)).collect();
+    let operator = identity.role() == Role::Admin;
+    let mut data: Vec<Model> =
+        state.registry().list().iter().map(|s| local_card(&state, s, operator)).collect();
     data.extend(state.embeddings().map(|e| embeddings::model_card(e, state.created())));
     if let Some(gateway) = state.gateway().as_deref() {
         let mut aliases: Vec<&str> = gateway.alias_names().collect();
@@ -122,16 +131,16 @@ pub async fn get_model(
     {
         return Ok(axum::Json(embeddings::model_card(service, state.created())));
     }
-    card(&state, &id).map(axum::Json)
+    card(&state, &id, identity.role() == Role::Admin).map(axum::Json)
 }
 
-fn card(state: &AppState, name: &str) -> Result<Model, ApiError> {
+fn card(state: &AppState, name: &str, operator: bool) -> Result<Model, ApiError> {
     state
         .registry()
         .list()
         .iter()
         .find(|s| s.spec.name == name)
-        .map(|s| local_card(state, s))
+        .map(|s| local_card(state, s, operator))
         .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
 }
 
@@ -168,7 +177,7 @@ pub async fn admin_model(
         }
         _ => return Err(unknown()),
     }
-    let after = card(&state, name)?;
+    let after = card(&state, name, true)?;
     let now = state.registry().state(name);
     if now != Some(before) {
         let store = &state.tenancy().store;

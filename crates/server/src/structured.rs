@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 
 use ferry_api::openai::{ChatCompletionRequest, FunctionCall, ResponseFormat, ToolCall};
-use ferry_engine::{Constraint, EngineError, Grammar, ToolCallParser, ToolMode, ToolOutput, ToolSpec, tools};
+use ferry_engine::{
+    Constraint, EngineError, FreeText, Grammar, ToolCallParser, ToolMode, ToolOutput, ToolSpec, tools,
+};
 use ferry_providers::{ChatEvent, FinishReason};
 use futures::StreamExt;
 
@@ -34,6 +36,20 @@ impl OutputPlan {
     /// Whether the output is parsed for tool calls.
     pub fn calls_tools(&self) -> bool {
         self.mode.is_some()
+    }
+
+    /// The free text of this plan's output, the only part stop sequences end: a stop string
+    /// never cuts a tool call or a JSON answer (it would leave arguments or an object that do
+    /// not parse). Under `auto` that is the text before a call (`tools::OPEN`, or none when
+    /// the answer opens as a call object); where the whole output follows a grammar, none.
+    pub fn free_text(&self) -> Option<FreeText> {
+        match (&self.grammar, &self.mode) {
+            (None, _) => None,
+            (Some(_), Some(ToolMode::Auto)) if !self.json_answer => {
+                Some(FreeText { ends_at: tools::OPEN, unless_opening_with: Some('{') })
+            }
+            (Some(_), _) => Some(FreeText::NONE),
+        }
     }
 
     /// The parser from this plan's output to text and calls.
@@ -385,19 +401,20 @@ pub async fn local_tool_events(
     model: &SharedModel,
     request: ferry_providers::ChatRequest,
     top_k: Option<i64>,
-) -> Result<crate::chat::EventStream, ApiError> {
+) -> Result<(crate::chat::EventStream, u64), ApiError> {
     local_neutral_events(model, request, LocalRun::messages(top_k)).await
 }
 
 /// A neutral request run on a local model: its tools (with the tool grammar and the parser
 /// from text to calls), its `response_format` (a JSON schema grammar), earlier calls and
 /// their results in the conversation, and its sampling parameters. The answer is neutral
-/// events, so each dialect's renderer writes it.
+/// events, so each dialect's renderer writes it, and the prompt's size, which a stream's
+/// first event reports before any usage arrives.
 pub async fn local_neutral_events(
     model: &SharedModel,
     request: ferry_providers::ChatRequest,
     run: LocalRun,
-) -> Result<crate::chat::EventStream, ApiError> {
+) -> Result<(crate::chat::EventStream, u64), ApiError> {
     let (prompt, plan) = local_neutral_prompt(model, &request, &run).await?;
     let p = &request.params;
     let fields = ferry_api::openai::SamplingFields {
@@ -415,11 +432,13 @@ pub async fn local_neutral_events(
     let requested = request.params.max_tokens.map(|m| m as i64);
     let max_tokens =
         crate::validate::max_tokens(requested, run.max_tokens_param, run.input_param, prompt.len(), model)?;
+    let prompt_tokens = prompt.len() as u64;
     let mut generate = crate::validate::generate_request(prompt, max_tokens, &sampling, None, false);
     generate.constraint = constraint;
+    generate.free_text = plan.free_text();
     let submitted = crate::generation::submit(model, vec![generate])?;
     let events = crate::chat::local_events(model.clone(), submitted);
-    Ok(if plan.calls_tools() { tool_call_events(events, &plan) } else { events })
+    Ok((if plan.calls_tools() { tool_call_events(events, &plan) } else { events }, prompt_tokens))
 }
 
 /// The prompt a neutral request runs on a local model (its conversation, earlier calls and

@@ -115,6 +115,92 @@ pub fn from_openai_chat(
     })
 }
 
+/// An Anthropic `tool_use` block: an assistant's call, with its id, name and object input.
+fn tool_use(b: &ferry_api::anthropic::ContentBlock, role: Role, path: &str) -> Result<ToolCall, ApiError> {
+    if role != Role::Assistant {
+        return Err(ApiError::invalid(
+            path,
+            format!("{path}: tool_use blocks may only appear in assistant messages"),
+        ));
+    }
+    let id =
+        b.id.clone().filter(|id| !id.is_empty()).ok_or_else(|| ApiError::missing(format!("{path}.id")))?;
+    let name =
+        b.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| ApiError::missing(format!("{path}.name")))?;
+    let input = match &b.input {
+        Some(input @ serde_json::Value::Object(_)) => input.to_string(),
+        None => return Err(ApiError::missing(format!("{path}.input"))),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                format!("{path}.input"),
+                format!("{path}.input: must be an object"),
+            ));
+        }
+    };
+    Ok(ToolCall { id, name, arguments: input })
+}
+
+/// An Anthropic `tool_result` block: the id of the earlier call it answers and its text.
+/// Images and documents in a result are refused by name, never dropped: the model would
+/// answer about what it never saw.
+fn tool_result(
+    b: &ferry_api::anthropic::ContentBlock,
+    role: Role,
+    path: &str,
+    called: &[String],
+) -> Result<(String, String), ApiError> {
+    if role != Role::User {
+        return Err(ApiError::invalid(
+            path,
+            format!("{path}: tool_result blocks may only appear in user messages"),
+        ));
+    }
+    let id = b
+        .tool_use_id
+        .clone()
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| ApiError::missing(format!("{path}.tool_use_id")))?;
+    if !called.contains(&id) {
+        return Err(ApiError::invalid(
+            format!("{path}.tool_use_id"),
+            format!("{path}.tool_use_id: no earlier tool_use block has the id '{id}'"),
+        ));
+    }
+    let text = match &b.content {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Array(parts)) => {
+            let mut text = String::new();
+            for (k, part) in parts.iter().enumerate() {
+                match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    (Some("text"), None) => {
+                        return Err(ApiError::missing(format!("{path}.content.{k}.text")));
+                    }
+                    (kind, _) => {
+                        return Err(ApiError::invalid(
+                            format!("{path}.content.{k}"),
+                            format!(
+                                "{path}.content.{k}: content blocks of type '{}' inside a tool_result are not supported; \
+                                 only text is",
+                                kind.unwrap_or("?")
+                            ),
+                        ));
+                    }
+                }
+            }
+            text
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                format!("{path}.content"),
+                format!("{path}.content: must be a string or a list of text blocks"),
+            ));
+        }
+    };
+    Ok((id, text))
+}
+
 /// The sampling extensions only Ferry's engine takes: refused by name for an upstream.
 pub fn refuse_engine_only(fields: &SamplingFields) -> Result<(), ApiError> {
     let set = [
@@ -122,6 +208,7 @@ pub fn refuse_engine_only(fields: &SamplingFields) -> Result<(), ApiError> {
         ("min_p", fields.min_p.is_some()),
         ("repetition_penalty", fields.repetition_penalty.is_some()),
         ("ignore_eos", fields.ignore_eos.is_some()),
+        ("cache_salt", fields.cache_salt.is_some()),
         ("logit_bias", fields.logit_bias.as_ref().is_some_and(|b| !b.is_empty())),
     ];
     for (param, value) in set {
@@ -220,6 +307,8 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
         }
         None => {}
     }
+    // The ids of the calls made so far: a result answers one of them.
+    let mut called: Vec<String> = Vec::new();
     for (i, m) in request.messages.iter().enumerate() {
         let role = match m.role.as_str() {
             "user" => Role::User,
@@ -244,7 +333,10 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
         for (j, b) in blocks.iter().enumerate() {
             let path = format!("messages.{i}.content.{j}");
             match b.kind.as_str() {
-                "text" => message.content.push(Part::Text(b.text.clone().unwrap_or_default())),
+                "text" => {
+                    let text = b.text.clone().ok_or_else(|| ApiError::missing(format!("{path}.text")))?;
+                    message.content.push(Part::Text(text));
+                }
                 "image" => {
                     let source = b.source.clone().unwrap_or_default();
                     let url = match source["type"].as_str() {
@@ -263,21 +355,15 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
                     };
                     message.content.push(Part::Image { url, detail: None });
                 }
-                "tool_use" => message.tool_calls.push(ToolCall {
-                    id: b.id.clone().unwrap_or_default(),
-                    name: b.name.clone().unwrap_or_default(),
-                    arguments: b.input.clone().unwrap_or_default().to_string(),
-                }),
+                "tool_use" => {
+                    let call = tool_use(b, role, &path)?;
+                    called.push(call.id.clone());
+                    message.tool_calls.push(call);
+                }
                 "tool_result" => {
-                    let text = match &b.content {
-                        Some(serde_json::Value::String(s)) => s.clone(),
-                        Some(serde_json::Value::Array(parts)) => {
-                            parts.iter().filter_map(|p| p["text"].as_str()).collect()
-                        }
-                        _ => String::new(),
-                    };
+                    let (id, text) = tool_result(b, role, &path, &called)?;
                     let mut result = Message::text(Role::Tool, text);
-                    result.tool_call_id = b.tool_use_id.clone();
+                    result.tool_call_id = Some(id);
                     messages.push(result);
                 }
                 other => {
@@ -397,6 +483,7 @@ mod tests {
         let cases = [
             (serde_json::json!({"prompt": "x", "top_k": 3}), "top_k"),
             (serde_json::json!({"prompt": "x", "repetition_penalty": 1.1}), "repetition_penalty"),
+            (serde_json::json!({"prompt": "x", "cache_salt": "a"}), "cache_salt"),
             (serde_json::json!({"prompt": "x", "logit_bias": {"1": 5}}), "logit_bias"),
             (serde_json::json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
             (serde_json::json!({"prompt": "x", "logprobs": 21}), "logprobs"),

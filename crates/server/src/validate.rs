@@ -234,6 +234,8 @@ pub struct ValidSampling {
     pub n: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// The engine's prefix-cache scope: the tenant's, salted by `cache_salt`.
+    pub cache_scope: u64,
 }
 
 fn check_range(param: &str, value: Option<f64>, min: f64, max: f64) -> Result<(), ApiError> {
@@ -271,6 +273,9 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
     check_range("presence_penalty", fields.presence_penalty, -2.0, 2.0)?;
     check_range("frequency_penalty", fields.frequency_penalty, -2.0, 2.0)?;
     check_range("repetition_penalty", fields.repetition_penalty, 0.01, 10.0)?;
+    if fields.cache_salt.as_deref().is_some_and(str::is_empty) {
+        return Err(ApiError::invalid("cache_salt", "'cache_salt' must be a non-empty string"));
+    }
     let top_k = match fields.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
@@ -327,6 +332,7 @@ pub fn sampling(fields: &SamplingFields, model: &LocalModel) -> Result<ValidSamp
         n: n as usize,
         stop,
         ignore_eos: fields.ignore_eos.unwrap_or(false),
+        cache_scope: crate::tenancy::cache_scope(fields.cache_salt.as_deref()),
     })
 }
 
@@ -494,11 +500,12 @@ pub fn generate_request(
         n: sampling.n,
         sampling: sampling.params.clone(),
         stop: sampling.stop.clone(),
+        free_text: None,
         logprobs,
         prompt_logprobs,
         ignore_eos: sampling.ignore_eos,
         constraint: None,
         sampled: None,
-        cache_scope: crate::tenancy::cache_scope(),
+        cache_scope: sampling.cache_scope,
     }
 }

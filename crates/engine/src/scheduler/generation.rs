@@ -73,7 +73,7 @@ impl Worker<'_> {
                     max_inter_token: Duration::ZERO,
                     sampler: Sampler::new(request.sampling.clone(), choice as u64),
                     utf8: Utf8Stream::default(),
-                    stops: StopMatcher::new(request.stop.clone()),
+                    stops: StopMatcher::for_free_text(request.stop.clone(), request.free_text),
                     unsent: Vec::new(),
                     unsent_starts: Vec::new(),
                     bytes_sampled: 0,

@@ -38,6 +38,7 @@ use crate::backend::{Backend, BatchEntry, FlashAttention, Session, SessionConfig
 use crate::grammar::Constraint;
 use crate::sampler::{SamplingParams, TokenLogprob};
 use crate::scoring::{ScoreEvent, ScoreRequest};
+use crate::text::FreeText;
 use crate::{EngineError, TokenId};
 
 mod generation;
@@ -57,6 +58,9 @@ pub struct GenerateRequest {
     pub n: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// The part of the output that is free text, the only part `stop` ends (`None`: all of
+    /// it); what a grammar constrains (a tool call, a JSON answer) no stop string may cut.
+    pub free_text: Option<FreeText>,
     /// `Some(k)`: report each generated token's logprob and the top `k` alternatives.
     pub logprobs: Option<usize>,
     /// Report the logprobs of the prompt tokens too (completions' `echo`).

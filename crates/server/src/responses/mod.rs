@@ -206,7 +206,7 @@ pub async fn responses(
     }
     input::refuse_images(&request)?;
     let model = state.model(&request.model).await?;
-    let events = crate::structured::local_neutral_events(&model, neutral, LocalRun::responses()).await?;
+    let (events, _) = crate::structured::local_neutral_events(&model, neutral, LocalRun::responses()).await?;
     if request.stream {
         return Ok(output::stream(events, envelope).into_response());
     }

@@ -169,13 +169,16 @@ pub fn current() -> Option<Arc<Meter>> {
 
 /// The engine's prefix-cache scope of the request being handled: its tenant's, so that no
 /// tenant reuses another's cached prompt (and learns from `cached_tokens` or the first token's
-/// time what that one asked); 0 without a tenant.
-pub fn cache_scope() -> u64 {
+/// time what that one asked), salted by the request's `cache_salt`; 0 with neither.
+pub fn cache_scope(salt: Option<&str>) -> u64 {
     use std::hash::BuildHasher;
     let tenant = current().and_then(|m| m.tenant_id.clone());
-    // SipHash with fixed keys: the same tenant gets the same scope in every request.
+    if tenant.is_none() && salt.is_none() {
+        return 0;
+    }
+    // SipHash with fixed keys: the same tenant and salt get the same scope in every request.
     let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
-    tenant.map_or(0, |t| hasher.hash_one(&*t).max(1))
+    hasher.hash_one((tenant.as_deref(), salt)).max(1)
 }
 
 /// Counts an upstream stream's first token and usage into the current meter.
