@@ -228,6 +228,16 @@ def test_what_cannot_be_served_is_refused_by_name(claude):
     assert m.content[0].type == "text"
 
 
+def test_unknown_routes_and_methods_under_messages_answer_in_anthropic_shape(server):
+    for method, path, status in [("GET", "/v1/messages", 405), ("POST", "/v1/messages/batches", 404)]:
+        r = httpx.request(method, server.url + path, json={})
+        assert r.status_code == status
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] in ("invalid_request_error", "not_found_error")
+    # OpenAI's routes keep OpenAI's shape.
+    r = httpx.get(server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and "type" not in r.json() and r.json()["error"]["message"]
+
+
 def test_the_request_id_reads_as_anthropic_sends_it(claude):
     raw = claude.messages.with_raw_response.create(model=MODEL_ID, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     assert raw.headers["request-id"] == raw.headers["x-request-id"]

@@ -350,12 +350,13 @@ async fn get_trace(
     Ok(axum::Json(trace.trace))
 }
 
-async fn fallback(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_string() }
+async fn fallback(method: Method, uri: axum::http::Uri) -> Response {
+    let error = ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_string() };
+    crate::messages::in_dialect_of(uri.path(), error)
 }
 
-async fn method_not_allowed(method: Method) -> ApiError {
-    ApiError::MethodNotAllowed(method.to_string())
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Response {
+    crate::messages::in_dialect_of(uri.path(), ApiError::MethodNotAllowed(method.to_string()))
 }
 
 /// One log line per request; server errors at `error`, client mistakes at `info`.

@@ -42,6 +42,16 @@ impl From<ApiError> for AnthropicError {
     }
 }
 
+/// An error in the shape of the API the path belongs to: Anthropic's under `/v1/messages`
+/// (an unknown route or method there included), OpenAI's elsewhere.
+pub fn in_dialect_of(path: &str, error: ApiError) -> Response {
+    if path.starts_with("/v1/messages") {
+        AnthropicError(error).into_response()
+    } else {
+        error.into_response()
+    }
+}
+
 fn error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 => "invalid_request_error",
@@ -52,6 +62,7 @@ fn error_type(status: StatusCode) -> &'static str {
         429 => "rate_limit_error",
         503 | 529 => "overloaded_error",
         504 => "timeout_error",
+        400..500 => "invalid_request_error",
         _ => "api_error",
     }
 }
