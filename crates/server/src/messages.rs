@@ -54,7 +54,6 @@ pub fn in_dialect_of(path: &str, error: ApiError) -> Response {
 
 fn error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",
