@@ -116,6 +116,20 @@ def test_count_tokens_with_tools_and_tool_turns(claude):
         assert counted.input_tokens == m.usage.input_tokens, offered
 
 
+def test_consecutive_turns_of_one_role_are_one_turn(claude):
+    """As Anthropic combines them (the SDK's docs say so); they were two turns of the template."""
+    tools = [{"name": "get_weather", "description": "The weather in a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    two = [{"role": "user", "content": "My name is Ada."}, {"role": "user", "content": [{"type": "text", "text": "What is my name?"}]}]
+    one = [{"role": "user", "content": "My name is Ada.\n\nWhat is my name?"}]
+    for extra in ({}, {"tools": tools}):
+        assert (claude.messages.count_tokens(model=MODEL_ID, messages=two, **extra).input_tokens
+                == claude.messages.count_tokens(model=MODEL_ID, messages=one, **extra).input_tokens), extra
+    a = claude.messages.create(model=MODEL_ID, max_tokens=12, messages=two, extra_body=GREEDY)
+    b = claude.messages.create(model=MODEL_ID, max_tokens=12, messages=one, extra_body=GREEDY)
+    assert a.content[0].text == b.content[0].text and a.usage.input_tokens == b.usage.input_tokens
+
+
 def test_an_assistant_prefill_is_continued(claude):
     """A conversation ending with the assistant's text is continued from it, and the answer is
     only what follows (it used to be closed as a turn of its own, and the model began anew)."""

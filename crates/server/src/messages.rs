@@ -116,7 +116,33 @@ fn conversation(system: Option<&SystemPrompt>, messages: &[Message]) -> Result<V
         }
         out.push(ChatMessage::new(message.role.clone(), content));
     }
+    merge_consecutive_turns(&mut out);
     Ok(out)
+}
+
+/// Anthropic's rule: consecutive user (or assistant) turns are one turn. Their texts are
+/// joined by a blank line and an assistant's calls kept in order; a tool's result, a turn
+/// of its own in the template, is never merged.
+pub(crate) fn merge_consecutive_turns(messages: &mut Vec<ChatMessage>) {
+    let mut merged: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    for message in messages.drain(..) {
+        match merged.last_mut() {
+            Some(last)
+                if last.role == message.role
+                    && (message.role == "user" || message.role == "assistant")
+                    && last.tool_call_id.is_none()
+                    && message.tool_call_id.is_none() =>
+            {
+                if !last.content.is_empty() && !message.content.is_empty() {
+                    last.content.push_str("\n\n");
+                }
+                last.content.push_str(&message.content);
+                last.tool_calls.extend(message.tool_calls);
+            }
+            _ => merged.push(message),
+        }
+    }
+    *messages = merged;
 }
 
 /// Whether the conversation ends with the assistant's text, for the model to continue. As

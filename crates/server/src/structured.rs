@@ -370,6 +370,8 @@ pub struct LocalRun {
     pub format_param: &'static str,
     /// The field holding the conversation: `messages`, or the Responses API's `input`.
     pub input_param: &'static str,
+    /// Consecutive turns of one role are one turn (Anthropic's rule; OpenAI keeps them).
+    pub merge_turns: bool,
 }
 
 impl LocalRun {
@@ -380,6 +382,7 @@ impl LocalRun {
             max_tokens_param: "max_tokens",
             format_param: "output_config.format",
             input_param: "messages",
+            merge_turns: true,
         }
     }
 
@@ -390,6 +393,7 @@ impl LocalRun {
             max_tokens_param: "max_output_tokens",
             format_param: "text.format",
             input_param: "input",
+            merge_turns: false,
         }
     }
 }
@@ -476,6 +480,9 @@ pub async fn local_neutral_prompt(
             });
         }
         messages.push(out);
+    }
+    if run.merge_turns {
+        crate::messages::merge_consecutive_turns(&mut messages);
     }
     let mut tools = Vec::new();
     for (i, tool) in request.tools.iter().enumerate() {
