@@ -224,6 +224,7 @@ def test_what_cannot_be_served_is_refused_by_name(claude):
          "messages.2.content.0.tool_use_id"),
         ({"tools": [tool], "messages": hi + [call, result(content=[image])]}, "messages.2.content.0.content.0"),
         ({"tools": [tool], "messages": hi + [call, result(content=5)]}, "messages.2.content.0.content"),
+        ({"tools": [tool], "messages": hi + [call, {"role": "user", "content": "thanks"}]}, "without tool_result"),
         ({"tools": [tool], "messages": hi + [{"role": "assistant", "content": [
             {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": "x"}]}, result(content="x")]},
          "messages.1.content.0.input"),

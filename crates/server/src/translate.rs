@@ -115,6 +115,45 @@ pub fn from_openai_chat(
     })
 }
 
+/// Anthropic's rule: every call of an assistant turn is answered by a `tool_result` in the
+/// turn right after it (`next`, at index `i`), or the model would read calls with no outcome.
+fn results_follow_calls(
+    previous: &ferry_api::anthropic::Message,
+    next: &ferry_api::anthropic::Message,
+    i: usize,
+) -> Result<(), ApiError> {
+    use ferry_api::anthropic::MessageContent as Content;
+    let blocks = |m: &ferry_api::anthropic::Message| match &m.content {
+        Content::Blocks(blocks) => blocks.clone(),
+        Content::Text(_) => Vec::new(),
+    };
+    if previous.role != "assistant" {
+        return Ok(());
+    }
+    let answered: Vec<String> = blocks(next)
+        .into_iter()
+        .filter(|b| next.role == "user" && b.kind == "tool_result")
+        .filter_map(|b| b.tool_use_id)
+        .collect();
+    let unanswered: Vec<String> = blocks(previous)
+        .into_iter()
+        .filter(|b| b.kind == "tool_use")
+        .filter_map(|b| b.id)
+        .filter(|id| !answered.contains(id))
+        .collect();
+    if unanswered.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        format!("messages.{i}"),
+        format!(
+            "messages.{i}: tool_use ids were found without tool_result blocks immediately after: {}. Each \
+             tool_use block must have a corresponding tool_result block in the next message.",
+            unanswered.join(", ")
+        ),
+    ))
+}
+
 /// An Anthropic `tool_use` block: an assistant's call, with its id, name and object input.
 fn tool_use(b: &ferry_api::anthropic::ContentBlock, role: Role, path: &str) -> Result<ToolCall, ApiError> {
     if role != Role::Assistant {
@@ -377,6 +416,10 @@ pub fn from_anthropic(request: &ferry_api::anthropic::MessagesRequest) -> Result
         if !message.content.is_empty() || !message.tool_calls.is_empty() {
             messages.push(message);
         }
+    }
+    // After each block's own checks, which name the block.
+    for (i, pair) in request.messages.windows(2).enumerate() {
+        results_follow_calls(&pair[0], &pair[1], i + 1)?;
     }
     let tools = request
         .tools
