@@ -123,22 +123,24 @@ fn results_follow_calls(
     i: usize,
 ) -> Result<(), ApiError> {
     use ferry_api::anthropic::MessageContent as Content;
-    let blocks = |m: &ferry_api::anthropic::Message| match &m.content {
-        Content::Blocks(blocks) => blocks.clone(),
-        Content::Text(_) => Vec::new(),
-    };
+    fn blocks(m: &ferry_api::anthropic::Message) -> &[ferry_api::anthropic::ContentBlock] {
+        match &m.content {
+            Content::Blocks(blocks) => blocks,
+            Content::Text(_) => &[],
+        }
+    }
     if previous.role != "assistant" {
         return Ok(());
     }
-    let answered: Vec<String> = blocks(next)
-        .into_iter()
+    let answered: Vec<&str> = blocks(next)
+        .iter()
         .filter(|b| next.role == "user" && b.kind == "tool_result")
-        .filter_map(|b| b.tool_use_id)
+        .filter_map(|b| b.tool_use_id.as_deref())
         .collect();
-    let unanswered: Vec<String> = blocks(previous)
-        .into_iter()
+    let unanswered: Vec<&str> = blocks(previous)
+        .iter()
         .filter(|b| b.kind == "tool_use")
-        .filter_map(|b| b.id)
+        .filter_map(|b| b.id.as_deref())
         .filter(|id| !answered.contains(id))
         .collect();
     if unanswered.is_empty() {
