@@ -8,9 +8,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::sse::{SseMessage, messages};
+use crate::transport::Answer;
 use crate::{
-    ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, Message, Part, Provider,
-    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
+    ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, KeyHeader, Message, Part,
+    Provider, ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
 };
 
 const VERSION: &str = "2023-06-01";
@@ -24,15 +25,18 @@ pub struct AnthropicProvider {
 impl AnthropicProvider {
     /// `base_url` without `/v1` (e.g. `https://api.anthropic.com`).
     pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
-        Ok(AnthropicProvider { http: Upstream::new(base_url, api_key, timeouts)? })
+        let http = Upstream::new(
+            base_url,
+            api_key,
+            KeyHeader::Named("x-api-key"),
+            &[("anthropic-version", VERSION)],
+            timeouts,
+        )?;
+        Ok(AnthropicProvider { http })
     }
 
-    async fn send(&self, body: Value) -> Result<reqwest::Response, ProviderError> {
-        let mut request = self.http.post("/v1/messages").header("anthropic-version", VERSION).json(&body);
-        if let Some(key) = &self.http.api_key {
-            request = request.header("x-api-key", key);
-        }
-        self.http.send(request).await
+    async fn send(&self, body: Value) -> Result<Answer, ProviderError> {
+        self.http.post("/v1/messages", &body).await
     }
 }
 
@@ -55,7 +59,7 @@ impl Provider for AnthropicProvider {
             let body = request_body(&request, true)?;
             let response = self.send(body).await?;
             let mut state = StreamState::default();
-            let events = messages(response.bytes_stream())
+            let events = messages(self.http.stream(response))
                 .flat_map(move |m| futures::stream::iter(state.events(m)))
                 .boxed();
             crate::after_first_event(events, self.http.timeouts.first_byte).await

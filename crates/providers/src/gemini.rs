@@ -9,9 +9,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::sse::{SseMessage, messages};
+use crate::transport::Answer;
 use crate::{
-    ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, Message, Part, Provider,
-    ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
+    ChatEvent, ChatRequest, ChatResponse, Choice, EventStream, FinishReason, KeyHeader, Message, Part,
+    Provider, ProviderError, Role, Timeouts, ToolCall, ToolChoice, Upstream, Usage,
 };
 
 pub struct GeminiProvider {
@@ -21,16 +22,13 @@ pub struct GeminiProvider {
 impl GeminiProvider {
     /// `base_url` before `/v1beta` (e.g. `https://generativelanguage.googleapis.com`).
     pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
-        Ok(GeminiProvider { http: Upstream::new(base_url, api_key, timeouts)? })
+        let http = Upstream::new(base_url, api_key, KeyHeader::Named("x-goog-api-key"), &[], timeouts)?;
+        Ok(GeminiProvider { http })
     }
 
-    async fn send(&self, model: &str, stream: bool, body: Value) -> Result<reqwest::Response, ProviderError> {
+    async fn send(&self, model: &str, stream: bool, body: Value) -> Result<Answer, ProviderError> {
         let method = if stream { "streamGenerateContent?alt=sse" } else { "generateContent" };
-        let mut request = self.http.post(&format!("/v1beta/models/{model}:{method}")).json(&body);
-        if let Some(key) = &self.http.api_key {
-            request = request.header("x-goog-api-key", key);
-        }
-        self.http.send(request).await
+        self.http.post(&format!("/v1beta/models/{model}:{method}"), &body).await
     }
 }
 
@@ -53,7 +51,7 @@ impl Provider for GeminiProvider {
             let body = request_body(&request)?;
             let response = self.send(&request.model, true, body).await?;
             let mut calls_seen = 0u32;
-            let events = messages(response.bytes_stream())
+            let events = messages(self.http.stream(response))
                 .flat_map(move |m| futures::stream::iter(chunk_events(m, &mut calls_seen)))
                 .boxed();
             crate::after_first_event(events, self.http.timeouts.first_byte).await

@@ -6,17 +6,18 @@ pub mod anthropic;
 pub mod gemini;
 pub mod openai;
 mod sse;
+mod transport;
 pub mod types;
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::RwLock;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 
 pub use types::*;
+
+pub(crate) use transport::{KeyHeader, Upstream};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
 
@@ -233,128 +234,5 @@ pub(crate) async fn after_first_event(
         None => Err(ProviderError::Decode(
             "the upstream's stream ended before its first event (does it support streaming?)".into(),
         )),
-    }
-}
-
-/// A transport failure, classified for retries, with any key scrubbed from the text and
-/// without the upstream's URL: the text reaches clients, who need not learn the internal
-/// addresses behind an alias (the log names the target).
-pub(crate) fn transport_error(e: reqwest::Error, secret: Option<&str>) -> ProviderError {
-    let e = e.without_url();
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    let text = redact(&text, secret);
-    if e.is_timeout() {
-        ProviderError::Timeout("total")
-    } else if e.is_connect() {
-        ProviderError::Connect(text)
-    } else {
-        ProviderError::Decode(text)
-    }
-}
-
-/// `Retry-After` in seconds (or `retry-after-ms`, which OpenAI also sends).
-pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let get = |name: &str| {
-        headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
-    };
-    get("retry-after-ms").map(|ms| ms / 1000.0).or_else(|| get("retry-after")).map(Duration::from_secs_f64)
-}
-
-/// What every HTTP upstream shares: its address, key, client and timeouts, and how a call
-/// is sent and its failures classified.
-pub(crate) struct Upstream {
-    pub base_url: String,
-    pub api_key: Option<String>,
-    client: reqwest::Client,
-    pub timeouts: Timeouts,
-    /// Each path's full URL, parsed once: parsing it again for every call cost more than
-    /// serialising the request's body. Paths are the provider's few endpoints (Gemini's name
-    /// the configured upstream models), so the map stays small.
-    urls: RwLock<HashMap<String, reqwest::Url>>,
-}
-
-impl Upstream {
-    pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .build()
-            .map_err(|e| ProviderError::Connect(e.to_string()))?;
-        let base_url = base_url.trim_end_matches('/').to_string();
-        Ok(Upstream { base_url, api_key, client, timeouts, urls: RwLock::default() })
-    }
-
-    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let known = self.urls.read().unwrap_or_else(|e| e.into_inner()).get(path).cloned();
-        let request = match known {
-            Some(url) => self.client.post(url),
-            None => {
-                let url = format!("{}{path}", self.base_url);
-                match reqwest::Url::parse(&url) {
-                    Ok(parsed) => {
-                        let mut urls = self.urls.write().unwrap_or_else(|e| e.into_inner());
-                        urls.insert(path.to_string(), parsed.clone());
-                        self.client.post(parsed)
-                    }
-                    // reqwest reports the bad URL when the request is sent.
-                    Err(_) => self.client.post(url),
-                }
-            }
-        };
-        request.timeout(self.timeouts.total)
-    }
-
-    /// Sends within the first-byte timeout. A non-2xx answer becomes `ProviderError::Status`
-    /// from the error body all three dialects share: `error.message`, and `error.code`,
-    /// `error.type` or `error.status` as the code.
-    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ProviderError> {
-        let response = tokio::time::timeout(self.timeouts.first_byte, request.send())
-            .await
-            .map_err(|_| ProviderError::Timeout("first byte"))?
-            .map_err(|e| transport_error(e, self.api_key.as_deref()))?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status().as_u16();
-        let retry_after = retry_after(response.headers());
-        let text = response.text().await.unwrap_or_default();
-        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let error = &parsed["error"];
-        let message = error["message"]
-            .as_str()
-            .or_else(|| error.as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| text.chars().take(500).collect());
-        // An empty body (a route the upstream doesn't serve, often) still says what happened.
-        let message = if message.trim().is_empty() {
-            match reqwest::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()) {
-                Some(reason) => format!("the upstream answered {status} {reason} with no message"),
-                None => format!("the upstream answered {status} with no message"),
-            }
-        } else {
-            message
-        };
-        let code = ["code", "type", "status"].iter().find_map(|k| error[*k].as_str()).map(str::to_string);
-        let param = error["param"].as_str().map(str::to_string);
-        Err(ProviderError::Status {
-            status,
-            message: redact(&message, self.api_key.as_deref()),
-            code,
-            param,
-            retry_after,
-        })
-    }
-
-    /// The answer's body as JSON: a `serde_json::Value`, or a typed answer read without one.
-    pub async fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        response: reqwest::Response,
-    ) -> Result<T, ProviderError> {
-        response.json().await.map_err(|e| transport_error(e, self.api_key.as_deref()))
     }
 }

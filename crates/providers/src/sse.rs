@@ -12,11 +12,11 @@ pub struct SseMessage {
 }
 
 /// Splits a byte stream into SSE messages.
-pub fn messages<S, B, E>(bytes: S) -> impl Stream<Item = Result<SseMessage, ProviderError>> + Send
+/// A failure of the byte stream (a broken connection, the total timeout) ends it.
+pub fn messages<S, B>(bytes: S) -> impl Stream<Item = Result<SseMessage, ProviderError>> + Send
 where
-    S: Stream<Item = Result<B, E>> + Send + 'static,
+    S: Stream<Item = Result<B, ProviderError>> + Send + 'static,
     B: AsRef<[u8]>,
-    E: std::fmt::Display,
 {
     let state = (Box::pin(bytes), Vec::<u8>::new(), None::<String>, String::new(), false);
     futures::stream::unfold(state, |(mut bytes, mut buffer, mut event, mut data, done)| async move {
@@ -47,12 +47,7 @@ where
             }
             match bytes.next().await {
                 Some(Ok(chunk)) => buffer.extend_from_slice(chunk.as_ref()),
-                Some(Err(e)) => {
-                    return Some((
-                        Err(ProviderError::Decode(e.to_string())),
-                        (bytes, buffer, event, data, true),
-                    ));
-                }
+                Some(Err(e)) => return Some((Err(e), (bytes, buffer, event, data, true))),
                 None => {
                     // A last message without its blank line still counts.
                     if !data.is_empty() {
@@ -72,7 +67,7 @@ mod tests {
 
     #[tokio::test]
     async fn splits_events_across_chunks() {
-        let chunks: Vec<Result<&[u8], String>> = vec![
+        let chunks: Vec<Result<&[u8], ProviderError>> = vec![
             Ok(b"event: a\ndata: {\"x\"" as &[u8]),
             Ok(b":1}\n\ndata: second\r\n\r\n"),
             Ok(b"data: [DONE]\n\n"),

@@ -12,8 +12,9 @@ mod answer;
 pub use answer::{WireAnswer, parse_completion, parse_response};
 
 use crate::sse::messages;
+use crate::transport::Answer;
 use crate::{
-    ChatRequest, ChatResponse, CompletionRequest, EventStream, Message, Part, Prompt, Provider,
+    ChatRequest, ChatResponse, CompletionRequest, EventStream, KeyHeader, Message, Part, Prompt, Provider,
     ProviderError, Role, Timeouts, ToolChoice, Upstream,
 };
 
@@ -24,15 +25,11 @@ pub struct OpenAiProvider {
 impl OpenAiProvider {
     /// `base_url` ends before `/chat/completions` (e.g. `http://host:8000/v1`).
     pub fn new(base_url: &str, api_key: Option<String>, timeouts: Timeouts) -> Result<Self, ProviderError> {
-        Ok(OpenAiProvider { http: Upstream::new(base_url, api_key, timeouts)? })
+        Ok(OpenAiProvider { http: Upstream::new(base_url, api_key, KeyHeader::Bearer, &[], timeouts)? })
     }
 
-    async fn send(&self, path: &str, body: impl Serialize) -> Result<reqwest::Response, ProviderError> {
-        let mut request = self.http.post(path).json(&body);
-        if let Some(key) = &self.http.api_key {
-            request = request.bearer_auth(key);
-        }
-        self.http.send(request).await
+    async fn send(&self, path: &str, body: impl Serialize) -> Result<Answer, ProviderError> {
+        self.http.post(path, &body).await
     }
 }
 
@@ -82,8 +79,8 @@ impl Provider for OpenAiProvider {
 
 impl OpenAiProvider {
     /// The neutral events of a streamed answer (chat or text completion chunks) up to `[DONE]`.
-    async fn events(&self, response: reqwest::Response) -> Result<EventStream, ProviderError> {
-        let events = messages(response.bytes_stream())
+    async fn events(&self, response: Answer) -> Result<EventStream, ProviderError> {
+        let events = messages(self.http.stream(response))
             .take_while(|m| futures::future::ready(!matches!(m, Ok(m) if m.data == "[DONE]")))
             .flat_map(|m| futures::stream::iter(answer::parse_chunk(m)))
             .boxed();
