@@ -3,12 +3,13 @@ wire format, and a real Ferry), with retries, fallback, the circuit breaker, and
 passed through intact."""
 import json
 import socket
+import subprocess
 
 import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID, Server, member_key
+from conftest import BINARY, MODEL_ID, Server, member_key
 from mock_upstream import MockUpstream
 
 HELLO = [{"role": "system", "content": "You are a helpful assistant."},
@@ -636,6 +637,20 @@ def test_presets(server, tmp_path):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="smart-home-control", messages=ask, temperature=0.9)
         assert e.value.param == "temperature" and "locked" in e.value.message
+        # The locked stop is a newline: a request for several lines gets one.
+        lines = [{"role": "user", "content": "Write a list of 3 commands, one per line: 1. lights on"}]
+        r = client.chat.completions.create(model="smart-home-control", messages=lines)
+        assert "\n" not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+        # Every listed preset can be retrieved by its id.
+        card = client.models.retrieve("smart-home-control")
+        assert card.id == "smart-home-control" and card.owned_by == "ferry-preset"
+        assert card.model_extra["base"] == MODEL_ID
+        # `ferry chat` sends only what its user set, so a locked temperature and a default
+        # max_tokens stay the preset's.
+        chat = subprocess.run([BINARY, "chat", "--url", s.url, "-m", "smart-home-control"],
+                              input=ask[0]["content"] + "\n/exit\n", capture_output=True, text=True, timeout=120)
+        assert chat.returncode == 0, chat.stderr
+        assert chat.stdout.strip() == base.choices[0].message.content.strip()
         # A client's value beats a default; its own system prompt joins the preset's.
         alone = client.chat.completions.create(model="agriculture-advice", max_tokens=4, messages=ask)
         joined = client.chat.completions.create(model="agriculture-advice", max_tokens=4,
@@ -656,6 +671,21 @@ def test_presets(server, tmp_path):
         assert r.json()["usage"]["input_tokens"] == base.usage.prompt_tokens
         r = httpx.post(s.url + "/v1/messages", json={**anthropic_body, "temperature": 0.9}, timeout=120)
         assert r.status_code == 400 and "locked" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/messages", json={**anthropic_body, "stop_sequences": ["."]}, timeout=120)
+        assert r.status_code == 400 and "'stop_sequences' is locked" in r.json()["error"]["message"]
+        # A system prompt in blocks joins the preset's as a string does, and count_tokens
+        # counts what a create runs.
+        client_system = "Prefer the living room."
+        as_text = httpx.post(s.url + "/v1/messages", json={**anthropic_body, "system": client_system}, timeout=120)
+        as_blocks = httpx.post(s.url + "/v1/messages", json={**anthropic_body, "system": [
+            {"type": "text", "text": client_system}]}, timeout=120)
+        assert as_text.status_code == as_blocks.status_code == 200, as_blocks.text
+        assert as_text.json()["usage"] == as_blocks.json()["usage"]
+        assert as_text.json()["content"] == as_blocks.json()["content"]
+        counted = httpx.post(s.url + "/v1/messages/count_tokens", timeout=120, json={
+            "model": "smart-home-control", "messages": ask, "system": [{"type": "text", "text": client_system}]})
+        assert counted.status_code == 200, counted.text
+        assert counted.json()["input_tokens"] == as_blocks.json()["usage"]["input_tokens"]
         # Legacy completions have no system prompt to carry a preset: refused by name.
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="smart-home-control", prompt="hi")
@@ -673,6 +703,11 @@ def test_responses_api_through_an_alias(server, client, tmp_path):
         want = client.responses.create(model=MODEL_ID, **kwargs)
         got = via.responses.create(model="chained", **kwargs)
         assert got.output_text == want.output_text and got.status == want.status
+        assert via.models.retrieve("chained").owned_by == "ferry-gateway"
+        # Counting is the local engine's: an alias gets a 400 that says so, not a 404.
+        r = httpx.post(b.url + "/v1/messages/count_tokens", timeout=30,
+                       json={"model": "chained", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "local models only" in r.json()["error"]["message"], r.text
         assert (got.usage.input_tokens, got.usage.output_tokens) == (want.usage.input_tokens, want.usage.output_tokens)
         events = list(via.responses.create(model="chained", stream=True, **kwargs))
         assert events[-1].type in ("response.completed", "response.incomplete")

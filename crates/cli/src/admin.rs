@@ -15,7 +15,7 @@ pub struct Remote {
     /// An admin or tenant-admin key
     #[arg(long, env = "FERRY_ADMIN_KEY", hide_env_values = true, global = true)]
     key: Option<String>,
-    /// Print the server's JSON instead of a table
+    /// Print the server's JSON instead of a table (create and revoke always print JSON)
     #[arg(long, global = true)]
     json: bool,
 }

@@ -28,10 +28,14 @@ pub struct ChatArgs {
     /// System prompt
     #[arg(long)]
     system: Option<String>,
-    #[arg(long, default_value_t = 0.7)]
-    temperature: f32,
-    #[arg(long, default_value_t = 512)]
-    max_tokens: usize,
+    /// Sampling temperature [default: 0.7 for a model loaded here; a server's own default,
+    /// or a preset's, otherwise]
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Most tokens per answer [default: 512 for a model loaded here; the server's, or a
+    /// preset's, otherwise]
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// API key for a server that needs one
     #[arg(long, env = "FERRY_API_KEY")]
     api_key: Option<String>,
@@ -131,10 +135,13 @@ impl Backend {
                     bail!("the conversation is longer than the context ({ctx} tokens); /reset to start over");
                 }
                 let request = GenerateRequest {
-                    max_tokens: args.max_tokens.min(ctx - prompt.len()),
+                    max_tokens: args.max_tokens.unwrap_or(512).min(ctx - prompt.len()),
                     prompt,
                     n: 1,
-                    sampling: SamplingParams { temperature: args.temperature, ..SamplingParams::default() },
+                    sampling: SamplingParams {
+                        temperature: args.temperature.unwrap_or(0.7),
+                        ..SamplingParams::default()
+                    },
                     stop: Vec::new(),
                     free_text: None,
                     logprobs: None,
@@ -164,10 +171,15 @@ impl Backend {
                     .iter()
                     .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
                     .collect();
-                let body = serde_json::json!({
-                    "model": model_id, "messages": messages, "stream": true,
-                    "temperature": args.temperature, "max_tokens": args.max_tokens,
-                });
+                // Only what the user set: the rest is the server's (or a preset's, which
+                // may lock it) to choose.
+                let mut body = serde_json::json!({"model": model_id, "messages": messages, "stream": true});
+                if let Some(t) = args.temperature {
+                    body["temperature"] = t.into();
+                }
+                if let Some(n) = args.max_tokens {
+                    body["max_tokens"] = n.into();
+                }
                 let mut request = client.post(format!("{url}/v1/chat/completions")).json(&body);
                 if let Some(key) = &args.api_key {
                     request = request.bearer_auth(key);

@@ -661,28 +661,45 @@ pub async fn count_tokens(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AnthropicError> {
     let body = read_body(body, &state)?;
-    let request: CountTokensRequest = validate::parse_json(&body)?;
+    let count: CountTokensRequest = validate::parse_json(&body)?;
+    // Counted on the prompt a create with the same model, tools and conversation runs.
+    let mut request = MessagesRequest {
+        model: count.model,
+        messages: count.messages,
+        system: count.system,
+        tools: count.tools,
+        tool_choice: count.tool_choice,
+        max_tokens: 1,
+        stop_sequences: None,
+        temperature: None,
+        top_p: None,
+        top_k: None,
+        stream: false,
+        metadata: None,
+        thinking: None,
+        output_config: None,
+        other: Default::default(),
+    };
+    if let Some(gateway) = state.gateway() {
+        if let Some(preset) = gateway.preset(&request.model) {
+            // A count sends no max_tokens to contradict a locked one.
+            request.max_tokens = preset.locked.max_tokens.unwrap_or(request.max_tokens);
+            crate::presets::apply_messages(preset, &mut request)?;
+        }
+        if gateway.has_alias(&request.model) {
+            return Err(ApiError::invalid(
+                "model",
+                format!(
+                    "Counting tokens is served for local models only: '{}' is answered by an upstream provider",
+                    request.model
+                ),
+            )
+            .into());
+        }
+    }
     let model: SharedModel = state.model(&request.model).await?;
     if uses_tools(request.tools.as_deref(), &request.messages) {
-        // Counted on the prompt a create with the same tools and conversation runs.
-        let translatable = MessagesRequest {
-            model: request.model.clone(),
-            messages: request.messages.clone(),
-            system: request.system.clone(),
-            tools: request.tools.clone(),
-            tool_choice: request.tool_choice.clone(),
-            max_tokens: 1,
-            stop_sequences: None,
-            temperature: None,
-            top_p: None,
-            top_k: None,
-            stream: false,
-            metadata: None,
-            thinking: None,
-            output_config: None,
-            other: Default::default(),
-        };
-        let neutral = translate::from_anthropic(&translatable)?;
+        let neutral = translate::from_anthropic(&request)?;
         let run = crate::structured::LocalRun::messages(None);
         let (prompt, _) = crate::structured::local_neutral_prompt(&model, &neutral, &run).await?;
         return Ok(axum::Json(CountTokensResponse { input_tokens: prompt.len() as u64 }).into_response());

@@ -83,29 +83,10 @@ pub async fn list_models(
     if let Some(gateway) = state.gateway().as_deref() {
         let mut aliases: Vec<&str> = gateway.alias_names().collect();
         aliases.sort_unstable();
-        data.extend(aliases.into_iter().map(|alias| Model {
-            id: alias.to_string(),
-            object: "model".into(),
-            created: state.created(),
-            owned_by: "ferry-gateway".into(),
-            details: Default::default(),
-        }));
+        data.extend(aliases.into_iter().map(|alias| alias_card(&state, alias)));
         let mut presets: Vec<_> = gateway.presets().collect();
         presets.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        data.extend(presets.into_iter().map(|p| {
-            Model {
-                id: p.name.clone(),
-                object: "model".into(),
-                created: state.created(),
-                owned_by: "ferry-preset".into(),
-                details: serde_json::from_value(json!({
-                    "base": p.base,
-                    "description": p.description,
-                    "guardrail_policy": p.guardrail_policy,
-                }))
-                .unwrap_or_default(),
-            }
-        }));
+        data.extend(presets.into_iter().map(|p| preset_card(&state, p)));
     }
     if let Some(key) = &identity.key {
         data.retain(|m| key.allows_model(&m.id));
@@ -131,7 +112,42 @@ pub async fn get_model(
     {
         return Ok(axum::Json(embeddings::model_card(service, state.created())));
     }
+    // The order requests are routed in: a preset, then an alias, then a local model.
+    if let Some(gateway) = state.gateway().as_deref() {
+        if let Some(preset) = gateway.preset(&id) {
+            return Ok(axum::Json(preset_card(&state, preset)));
+        }
+        if gateway.has_alias(&id) {
+            return Ok(axum::Json(alias_card(&state, &id)));
+        }
+    }
     card(&state, &id, identity.role() == Role::Admin).map(axum::Json)
+}
+
+/// A gateway alias: its targets are the operator's business, not the caller's.
+fn alias_card(state: &AppState, alias: &str) -> Model {
+    Model {
+        id: alias.to_string(),
+        object: "model".into(),
+        created: state.created(),
+        owned_by: "ferry-gateway".into(),
+        details: Default::default(),
+    }
+}
+
+fn preset_card(state: &AppState, preset: &ferry_gateway::PresetConfig) -> Model {
+    Model {
+        id: preset.name.clone(),
+        object: "model".into(),
+        created: state.created(),
+        owned_by: "ferry-preset".into(),
+        details: serde_json::from_value(json!({
+            "base": preset.base,
+            "description": preset.description,
+            "guardrail_policy": preset.guardrail_policy,
+        }))
+        .unwrap_or_default(),
+    }
 }
 
 fn card(state: &AppState, name: &str, operator: bool) -> Result<Model, ApiError> {

@@ -61,7 +61,8 @@ pub fn apply_messages(preset: &PresetConfig, request: &mut MessagesRequest) -> R
                 SystemPrompt::Text(format!("{system}\n\n{client}"))
             }
             Some(SystemPrompt::Blocks(mut blocks)) if !blocks.is_empty() => {
-                blocks.insert(0, text_block(system));
+                // Blocks are joined as they are: the separator is the preset's, as above.
+                blocks.insert(0, text_block(&format!("{system}\n\n")));
                 SystemPrompt::Blocks(blocks)
             }
             _ => SystemPrompt::Text(system.clone()),
@@ -74,8 +75,19 @@ pub fn apply_messages(preset: &PresetConfig, request: &mut MessagesRequest) -> R
         ..SamplingFields::default()
     };
     let mut max_tokens = Some(request.max_tokens);
-    apply_params(&preset.name, &preset.locked, &mut fields, &mut max_tokens, true)?;
-    apply_params(&preset.name, &preset.defaults, &mut fields, &mut max_tokens, false)?;
+    // A refusal names the Messages field the client sent.
+    let own_name = |error: ApiError| match error {
+        ApiError::InvalidParameter { param, message, code } if param == "stop" => {
+            ApiError::InvalidParameter {
+                message: message.replace("'stop'", "'stop_sequences'"),
+                param: "stop_sequences".into(),
+                code,
+            }
+        }
+        other => other,
+    };
+    apply_params(&preset.name, &preset.locked, &mut fields, &mut max_tokens, true).map_err(own_name)?;
+    apply_params(&preset.name, &preset.defaults, &mut fields, &mut max_tokens, false).map_err(own_name)?;
     request.temperature = fields.temperature;
     request.top_p = fields.top_p;
     request.stop_sequences = fields.stop.map(Stop::into_vec);

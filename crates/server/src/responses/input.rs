@@ -113,6 +113,14 @@ fn messages(request: &ResponsesRequest) -> Result<Vec<Message>, ApiError> {
     if out.iter().all(|m| m.role == Role::System) {
         return Err(ApiError::invalid("input", "'input' must contain at least one message"));
     }
+    // Every call is answered by its output, as OpenAI requires.
+    let answered = |id: &str| out.iter().any(|m| m.tool_call_id.as_deref() == Some(id));
+    if let Some(call) = out.iter().flat_map(|m| &m.tool_calls).find(|c| !answered(&c.id)) {
+        return Err(ApiError::invalid(
+            "input",
+            format!("No tool output found for function call {}.", call.id),
+        ));
+    }
     Ok(out)
 }
 
@@ -423,6 +431,11 @@ mod tests {
                 serde_json::json!({"input": [{"role": "user", "content": "hi"},
                                           {"type": "function_call_output", "call_id": "nobody", "output": "42"}]}),
                 "input[1].call_id",
+            ),
+            (
+                serde_json::json!({"input": [{"role": "user", "content": "hi"},
+                                          {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]}),
+                "input",
             ),
             (serde_json::json!({"input": "hi", "tools": [{"type": "web_search"}]}), "tools[0].type"),
             (
