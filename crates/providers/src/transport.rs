@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
 use crate::{ProviderError, Timeouts, redact};
@@ -96,7 +96,12 @@ impl Upstream {
             // As reqwest does: a request and its answer are each one write, and Nagle's
             // algorithm would hold a small one back for the peer's delayed ACK.
             connector.set_nodelay(true);
-            Client::Direct(Box::new(HyperClient::builder(TokioExecutor::new()).build(connector)))
+            // Idle connections close after 90 s, as reqwest's do; the pool needs a timer for it.
+            let client = HyperClient::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector);
+            Client::Direct(Box::new(client))
         } else {
             let client = reqwest::Client::builder()
                 .connect_timeout(timeouts.connect)
