@@ -68,3 +68,36 @@ def test_a_star_admits_every_origin():
 def test_a_malformed_origin_stops_the_server_at_start():
     with pytest.raises(RuntimeError, match="--cors-origin takes an origin"):
         Server("--cors-origin", "app.example.com/chat", model=False)
+
+
+def test_a_keyless_server_refuses_other_sites_and_other_host_names():
+    """Without keys, a page on another site cannot make the browser run requests on the local
+    server (a text/plain POST needs no preflight, and CORS only hides the answer), nor reach it
+    under its own host name rebound to 127.0.0.1 (DNS rebinding). Local pages, configured
+    origins, the server's own pages and --allowed-host names still can; once a key exists,
+    keys decide."""
+    server = Server("--cors-origin", APP, "--allowed-host", "ferry.internal", model=False)
+    try:
+        evil = {"Origin": "https://evil.example", "content-type": "text/plain"}
+        r = httpx.post(server.url + "/admin/v1/tenants", content='{"name": "evil"}', headers=evil)
+        assert r.status_code == 403 and "--cors-origin" in r.json()["error"]["message"], r.text
+        r = httpx.post(server.url + "/admin/v1/keys", content='{"name": "evil", "role": "admin"}', headers=evil)
+        assert r.status_code == 403
+        assert httpx.get(server.url + "/admin/v1/tenants").json()["data"] == []
+        rebound = httpx.get(server.url + "/v1/models", headers={"Host": "attacker.example:8080"})
+        assert rebound.status_code == 403 and "--allowed-host" in rebound.json()["error"]["message"]
+        anthropic = httpx.post(server.url + "/v1/messages", headers={"Host": "attacker.example"},
+                               json={"model": "m", "max_tokens": 1, "messages": []})
+        assert anthropic.status_code == 403 and anthropic.json()["type"] == "error"
+        for origin in (APP, "http://localhost:5173", server.url):
+            assert httpx.get(server.url + "/v1/models", headers={"Origin": origin}).status_code == 200, origin
+        assert httpx.get(server.url + "/v1/models", headers={"Host": "ferry.internal:8080"}).status_code == 200
+        own_page = {"Host": "ferry.internal:8080", "Origin": "http://ferry.internal:8080"}
+        assert httpx.get(server.url + "/v1/models", headers=own_page).status_code == 200
+        # The first key turns keys on: then a foreign page is refused for want of one.
+        key = httpx.post(server.url + "/admin/v1/keys", json={"name": "first", "role": "admin"})
+        assert key.status_code == 201, key.text
+        r = httpx.get(server.url + "/v1/models", headers={"Origin": "https://evil.example", "Host": "attacker.example"})
+        assert r.status_code == 401
+    finally:
+        server.stop()

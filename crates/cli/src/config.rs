@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// repeat for several, `*` for any [default: loopback pages only]
     #[arg(long = "cors-origin", env = "FERRY_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// While the server has no keys and listens on loopback, a host name besides localhost
+    /// that requests may be addressed to (their Host header), such as a reverse proxy's;
+    /// repeat for several, `*` for any [default: loopback names only]
+    #[arg(long = "allowed-host", env = "FERRY_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// Where Ferry keeps its database (tenants, keys, usage, audit log) [default:
     /// $XDG_DATA_HOME/ferry, else ~/.local/share/ferry]
     #[arg(long, env = "FERRY_DATA_DIR")]
@@ -230,6 +235,7 @@ struct FileConfig {
     kv_budget: Option<usize>,
     max_body_bytes: Option<usize>,
     cors_origins: Option<Vec<String>>,
+    allowed_hosts: Option<Vec<String>>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     redis_url: Option<String>,
@@ -292,6 +298,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Browser origins besides loopback ones that may call the API (`*`: any).
     pub cors_origins: Vec<String>,
+    /// Host names besides loopback ones a keyless loopback server answers (`*`: any).
+    pub allowed_hosts: Vec<String>,
     /// The SQLite file, or a postgres:// URL.
     pub database: String,
     /// Redis shared by replicas, and the prefix of Ferry's keys in it.
@@ -373,6 +381,11 @@ impl ServeArgs {
                 file.cors_origins.unwrap_or_default()
             } else {
                 self.cors_origins
+            },
+            allowed_hosts: if self.allowed_hosts.is_empty() {
+                file.allowed_hosts.unwrap_or_default()
+            } else {
+                self.allowed_hosts
             },
             database: match self.database_url.or(file.database_url) {
                 Some(url) => url,

@@ -81,8 +81,12 @@ async fn serve(config: ServeConfig, tenancy: ferry_server::Tenancy) -> anyhow::R
         });
         loader
     });
-    let http =
-        HttpConfig { max_body_bytes: config.max_body_bytes, cors_origins: config.cors_origins.clone() };
+    let http = HttpConfig {
+        max_body_bytes: config.max_body_bytes,
+        cors_origins: config.cors_origins.clone(),
+        // Listening beyond loopback (with keys, or --insecure-no-auth), any name may reach it.
+        allowed_hosts: is_loopback(&config.host).then(|| config.allowed_hosts.clone()),
+    };
     let mut state = AppState::new(registry, gateway, loader, http, tenancy);
     if let Some(service) = embeddings {
         state = state.with_embeddings(service);

@@ -26,11 +26,19 @@ pub struct HttpConfig {
     /// Browser origins (`https://app.example.com`), besides loopback ones, whose pages may call
     /// the API (CORS); `*` admits every origin.
     pub cors_origins: Vec<String>,
+    /// While the server has no keys, the `Host` names besides loopback ones (`localhost`,
+    /// `*.localhost`, `127.x.x.x`, `[::1]`) its requests may be addressed to; `None` admits
+    /// any (a server that does not listen on loopback only), `*` in the list too.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { max_body_bytes: 4 * 1024 * 1024, cors_origins: Vec::new() }
+        HttpConfig {
+            max_body_bytes: 4 * 1024 * 1024,
+            cors_origins: Vec::new(),
+            allowed_hosts: Some(Vec::new()),
+        }
     }
 }
 
@@ -228,8 +236,74 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(cors(&state.inner.http.cors_origins))
+        .layer(middleware::from_fn_with_state(state.clone(), keyless_guard))
         .layer(middleware::from_fn(log_requests))
         .with_state(state)
+}
+
+/// While the server has no keys, anyone who can reach it may use it, so it only answers
+/// what its local user sends. A web page on another site can make the browser send a "simple"
+/// request (a POST of `text/plain` or a form) without asking first, and CORS only keeps the
+/// answer from the page, not the request from running: such a request carries the page's
+/// `Origin`, and is refused unless that origin may call the API. A page can also rebind its
+/// own host name to 127.0.0.1 and call the server as its own origin (DNS rebinding, as in
+/// Ollama's CVE-2024-28224): its requests then name that host in `Host`, which a loopback
+/// server refuses unless it is a loopback name or an allowed one. Servers with keys need
+/// neither check: a page has no key to send.
+async fn keyless_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if !state.tenancy().auth_required()
+        && let Some(refusal) = foreign_request(&state.inner.http, &request)
+    {
+        return crate::messages::in_dialect_of(request.uri().path(), refusal);
+    }
+    next.run(request).await
+}
+
+fn foreign_request(http: &HttpConfig, request: &Request) -> Option<ApiError> {
+    let headers = request.headers();
+    // HTTP/2 names the host in the URI's authority.
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    if let (Some(allowed), Some(host)) = (&http.allowed_hosts, host)
+        && !host_allowed(host, allowed)
+    {
+        return Some(ApiError::Forbidden(format!(
+            "This server has no keys, so it answers requests addressed to localhost only, not to '{host}'. \
+             Create a key, or start it with --allowed-host NAME for a name you trust (a reverse proxy's)."
+        )));
+    }
+    let origin = headers.get(axum::http::header::ORIGIN)?;
+    let any = http.cors_origins.iter().any(|o| o == "*");
+    let listed = || http.cors_origins.iter().any(|o| o.trim_end_matches('/').as_bytes() == origin.as_bytes());
+    // A page this server itself served (the admin UI) calls it as its own origin.
+    let same_origin = || {
+        let origin = origin.to_str().unwrap_or("");
+        let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+        authority.is_some_and(|a| host.is_some_and(|h| a.eq_ignore_ascii_case(h)))
+    };
+    if any || listed() || is_loopback_origin(origin) || same_origin() {
+        return None;
+    }
+    Some(ApiError::Forbidden(format!(
+        "This server has no keys, so pages from '{}' may not call it: only local pages and the \
+         origins given with --cors-origin may. Create a key, or add that origin with --cors-origin.",
+        origin.to_str().unwrap_or("?")
+    )))
+}
+
+/// `localhost`, `*.localhost`, a loopback address or an allowed name, with any port.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(name))
 }
 
 /// Cross-origin access for browser pages: pages served from a loopback address (a local
@@ -379,6 +453,27 @@ async fn log_requests(request: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use axum::http::HeaderValue;
+
+    #[test]
+    fn a_keyless_loopback_server_answers_loopback_and_allowed_host_names_only() {
+        let allowed = vec!["ferry.internal".to_string()];
+        for host in [
+            "127.0.0.1:8080",
+            "localhost",
+            "LOCALHOST:1",
+            "app.localhost:3000",
+            "[::1]:8080",
+            "127.1.2.3",
+            "ferry.internal:443",
+            "Ferry.Internal",
+        ] {
+            assert!(super::host_allowed(host, &allowed), "{host}");
+        }
+        for host in ["attacker.example:8080", "10.0.0.5:8080", "localhost.attacker.example", "[::2]:80", ""] {
+            assert!(!super::host_allowed(host, &allowed), "{host}");
+        }
+        assert!(super::host_allowed("anything.example", &["*".to_string()]));
+    }
 
     #[test]
     fn loopback_origins_are_local_pages_on_any_port() {
