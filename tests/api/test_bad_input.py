@@ -131,6 +131,17 @@ def test_unknown_fields_are_ignored(http):
     assert r.status_code == 200, r.text
 
 
+def test_nullable_booleans_take_null(http):
+    """OpenAI's `boolean | null` fields: null is their default, not a type error."""
+    r = http.post(CHAT, content=chat(max_tokens=2, stream=None, stream_options=None))
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+    body = json.dumps({"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2, "echo": None, "stream": None})
+    r = http.post("/v1/completions", content=body.encode())
+    assert r.status_code == 200 and r.json()["object"] == "text_completion", r.text
+    r = http.post("/v1/responses", content=responses(max_output_tokens=16, stream=None))
+    assert r.status_code == 200 and r.json()["object"] == "response", r.text
+
+
 def test_server_still_serves_after_bad_input(http):
     for _, method, path, body, *_ in CASES[:10]:
         http.request(method, path, content=body)

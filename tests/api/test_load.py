@@ -88,6 +88,15 @@ def test_the_server_wide_deadline_ends_a_started_stream_with_an_error_event(time
     assert running_sequences(timed_server) == 0
     after = value(metrics(timed_server), "ferry_engine_expired_requests", model=MODEL_ID)
     assert after == before + 1
+    # Its record and trace say it failed, though its 200 had been sent.
+    request_id = stream.response.headers["x-request-id"]
+    for _ in range(50):
+        r = httpx.get(f"{timed_server.url}/v1/traces/{request_id}")
+        if r.status_code != 404:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["http_status"]) == ("error", 200), r.json()
 
 
 def test_the_server_wide_deadline_answers_a_whole_response_with_504(timed_server):

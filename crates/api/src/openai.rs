@@ -28,7 +28,7 @@ impl Stop {
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq, utoipa::ToSchema)]
 pub struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub include_usage: bool,
 }
 
@@ -38,7 +38,7 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<bool>,
@@ -215,12 +215,12 @@ pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
     pub max_tokens: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     /// Number of top alternatives per token (OpenAI allows 0..=5).
     pub logprobs: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub echo: bool,
     pub suffix: Option<String>,
     pub best_of: Option<i64>,

@@ -12,7 +12,7 @@ pub struct ResponsesRequest {
     pub max_output_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub stream: bool,
     pub text: Option<TextConfig>,
     pub tools: Option<Vec<Tool>>,

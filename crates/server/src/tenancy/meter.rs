@@ -217,6 +217,9 @@ pub(super) struct Finish {
     pub(super) admission: Admission,
     pub(super) http_status: u16,
     pub(super) ended: bool,
+    /// A stream that reported an error in an event (after its 200 was sent): a failure all
+    /// the same.
+    pub(super) failed_in_stream: bool,
     pub(super) keep: Option<Kept>,
     /// Whose request it was and its route, for its trace.
     pub(super) owner: Owner,
@@ -392,7 +395,7 @@ impl Drop for Finish {
         self.tenancy.limiter.settle(&self.admission, prompt + completion, cost);
         let status = match (self.ended, self.http_status) {
             (false, _) => "cancelled",
-            (true, s) if s < 400 => "ok",
+            (true, s) if s < 400 && !self.failed_in_stream => "ok",
             _ => "error",
         };
         let ttft = m.first_token_ms.load(Ordering::Relaxed);

@@ -658,7 +658,17 @@ async fn admit(
     headers.reserve(admission.n_headers());
     admission.write_headers(headers);
     let http_status = response.status().as_u16();
-    let mut finish = Finish { tenancy, meter, admission, http_status, ended: false, keep, owner, route };
+    let mut finish = Finish {
+        tenancy,
+        meter,
+        admission,
+        http_status,
+        ended: false,
+        failed_in_stream: false,
+        keep,
+        owner,
+        route,
+    };
     let streaming = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -683,6 +693,12 @@ async fn admit(
                 && keep.response.len() < MAX_KEPT_RESPONSE
             {
                 keep.response.extend_from_slice(bytes);
+            }
+            // Each event is a chunk of its own; an error event is the stream's failure.
+            if let Some(Ok(bytes)) = &chunk
+                && (bytes.starts_with(b"data: {\"error\":") || bytes.starts_with(b"event: error\n"))
+            {
+                finish.failed_in_stream = true;
             }
             // Dropping `finish` with the stream completes the record: ended, or cut short.
             finish.ended = chunk.is_none();
