@@ -204,7 +204,7 @@ def test_models_list_the_embedding_model(server, client):
     models = {m.id: m for m in client.models.list()}
     assert MODEL_ID in models and EMBED_ID in models
     card = models[EMBED_ID].model_dump()
-    assert card["type"] == "embedding" and card["dimensions"] == DIMS and card["context_length"] == 512
+    assert card["type"] == "embedding" and card["dimensions"] == DIMS and card["context_length"] == 256
     one = client.models.retrieve(EMBED_ID).model_dump()
     assert one["id"] == EMBED_ID and one["type"] == "embedding"
 

@@ -100,6 +100,17 @@ impl Embedder {
         if let Some(message) = config.unsupported() {
             return Err(load_error(&config_path, message));
         }
+        // The length sentence-transformers runs the model at (MiniLM: 256 of its 512
+        // positions; it truncates there): past it, vectors would differ from the reference.
+        let mut max_tokens = config.max_position_embeddings;
+        if dir.join("sentence_bert_config.json").is_file() {
+            let (path, text) = read("sentence_bert_config.json")?;
+            let st: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| load_error(&path, format!("not JSON: {e}")))?;
+            if let Some(n) = st["max_seq_length"].as_u64().and_then(|n| usize::try_from(n).ok()) {
+                max_tokens = max_tokens.min(n);
+            }
+        }
         if dir.join("1_Pooling/config.json").is_file() {
             let (path, text) = read("1_Pooling/config.json")?;
             check_pooling(&text, config.hidden_size).map_err(|message| load_error(&path, message))?;
@@ -141,7 +152,7 @@ impl Embedder {
             tokenizer,
             device,
             dims: config.hidden_size,
-            max_tokens: config.max_position_embeddings,
+            max_tokens,
             vocab_size,
             prefix,
             suffix,

@@ -50,13 +50,13 @@ fn max_difference(a: &Embedding, b: &Embedding) -> f32 {
     a.vector.iter().zip(&b.vector).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// Texts of very different lengths (2 to about 300 tokens).
+/// Texts of very different lengths (2 to about 250 tokens).
 fn mixed_texts() -> Vec<String> {
     vec![
         "Hi".to_owned(),
         "A man is eating food.".to_owned(),
         "The quick brown fox jumps over the lazy dog, and then it runs into the forest to hide.".to_owned(),
-        "Paris is the capital of France. ".repeat(40),
+        "Paris is the capital of France. ".repeat(36),
         "Embeddings map text to vectors; similar meanings land close together.".to_owned(),
         "ok".to_owned(),
     ]
@@ -67,7 +67,8 @@ fn model_shape_and_name() {
     let Some(embedder) = embedder() else { return };
     assert_eq!(embedder.name(), MINILM);
     assert_eq!(embedder.dims(), 384);
-    assert_eq!(embedder.max_tokens(), 512);
+    // sentence_bert_config.json's max_seq_length, under the 512 positions.
+    assert_eq!(embedder.max_tokens(), 256);
     assert_eq!(embedder.vocab_size(), 30522);
 }
 
@@ -148,11 +149,11 @@ fn bad_inputs_are_client_errors() {
     check(vec![], EmbedError::NoInput);
     check(vec![text("fine"), text("")], EmbedError::EmptyInput { index: 1 });
     check(vec![EmbedInput::Tokens(vec![])], EmbedError::EmptyInput { index: 0 });
-    // "word" is one token: 600 of them and [CLS], [SEP].
-    check(vec![text(&"word ".repeat(600))], EmbedError::TooLong { index: 0, n_tokens: 602, max_tokens: 512 });
+    // "word" is one token: 300 of them and [CLS], [SEP].
+    check(vec![text(&"word ".repeat(300))], EmbedError::TooLong { index: 0, n_tokens: 302, max_tokens: 256 });
     check(
-        vec![text("fine"), EmbedInput::Tokens(vec![2773; 511])],
-        EmbedError::TooLong { index: 1, n_tokens: 513, max_tokens: 512 },
+        vec![text("fine"), EmbedInput::Tokens(vec![2773; 255])],
+        EmbedError::TooLong { index: 1, n_tokens: 257, max_tokens: 256 },
     );
     check(
         vec![EmbedInput::Tokens(vec![101, 30522, 102])],
@@ -165,9 +166,9 @@ fn bad_inputs_are_client_errors() {
             max_inputs: ferry_embed::MAX_INPUTS,
         },
     );
-    // The longest valid inputs: 510 ids and the two special tokens; the last id in the vocabulary.
-    let e = embedder.embed(&[EmbedInput::Tokens(vec![2773; 510]), EmbedInput::Tokens(vec![30521])]);
-    assert_eq!(e.expect("at the limits").iter().map(|e| e.n_tokens).collect::<Vec<_>>(), [512, 3]);
+    // The longest valid inputs: 254 ids and the two special tokens; the last id in the vocabulary.
+    let e = embedder.embed(&[EmbedInput::Tokens(vec![2773; 254]), EmbedInput::Tokens(vec![30521])]);
+    assert_eq!(e.expect("at the limits").iter().map(|e| e.n_tokens).collect::<Vec<_>>(), [256, 3]);
 }
 
 /// Checks a service's answer against the embedder run on that request alone.
@@ -188,7 +189,7 @@ async fn concurrent_requests_share_forward_passes() {
     // A small budget, so that the long request needs several passes.
     let config = EmbedServiceConfig { max_batch_tokens: 1024, ..EmbedServiceConfig::default() };
     let long: Vec<EmbedInput> =
-        (0..16).map(|i| text(&format!("{i} {}", "Lorem ipsum dolor sit amet. ".repeat(30)))).collect();
+        (0..16).map(|i| text(&format!("{i} {}", "Lorem ipsum dolor sit amet. ".repeat(24)))).collect();
     let long_passes = {
         let alone = EmbedService::start(embedder.clone(), config).expect("started");
         alone.embed(long.clone()).await.expect("embedded");

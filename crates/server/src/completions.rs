@@ -457,6 +457,9 @@ fn legacy_logprobs(
         for t in &info.top {
             top.entry(model.token_text(t.token)).or_insert(t.logprob);
         }
+        // The chosen token is always listed, last when it was not among the likeliest (so up
+        // to `logprobs` + 1 entries), as OpenAI's and vLLM's legacy logprobs do.
+        top.entry(model.token_text(info.token)).or_insert(info.logprob);
         out.top_logprobs.push(Some(top));
     }
     out
