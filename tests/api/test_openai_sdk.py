@@ -247,6 +247,9 @@ def test_full_queue_answers_429(small_server):
                 client = small_server.client(max_retries=0)
                 with pytest.raises(openai.RateLimitError):
                     client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=2)
+    # More prompts than the queue holds could never be admitted: a 400, not a 429 to retry.
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL_ID, "prompt": ["a", "b"], "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "--max-queue" in r.text, r.text
 
 
 def test_a_shared_prompt_prefix_is_served_from_the_cache():

@@ -28,6 +28,17 @@ pub fn submit(model: &LocalModel, requests: Vec<GenerateRequest>) -> Result<Subm
     let prompt_tokens = requests.iter().map(|r| r.prompt.len()).sum();
     let n = requests.first().map_or(1, |r| r.n);
     let n_prompts = requests.len();
+    // Each prompt waits in the queue on its own: more than it holds could never be admitted,
+    // and a 429 would invite a retry.
+    let queue = model.scheduler.config().max_waiting;
+    if n_prompts > queue {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "This request's {n_prompts} prompts are more than this model's queue holds ({queue}, --max-queue): send at most {queue} per request"
+            ),
+        ));
+    }
     let mut streams = Vec::with_capacity(requests.len());
     let meter = crate::tenancy::current();
     for (prompt_idx, mut request) in requests.into_iter().enumerate() {
