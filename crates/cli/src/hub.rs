@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use ferry_providers::error_chain;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
@@ -113,17 +114,6 @@ async fn download(hub: &HubFile, path: &Path) -> anyhow::Result<()> {
     bar.finish();
     tokio::fs::rename(&partial, path).await?;
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

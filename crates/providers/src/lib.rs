@@ -17,6 +17,7 @@ use futures::{Stream, StreamExt};
 
 pub use types::*;
 
+pub use transport::error_chain;
 pub(crate) use transport::{KeyHeader, Upstream};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;

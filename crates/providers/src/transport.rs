@@ -152,13 +152,14 @@ impl Upstream {
     /// `error.type` or `error.status` as the code.
     pub async fn post(&self, path: &str, body: &impl serde::Serialize) -> Result<Answer, ProviderError> {
         let body = serde_json::to_vec(body).map_err(|e| ProviderError::Decode(e.to_string()))?;
-        let deadline = Instant::now() + self.timeouts.total;
+        let now = Instant::now();
+        let deadline = now + self.timeouts.total;
         let (head_by, head_timeout) = if self.timeouts.first_byte < self.timeouts.total {
-            (Instant::now() + self.timeouts.first_byte, "first byte")
+            (now + self.timeouts.first_byte, "first byte")
         } else {
             (deadline, "total")
         };
-        let body = match (&self.client, self.endpoint(path)?) {
+        let answer = match (&self.client, self.endpoint(path)?) {
             (Client::Direct(client), Endpoint::Direct(uri)) => {
                 let mut request = http::Request::new(Full::new(Bytes::from(body)));
                 *request.method_mut() = http::Method::POST;
@@ -188,7 +189,7 @@ impl Upstream {
             }
             _ => unreachable!("an endpoint is parsed for its upstream's own client"),
         };
-        if body.status.is_success() { Ok(body) } else { Err(self.status_error(body).await) }
+        if answer.status.is_success() { Ok(answer) } else { Err(self.status_error(answer).await) }
     }
 
     /// The error an unsuccessful answer stands for, its message scrubbed of the key.
@@ -335,7 +336,7 @@ impl Stream for Frames {
 }
 
 /// An error and its sources, as one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

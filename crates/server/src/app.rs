@@ -278,11 +278,8 @@ fn foreign_request(http: &HttpConfig, request: &Request) -> Option<ApiError> {
     let any = http.cors_origins.iter().any(|o| o == "*");
     let listed = || http.cors_origins.iter().any(|o| o.trim_end_matches('/').as_bytes() == origin.as_bytes());
     // A page this server itself served (the admin UI) calls it as its own origin.
-    let same_origin = || {
-        let origin = origin.to_str().unwrap_or("");
-        let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
-        authority.is_some_and(|a| host.is_some_and(|h| a.eq_ignore_ascii_case(h)))
-    };
+    let same_origin =
+        || origin_authority(origin).is_some_and(|a| host.is_some_and(|h| a.eq_ignore_ascii_case(h)));
     if any || listed() || is_loopback_origin(origin) || same_origin() {
         return None;
     }
@@ -295,15 +292,30 @@ fn foreign_request(http: &HttpConfig, request: &Request) -> Option<ApiError> {
 
 /// `localhost`, `*.localhost`, a loopback address or an allowed name, with any port.
 fn host_allowed(host: &str, allowed: &[String]) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    let name = name.trim_end_matches('.');
-    name.eq_ignore_ascii_case("localhost")
+    let name = host_name(host).trim_end_matches('.');
+    is_loopback_name(name)
         || name.to_ascii_lowercase().ends_with(".localhost")
-        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
         || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(name))
+}
+
+/// The host of `host[:port]` or `[v6][:port]`.
+fn host_name(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    }
+}
+
+/// `localhost` or a loopback address.
+fn is_loopback_name(name: &str) -> bool {
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The `host[:port]` of an `http(s)://` origin.
+fn origin_authority(origin: &axum::http::HeaderValue) -> Option<&str> {
+    let origin = origin.to_str().ok()?;
+    origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"))
 }
 
 /// Cross-origin access for browser pages: pages served from a loopback address (a local
@@ -332,17 +344,7 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 
 /// `http(s)://localhost`, `127.x.x.x` or `[::1]`, any port.
 fn is_loopback_origin(origin: &axum::http::HeaderValue) -> bool {
-    let Some(rest) =
-        origin.to_str().ok().and_then(|o| o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")))
-    else {
-        return false;
-    };
-    let host = match rest.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => rest.split(':').next().unwrap_or(""),
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    origin_authority(origin).is_some_and(|authority| is_loopback_name(host_name(authority)))
 }
 
 #[utoipa::path(post, path = "/admin/v1/reload", tag = "Admin",
